@@ -1,0 +1,212 @@
+"""Audio input: any file or in-memory waveform -> mono float32 at 16 kHz.
+
+Live Avatar's audio path starts from 16 kHz mono samples (what wav2vec2 was trained on). This
+module brings any input there:
+
+- files are decoded in-process with PyAV (wav, mp3, flac, ogg/vorbis/opus, m4a/aac, the audio
+  track of a video, ...), converted to planar float32 at the stream's own rate and channel layout;
+- channels are mixed down to mono as their plain mean;
+- the rate is changed with `torchaudio.functional.resample` (windowed-sinc, its defaults).
+
+Length rule of resampling: `T_out = ceil(T_in * target_rate / source_rate)` samples (what
+torchaudio returns; librosa, which the reference uses, follows the same rule). At equal rates the
+samples pass through untouched.
+
+Frames and samples: video frame `j` (at `fps`) owns the samples
+`[round(j * sr / fps), round((j + 1) * sr / fps))`; at 16 kHz and 25 fps that is exactly 640
+samples per frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+DEFAULT_SAMPLE_RATE = 16000
+
+__all__ = [
+    "Audio16k",
+    "AudioLoadError",
+    "load_audio",
+    "audio_from_waveform",
+    "slice_for_frames",
+    "num_video_frames",
+]
+
+
+class AudioLoadError(ValueError):
+    """An audio file or waveform cannot be used (missing, undecodable, empty, wrong shape)."""
+
+
+@dataclass
+class Audio16k:
+    """Mono audio ready for wav2vec2.
+
+    samples: `[T]` float32, nominally in [-1, 1], at `sample_rate` Hz (16000 unless asked otherwise).
+    source: where it came from (a file path, or a short description of an in-memory waveform).
+    """
+
+    samples: Tensor
+    sample_rate: int = DEFAULT_SAMPLE_RATE
+    source: str = "<waveform>"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.samples, Tensor) or self.samples.ndim != 1:
+            shape = tuple(self.samples.shape) if isinstance(self.samples, Tensor) else type(self.samples)
+            raise AudioLoadError(f"Audio16k.samples must be a 1-D tensor [T], got {shape} ({self.source})")
+        if self.sample_rate <= 0:
+            raise AudioLoadError(f"Audio16k.sample_rate must be positive, got {self.sample_rate}")
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.samples.shape[0])
+
+    @property
+    def duration_s(self) -> float:
+        """Length in seconds (`T / sample_rate`)."""
+        return self.num_samples / self.sample_rate
+
+
+def _resample_mono(mono: Tensor, source_rate: int, target_rate: int) -> Tensor:
+    """`[T]` float32 at `source_rate` -> `[ceil(T * target / source)]` at `target_rate`."""
+    if source_rate == target_rate:
+        return mono
+    import torchaudio.functional as AF
+
+    return AF.resample(mono, orig_freq=int(source_rate), new_freq=int(target_rate))
+
+
+def _to_float32_waveform(waveform: Tensor, what: str) -> Tensor:
+    if not torch.is_floating_point(waveform):
+        raise AudioLoadError(
+            f"{what}: expected a floating-point waveform (samples in [-1, 1]), got dtype {waveform.dtype}; "
+            "convert integer PCM first (e.g. int16 / 32768)"
+        )
+    return waveform.detach().to(device="cpu", dtype=torch.float32)
+
+
+def audio_from_waveform(
+    waveform: Tensor, sample_rate: int, target_rate: int = DEFAULT_SAMPLE_RATE, source: str = "<waveform>"
+) -> Audio16k:
+    """In-memory waveform -> `Audio16k`.
+
+    waveform: `[T]`, `[C, T]` or `[B, C, T]` (ComfyUI's AUDIO `waveform`, with B == 1), float.
+    sample_rate: its rate in Hz. Channels are averaged to mono, then resampled to `target_rate`.
+    """
+    if not isinstance(waveform, Tensor):
+        waveform = torch.as_tensor(waveform)
+    if not isinstance(sample_rate, int) or isinstance(sample_rate, bool):
+        if isinstance(sample_rate, float) and sample_rate.is_integer():
+            sample_rate = int(sample_rate)
+        else:
+            raise AudioLoadError(f"{source}: sample_rate must be a positive integer (Hz), got {sample_rate!r}")
+    if sample_rate <= 0:
+        raise AudioLoadError(f"{source}: sample_rate must be a positive integer (Hz), got {sample_rate}")
+    if waveform.ndim == 3:
+        if waveform.shape[0] != 1:
+            raise AudioLoadError(
+                f"{source}: waveform batch has {waveform.shape[0]} items; one audio track is expected "
+                "(B must be 1 in [B, C, T]); split the batch first"
+            )
+        waveform = waveform[0]
+    if waveform.ndim == 1:
+        waveform = waveform[None]
+    if waveform.ndim != 2:
+        raise AudioLoadError(f"{source}: waveform must be [T], [C, T] or [1, C, T], got shape {tuple(waveform.shape)}")
+    if waveform.shape[0] == 0 or waveform.shape[1] == 0:
+        raise AudioLoadError(f"{source}: waveform is empty (shape {tuple(waveform.shape)})")
+    wave = _to_float32_waveform(waveform, source)
+    if not torch.isfinite(wave).all():
+        raise AudioLoadError(f"{source}: waveform contains NaN or infinite samples")
+    mono = wave.mean(dim=0)
+    return Audio16k(_resample_mono(mono, sample_rate, target_rate).contiguous(), target_rate, source)
+
+
+def _decode_file(path: Path) -> tuple[Tensor, int]:
+    """Decode the first audio stream of `path` -> (`[C, T]` float32, rate in Hz)."""
+    import av
+
+    try:
+        container = av.open(str(path), mode="r")
+    except (av.error.FFmpegError, UnicodeDecodeError, OSError) as exc:
+        raise AudioLoadError(f"cannot decode audio file {path}: {exc}; is it an audio/video file?") from exc
+    with container:
+        streams = [s for s in container.streams if s.type == "audio"]
+        if not streams:
+            raise AudioLoadError(f"audio file {path} has no audio stream")
+        stream = streams[0]
+        resampler = None
+        chunks: list[Tensor] = []
+        rate = None
+        try:
+            for frame in container.decode(stream):
+                if resampler is None:
+                    # Keep the stream's own rate and channel layout; only the sample format changes
+                    # (planar float32). Mixing and rate conversion are done in torch.
+                    rate = int(frame.sample_rate)
+                    resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=rate)
+                for out in resampler.resample(frame):
+                    chunks.append(torch.from_numpy(out.to_ndarray().copy()))
+            if resampler is not None:
+                for out in resampler.resample(None):
+                    chunks.append(torch.from_numpy(out.to_ndarray().copy()))
+        except av.error.FFmpegError as exc:
+            raise AudioLoadError(f"cannot decode audio file {path}: {exc}") from exc
+    if not chunks or rate is None:
+        raise AudioLoadError(f"audio file {path} contains no audio samples")
+    wave = torch.cat(chunks, dim=1)
+    if wave.shape[1] == 0:
+        raise AudioLoadError(f"audio file {path} contains no audio samples")
+    return wave, rate
+
+
+def load_audio(path: str | Path, target_rate: int = DEFAULT_SAMPLE_RATE) -> Audio16k:
+    """Read an audio file of any format, rate and channel count -> mono float32 at `target_rate`.
+
+    Relative paths are taken from the current directory; `~` is expanded. Raises
+    `FileNotFoundError` for a missing file and `AudioLoadError` (a ValueError) for a file that is
+    not audio, has no audio stream, or holds no samples; every message names the path.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"audio file not found: {p} (absolute: {p.absolute()})")
+    if p.is_dir():
+        raise AudioLoadError(f"audio path {p} is a directory, expected an audio file")
+    if p.stat().st_size == 0:
+        raise AudioLoadError(f"audio file {p} is empty (0 bytes)")
+    wave, rate = _decode_file(p)
+    return audio_from_waveform(wave, rate, target_rate=target_rate, source=str(p))
+
+
+def _frame_to_sample(frame: int, sample_rate: int, fps: int) -> int:
+    # Exact rational arithmetic; Python's round() on a Fraction rounds halves to even.
+    return round(Fraction(frame * sample_rate, fps))
+
+
+def slice_for_frames(audio: Audio16k, first_frame: int, num_frames: int, fps: int = 25) -> Tensor:
+    """Samples of video frames `[first_frame, first_frame + num_frames)` at `fps`.
+
+    Returns `[round((first+n)*sr/fps) - round(first*sr/fps)]` float32 samples, zero-padded where the
+    range runs past the end of the audio.
+    """
+    if first_frame < 0 or num_frames < 0:
+        raise ValueError(f"first_frame ({first_frame}) and num_frames ({num_frames}) must be >= 0")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    start = _frame_to_sample(first_frame, audio.sample_rate, fps)
+    stop = _frame_to_sample(first_frame + num_frames, audio.sample_rate, fps)
+    out = torch.zeros(stop - start, dtype=audio.samples.dtype)
+    avail = audio.samples[start:stop]
+    out[: avail.shape[0]] = avail
+    return out
+
+
+def num_video_frames(audio: Audio16k, fps: int = 25) -> int:
+    """Whole video frames the audio covers: `floor(duration_s * fps)` (exact integer arithmetic)."""
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    return audio.num_samples * fps // audio.sample_rate
