@@ -1,0 +1,171 @@
+"""`LiveAvatar`: the loaded components (DiT, VAE, umT5, wav2vec2) and the encode steps.
+
+Generation itself lives in `liveavatar.pipeline.generate` (one loop for every GPU count).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from liveavatar.config import DEFAULT_STREAM, StreamConfig
+from liveavatar.pipeline.conditioning import AudioConditioning, DecodedBlock, ImageConditioning, ReferenceLatents
+
+log = logging.getLogger("liveavatar")
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"dtype: {dtype!r} is not one of {sorted(DTYPES)}") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: cuda:{dev.index} does not exist ({torch.cuda.device_count()} GPUs visible)")
+    return dev
+
+
+@dataclass
+class LoadOptions:
+    device: torch.device
+    dtype: torch.dtype
+    attn: str = "sdpa"
+    fp8: bool = False
+    compile: bool = False
+    t5_device: str = "same"  # "same" (run on device, then park on CPU) or "cpu"
+
+
+class LiveAvatar:
+    """Loaded Live Avatar components on one device. Use `from_checkpoint` or `from_files`."""
+
+    def __init__(self, dit, vae, text_encoder, audio_encoder, opts: LoadOptions,
+                 stream: StreamConfig = DEFAULT_STREAM, source: str = ""):
+        self.dit = dit
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.audio_encoder = audio_encoder
+        self.opts = opts
+        self.stream = stream
+        self.source = source
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir: str | Path, *, lora: str | Path | None = None,
+                        lora_strength: float = 1.0, device: str | torch.device | None = "auto",
+                        dtype: str | torch.dtype = "bf16", fp8: bool = False, attn: str = "sdpa",
+                        compile: bool = False, stream: StreamConfig = DEFAULT_STREAM) -> "LiveAvatar":
+        """Load the official Wan2.2-S2V-14B folder layout (+ the Live Avatar LoRA)."""
+        from liveavatar.loading.official import find_official_checkpoint, load_components
+
+        opts = LoadOptions(device=resolve_device(device), dtype=resolve_dtype(dtype), attn=attn,
+                           fp8=fp8, compile=compile)
+        ckpt = find_official_checkpoint(ckpt_dir, lora=lora)
+        parts = load_components(ckpt, device=opts.device, dtype=opts.dtype, lora_strength=lora_strength)
+        model = cls(parts["dit"], parts["vae"], parts["text_encoder"], parts["audio_encoder"], opts,
+                    stream=stream, source=str(ckpt.root))
+        model._apply_speed_options()
+        return model
+
+    @classmethod
+    def from_files(cls, *, dit: str | Path, t5: str | Path, vae: str | Path, wav2vec: str | Path,
+                   tokenizer_dir: str | Path | None = None, lora: str | Path | None = None,
+                   lora_strength: float = 1.0, config: str | Path | None = None,
+                   device: str | torch.device | None = "auto", dtype: str | torch.dtype = "bf16",
+                   fp8: bool = False, attn: str = "sdpa", compile: bool = False,
+                   stream: StreamConfig = DEFAULT_STREAM) -> "LiveAvatar":
+        """Load ComfyUI-style single files (layouts detected from the keys and converted)."""
+        from liveavatar.loading.official import load_components_from_files
+
+        opts = LoadOptions(device=resolve_device(device), dtype=resolve_dtype(dtype), attn=attn,
+                           fp8=fp8, compile=compile)
+        parts = load_components_from_files(dit=dit, t5=t5, vae=vae, wav2vec=wav2vec,
+                                           tokenizer_dir=tokenizer_dir, lora=lora,
+                                           lora_strength=lora_strength, config=config,
+                                           device=opts.device, dtype=opts.dtype)
+        model = cls(parts["dit"], parts["vae"], parts["text_encoder"], parts["audio_encoder"], opts,
+                    stream=stream, source=str(dit))
+        model._apply_speed_options()
+        return model
+
+    def _apply_speed_options(self) -> None:
+        from liveavatar.pipeline.speed import apply_speed_options
+
+        apply_speed_options(self.dit, attn=self.opts.attn, fp8=self.opts.fp8,
+                            compile=self.opts.compile, device=self.opts.device)
+
+    # ------------------------------------------------------------------ encoders
+    @property
+    def device(self) -> torch.device:
+        return self.opts.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.opts.dtype
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """umT5 context of the prompt, [L_txt, text_dim] float32 on the CPU (cached per prompt)."""
+        if not isinstance(prompt, str):
+            raise ValueError("prompt: must be a string")
+        if prompt not in self._prompt_cache:
+            ctx = self.text_encoder.encode(prompt)
+            self._prompt_cache[prompt] = ctx.float().cpu()
+        return self._prompt_cache[prompt]
+
+    @torch.no_grad()
+    def encode_audio(self, audio, lead_in_frames: int = 3) -> AudioConditioning:
+        """wav2vec2 features for every generated frame of `audio` (an `Audio16k`)."""
+        from liveavatar.media.audio import num_video_frames
+
+        fps = self.stream.fps
+        num_frames = num_video_frames(audio, fps=fps)
+        if num_frames < 1:
+            raise ValueError(f"audio: {audio.duration_s:.3f} s is shorter than one frame at {fps} fps")
+        lead = torch.zeros(lead_in_frames * audio.sample_rate // fps, dtype=torch.float32)
+        padded = torch.cat([lead, audio.samples.float()])
+        feats = self.audio_encoder.video_frame_features(padded, fps=fps,
+                                                        pad_to_multiple=self.stream.frames_per_clip)
+        return AudioConditioning(features=feats.float().cpu(), num_frames=num_frames, audio=audio,
+                                 lead_in_frames=lead_in_frames)
+
+    def prepare_image(self, image, size: str, size_mode: str = "exact") -> ImageConditioning:
+        """Resolve the output size and prepare the reference image ([1,3,1,H,W] in [-1,1])."""
+        from liveavatar.media.image import prepare_reference
+        from liveavatar.sizes import resolve_output_size
+
+        width, height = resolve_output_size(image.size, size, mode=size_mode)
+        pixels = prepare_reference(image, width, height, mode=size_mode)
+        return ImageConditioning(pixels=pixels, width=width, height=height, requested=size, mode=size_mode)
+
+    @torch.no_grad()
+    def encode_reference(self, image: ImageConditioning) -> ReferenceLatents:
+        """VAE latents of the reference frame and of the 73-frame motion history (reference repeated)."""
+        px = image.pixels
+        ref = self.vae.encode(px)
+        motion_px = px.expand(-1, -1, self.stream.motion_frames, -1, -1)
+        motion = self.vae.encode(motion_px)
+        return ReferenceLatents(ref=ref.float().cpu(), motion=motion.float().cpu())
+
+    def generate(self, context: torch.Tensor, audio: AudioConditioning, image: ImageConditioning,
+                 **kwargs: Any) -> Iterator[DecodedBlock]:
+        """Stream decoded blocks; see `liveavatar.pipeline.generate.generate` for the arguments."""
+        from liveavatar.pipeline.generate import generate
+
+        return generate(self, context, audio, image, **kwargs)

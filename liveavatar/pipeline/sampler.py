@@ -1,0 +1,105 @@
+"""The one block/step loop of Live Avatar ("timestep forcing").
+
+Each denoising step index s owns a KV cache that holds the previous blocks as they were at step
+s. A `StepRunner` owns a subset of the step indices (all of them on one GPU; a contiguous group
+on each DiT rank of a TPP worker group) and advances a block through those steps. Single-GPU and
+TPP generation run this same code: parallelism only decides which runner owns which steps and how
+the block latents travel between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from liveavatar.config import StreamConfig
+from liveavatar.pipeline.plan import BlockSpec, sink_offsets
+from liveavatar.scheduler import FlowMatchSchedule, euler_step, flow_match_schedule
+
+
+@dataclass
+class BlockInputs:
+    """Per-block conditioning, identical on every rank.
+
+    audio: [1, n_states, audio_dim, frames_per_block] features of the block's video frames.
+    cond: [1, 16, frames_per_block_latent, h, w] pose latents, or None (no pose video = zeros).
+    """
+
+    audio: torch.Tensor
+    cond: torch.Tensor | None = None
+
+
+class StepRunner:
+    """Owns the DiT, the shared sink cache and the KV caches of `steps` (indices into the schedule).
+
+    dit: a `CausalS2VDiT` (already on its device / dtype).
+    text: the DiT's encoded text state for this job (`dit.encode_text(context)`).
+    latent_hw: (h, w) of the latent grid (pixels / 8).
+    """
+
+    def __init__(self, dit, text, latent_hw: tuple[int, int], schedule: FlowMatchSchedule,
+                 steps: Sequence[int], stream: StreamConfig, seed: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        self.dit = dit
+        self.text = text
+        self.latent_hw = latent_hw
+        self.schedule = schedule
+        self.steps = list(steps)
+        self.stream = stream
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.sink = dit.new_sink_cache(latent_hw, device=self.device, dtype=dtype)
+        self.caches = {s: dit.new_step_cache(latent_hw, device=self.device, dtype=dtype) for s in self.steps}
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.schedule.timesteps)
+
+    def cache_bytes(self) -> int:
+        return self.sink.nbytes + sum(c.nbytes for c in self.caches.values())
+
+    def prefill(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor) -> None:
+        """(Re)build the sink from the reference latent [1,16,1,h,w] and motion latents [1,16,T,h,w]."""
+        self.sink.reset()
+        self.dit.prefill_sink(ref_latents.to(self.device, self.dtype),
+                              motion_latents.to(self.device, self.dtype), self.text, self.sink)
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, block: BlockSpec, inputs: BlockInputs,
+            on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Advance block latents x [16, n, h, w] through this runner's steps; returns the new x.
+
+        The Euler update runs in float32; x is handed back in float32 so that the next rank (or
+        the decoder) sees the same values whichever rank computed the previous step.
+        """
+        offsets = sink_offsets(self.seed, block.index, self.num_steps, self.stream)
+        audio = inputs.audio.to(self.device, self.dtype)
+        cond = None if inputs.cond is None else inputs.cond.to(self.device, self.dtype)
+        x = x.to(self.device, torch.float32)
+        sig = self.schedule.sigmas
+        for s in self.steps:
+            t = float(self.schedule.timesteps[s])
+            v = self.dit.forward_block(
+                x.to(self.dtype), t, self.text, audio, cond, self.caches[s], self.sink,
+                start_frame=block.start_frame, sink_offset=offsets[s],
+            )
+            x = euler_step(x, v.float(), float(sig[s]), float(sig[s + 1]))
+            if on_step is not None:
+                on_step(s)
+        return x
+
+
+def owned_steps(num_steps: int, rank: int, num_ranks: int) -> list[int]:
+    """Contiguous step group of DiT rank `rank` out of `num_ranks` (sizes differ by at most 1)."""
+    if not 1 <= num_ranks <= num_steps:
+        raise ValueError(f"DiT ranks must be between 1 and the number of steps ({num_steps}), got {num_ranks}")
+    base, extra = divmod(num_steps, num_ranks)
+    start = rank * base + min(rank, extra)
+    return list(range(start, start + base + (1 if rank < extra else 0)))
+
+
+def make_schedule(steps: int, stream: StreamConfig) -> FlowMatchSchedule:
+    return flow_match_schedule(steps, shift=stream.shift, num_train_timesteps=stream.num_train_timesteps)
