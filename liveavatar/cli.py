@@ -1,0 +1,183 @@
+"""Command line: `python -m liveavatar {generate,make-tiny-checkpoint,demo,bench} ...`.
+
+User errors (bad size, missing file, wrong checkpoint...) exit with status 2 and one line
+`error: <cause>` on stderr, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("liveavatar")
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_IMAGE = REPO / "assets" / "avatar.png"
+DEMO_AUDIO = REPO / "assets" / "speech.wav"
+DEMO_PROMPT = "A friendly cartoon person talking to the camera, plain background."
+
+
+class UserError(Exception):
+    """An input problem the user can fix; printed as one line."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [UserError, FileNotFoundError, ValueError, IsADirectoryError,
+                                         NotADirectoryError, PermissionError]
+    return tuple(types)
+
+
+def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    req = not demo
+    p.add_argument("--image", required=req, help="reference image (any format PIL reads)")
+    p.add_argument("--audio", required=req, help="speech audio (wav/mp3/flac/ogg/m4a, any rate)")
+    p.add_argument("--prompt", default=DEMO_PROMPT if demo else None, required=req, help="scene description")
+    p.add_argument("--size", default="704*384",
+                   help="output size 'W*H' or 'WxH' (both multiples of 64), e.g. 704*384")
+    p.add_argument("--size-mode", choices=("exact", "area"), default="exact",
+                   help="exact: output is exactly WxH (default); area: the reference's area rule")
+    p.add_argument("--ckpt-dir", required=req, help="Wan2.2-S2V-14B folder (official layout)")
+    p.add_argument("--lora", default=None, help="Live Avatar LoRA (liveavatar.safetensors); default: look beside the checkpoint")
+    p.add_argument("--lora-strength", type=float, default=1.0)
+    p.add_argument("--num-clip", type=int, default=None, help="max 48-frame clips (default: until the audio ends)")
+    p.add_argument("--steps", type=int, default=4, choices=(3, 4, 5))
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--fp8", action="store_true", help="fp8 linears in the DiT (Hopper/Ada GPUs)")
+    p.add_argument("--attn", default="sdpa", help="attention backend: sdpa, flash, cudnn, efficient, math")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
+    p.add_argument("--out", default=None if req else str(REPO / "output" / "demo.mp4"), required=req,
+                   help="output .mp4 path")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m liveavatar", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate_args(sub.add_parser("generate", help="generate an avatar video (mp4 with audio)"))
+    tiny = sub.add_parser("make-tiny-checkpoint", help="write a tiny random checkpoint in the official layout")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--config", default=None, help="optional DiT config.json to use instead of the default tiny one")
+    demo = sub.add_parser("demo", help="tiny checkpoint + shipped example image and speech -> mp4")
+    _add_generate_args(demo, demo=True)
+    demo.set_defaults(device="cpu", dtype="fp32", size="256*256")
+    bench = sub.add_parser("bench", help="speed benchmark, prints one JSON line")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> dict:
+    """Validate every input, load the model, stream blocks to the mp4. Returns a summary dict."""
+    import torch
+
+    from liveavatar.loading.official import find_official_checkpoint
+    from liveavatar.media.audio import load_audio
+    from liveavatar.media.image import load_image
+    from liveavatar.media.video_writer import VideoWriter
+    from liveavatar.pipeline.model import LiveAvatar, resolve_device, resolve_dtype
+    from liveavatar.sizes import parse_size
+
+    # --- cheap validation first: no model is loaded until every input is known to be good
+    parse_size(args.size)
+    out = Path(args.out).expanduser()
+    if out.suffix.lower() != ".mp4":
+        raise UserError(f"--out: {out} must end in .mp4")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.num_clip is not None and args.num_clip < 1:
+        raise UserError("--num-clip: must be >= 1")
+    image = load_image(Path(args.image).expanduser())
+    audio = load_audio(Path(args.audio).expanduser())
+    resolve_device(args.device)
+    resolve_dtype(args.dtype)
+    find_official_checkpoint(Path(args.ckpt_dir).expanduser(), lora=args.lora)
+
+    t0 = time.perf_counter()
+    model = LiveAvatar.from_checkpoint(Path(args.ckpt_dir).expanduser(), lora=args.lora,
+                                       lora_strength=args.lora_strength, device=args.device,
+                                       dtype=args.dtype, fp8=args.fp8, attn=args.attn, compile=args.compile)
+    t_load = time.perf_counter() - t0
+    img = model.prepare_image(image, args.size, size_mode=args.size_mode)
+    ctx = model.encode_prompt(args.prompt)
+    aud = model.encode_audio(audio)
+    t1 = time.perf_counter()
+    first = None
+    with VideoWriter(out, img.width, img.height, fps=model.stream.fps, audio_rate=audio.sample_rate) as writer:
+        for blk in model.generate(ctx, aud, img, seed=args.seed, steps=args.steps, num_clip=args.num_clip):
+            if first is None:
+                first = time.perf_counter() - t1
+            writer.write_frames(blk.frames)
+            writer.write_audio(blk.audio)
+            log.info("block %d/%d: %d frames (dit %.2fs, decode %.2fs)", blk.index + 1, blk.total_blocks,
+                     blk.frames.shape[0], blk.timings.get("dit", 0), blk.timings.get("decode", 0))
+        info = writer.close()
+    gen_s = time.perf_counter() - t1
+    frames = int(info.get("frames", 0))
+    return {"path": str(out.resolve()), "size": f"{img.width}x{img.height}", "fps": model.stream.fps,
+            "frames": frames, "seconds": round(frames / model.stream.fps, 3),
+            "load_s": round(t_load, 2), "generate_s": round(gen_s, 2),
+            "first_block_s": round(first or 0.0, 2), "device": str(model.device),
+            "torch": torch.__version__}
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"wrote {summary['path']}")
+    print(f"effective size {summary['size']}, {summary['fps']} fps, {summary['frames']} frames "
+          f"({summary['seconds']} s of video), generated in {summary['generate_s']} s "
+          f"(model load {summary['load_s']} s) on {summary['device']}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from liveavatar.loading.tiny import make_tiny_checkpoint
+
+    ckpt = REPO / ".cache" / "tiny-ckpt"
+    if args.ckpt_dir is None:
+        if not (ckpt / "config.json").is_file():
+            make_tiny_checkpoint(ckpt, seed=0)
+        args.ckpt_dir = str(ckpt)
+    args.image = args.image or str(DEMO_IMAGE)
+    args.audio = args.audio or str(DEMO_AUDIO)
+    _print_summary(run_generate(args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            _print_summary(run_generate(args))
+            return 0
+        if args.command == "demo":
+            return cmd_demo(args)
+        if args.command == "make-tiny-checkpoint":
+            from liveavatar.loading.tiny import make_tiny_checkpoint
+
+            kwargs = {}
+            if args.config:
+                from liveavatar.config import DiTConfig
+
+                kwargs["dit"] = DiTConfig.from_json(args.config)
+            path = make_tiny_checkpoint(Path(args.dir).expanduser(), seed=args.seed, **kwargs)
+            print(f"tiny checkpoint written to {Path(path).resolve()}")
+            return 0
+        if args.command == "bench":
+            from liveavatar.bench import main as bench_main
+
+            return bench_main(args.rest)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except _user_error_types() as exc:
+        if args.verbose:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 1
