@@ -1,0 +1,88 @@
+"""Memory preflight: estimate a job's GPU memory before loading, and refuse clearly.
+
+Numbers are bytes. The estimate counts what stays resident (DiT weights, one KV cache per owned
+denoising step, the shared sink cache, the text cross-attention state, the VAE) plus a working-set
+allowance for activations and the streaming decoder. It is deliberately a little pessimistic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from liveavatar.config import DEFAULT_STREAM, DiTConfig, StreamConfig
+
+GIB = 1024 ** 3
+
+
+def dit_param_counts(cfg: DiTConfig) -> tuple[int, int]:
+    """(all parameters, parameters in fp8-eligible Linear weights) of the DiT, from the config."""
+    from liveavatar.models.dit import CausalS2VDiT
+
+    with torch.device("meta"):
+        model = CausalS2VDiT(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    excluded = ("text_embedding", "time_embedding", "time_projection", "head.head",
+                "casual_audio_encoder.encoder.final_linear")
+    linear = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and not any(e in name for e in excluded):
+            linear += mod.weight.numel()
+    return total, linear
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    step_caches: int
+    sink_cache: int
+    text_state: int
+    vae: int
+    working: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.step_caches + self.sink_cache + self.text_state + self.vae + self.working
+
+    def table(self) -> str:
+        parts = [(k, getattr(self, k)) for k in ("weights", "step_caches", "sink_cache", "text_state", "vae", "working")]
+        return ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts) + f" = {self.total / GIB:.1f} GiB"
+
+
+def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int = 4,
+                    dtype: torch.dtype = torch.bfloat16, fp8: bool = False, decode_here: bool = True,
+                    stream: StreamConfig = DEFAULT_STREAM, param_counts: tuple[int, int] | None = None) -> MemoryEstimate:
+    """Resident GPU bytes of one rank that owns `steps_owned` denoising steps at W x H."""
+    elt = torch.tensor([], dtype=dtype).element_size()
+    total, linear = param_counts or dit_param_counts(cfg)
+    weights = (total - linear) * elt + linear * (1 if fp8 else elt) if steps_owned else 0
+    fsl = (height // 16) * (width // 16)
+    clip_tokens = stream.latent_frames_per_clip * fsl
+    kv = cfg.num_layers * 2 * cfg.dim * elt  # bytes per cached token over all layers (k + v)
+    step_caches = steps_owned * clip_tokens * kv
+    sink_tokens = fsl + fsl + fsl // 4 + fsl // 4
+    sink_cache = sink_tokens * kv if steps_owned else 0
+    text_state = cfg.num_layers * 2 * cfg.text_len * cfg.dim * elt if steps_owned else 0
+    vae = int(0.3 * GIB) if decode_here else 0
+    block_tokens = stream.frames_per_block_latent * fsl
+    # FFN hidden + q/k/v/o of one block in flight, plus decoder feature maps at full resolution
+    working = 4 * block_tokens * max(cfg.ffn_dim, 4 * cfg.dim) * elt if steps_owned else 0
+    if decode_here:
+        working += int(stream.frames_per_block * height * width * 96 * 2 * 4)
+    return MemoryEstimate(weights, step_caches, sink_cache, text_state, vae, int(working + 0.5 * GIB))
+
+
+def check_fits(device: torch.device, est: MemoryEstimate, what: str = "this job") -> None:
+    """Raise MemoryError with the numbers and the remedies when `est` exceeds free GPU memory."""
+    if device.type != "cuda":
+        return
+    free, total = torch.cuda.mem_get_info(device)
+    if est.total <= free:
+        return
+    raise MemoryError(
+        f"{what} needs about {est.total / GIB:.1f} GiB on {device} ({est.table()}), but only "
+        f"{free / GIB:.1f} of {total / GIB:.1f} GiB are free. Remedies: fp8 weights (halves the DiT), "
+        f"a smaller size (e.g. 688*368 or 384*256), fewer denoising steps (3), or more GPUs in 'tpp' mode "
+        f"(each GPU then holds only its own steps' caches)."
+    )
