@@ -1,0 +1,171 @@
+"""Conditioning nodes: prompt text, driving audio, reference image."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from .convert import encoder_output_states, first_image, native_audio, text_from_conditioning
+from .errors import LiveAvatarInputError
+from .types import CATEGORY_CONDITIONING, LiveAvatarAudio, LiveAvatarImage, LiveAvatarModel, LiveAvatarText
+
+DEFAULT_PROMPT = ("A person speaks naturally to the camera with clear lip movements, subtle head motion "
+                  "and natural facial expressions, soft studio lighting, sharp focus.")
+DEFAULT_SIZE = "704*384"
+
+
+def _model_input() -> io.Input:
+    return LiveAvatarModel.Input("model", tooltip="The model from a LiveAvatar Model Loader.")
+
+
+class LiveAvatarTextEncode(io.ComfyNode):
+    NAME = "LiveAvatar Text Encode"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LiveAvatarTextEncode",
+            display_name=cls.NAME,
+            category=CATEGORY_CONDITIONING,
+            description="Encodes the prompt with the model's umT5. If a native CONDITIONING is connected "
+                        "(Load CLIP type 'wan' + CLIP Text Encode) it is used instead and the prompt is ignored.",
+            inputs=[
+                _model_input(),
+                io.String.Input("prompt", multiline=True, default=DEFAULT_PROMPT,
+                                tooltip="What the video shows: the person, their expression and motion, the scene."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="Optional native umT5 conditioning (CLIP Text Encode with a 'wan' "
+                                              "CLIP). When connected, the prompt above is ignored."),
+            ],
+            outputs=[LiveAvatarText.Output(display_name="text", tooltip="Text conditioning [L, 4096].")],
+        )
+
+    @classmethod
+    def execute(cls, model, prompt: str, conditioning=None) -> io.NodeOutput:
+        if conditioning is not None:
+            return io.NodeOutput(text_from_conditioning(conditioning, model.text_dim, cls.NAME))
+        if not isinstance(prompt, str):
+            raise LiveAvatarInputError(cls.NAME, "prompt", "must be text")
+        return io.NodeOutput(model.encode_prompt(prompt))
+
+
+class LiveAvatarAudioEncode(io.ComfyNode):
+    NAME = "LiveAvatar Audio Encode"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LiveAvatarAudioEncode",
+            display_name=cls.NAME,
+            category=CATEGORY_CONDITIONING,
+            description="Turns the driving audio (any sample rate, mono or stereo) into wav2vec2 features, one "
+                        "column per video frame at 25 fps. The audio length sets the video length.",
+            inputs=[
+                _model_input(),
+                io.Audio.Input("audio", tooltip="The speech that drives the avatar (Load Audio). Resampled to "
+                                                "16 kHz and mixed to mono."),
+                io.AudioEncoderOutput.Input("audio_encoder_output", optional=True,
+                                            tooltip="Optional native wav2vec2 output (Audio Encoder Loader + "
+                                                    "Audio Encoder Encode on the same audio) to reuse instead "
+                                                    "of the model's own wav2vec2."),
+            ],
+            outputs=[
+                LiveAvatarAudio.Output(display_name="audio", tooltip="Audio conditioning for the sampler."),
+                io.Int.Output(display_name="frames", tooltip="Video frames this audio drives (25 fps)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, audio, audio_encoder_output=None) -> io.NodeOutput:
+        from liveavatar.media.audio import AudioLoadError, audio_from_waveform
+
+        waveform, rate = native_audio(audio, cls.NAME)
+        try:
+            audio16k = audio_from_waveform(waveform, rate)
+        except AudioLoadError as exc:
+            raise LiveAvatarInputError(cls.NAME, "audio", str(exc)) from exc
+        if audio_encoder_output is not None:
+            states = encoder_output_states(audio_encoder_output, cls.NAME)
+            cond = model.encode_audio_states(states, audio16k)
+        else:
+            try:
+                cond = model.encode_audio(audio16k)
+            except ValueError as exc:
+                raise LiveAvatarInputError(cls.NAME, "audio", str(exc)) from exc
+        frames = int(cond.num_frames)
+        text = f"{frames} frames ({frames / 25:.2f} s at 25 fps)"
+        return io.NodeOutput(cond, frames, ui=ui.PreviewText(text))
+
+
+def _size_problem(size) -> str | None:
+    """None if `size` parses (same rule as the CLI), else the message."""
+    from liveavatar.sizes import SizeError, parse_size
+
+    try:
+        parse_size(size)
+    except SizeError as exc:
+        return str(exc)
+    return None
+
+
+def _size_tooltip() -> str:
+    try:
+        from liveavatar.sizes import valid_sizes
+
+        named = ", ".join(valid_sizes())
+    except Exception:
+        named = "704*384, 720*400, 688*368, 384*256, ..."
+    return (f"Output size W*H (or WxH), width first. Named sizes: {named}; or any W*H with both sides "
+            "multiples of 64 up to 1280*720 pixels.")
+
+
+class LiveAvatarReferenceImage(io.ComfyNode):
+    NAME = "LiveAvatar Reference Image"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LiveAvatarReferenceImage",
+            display_name=cls.NAME,
+            category=CATEGORY_CONDITIONING,
+            description="Prepares the reference image (the avatar's identity) at the output size and shows "
+                        "the effective size.",
+            inputs=[
+                _model_input(),
+                io.Image.Input("image", tooltip="The person to animate (first image of the batch is used)."),
+                io.String.Input("size", default=DEFAULT_SIZE, tooltip=_size_tooltip()),
+                io.Combo.Input("size_mode", options=["exact", "area"], default="exact",
+                               tooltip="exact: the video is exactly W x H (image scaled to cover, centre-cropped). "
+                                       "area: W*H is only a pixel budget and the image's aspect ratio decides "
+                                       "the shape (the original Live Avatar behaviour)."),
+            ],
+            outputs=[
+                LiveAvatarImage.Output(display_name="reference", tooltip="Reference image conditioning."),
+                io.Int.Output(display_name="width", tooltip="Effective video width in pixels."),
+                io.Int.Output(display_name="height", tooltip="Effective video height in pixels."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, size=None) -> bool | str:
+        if size is None:
+            return True
+        problem = _size_problem(size)
+        return True if problem is None else f"{cls.NAME}: input 'size': {problem}"
+
+    @classmethod
+    def execute(cls, model, image, size: str, size_mode: str) -> io.NodeOutput:
+        from liveavatar.media.image import image_from_tensor
+        from liveavatar.sizes import SizeError
+
+        if size_mode not in ("exact", "area"):
+            raise LiveAvatarInputError(cls.NAME, "size_mode", f"{size_mode!r} is not 'exact' or 'area'")
+        pil = image_from_tensor(first_image(image, cls.NAME))
+        try:
+            ref = model.prepare_image(pil, size, size_mode=size_mode)
+        except SizeError as exc:
+            raise LiveAvatarInputError(cls.NAME, "size", str(exc)) from exc
+        text = f"effective size {ref.width}x{ref.height} (requested '{size}', mode {size_mode})"
+        return io.NodeOutput(ref, int(ref.width), int(ref.height), ui=ui.PreviewText(text))
+
+
+__all__ = ["LiveAvatarTextEncode", "LiveAvatarAudioEncode", "LiveAvatarReferenceImage"]

@@ -1,0 +1,340 @@
+"""The live model behind a LIVEAVATAR_MODEL socket, and the cache that keeps it alive.
+
+`LiveAvatarHandle` wraps one backend with the library's call shape:
+
+- in-process: `liveavatar.pipeline.LiveAvatar` on one device (mode "single");
+- a worker group from `parallel/` over several GPUs (mode "tpp", or "auto" with several devices).
+
+Both expose `encode_prompt`, `encode_audio`, `prepare_image` and the block iterator `generate`.
+The loader nodes go through `get_or_open(spec)`: while the loader inputs (and the files' sizes and
+modification times) are unchanged, every queue item gets the same live handle, so weights load
+once and worker processes stay up. A new spec closes the previous handle first (one model at a
+time), so switching checkpoints does not hold two 14B models.
+
+Importable without ComfyUI; `comfy.model_management` is used only when it is importable.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from .errors import LiveAvatarInputError
+
+log = logging.getLogger("liveavatar.nodes")
+
+MODES = ("auto", "single", "tpp")
+PRECISIONS = ("bf16", "fp8", "fp16", "fp32")  # fp8 = bf16 weights with fp8 linear layers
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the model runs: `mode` "single" (one device, in-process) or "tpp" (worker group)."""
+
+    mode: str
+    devices: tuple[str, ...]
+
+
+def _default_device() -> str:
+    """ComfyUI's torch device when running inside ComfyUI, else cuda:0 / cpu."""
+    try:
+        import comfy.model_management as mm
+
+        dev = mm.get_torch_device()
+        if dev.type == "cuda":
+            return f"cuda:{dev.index or 0}"
+        return str(dev.type)
+    except Exception:  # outside ComfyUI (tests, scripts)
+        import torch
+
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def parse_placement(devices: str, mode: str, *, node: str = "LiveAvatar Model Loader",
+                    cuda_count: int | None = None, default_device: str | None = None) -> Placement:
+    """Turn the loader's `devices` text and `gpu_mode` into a checked `Placement`.
+
+    devices: "auto" (ComfyUI's device; with mode "tpp" every visible GPU), "cpu", "cuda",
+    "cuda:1", or a comma list: "0,1,2,3,4" or "cuda:0, cuda:1".
+    mode: "auto" (tpp when several devices are listed, else single), "single", "tpp".
+    """
+    if mode not in MODES:
+        raise LiveAvatarInputError(node, "gpu_mode", f"{mode!r} is not one of {', '.join(MODES)}")
+    count = _cuda_count() if cuda_count is None else cuda_count
+    text = (devices or "auto").strip().lower()
+    if text == "auto":
+        if mode == "tpp":
+            if count < 2:
+                raise LiveAvatarInputError(node, "devices", f"gpu_mode 'tpp' needs at least 2 GPUs, "
+                                           f"{count} visible; use gpu_mode 'single'")
+            devs = tuple(f"cuda:{i}" for i in range(count))
+        else:
+            devs = (default_device or _default_device(),)
+    else:
+        items = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
+        if not items:
+            raise LiveAvatarInputError(node, "devices", "empty; write 'auto', 'cpu', 'cuda:0' or '0,1,2,3,4'")
+        out = []
+        for item in items:
+            if item == "cpu":
+                out.append("cpu")
+                continue
+            if item == "cuda":
+                item = "cuda:0"
+            idx = item[5:] if item.startswith("cuda:") else item
+            if not idx.isdigit():
+                raise LiveAvatarInputError(node, "devices", f"{item!r} is not a device; write 'auto', "
+                                           "'cpu', 'cuda:0' or a list of GPU indices like '0,1,2,3,4'")
+            if int(idx) >= count:
+                raise LiveAvatarInputError(node, "devices", f"cuda:{idx} does not exist ({count} GPU(s) "
+                                           f"visible: {', '.join(f'cuda:{i}' for i in range(count)) or 'none'})")
+            out.append(f"cuda:{int(idx)}")
+        if len(set(out)) != len(out):
+            raise LiveAvatarInputError(node, "devices", f"{devices!r} lists a device twice")
+        if "cpu" in out and len(out) > 1:
+            raise LiveAvatarInputError(node, "devices", "'cpu' cannot be combined with GPUs")
+        devs = tuple(out)
+    chosen = mode if mode != "auto" else ("tpp" if len(devs) > 1 else "single")
+    if chosen == "single" and len(devs) != 1:
+        raise LiveAvatarInputError(node, "devices", f"gpu_mode 'single' runs on one device, got "
+                                   f"{len(devs)} ({', '.join(devs)}); use gpu_mode 'tpp' or 'auto'")
+    if chosen == "tpp" and len(devs) < 2:
+        raise LiveAvatarInputError(node, "gpu_mode", f"'tpp' needs at least 2 GPUs, devices gives "
+                                   f"{', '.join(devs)}; list GPUs like '0,1,2,3,4' or use 'single'")
+    return Placement(chosen, devs)
+
+
+def precision_options(precision: str, node: str = "LiveAvatar Model Loader") -> tuple[str, bool]:
+    """Loader `precision` -> (dtype, fp8) for the library."""
+    if precision not in PRECISIONS:
+        raise LiveAvatarInputError(node, "precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "fp8":
+        return "bf16", True
+    return precision, False
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Everything that decides which model is loaded, where, and how (the cache key).
+
+    kind: "checkpoint" (`paths["ckpt_dir"]`) or "files" (`paths` dit/t5/vae/wav2vec).
+    lora: path or None; stamps: (path, size, mtime) of every file involved.
+    """
+
+    kind: str
+    paths: tuple[tuple[str, str], ...]
+    lora: str | None
+    lora_strength: float
+    dtype: str
+    fp8: bool
+    attn: str
+    compile: bool
+    placement: Placement
+    stamps: tuple[tuple[str, int, float], ...] = field(default=(), compare=True)
+
+    def library_kwargs(self, device: str) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(self.paths)
+        kw.update(lora=self.lora, lora_strength=self.lora_strength, device=device, dtype=self.dtype,
+                  fp8=self.fp8, attn=self.attn, compile=self.compile)
+        return kw
+
+    def describe(self) -> str:
+        where = ", ".join(self.placement.devices)
+        src = dict(self.paths).get("ckpt_dir") or dict(self.paths).get("dit", "?")
+        extra = " + fp8" if self.fp8 else ""
+        return (f"{os.path.basename(str(src).rstrip('/'))} ({self.dtype}{extra}, attn {self.attn}, "
+                f"{self.placement.mode} on {where})")
+
+
+def file_stamps(paths: list[str]) -> tuple[tuple[str, int, float], ...]:
+    """(path, size, mtime) of files, and of every file directly inside directories."""
+    out = []
+    for p in paths:
+        if p is None:
+            continue
+        targets = [p]
+        if os.path.isdir(p):
+            targets = sorted(os.path.join(p, n) for n in os.listdir(p))
+        for t in targets:
+            try:
+                st = os.stat(t)
+            except OSError:
+                continue
+            out.append((t, int(st.st_size), float(st.st_mtime)))
+    return tuple(out)
+
+
+class LiveAvatarHandle:
+    """A loaded Live Avatar, in-process or as a worker group, with the library's call shape."""
+
+    def __init__(self, backend: Any, spec: LoadSpec) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.closed = False
+
+    @property
+    def mode(self) -> str:
+        return self.spec.placement.mode
+
+    @property
+    def text_dim(self) -> int | None:
+        """Channels of the text conditioning the DiT expects (None when unknown)."""
+        for path in ("text_dim", "config.text_dim", "dit.config.text_dim", "dit.cfg.text_dim"):
+            obj: Any = self.backend
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    break
+            if isinstance(obj, int):
+                return obj
+        return None
+
+    def _live(self) -> Any:
+        if self.closed or self.backend is None:
+            raise RuntimeError("this LiveAvatar model was unloaded (another model was loaded after it); "
+                               "queue the workflow again so the loader runs")
+        return self.backend
+
+    def encode_prompt(self, prompt: str):
+        return self._live().encode_prompt(prompt)
+
+    def encode_audio(self, audio: Any):
+        return self._live().encode_audio(audio)
+
+    def encode_audio_states(self, states: Any, audio: Any):
+        """Native wav2vec2 hidden states `[n_states, T, C]` (50/s) + the 16 kHz audio -> conditioning."""
+        backend = self._live()
+        fn = getattr(backend, "audio_conditioning_from_states", None)
+        if fn is None:
+            raise LiveAvatarInputError(
+                "LiveAvatar Audio Encode", "audio_encoder_output",
+                "this version of the library cannot take ComfyUI's AUDIO_ENCODER_OUTPUT yet; "
+                "leave it unconnected (the model's own wav2vec2 encodes the audio)")
+        return fn(states, audio)
+
+    def prepare_image(self, image: Any, size: str, size_mode: str = "exact"):
+        return self._live().prepare_image(image, size, size_mode=size_mode)
+
+    def generate(self, context: Any, audio: Any, image: Any, **kwargs: Any) -> Iterator[Any]:
+        return self._live().generate(context, audio, image, **kwargs)
+
+    def close(self) -> None:
+        """Stop worker processes / drop weights. Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        backend, self.backend = self.backend, None
+        closer = getattr(backend, "close", None)
+        if callable(closer):
+            try:
+                closer()
+            except Exception as exc:  # never let cleanup hide the real work
+                log.warning("closing the previous LiveAvatar model failed: %s", exc)
+        del backend
+        gc.collect()
+        _empty_cache()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "live"
+        return f"LiveAvatarHandle({self.spec.describe()}, {state})"
+
+
+def _empty_cache() -> None:
+    try:
+        import comfy.model_management as mm
+
+        mm.soft_empty_cache()
+        return
+    except Exception:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+def _free_comfy_models(placement: Placement) -> None:
+    """Ask ComfyUI to unload its own models before we load onto the same GPU(s)."""
+    if all(d == "cpu" for d in placement.devices):
+        return
+    try:
+        import comfy.model_management as mm
+
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+    except Exception:
+        pass
+
+
+def _open_in_process(spec: LoadSpec):
+    from liveavatar.pipeline import LiveAvatar
+
+    kw = spec.library_kwargs(spec.placement.devices[0])
+    if spec.kind == "checkpoint":
+        ckpt = kw.pop("ckpt_dir")
+        return LiveAvatar.from_checkpoint(ckpt, **kw)
+    return LiveAvatar.from_files(**kw)
+
+
+def _open_worker_group(spec: LoadSpec):
+    try:
+        import parallel
+    except ImportError as exc:
+        raise RuntimeError(f"gpu_mode 'tpp' needs the pack's parallel/ package ({exc})") from exc
+    opener: Callable[..., Any] | None = getattr(parallel, "open_worker_group", None)
+    if opener is None:
+        raise LiveAvatarInputError("LiveAvatar Model Loader", "gpu_mode",
+                                   "multi-GPU worker groups are not available in this install "
+                                   "(parallel.open_worker_group missing); use gpu_mode 'single'")
+    kw = spec.library_kwargs(spec.placement.devices[0])
+    kw.pop("device")
+    return opener(kind=spec.kind, devices=list(spec.placement.devices), **kw)
+
+
+_lock = threading.Lock()
+_live: dict[LoadSpec, LiveAvatarHandle] = {}
+
+
+def get_or_open(spec: LoadSpec, opener: Callable[[LoadSpec], Any] | None = None) -> LiveAvatarHandle:
+    """The live handle for `spec`: reused when already open, else the old one closes and this loads."""
+    with _lock:
+        handle = _live.get(spec)
+        if handle is not None and not handle.closed:
+            return handle
+        for old in list(_live.values()):
+            old.close()
+        _live.clear()
+        _free_comfy_models(spec.placement)
+        if opener is None:
+            opener = _open_in_process if spec.placement.mode == "single" else _open_worker_group
+        log.info("LiveAvatar: loading %s", spec.describe())
+        handle = LiveAvatarHandle(opener(spec), spec)
+        _live[spec] = handle
+        return handle
+
+
+def close_all() -> None:
+    """Close every cached handle (tests, shutdown)."""
+    with _lock:
+        for h in list(_live.values()):
+            h.close()
+        _live.clear()
+
+
+__all__ = [
+    "MODES", "PRECISIONS", "Placement", "parse_placement", "precision_options", "LoadSpec",
+    "file_stamps", "LiveAvatarHandle", "get_or_open", "close_all",
+]

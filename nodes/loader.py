@@ -1,0 +1,186 @@
+"""Model loader nodes: an official checkpoint folder, or ComfyUI single files.
+
+Both return a LIVEAVATAR_MODEL handle (`nodes.handle.LiveAvatarHandle`) that stays loaded across
+queue items while the inputs are unchanged.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from . import model_files as mf
+from .errors import LiveAvatarInputError
+from .handle import MODES, PRECISIONS, LoadSpec, file_stamps, get_or_open, parse_placement, precision_options
+from .types import CATEGORY_LOADERS, LiveAvatarModel
+
+_FALLBACK_ATTENTION = ("sdpa", "math", "cudnn", "flash", "sage")
+
+
+def attention_backends() -> list[str]:
+    try:
+        from liveavatar.models.attention import BACKENDS
+
+        return list(BACKENDS)
+    except Exception:
+        return list(_FALLBACK_ATTENTION)
+
+
+def _placement_inputs() -> list[io.Input]:
+    return [
+        io.Combo.Input("precision", options=list(PRECISIONS), default="bf16",
+                       tooltip="Weights dtype. bf16: 80 GB class GPUs. fp8: bf16 weights with fp8 linear "
+                               "layers (about 48 GB, Hopper/Ada GPUs). fp16/fp32: for testing."),
+        io.Combo.Input("attention", options=attention_backends(), default="sdpa",
+                       tooltip="Attention kernel. sdpa: PyTorch picks. cudnn: cuDNN attention (what the "
+                               "reference uses). flash: flash-attn 2/3 if installed. sage: SageAttention "
+                               "(approximate). math: slow reference kernel for debugging."),
+        io.String.Input("devices", default="auto",
+                        tooltip="Where to run: 'auto' (ComfyUI's device; with gpu_mode tpp every visible GPU), "
+                                "'cpu', 'cuda:0', or GPU indices for several GPUs, e.g. '0,1,2,3,4'."),
+        io.Combo.Input("gpu_mode", options=list(MODES), default="auto",
+                       tooltip="single: one device, in this process. tpp: timestep-forcing pipeline "
+                               "parallelism, one denoising step per GPU (+ a decode GPU) in worker processes. "
+                               "auto: tpp when several devices are listed, else single."),
+        io.Boolean.Input("compile", default=False,
+                         tooltip="torch.compile the DiT: faster blocks after a long first run."),
+    ]
+
+
+def _validate_placement(devices: str | None, gpu_mode: str | None, node: str) -> bool | str:
+    if devices is None or gpu_mode is None:  # linked inputs: checked at run time
+        return True
+    try:
+        parse_placement(devices, gpu_mode, node=node)
+    except LiveAvatarInputError as exc:
+        return str(exc)
+    return True
+
+
+def _open(kind: str, paths: dict[str, str], lora: str | None, lora_strength: float, precision: str,
+          attention: str, devices: str, gpu_mode: str, compile: bool, node: str) -> io.NodeOutput:
+    dtype, fp8 = precision_options(precision, node)
+    if attention not in attention_backends():
+        raise LiveAvatarInputError(node, "attention", f"{attention!r} is not one of {', '.join(attention_backends())}")
+    placement = parse_placement(devices, gpu_mode, node=node)
+    stamps = file_stamps(list(paths.values()) + ([lora] if lora else []))
+    spec = LoadSpec(kind=kind, paths=tuple(sorted(paths.items())), lora=lora,
+                    lora_strength=float(lora_strength), dtype=dtype, fp8=fp8, attn=attention,
+                    compile=bool(compile), placement=placement, stamps=stamps)
+    handle = get_or_open(spec)
+    return io.NodeOutput(handle)
+
+
+class LiveAvatarModelLoader(io.ComfyNode):
+    """Load an official Wan2.2-S2V-14B folder (+ the Live Avatar LoRA) from models/liveavatar."""
+
+    NAME = "LiveAvatar Model Loader"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        loras = [mf.AUTO, mf.NONE] + mf.files("loras")
+        return io.Schema(
+            node_id="LiveAvatarModelLoader",
+            display_name=cls.NAME,
+            category=CATEGORY_LOADERS,
+            description="Loads Live Avatar (Wan2.2-S2V-14B + 4-step LoRA) from a checkpoint folder in "
+                        "models/liveavatar. The model stays loaded between runs while these inputs "
+                        "are unchanged.",
+            inputs=[
+                io.Combo.Input("checkpoint", options=mf.checkpoint_folders(),
+                               tooltip="A checkpoint folder (with config.json, the DiT shards, umT5, VAE and "
+                                       "wav2vec2) under models/liveavatar, e.g. Wan2.2-S2V-14B."),
+                io.Combo.Input("lora", options=loras, default=mf.AUTO,
+                               tooltip="Live Avatar LoRA. auto: liveavatar.safetensors inside or next to the "
+                                       "checkpoint folder. none: the base model only. Or a file from models/loras."),
+                io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="LoRA scale (1.0 = as trained)."),
+                *_placement_inputs(),
+            ],
+            outputs=[LiveAvatarModel.Output(display_name="model",
+                                            tooltip="The loaded model (one GPU or a worker group).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, devices=None, gpu_mode=None) -> bool | str:
+        return _validate_placement(devices, gpu_mode, cls.NAME)
+
+    @classmethod
+    def execute(cls, checkpoint: str, lora: str, lora_strength: float, precision: str, attention: str,
+                devices: str, gpu_mode: str, compile: bool) -> io.NodeOutput:
+        ckpt = mf.checkpoint_path(checkpoint)
+        if ckpt is None:
+            raise LiveAvatarInputError(cls.NAME, "checkpoint", f"{checkpoint!r} is not a folder with "
+                                       "config.json under models/liveavatar; put the Wan2.2-S2V-14B folder there "
+                                       "and refresh")
+        if lora == mf.AUTO:
+            lora_path = mf.auto_lora(ckpt)
+        elif lora == mf.NONE:
+            lora_path = None
+        else:
+            lora_path = mf.file_path("loras", lora)
+            if lora_path is None:
+                raise LiveAvatarInputError(cls.NAME, "lora", f"{lora!r} is not in models/loras")
+        return _open("checkpoint", {"ckpt_dir": ckpt}, lora_path, lora_strength, precision, attention,
+                     devices, gpu_mode, compile, cls.NAME)
+
+
+class LiveAvatarModelLoaderFiles(io.ComfyNode):
+    """Load Live Avatar from ComfyUI single files (diffusion_models, text_encoders, vae, audio_encoders)."""
+
+    NAME = "LiveAvatar Model Loader (single files)"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LiveAvatarModelLoaderFiles",
+            display_name=cls.NAME,
+            category=CATEGORY_LOADERS,
+            description="Loads Live Avatar from the single files ComfyUI's native Wan S2V workflows use. "
+                        "The model stays loaded between runs while these inputs are unchanged.",
+            inputs=[
+                io.Combo.Input("dit", options=mf.files("diffusion_models"),
+                               tooltip="Wan2.2-S2V-14B DiT from models/diffusion_models "
+                                       "(e.g. wan2.2_s2v_14B_bf16.safetensors)."),
+                io.Combo.Input("t5", options=mf.files("text_encoders"),
+                               tooltip="umT5-XXL text encoder from models/text_encoders "
+                                       "(e.g. umt5_xxl_fp16.safetensors)."),
+                io.Combo.Input("vae", options=mf.files("vae"),
+                               tooltip="Wan2.1 VAE from models/vae (wan_2.1_vae.safetensors)."),
+                io.Combo.Input("wav2vec", options=mf.files("audio_encoders"),
+                               tooltip="wav2vec2 large English from models/audio_encoders "
+                                       "(wav2vec2_large_english_fp16.safetensors)."),
+                io.Combo.Input("lora", options=[mf.NONE] + mf.files("loras"), default=mf.NONE,
+                               tooltip="Live Avatar LoRA (liveavatar.safetensors) from models/loras; "
+                                       "none for the base model."),
+                io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="LoRA scale (1.0 = as trained)."),
+                *_placement_inputs(),
+            ],
+            outputs=[LiveAvatarModel.Output(display_name="model",
+                                            tooltip="The loaded model (one GPU or a worker group).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, devices=None, gpu_mode=None) -> bool | str:
+        return _validate_placement(devices, gpu_mode, cls.NAME)
+
+    @classmethod
+    def execute(cls, dit: str, t5: str, vae: str, wav2vec: str, lora: str, lora_strength: float,
+                precision: str, attention: str, devices: str, gpu_mode: str, compile: bool) -> io.NodeOutput:
+        paths = {}
+        for name, folder, value in (("dit", "diffusion_models", dit), ("t5", "text_encoders", t5),
+                                    ("vae", "vae", vae), ("wav2vec", "audio_encoders", wav2vec)):
+            path = mf.file_path(folder, value)
+            if path is None:
+                raise LiveAvatarInputError(cls.NAME, name, f"{value!r} is not in models/{folder}")
+            paths[name] = path
+        lora_path = None
+        if lora != mf.NONE:
+            lora_path = mf.file_path("loras", lora)
+            if lora_path is None:
+                raise LiveAvatarInputError(cls.NAME, "lora", f"{lora!r} is not in models/loras")
+        return _open("files", paths, lora_path, lora_strength, precision, attention, devices, gpu_mode,
+                     compile, cls.NAME)
+
+
+__all__ = ["LiveAvatarModelLoader", "LiveAvatarModelLoaderFiles", "attention_backends"]

@@ -1,0 +1,94 @@
+"""Model files through ComfyUI's `folder_paths` (dropdown lists and name -> path).
+
+- `liveavatar`: our own folder (default `models/liveavatar`, extra_model_paths.yaml may add more)
+  holding whole official checkpoint folders: any sub-folder (up to two levels deep) with a
+  `config.json`, e.g. `models/liveavatar/Wan2.2-S2V-14B/`.
+- single files in ComfyUI's standard folders: `diffusion_models` (DiT), `text_encoders` (umT5),
+  `vae` (Wan2.1 VAE), `audio_encoders` (wav2vec2), `loras` (Live Avatar LoRA).
+"""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+FOLDER = "liveavatar"
+NONE = "none"
+AUTO = "auto"
+LORA_FILE = "liveavatar.safetensors"  # the LoRA's file name in Quark-Vision/Live-Avatar
+_MAX_DEPTH = 2
+
+
+def register_folder() -> None:
+    """Register `models/liveavatar` (keeps paths that extra_model_paths.yaml already added)."""
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+
+
+def _roots() -> list[str]:
+    try:
+        return folder_paths.get_folder_paths(FOLDER)
+    except KeyError:
+        register_folder()
+        return folder_paths.get_folder_paths(FOLDER)
+
+
+def checkpoint_folders() -> list[str]:
+    """Relative names (with '/') of checkpoint folders under every `liveavatar` root."""
+    found: set[str] = set()
+    for root in _roots():
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            rel = os.path.relpath(dirpath, root)
+            depth = 0 if rel == "." else rel.count(os.sep) + 1
+            if depth >= _MAX_DEPTH:
+                dirnames[:] = []
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            if rel != "." and "config.json" in filenames:
+                found.add(rel.replace(os.sep, "/"))
+    return sorted(found)
+
+
+def checkpoint_path(name: str) -> str | None:
+    """Full path of a checkpoint folder listed by `checkpoint_folders`, or None."""
+    rel = os.path.normpath(name.replace("/", os.sep))
+    if rel.startswith("..") or os.path.isabs(rel):
+        return None
+    for root in _roots():
+        full = os.path.join(root, rel)
+        if os.path.isfile(os.path.join(full, "config.json")):
+            return full
+    return None
+
+
+def auto_lora(ckpt_dir: str) -> str | None:
+    """The Live Avatar LoRA for a checkpoint folder: inside it, next to it, or under a `liveavatar` root."""
+    candidates = [os.path.join(ckpt_dir, LORA_FILE)]
+    parent = os.path.dirname(os.path.normpath(ckpt_dir))
+    if os.path.isdir(parent):
+        candidates.append(os.path.join(parent, LORA_FILE))
+        for sub in sorted(os.listdir(parent)):
+            candidates.append(os.path.join(parent, sub, LORA_FILE))
+    for root in _roots():
+        candidates.append(os.path.join(root, LORA_FILE))
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    return None
+
+
+def files(folder: str) -> list[str]:
+    """`folder_paths.get_filename_list(folder)` (empty if the folder type does not exist)."""
+    try:
+        return folder_paths.get_filename_list(folder)
+    except KeyError:
+        return []
+
+
+def file_path(folder: str, name: str) -> str | None:
+    return folder_paths.get_full_path(folder, name)
+
+
+__all__ = ["FOLDER", "NONE", "AUTO", "register_folder", "checkpoint_folders", "checkpoint_path",
+           "auto_lora", "files", "file_path"]
