@@ -1,0 +1,303 @@
+"""The official Wan2.2-S2V-14B folder (+ Live Avatar LoRA), and ComfyUI single files.
+
+`find_official_checkpoint(dir)` checks every file at once and reports all that are missing with
+their expected names; nothing heavy is read (headers and JSON only). `load_dit` builds the DiT on
+the meta device, streams the base weights tensor by tensor onto the target device, merges the
+LoRA layer by layer there (base -> LoRA; fp8 conversion, if any, comes after, elsewhere) and
+returns the model in eval mode. `load_components` / `load_components_from_files` load all four
+parts (DiT, umT5, VAE, wav2vec2) for the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import OFFICIAL_FILES, ConfigError, DiTConfig, T5Config, VAEConfig, dataclass_from_json
+from .comfy_layout import infer_dit_config, infer_t5_config, infer_vae_config, open_single_file
+from .lora import merge_lora
+from .safetensors_io import (
+    CheckpointError, DictSource, TensorSource, load_into_module, load_pth_state_dict, open_tensor_source,
+)
+
+log = logging.getLogger(__name__)
+
+_HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+_WAV2VEC_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+@dataclass
+class OfficialCheckpoint:
+    """Paths of a Wan2.2-S2V-14B folder, its DiT config and a lazy view of the DiT weights.
+
+    `config` is config.json completed from the weights (`text_dim`, `audio_num_layers` are not
+    stored in config.json). `lora_path` is None when no LoRA was asked for or found.
+    """
+
+    root: Path
+    config: DiTConfig
+    dit: TensorSource
+    t5_path: Path
+    tokenizer_dir: Path
+    vae_path: Path
+    wav2vec_dir: Path
+    lora_path: Path | None = None
+    t5_config_path: Path | None = None
+    vae_config_path: Path | None = None
+
+
+def _absolute(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    return (p if p.is_absolute() else Path.cwd() / p).resolve()
+
+
+def _default_lora(root: Path) -> Path | None:
+    candidates = [root / OFFICIAL_FILES.lora, root.parent / "LiveAvatar" / OFFICIAL_FILES.lora]
+    # The reference's hf_hub_download(cache_dir="ckpt/LiveAvatar") leaves the file in HF cache layout.
+    candidates += sorted((root.parent / "LiveAvatar").glob(f"models--*/snapshots/*/{OFFICIAL_FILES.lora}"))
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def resolve_lora(root: Path, lora: str | Path | None, missing: list[str]) -> Path | None:
+    """The LoRA file to merge: explicit path (file or folder), "none", or the default locations."""
+    if lora is None:
+        return _default_lora(root)
+    if str(lora).strip().lower() in ("none", ""):
+        return None
+    path = _absolute(lora)
+    if path.is_dir():
+        path = path / OFFICIAL_FILES.lora
+    if path.is_file():
+        return path
+    if _HF_REPO_ID.match(str(lora)) and not Path(str(lora)).expanduser().exists():
+        missing.append(
+            f"LoRA {lora!r} looks like a Hugging Face repo id; nothing is downloaded at run time: "
+            f"run `huggingface-cli download {lora} --local-dir ckpt/LiveAvatar` and pass "
+            f"ckpt/LiveAvatar/{OFFICIAL_FILES.lora}"
+        )
+    else:
+        missing.append(f"LoRA file {path} (expected {OFFICIAL_FILES.lora})")
+    return None
+
+
+def complete_config(config: DiTConfig, dit: TensorSource) -> DiTConfig:
+    """Fill the fields config.json does not store from the weight shapes."""
+    updates: dict[str, Any] = {}
+    if "text_embedding.0.weight" in dit:
+        updates["text_dim"] = dit.shape("text_embedding.0.weight")[1]
+    if "casual_audio_encoder.weights" in dit:
+        updates["audio_num_layers"] = dit.shape("casual_audio_encoder.weights")[1]
+    return dataclasses.replace(config, **updates)
+
+
+def find_official_checkpoint(ckpt_dir: str | Path, lora: str | Path | None = None) -> OfficialCheckpoint:
+    """Locate every file of the official layout under `ckpt_dir` (relative or absolute).
+
+    All missing files are reported in one `CheckpointError`, each with its expected name. LoRA:
+    `lora` (a file, a folder holding liveavatar.safetensors, or "none"); by default
+    `<ckpt_dir>/liveavatar.safetensors` or `<ckpt_dir>/../LiveAvatar/liveavatar.safetensors` if
+    present (else no LoRA).
+    """
+    root = _absolute(ckpt_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint folder not found (pass the Wan2.2-S2V-14B folder, "
+                              f"e.g. ckpt/Wan2.2-S2V-14B; relative paths are taken from {Path.cwd()})")
+    f = OFFICIAL_FILES
+    missing: list[str] = []
+    if not (root / f.config).is_file():
+        missing.append(f"{f.config} (DiT config)")
+    index, single = root / f.dit_index, root / f.dit_single
+    dit_path: Path | None = index if index.is_file() else single if single.is_file() else None
+    if dit_path is None:
+        missing.append(f"{f.dit_index} + its shards, or {f.dit_single} (DiT weights)")
+    for name, what in ((f.t5, "umT5 encoder"), (f.vae, "Wan2.1 VAE")):
+        if not (root / name).is_file():
+            missing.append(f"{name} ({what})")
+    tok = root / f.tokenizer_dir
+    if not tok.is_dir() or not any((tok / n).is_file() for n in _TOKENIZER_FILES):
+        missing.append(f"{f.tokenizer_dir}/ (umT5 tokenizer folder with one of {list(_TOKENIZER_FILES)})")
+    w2v = root / f.wav2vec_dir
+    if not (w2v / "config.json").is_file() or not any((w2v / n).is_file() for n in _WAV2VEC_WEIGHTS):
+        missing.append(f"{f.wav2vec_dir}/ (HF wav2vec2 folder: config.json + one of {list(_WAV2VEC_WEIGHTS)})")
+    lora_path = resolve_lora(root, lora, missing)
+    if missing:
+        raise CheckpointError(f"{root}: incomplete Wan2.2-S2V-14B folder; missing:\n  - " + "\n  - ".join(missing))
+
+    try:
+        config = DiTConfig.from_json(root / f.config)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from exc
+    assert dit_path is not None
+    dit = open_tensor_source(dit_path)
+    return OfficialCheckpoint(
+        root=root, config=complete_config(config, dit), dit=dit, t5_path=root / f.t5, tokenizer_dir=tok,
+        vae_path=root / f.vae, wav2vec_dir=w2v, lora_path=lora_path,
+        t5_config_path=(root / f.t5_config) if (root / f.t5_config).is_file() else None,
+        vae_config_path=(root / f.vae_config) if (root / f.vae_config).is_file() else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# loaders
+# ---------------------------------------------------------------------------------------------
+
+def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch.device | str,
+                          dtype: torch.dtype, lora_path: str | Path | None = None,
+                          lora_strength: float = 1.0) -> torch.nn.Module:
+    """Meta-build `CausalS2VDiT(config)`, stream `source` into it, merge the LoRA, eval()."""
+    from ..models.dit import CausalS2VDiT
+
+    with torch.device("meta"):
+        model = CausalS2VDiT(config)
+    keep = getattr(model, "keep_fp32", None)
+    load_into_module(model, source, device=device, dtype=dtype, strict=True,
+                     keep_fp32=keep if callable(keep) else None)
+    if lora_path is not None:
+        with open_tensor_source(lora_path) as lora_source:
+            report = merge_lora(model, lora_source, strength=lora_strength)
+        log.info("LoRA %s: merged into %d/%d target layers (scale %.4g, rank %d)", lora_path,
+                 report.matched, report.targets, report.scale, report.rank)
+    return model.eval()
+
+
+def load_dit(ckpt: OfficialCheckpoint, device: torch.device | str, dtype: torch.dtype,
+             lora_path: str | Path | None = None, lora_strength: float = 1.0) -> torch.nn.Module:
+    """The causal S2V DiT with base weights and the LoRA (`lora_path` or `ckpt.lora_path`) merged."""
+    return build_dit_from_source(ckpt.dit, ckpt.config, device, dtype,
+                                 lora_path if lora_path is not None else ckpt.lora_path, lora_strength)
+
+
+def t5_config_for(ckpt: OfficialCheckpoint, sd: dict[str, torch.Tensor]) -> T5Config:
+    if ckpt.t5_config_path is not None:
+        return dataclass_from_json(T5Config, ckpt.t5_config_path)
+    return infer_t5_config(DictSource(sd, origin=ckpt.t5_path), text_len=ckpt.config.text_len)
+
+
+def load_text_encoder(ckpt: OfficialCheckpoint, device: torch.device | str, dtype: torch.dtype) -> Any:
+    """umT5 encoder from `models_t5_umt5-xxl-enc-bf16.pth` (memory-mapped, weights-only)."""
+    from ..models.text_encoder import TextEncoder
+
+    sd = load_pth_state_dict(ckpt.t5_path)
+    return TextEncoder.from_official_state_dict(sd, t5_config_for(ckpt, sd), ckpt.tokenizer_dir,
+                                                device=device, dtype=dtype)
+
+
+def load_vae(ckpt: OfficialCheckpoint, device: torch.device | str, dtype: torch.dtype) -> Any:
+    """Wan2.1 VAE from `Wan2.1_VAE.pth` (memory-mapped, weights-only)."""
+    from ..models.vae import WanVAE
+
+    sd = load_pth_state_dict(ckpt.vae_path)
+    if ckpt.vae_config_path is not None:
+        cfg = dataclass_from_json(VAEConfig, ckpt.vae_config_path)
+    else:
+        cfg = infer_vae_config(DictSource(sd, origin=ckpt.vae_path))
+    return WanVAE.from_official_state_dict(sd, cfg, device=device, dtype=dtype)
+
+
+def load_audio_encoder(ckpt: OfficialCheckpoint, device: torch.device | str, dtype: torch.dtype) -> Any:
+    from ..models.wav2vec import AudioFeatureExtractor
+
+    return AudioFeatureExtractor.from_pretrained(ckpt.wav2vec_dir, device=device, dtype=dtype)
+
+
+def check_consistency(dit: DiTConfig, t5_dim: int | None, w2v_hidden: int | None,
+                      w2v_states: int | None, where: str) -> None:
+    """The DiT's text/audio input sizes must match the encoders (checked before heavy loads)."""
+    problems = []
+    if t5_dim is not None and t5_dim != dit.text_dim:
+        problems.append(f"umT5 dim {t5_dim} != DiT text_dim {dit.text_dim}")
+    if w2v_hidden is not None and w2v_hidden != dit.audio_dim:
+        problems.append(f"wav2vec2 hidden_size {w2v_hidden} != DiT audio_dim {dit.audio_dim}")
+    if w2v_states is not None and w2v_states != dit.audio_num_layers:
+        problems.append(f"wav2vec2 num_hidden_layers + 1 = {w2v_states} != DiT audio layers {dit.audio_num_layers}")
+    if problems:
+        raise CheckpointError(f"{where}: components do not fit together: " + "; ".join(problems))
+
+
+def load_components(ckpt: OfficialCheckpoint, device: torch.device | str, dtype: torch.dtype,
+                    lora_strength: float = 1.0, lora_path: str | Path | None = None) -> dict[str, Any]:
+    """{"dit", "text_encoder", "vae", "audio_encoder"} from an official folder."""
+    import json
+
+    t5_sd = load_pth_state_dict(ckpt.t5_path)  # memory-mapped: only the header is read here
+    w2v = json.loads((ckpt.wav2vec_dir / "config.json").read_text())
+    check_consistency(ckpt.config, t5_config_for(ckpt, t5_sd).dim, w2v.get("hidden_size"),
+                      int(w2v.get("num_hidden_layers", 0)) + 1, str(ckpt.root))
+    del t5_sd
+    return {
+        "audio_encoder": load_audio_encoder(ckpt, device, dtype),
+        "text_encoder": load_text_encoder(ckpt, device, dtype),
+        "vae": load_vae(ckpt, device, dtype),
+        "dit": load_dit(ckpt, device, dtype, lora_path=lora_path, lora_strength=lora_strength),
+    }
+
+
+def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Path, wav2vec: str | Path,
+                               tokenizer_dir: str | Path | None = None, lora: str | Path | None = None,
+                               lora_strength: float = 1.0, config: str | Path | None = None,
+                               device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                               dit_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The four components from single files (ComfyUI model folders) or official files.
+
+    Layouts are detected from the keys (see `comfy_layout`). `config`: a DiT config.json; without
+    it the DiT config is inferred from the shapes (`dit_overrides` for what shapes cannot tell).
+    `wav2vec` may be an HF folder or a single safetensors file. `tokenizer_dir` is the umT5
+    tokenizer folder (google/umt5-xxl).
+    """
+    from ..models.text_encoder import TextEncoder
+    from ..models.vae import WanVAE
+    from ..models.wav2vec import AudioFeatureExtractor
+
+    dit_src, layout = open_single_file(_absolute(dit), "dit")
+    if config is not None:
+        cfg = complete_config(DiTConfig.from_json(_absolute(config)), dit_src)
+    else:
+        cfg = infer_dit_config(dit_src, **(dit_overrides or {}))
+    t5_src, _ = open_single_file(_absolute(t5), "t5")
+    t5_cfg = infer_t5_config(t5_src, text_len=cfg.text_len)
+    w2v_path = _absolute(wav2vec)
+    if w2v_path.is_dir():
+        import json
+
+        w2v_cfg, w2v_pre, w2v_src = json.loads((w2v_path / "config.json").read_text()), None, None
+    else:
+        from .comfy_layout import wav2vec2_config_from_keys
+
+        w2v_src, _ = open_single_file(w2v_path, "wav2vec2")
+        w2v_cfg, w2v_pre = wav2vec2_config_from_keys(w2v_src)
+    check_consistency(cfg, t5_cfg.dim, w2v_cfg.get("hidden_size"), int(w2v_cfg.get("num_hidden_layers", 0)) + 1,
+                      str(_absolute(dit)))
+    if tokenizer_dir is None:
+        raise CheckpointError(f"{_absolute(t5)}: pass tokenizer_dir (the google/umt5-xxl tokenizer folder)")
+
+    if w2v_src is None:
+        audio = AudioFeatureExtractor.from_pretrained(w2v_path, device=device, dtype=dtype)
+    else:
+        w2v_sd = {k: w2v_src.get(k) for k in w2v_src.keys()}
+        audio = AudioFeatureExtractor.from_state_dict(w2v_sd, w2v_cfg, w2v_pre, device=device, dtype=dtype)
+    t5_sd = {k: t5_src.get(k, device=device, dtype=dtype) for k in t5_src.keys()}
+    text = TextEncoder.from_official_state_dict(t5_sd, t5_cfg, _absolute(tokenizer_dir), device=device, dtype=dtype)
+    del t5_sd
+    vae_src, _ = open_single_file(_absolute(vae), "vae")
+    vae_sd = {k: vae_src.get(k) for k in vae_src.keys()}
+    vae_model = WanVAE.from_official_state_dict(vae_sd, infer_vae_config(vae_src), device=device, dtype=dtype)
+    lora_path = resolve_lora(_absolute(dit).parent, lora if lora is not None else "none", missing := [])
+    if missing:
+        raise CheckpointError("; ".join(missing))
+    log.info("DiT %s: layout %s", dit, layout)
+    model = build_dit_from_source(dit_src, cfg, device, dtype, lora_path, lora_strength)
+    return {"dit": model, "text_encoder": text, "vae": vae_model, "audio_encoder": audio}
+
+
+__all__ = [
+    "OfficialCheckpoint", "find_official_checkpoint", "resolve_lora", "complete_config", "load_dit",
+    "build_dit_from_source", "load_text_encoder", "load_vae", "load_audio_encoder", "load_components",
+    "load_components_from_files", "check_consistency",
+]
