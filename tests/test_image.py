@@ -131,3 +131,42 @@ def test_unit_tensor_values():
 def test_bad_mode():
     with pytest.raises(ValueError, match="mode"):
         prepare_reference(Image.new("RGB", (4, 4)), 4, 4, mode="stretch")
+
+
+# -- pose video (liveavatar.media.pose) --------------------------------------------------------
+
+def _write_pose_video(path, n, fps, w=96, h=64):
+    from liveavatar.media.video_writer import VideoWriter
+    with VideoWriter(path, w, h, fps=fps, audio_rate=None, crf=0) as vw:
+        for i in range(n):
+            vw.write_frames(np.full((1, h, w, 3), 40 + 4 * i, np.uint8))
+
+
+def test_pose_sampling_interval_and_padding(tmp_path):
+    from liveavatar.media.pose import frame_interval, load_pose_video
+    assert [frame_interval(f, 25) for f in (25, 30, 50, 60, 62.5, 12)] == [1, 1, 2, 2, 2, 1]
+    _write_pose_video(tmp_path / "p.mp4", 40, fps=50)  # 40 frames at 50 fps -> 20 sampled
+    x = load_pose_video(tmp_path / "p.mp4", 64, 64, num_frames=30, fps=25)
+    assert x.shape == (1, 3, 30, 64, 64) and x.dtype == torch.float32
+    assert torch.all(x[:, :, 20:] == -1.0)
+    # sampled frames are source frames 0, 2, 4, ...: value 40 + 8 k (lossless encode)
+    means = (x[0, :, :20].mean(dim=(0, 2, 3)) + 1) / 2 * 255
+    expected = torch.tensor([40 + 8.0 * k for k in range(20)])
+    assert torch.allclose(means, expected, atol=1.5)
+
+
+def test_pose_modes_and_errors(tmp_path):
+    from liveavatar.media.pose import iter_pose_chunks, load_pose_video
+    _write_pose_video(tmp_path / "q.mp4", 10, fps=25, w=96, h=64)
+    # area mode at a wider frame: the reference pads with 0 (grey) in [-1, 1] space
+    a = load_pose_video(tmp_path / "q.mp4", 128, 64, num_frames=4, mode="area")
+    assert a.shape == (1, 3, 4, 64, 128)
+    assert torch.all(a[..., :16] == 0.0) and torch.all(a[..., -16:] == 0.0)
+    e = load_pose_video(tmp_path / "q.mp4", 128, 64, num_frames=4, mode="exact")
+    assert torch.all(e > -0.8)  # covered, no padding
+    chunks = list(iter_pose_chunks(tmp_path / "q.mp4", 64, 64, chunk_frames=4, num_chunks=4))
+    assert [c.shape[2] for c in chunks] == [4, 4, 4, 4]
+    assert torch.all(chunks[2][:, :, 2:] == -1.0) and torch.all(chunks[3] == -1.0)
+    assert not torch.all(chunks[2][:, :, :2] == -1.0)
+    with pytest.raises(FileNotFoundError, match="nope.mp4"):
+        load_pose_video(tmp_path / "nope.mp4", 64, 64, 4)
