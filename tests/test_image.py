@@ -170,3 +170,18 @@ def test_pose_modes_and_errors(tmp_path):
     assert not torch.all(chunks[2][:, :, :2] == -1.0)
     with pytest.raises(FileNotFoundError, match="nope.mp4"):
         load_pose_video(tmp_path / "nope.mp4", 64, 64, 4)
+
+
+def test_shipped_assets():
+    import wave
+    from pathlib import Path
+    assets = Path(__file__).resolve().parents[1] / "assets"
+    img = load_image(assets / "avatar.png")
+    assert img.size == (704, 384)
+    assert resolve_output_size(img.size, "704x384", mode="area") == (704, 384)
+    assert prepare_reference(img, 704, 384).shape == (1, 3, 1, 384, 704)
+    with wave.open(str(assets / "speech.wav")) as f:
+        assert (f.getframerate(), f.getnchannels(), f.getsampwidth()) == (16000, 1, 2)
+        assert 3.0 <= f.getnframes() / 16000 <= 4.0
+    for name in ("avatar.png", "speech.wav"):
+        assert (assets / name).stat().st_size < 200_000
