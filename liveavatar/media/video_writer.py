@@ -82,7 +82,8 @@ class VideoWriter:
         fragmented: write a fragmented mp4 (crash-safe); False writes a classic mp4 whose index is
             written only by ``close()``.
         keyframe_interval_s: seconds between keyframes (= fragments when fragmented).
-        preset: libx264 speed preset.
+        preset: libx264 speed preset ("veryfast": about 250 fps at 704x384 and 55 fps at 1280x704
+            on 2 CPU cores, so the writer keeps up with real time; "fast" is 6x slower).
         audio_bitrate: AAC bit rate in bit/s.
     """
 
@@ -97,7 +98,7 @@ class VideoWriter:
         codec: str = "libx264",
         fragmented: bool = True,
         keyframe_interval_s: float = 1.0,
-        preset: str = "fast",
+        preset: str = "veryfast",
         audio_bitrate: int = 64000,
     ) -> None:
         if width <= 0 or height <= 0 or width % 2 or height % 2:
