@@ -100,6 +100,14 @@ def test_exact_mode_covers_without_padding():
     assert 30 <= rows.numel() <= 40  # 20 px band x 1.76
 
 
+def test_exact_mode_warns_about_heavy_crop(caplog):
+    prepare_reference(Image.new("RGB", (512, 768)), 704, 384, mode="exact")
+    assert "only 36% of its height is kept" in caplog.text
+    caplog.clear()
+    prepare_reference(Image.new("RGB", (720, 400)), 704, 384, mode="exact")
+    assert "cropped" not in caplog.text
+
+
 def test_area_mode_pads_black_like_the_reference():
     # 720x400 white image at 704x384: resized to 691x384, 6 black columns left, 7 right
     img = Image.new("RGB", (720, 400), (255, 255, 255))

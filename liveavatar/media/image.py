@@ -138,6 +138,14 @@ def fit_image(img: Image.Image, width: int, height: int, mode: str = "exact") ->
         raise ValueError(f"size: {width}x{height} must be positive")
     img = to_rgb(img)
     if mode == "exact":
+        w, h = img.size
+        kept = min(w / h * height / width, h / w * width / height)  # share of the image kept
+        if kept < 0.75:
+            side = "height" if w / h < width / height else "width"
+            logger.warning(
+                "reference image %dx%d is cropped to fill %dx%d: only %d%% of its %s is kept; "
+                "use an image closer to that shape or mode 'area'", w, h, width, height, round(100 * kept), side,
+            )
         return ImageOps.fit(img, (width, height), method=Image.Resampling.BILINEAR, centering=(0.5, 0.5))
     return _reference_resize_crop(img, width, height)
 
