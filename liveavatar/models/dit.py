@@ -1,0 +1,336 @@
+"""Causal S2V DiT of Live Avatar (Wan2.2-S2V-14B + block-causal streaming), plain PyTorch.
+
+Spec: liveavatar-reference.md §2.6, §3.3-§3.10. Parity with the official `CausalWanModel_S2V`
+streaming calls is tested against the reference fixtures (tests/test_dit_parity.py).
+
+Use (batch 1, one job):
+    model = CausalS2VDiT(cfg).to(device, dtype)          # state_dict keys = official names
+    sink = model.new_sink_cache((h, w), device, dtype)   # shared by all denoising steps
+    steps = [model.new_step_cache((h, w), device, dtype) for _ in timesteps]
+    text = model.encode_text(t5_context)                  # [L_txt, text_dim]
+    model.prefill_sink(ref_latents, motion_latents, text, sink)
+    for block at absolute latent frame F0, for step i:
+        v = model.forward_block(x, t_i, text, audio_input, None, steps[i], sink, F0, d)
+
+Token sequences (fsl = tokens per latent frame = (h/2)(w/2)):
+- sink prefill: [reference frame (fsl) | FramePack motion tokens] with cond-mask ids 1 / 2,
+  time modulation of t = 0, no audio; stores un-rotated K/V per layer in the SinkCache.
+- streaming block: 3 latent frames (3 fsl tokens) with cond-mask id 0, per-frame time
+  modulation, audio injected after `audio_inject_layers`, attends to its step cache ring (this
+  block and up to 3 earlier ones at the same step) and to the sink with the reference token at
+  temporal position max(30, F0 + sink_offset).
+
+Time modulation `e0` `[2, F, 6, dim]` (float32): row 0 = the block's timestep per frame, row 1 =
+timestep 0 (used by sink tokens, frame 0). The head uses the per-frame time embedding `e`.
+Initialisation is PyTorch's default: load a checkpoint before use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import DEFAULT_STREAM, ConfigError, DiTConfig, LoRAConfig, StreamConfig
+from .attention import BACKENDS
+from .audio_injector import AudioInjector
+from .causal_audio import CausalAudioEncoder
+from .dit_blocks import DiTBlock, Head, fp32_linear
+from .framepack import FramePackMotioner
+from .kv_cache import SinkCache, StepKVCache
+from .rope import grid_positions, rope_factors
+
+# trainable_cond_mask rows
+_NOISY, _REF, _MOTION = 0, 1, 2
+
+
+@dataclass
+class TextState:
+    """Embedded text of one job. context `[1, text_len, dim]`; kv (optional) per-layer cross-attention
+    keys/values `[layers, 2, 1, text_len, heads, head_dim]`, precomputed because the text is fixed."""
+
+    context: torch.Tensor
+    kv: torch.Tensor | None = None
+
+
+def sinusoidal_embedding(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """`[N]` -> `[N, dim]` float64: `[cos(p*w_k), sin(p*w_k)]`, `w_k = 10000^(-k/(dim/2))`."""
+    half = dim // 2
+    p = positions.to(torch.float64)
+    angles = torch.outer(p, torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=p.device).div(half)))
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def _check_supported(cfg: DiTConfig) -> None:
+    wrong = []
+    if not (cfg.enable_adain and cfg.adain_mode == "attn_norm"):
+        wrong.append("enable_adain must be true with adain_mode 'attn_norm'")
+    if not cfg.enable_framepack or cfg.enable_motioner:
+        wrong.append("enable_framepack must be true and enable_motioner false")
+    if not cfg.zero_timestep:
+        wrong.append("zero_timestep must be true")
+    if not cfg.add_last_motion:
+        wrong.append("add_last_motion must be true")
+    if cfg.cond_dim <= 0:
+        wrong.append("cond_dim must be > 0 (pose encoder)")
+    if wrong:
+        raise ConfigError("config.json: not a Live Avatar S2V layout: " + "; ".join(wrong))
+
+
+class CausalS2VDiT(nn.Module):
+    """The streaming S2V DiT. Parameters/keys as the official checkpoint; see the module docstring."""
+
+    def __init__(self, cfg: DiTConfig, stream: StreamConfig = DEFAULT_STREAM, attn_backend: str = "sdpa",
+                 rope_fp16_tables: bool = True, rope_compute_dtype: torch.dtype = torch.float64):
+        super().__init__()
+        _check_supported(cfg)
+        self.cfg = cfg
+        self.stream = stream
+        self.attn_backend = attn_backend
+        self.rope_fp16_tables = rope_fp16_tables
+        self.rope_compute_dtype = rope_compute_dtype
+        d, p = cfg.dim, tuple(cfg.patch_size)
+
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=p, stride=p)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(
+            DiTBlock(d, cfg.ffn_dim, cfg.num_heads, cfg.qk_norm, cfg.cross_attn_norm, cfg.eps)
+            for _ in range(cfg.num_layers))
+        self.head = Head(d, cfg.out_dim, p, cfg.eps)
+        self.cond_encoder = nn.Conv3d(cfg.cond_dim, d, kernel_size=p, stride=p)
+        self.casual_audio_encoder = CausalAudioEncoder(
+            cfg.audio_dim, d, cfg.audio_num_layers, cfg.num_audio_token, need_global=True)
+        self.audio_injector = AudioInjector(d, cfg.num_heads, tuple(cfg.audio_inject_layers), cfg.eps)
+        self.trainable_cond_mask = nn.Embedding(3, d)
+        self.frame_packer = FramePackMotioner(cfg.in_dim, d, tuple(stream.framepack_buckets))
+
+    # ----------------------------------------------------------------------------- properties
+
+    @property
+    def attn_backend(self) -> str:
+        return self._attn_backend
+
+    @attn_backend.setter
+    def attn_backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"attn_backend {name!r}: choose one of {BACKENDS}")
+        self._attn_backend = name
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Activation dtype = weight dtype."""
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def _grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        h, w = (int(v) for v in latent_hw)
+        _, ph, pw = self.cfg.patch_size
+        if h % ph or w % pw or h < 8 or w < 8:
+            raise ValueError(f"latent size {h}x{w}: both sides must be even and >= 8 (video multiple of 64)")
+        return h // ph, w // pw
+
+    def frame_seqlen(self, latent_hw: tuple[int, int]) -> int:
+        """Tokens per latent frame."""
+        hp, wp = self._grid(latent_hw)
+        return hp * wp
+
+    def sink_tokens(self, latent_hw: tuple[int, int]) -> int:
+        """Conditioning tokens: reference frame + FramePack motion tokens (2.5 fsl when h, w % 8 == 0)."""
+        return self.frame_seqlen(latent_hw) + self.frame_packer.num_tokens(tuple(latent_hw))
+
+    # ----------------------------------------------------------------------------- caches
+
+    def new_sink_cache(self, latent_hw: tuple[int, int], device=None, dtype=None) -> SinkCache:
+        """Empty sink cache for a latent size; capacity = `sink_tokens(latent_hw)`."""
+        c = self.cfg
+        return SinkCache(c.num_layers, self.sink_tokens(latent_hw), c.num_heads, c.head_dim, tuple(latent_hw),
+                         self.frame_seqlen(latent_hw), device or self.device, dtype or self.dtype)
+
+    def new_step_cache(self, latent_hw: tuple[int, int], device=None, dtype=None) -> StepKVCache:
+        """Empty per-step cache: ring of one clip (`latent_frames_per_clip * fsl` tokens) + sink slot."""
+        c = self.cfg
+        ring = self.stream.latent_frames_per_clip * self.frame_seqlen(latent_hw)
+        return StepKVCache(c.num_layers, ring, self.sink_tokens(latent_hw), c.num_heads, c.head_dim,
+                           tuple(latent_hw), device or self.device, dtype or self.dtype)
+
+    # ----------------------------------------------------------------------------- conditioning
+
+    @torch.no_grad()
+    def encode_text(self, context: torch.Tensor, precompute_kv: bool = True) -> TextState:
+        """T5 context `[L_txt, text_dim]` (L_txt <= text_len) -> TextState.
+
+        Zero-padded to `text_len` rows before `text_embedding`; cross-attention later attends to all
+        rows (padding included, no mask), as the reference does.
+        """
+        c = self.cfg
+        if context.dim() != 2 or context.shape[1] != c.text_dim:
+            raise ValueError(f"context must be [L, {c.text_dim}] (umT5 output of one prompt), got {tuple(context.shape)}")
+        if context.shape[0] > c.text_len:
+            raise ValueError(f"context has {context.shape[0]} rows, more than text_len {c.text_len}")
+        ctx = context.to(self.device, self.dtype)
+        ctx = torch.cat([ctx, ctx.new_zeros(c.text_len - ctx.shape[0], c.text_dim)])
+        emb = self.text_embedding(ctx.unsqueeze(0))
+        kv = None
+        if precompute_kv:
+            kv = torch.stack([torch.stack(b.cross_attn.project_kv(emb)) for b in self.blocks])
+        return TextState(emb, kv)
+
+    def _text_kv(self, text: TextState, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if text.kv is not None:
+            return text.kv[layer, 0], text.kv[layer, 1]
+        return self.blocks[layer].cross_attn.project_kv(text.context)
+
+    @torch.no_grad()
+    def encode_audio(self, audio_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block audio `[1, n_layers, audio_dim, 12]` -> (global `[1, F, 1, dim]`, tokens `[1, F, n_tok+1, dim]`).
+
+        The block's first frame is repeated `motion_frames` (73) times in front, the causal encoder
+        runs on the whole, and the last F (3) output frames are kept (activation dtype).
+        """
+        s = self.stream
+        if audio_input.dim() != 4 or audio_input.shape[0] != 1 or audio_input.shape[-1] != s.frames_per_block:
+            raise ValueError(f"audio_input must be [1, n_layers, audio_dim, {s.frames_per_block}], "
+                             f"got {tuple(audio_input.shape)}")
+        a = audio_input.to(self.device)
+        a = torch.cat([a[..., :1].expand(-1, -1, -1, s.motion_frames), a], dim=-1)
+        g, tokens = self.casual_audio_encoder(a)
+        g, tokens = g[:, s.motion_frames_latent:], tokens[:, s.motion_frames_latent:]
+        if g.shape[1] != s.frames_per_block_latent:
+            raise ValueError(f"audio encoder gave {g.shape[1]} frames, expected {s.frames_per_block_latent}")
+        return g.to(self.dtype), tokens.to(self.dtype)
+
+    def _time(self, timestep: float, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> e `[F, dim]` (per-frame time embedding of `timestep`), e0 `[2, F, 6, dim]` (row 1: t = 0), float32."""
+        t = torch.full((frames,), float(timestep), dtype=torch.float32, device=self.device)
+        t = torch.cat([t, torch.zeros_like(t)])
+        emb = sinusoidal_embedding(self.cfg.freq_dim, t).float()
+        e = fp32_linear(self.time_embedding[2], F.silu(fp32_linear(self.time_embedding[0], emb)))
+        e0 = fp32_linear(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.cfg.dim))
+        return e[:frames], e0.unflatten(0, (2, frames))
+
+    def _rope(self, positions: torch.Tensor):
+        return rope_factors(positions, self.cfg.head_dim, self.rope_fp16_tables, self.device)
+
+    def _patchify(self, conv: nn.Conv3d, latents: torch.Tensor) -> torch.Tensor:
+        """`[1, C, T, h, w]` -> tokens `[1, T*hp*wp, dim]` (t-major, then h, w)."""
+        return conv(latents.to(self.device, self.dtype)).flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def prefill_sink(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor, text: TextState,
+                     sink: SinkCache) -> None:
+        """Fill `sink` with the un-rotated K/V (all layers) of [reference frame | motion tokens].
+
+        ref_latents `[1, 16, 1, h, w]`, motion_latents `[1, 16, T_m, h, w]` (newest 19 frames used).
+        Call again to refresh (e.g. a new reference latent); step caches notice and re-rotate.
+        """
+        hw = tuple(ref_latents.shape[-2:])
+        if ref_latents.dim() != 5 or ref_latents.shape[:3] != (1, self.cfg.in_dim, 1):
+            raise ValueError(f"ref_latents must be [1, {self.cfg.in_dim}, 1, h, w], got {tuple(ref_latents.shape)}")
+        if tuple(motion_latents.shape[-2:]) != hw:
+            raise ValueError(f"motion_latents size {tuple(motion_latents.shape[-2:])} != ref_latents size {hw}")
+        if hw != sink.latent_hw:
+            raise ValueError(f"sink cache was made for latent size {sink.latent_hw}, inputs are {hw}")
+        hp, wp = self._grid(hw)
+        ref = self._patchify(self.patch_embedding, ref_latents)
+        mot = self.frame_packer(motion_latents.to(self.device))
+        ids = torch.tensor([_REF] * ref.shape[1] + [_MOTION] * mot.shape[1], device=self.device)
+        x = torch.cat([ref, mot], dim=1)
+        x = x + self.trainable_cond_mask(ids).to(x.dtype)
+
+        t_ref = self.stream.ref_rope_position
+        positions = torch.cat([grid_positions([t_ref], list(range(hp)), list(range(wp))),
+                               self.frame_packer.positions(hw)])
+        sink.begin_prefill(positions)
+        rope = self._rope(positions)
+        _, e0 = self._time(0.0, self.stream.frames_per_block_latent)
+        e0_sink = e0[1, 0:1].unsqueeze(0)  # [1, 1, 6, dim]: t = 0 slot of frame 0
+        for i, block in enumerate(self.blocks):
+            x = block(x, e0_sink, sink.prefill_attend(i, rope, self.attn_backend), self._text_kv(text, i),
+                      self.attn_backend)
+
+    # ----------------------------------------------------------------------------- streaming
+
+    def reference_position(self, start_frame: int, sink_offset: int) -> int:
+        """Temporal RoPE index of the reference token for a block at `start_frame`: max(30, F0 + d)."""
+        base = self.stream.ref_rope_position
+        return base + max(0, start_frame - (base - sink_offset))
+
+    @torch.no_grad()
+    def forward_block(self, x: torch.Tensor, timestep: float, text: TextState, audio_input: torch.Tensor | None,
+                      cond_states: torch.Tensor | None, cache: StepKVCache, sink: SinkCache, start_frame: int,
+                      sink_offset: int, audio: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Flow velocity of one causal block at one denoising step.
+
+        x `[16, F, h, w]` (F = 3 latent frames), timestep (rounded to float32, e.g. 857.69),
+        audio_input `[1, n_layers, audio_dim, 12]` (or `audio` = `encode_audio(audio_input)`),
+        cond_states `[1, 16, F, h, w]` pose latents or None (= zeros), cache: this step's cache,
+        sink: the prefilled sink, start_frame: absolute latent frame F0 of the block,
+        sink_offset: the reference's relative_dist d. Returns `[16, F, h, w]` in x's dtype.
+        Writes the block's rotated keys and values into `cache`.
+        """
+        c, s = self.cfg, self.stream
+        nf = s.frames_per_block_latent
+        if x.dim() != 4 or x.shape[0] != c.in_dim or x.shape[1] != nf:
+            raise ValueError(f"x must be [{c.in_dim}, {nf}, h, w], got {tuple(x.shape)}")
+        hw = tuple(x.shape[-2:])
+        if hw != cache.latent_hw or hw != sink.latent_hw:
+            raise ValueError(f"latent size {hw} does not match the caches ({cache.latent_hw}, {sink.latent_hw})")
+        if start_frame < 0:
+            raise ValueError(f"start_frame must be >= 0, got {start_frame}")
+        hp, wp = self._grid(hw)
+        fsl = hp * wp
+
+        audio_global, audio_tokens = audio if audio is not None else self.encode_audio(audio_input)
+        audio_global, audio_tokens = audio_global[0, :, 0], audio_tokens[0]  # [F, dim], [F, n, dim]
+
+        h = self.patch_embedding(x.to(self.device, self.dtype).unsqueeze(0))
+        if cond_states is None:  # zero pose latents: the encoder adds its bias only
+            h = h + self.cond_encoder.bias.view(1, -1, 1, 1, 1)
+        else:
+            h = h + self.cond_encoder(cond_states.to(self.device, self.dtype))
+        tokens = h.flatten(2).transpose(1, 2)
+        tokens = tokens + self.trainable_cond_mask.weight[_NOISY].to(tokens.dtype)
+
+        rope = self._rope(grid_positions(list(range(start_frame, start_frame + nf)), list(range(hp)), list(range(wp))))
+        ref_t = self.reference_position(start_frame, sink_offset)
+        plan = cache.plan(start_frame * fsl, nf * fsl, sink, ref_t)
+        sink_rope = self._rope(sink.stream_positions(ref_t)) if plan.refresh_keys else None
+        e, e0 = self._time(timestep, nf)
+        e0_block = e0[0].unsqueeze(0)  # [1, F, 6, dim]
+
+        for i, block in enumerate(self.blocks):
+            attend = cache.stream_attend(i, plan, rope, sink, sink_rope, self.attn_backend)
+            tokens = block(tokens, e0_block, attend, self._text_kv(text, i), self.attn_backend)
+            tokens = self.audio_injector.inject(i, tokens, nf, audio_global, audio_tokens, self.attn_backend)
+        cache.commit(plan, sink, ref_t)
+
+        out = self.head(tokens, e)  # [1, F*fsl, prod(patch)*out_dim]
+        return self._unpatchify(out[0], nf, hp, wp).to(x.dtype)
+
+    def _unpatchify(self, out: torch.Tensor, nf: int, hp: int, wp: int) -> torch.Tensor:
+        """`[F*hp*wp, pt*ph*pw*C]` (patch channels last) -> `[C, F*pt, hp*ph, wp*pw]`."""
+        pt, ph, pw = self.cfg.patch_size
+        co = self.cfg.out_dim
+        u = out.view(nf, hp, wp, pt, ph, pw, co).permute(6, 0, 3, 1, 4, 2, 5)
+        return u.reshape(co, nf * pt, hp * ph, wp * pw)
+
+
+def lora_target_names(model: nn.Module, targets: tuple[str, ...] = LoRAConfig().targets) -> list[str]:
+    """Names of the Linear modules a peft LoRA with `target_modules=targets` wraps.
+
+    peft's rule: a module matches when its full name equals a target or ends with "." + target.
+    For the 14B this is 448 layers (blocks' attention q/k/v/o and ffn.0/ffn.2, and the audio
+    injector's q/k/v/o).
+    """
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
+
+
+__all__ = ["CausalS2VDiT", "TextState", "lora_target_names", "sinusoidal_embedding"]

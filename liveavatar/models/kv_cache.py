@@ -1,0 +1,201 @@
+"""KV storage of the streaming DiT and the two self-attention policies that use it (spec §2.6).
+
+`SinkCache` (one per job, shared by all denoising steps): per layer the **un-rotated** keys and
+the values of the conditioning tokens [reference frame | FramePack motion tokens], written by the
+sink prefill. `StepKVCache` (one per denoising step): per layer a ring buffer of one clip of
+block tokens (RoPE applied, as they were at that step), plus a slot holding the sink keys rotated
+for the current call and the sink values.
+
+Layout of both: one tensor `kv[layer, 0=key/1=value, batch=1, token, head, head_dim]`.
+Step cache token rows: `[0, ring)` ring buffer, `[ring, ring + sink_capacity)` sink slot. A block
+attends to `[ring rows of the window] ++ [sink rows]`, the reference's key order. Once the ring
+is full (every clip after the first) that is one contiguous slice, so no copy is made; while it
+fills (clip 0) the two parts are concatenated. The sink slot is re-rotated only when the sink or
+the reference token's position changed since the previous call on this cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from .attention import attention
+from .rope import RopeFactors, apply_rope
+
+_uids = itertools.count()
+
+
+class SinkCache:
+    """Un-rotated keys and values of the conditioning (sink) tokens, all layers.
+
+    kv: `[layers, 2, 1, capacity, heads, head_dim]`. `length` rows are valid after a prefill.
+    `positions` (int64 `[length, 3]`, CPU) are the prefill RoPE positions; the first `ref_tokens`
+    rows are the reference frame, whose temporal position moves per streaming call.
+    """
+
+    def __init__(self, num_layers: int, capacity: int, num_heads: int, head_dim: int,
+                 latent_hw: tuple[int, int], ref_tokens: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        self.kv = torch.zeros(num_layers, 2, 1, capacity, num_heads, head_dim, device=device, dtype=dtype)
+        self.latent_hw = tuple(latent_hw)
+        self.ref_tokens = ref_tokens
+        self.uid = next(_uids)
+        self.version = 0
+        self.length = 0
+        self.positions: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def reset(self) -> None:
+        """Forget the prefill (the storage is kept)."""
+        self.length = 0
+        self.positions = None
+        self.version += 1
+
+    def begin_prefill(self, positions: torch.Tensor) -> None:
+        """Start a (re)fill with `len(positions)` tokens; bumps the version seen by step caches."""
+        n = positions.shape[0]
+        if n > self.capacity:
+            raise ValueError(f"sink prefill has {n} tokens, capacity is {self.capacity}")
+        self.length = n
+        self.positions = positions.to("cpu", torch.int64)
+        self.version += 1
+
+    def keys(self, layer: int) -> torch.Tensor:
+        return self.kv[layer, 0, :, : self.length]
+
+    def values(self, layer: int) -> torch.Tensor:
+        return self.kv[layer, 1, :, : self.length]
+
+    def stream_positions(self, ref_t: int) -> torch.Tensor:
+        """Sink positions for a streaming call: the reference tokens moved to temporal index `ref_t`."""
+        if self.positions is None:
+            raise RuntimeError("the sink cache is empty: call model.prefill_sink() before forward_block()")
+        pos = self.positions.clone()
+        pos[: self.ref_tokens, 0] = ref_t
+        return pos
+
+    def prefill_attend(self, layer: int, rope: RopeFactors, backend: str = "sdpa"):
+        """Self-attention policy of the prefill: store k/v un-rotated, attend among the sink tokens."""
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self.kv[layer, 0, :, : self.length] = k
+            self.kv[layer, 1, :, : self.length] = v
+            q_rot = apply_rope(q, rope, out_dtype=v.dtype)
+            k_rot = apply_rope(k, rope, out_dtype=v.dtype)
+            return attention(q_rot, k_rot, self.values(layer).to(v.dtype), backend)
+
+        return attend
+
+
+@dataclass(frozen=True)
+class StreamWindow:
+    """Where one block goes in a step cache and what it attends to."""
+
+    offset: int  # first ring row written by the block
+    tokens: int  # block tokens (rows written)
+    window: int  # ring rows [0, window) attended
+    sink_len: int  # sink rows attended
+    refresh_keys: bool  # sink slot keys must be re-rotated in every layer
+    refresh_values: bool  # sink slot values must be copied in every layer
+
+
+class StepKVCache:
+    """Per-denoising-step ring buffer of block keys/values + the rotated sink slot.
+
+    kv: `[layers, 2, 1, ring + sink_capacity, heads, head_dim]`; `ring` = one clip of tokens.
+    `length`: ring rows written so far (the fill level, at most `ring`).
+    """
+
+    def __init__(self, num_layers: int, ring: int, sink_capacity: int, num_heads: int, head_dim: int,
+                 latent_hw: tuple[int, int], device: torch.device | str, dtype: torch.dtype):
+        self.kv = torch.zeros(num_layers, 2, 1, ring + sink_capacity, num_heads, head_dim,
+                              device=device, dtype=dtype)
+        self.ring = ring
+        self.latent_hw = tuple(latent_hw)
+        self.length = 0
+        self._sink_key: tuple | None = None  # (sink uid, version, ref_t) of the rotated slot keys
+        self._sink_val: tuple | None = None  # (sink uid, version) of the slot values
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def reset(self) -> None:
+        """Empty the cache (new job). Rows are zeroed, as a fresh reference cache."""
+        self.kv.zero_()
+        self.length = 0
+        self._sink_key = None
+        self._sink_val = None
+
+    def ring_rows(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of ring rows [start, stop) of a layer, each `[1, n, heads, head_dim]`."""
+        return self.kv[layer, 0, :, start:stop], self.kv[layer, 1, :, start:stop]
+
+    def plan(self, start_token: int, num_tokens: int, sink: SinkCache, ref_t: int) -> StreamWindow:
+        """Ring offset and window for a block starting at absolute token `start_token`.
+
+        While `start_token < ring` (first clip) the window grows to the block's end; afterwards
+        the write offset wraps (`start_token mod ring`) and the whole ring is attended.
+        """
+        if sink.length == 0:
+            raise RuntimeError("the sink cache is empty: call model.prefill_sink() before forward_block()")
+        if sink.length > self.capacity - self.ring:
+            raise ValueError(f"sink has {sink.length} tokens, this step cache has room for {self.capacity - self.ring}")
+        if start_token < self.ring:
+            offset, window = start_token, start_token + num_tokens
+        else:
+            offset, window = start_token % self.ring, self.ring
+        if offset + num_tokens > self.ring:
+            raise ValueError(
+                f"block rows [{offset}, {offset + num_tokens}) do not fit the ring of {self.ring} tokens; "
+                "start_frame must be a multiple of the block length")
+        return StreamWindow(
+            offset=offset, tokens=num_tokens, window=window, sink_len=sink.length,
+            refresh_keys=self._sink_key != (sink.uid, sink.version, ref_t),
+            refresh_values=self._sink_val != (sink.uid, sink.version),
+        )
+
+    def commit(self, plan: StreamWindow, sink: SinkCache, ref_t: int) -> None:
+        """Record a finished block call (fill level, which sink the slot now holds)."""
+        self.length = max(self.length, plan.window)
+        self._sink_key = (sink.uid, sink.version, ref_t)
+        self._sink_val = (sink.uid, sink.version)
+
+    def stream_attend(self, layer: int, plan: StreamWindow, rope: RopeFactors, sink: SinkCache,
+                      sink_rope: RopeFactors | None, backend: str = "sdpa"):
+        """Self-attention policy of a streaming call for one layer (see the module docstring)."""
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            buf = self.kv[layer]  # [2, 1, rows, H, D]
+            r, s = self.ring, plan.sink_len
+            q_rot = apply_rope(q, rope, out_dtype=v.dtype)
+            buf[0, :, plan.offset: plan.offset + plan.tokens] = apply_rope(k, rope, out_dtype=v.dtype)
+            buf[1, :, plan.offset: plan.offset + plan.tokens] = v
+            if plan.refresh_keys:
+                buf[0, :, r: r + s] = apply_rope(sink.keys(layer), sink_rope, out_dtype=v.dtype)
+            if plan.refresh_values:
+                buf[1, :, r: r + s] = sink.values(layer)
+            if plan.window == r:
+                keys, values = buf[0, :, : r + s], buf[1, :, : r + s]
+            else:
+                keys = torch.cat([buf[0, :, : plan.window], buf[0, :, r: r + s]], dim=1)
+                values = torch.cat([buf[1, :, : plan.window], buf[1, :, r: r + s]], dim=1)
+            return attention(q_rot, keys.to(v.dtype), values.to(v.dtype), backend)
+
+        return attend
+
+
+__all__ = ["SinkCache", "StepKVCache", "StreamWindow"]
