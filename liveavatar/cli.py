@@ -37,8 +37,8 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--prompt", default=DEMO_PROMPT if demo else None, required=req, help="scene description")
     p.add_argument("--size", default="704*384",
                    help="output size 'W*H' or 'WxH' (both multiples of 64), e.g. 704*384")
-    p.add_argument("--size-mode", choices=("exact", "area"), default="exact",
-                   help="exact: output is exactly WxH (default); area: the reference's area rule")
+    p.add_argument("--size-mode", choices=("area", "exact"), default="area",
+                   help="area (default, the reference rule): W*H is an area budget, the image keeps its aspect ratio, sides snap to multiples of 64; exact: output is exactly WxH (image scaled to cover, centre-cropped)")
     p.add_argument("--ckpt-dir", required=req, help="Wan2.2-S2V-14B folder (official layout)")
     p.add_argument("--lora", default=None, help="Live Avatar LoRA (liveavatar.safetensors); default: look beside the checkpoint")
     p.add_argument("--lora-strength", type=float, default=1.0)
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--config", default=None, help="optional DiT config.json to use instead of the default tiny one")
     demo = sub.add_parser("demo", help="tiny checkpoint + shipped example image and speech -> mp4")
     _add_generate_args(demo, demo=True)
-    demo.set_defaults(device="cpu", dtype="fp32", size="256*256")
+    demo.set_defaults(device="cpu", dtype="fp32", size="384*256")
     bench = sub.add_parser("bench", help="speed benchmark, prints one JSON line")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return parser

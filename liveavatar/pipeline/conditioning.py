@@ -49,7 +49,7 @@ class ImageConditioning:
     width: int
     height: int
     requested: str = ""
-    mode: str = "exact"
+    mode: str = "area"
 
     @property
     def latent_hw(self) -> tuple[int, int]:

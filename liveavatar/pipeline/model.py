@@ -145,7 +145,7 @@ class LiveAvatar:
         return AudioConditioning(features=feats.float().cpu(), num_frames=num_frames, audio=audio,
                                  lead_in_frames=lead_in_frames)
 
-    def prepare_image(self, image, size: str, size_mode: str = "exact") -> ImageConditioning:
+    def prepare_image(self, image, size: str, size_mode: str = "area") -> ImageConditioning:
         """Resolve the output size and prepare the reference image ([1,3,1,H,W] in [-1,1])."""
         from liveavatar.media.image import prepare_reference
         from liveavatar.sizes import resolve_output_size
