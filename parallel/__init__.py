@@ -1,0 +1,37 @@
+"""Worker groups over torch.distributed and the TPP schedule (see `parallel.group` for usage).
+
+Importing this package is cheap: submodules (and torch) load on first attribute access.
+
+- `parallel.schedule`: step-to-rank assignment (single / tpp / auto), pure Python.
+- `parallel.channel`: authenticated loopback control channel.
+- `parallel.tpp`: the per-rank runner around an `Engine` (the same loop in-process and in workers).
+- `parallel.group` / `parallel.jobs`: launch, lifetime, faults, jobs (`GroupManager`).
+- `parallel.worker`: the worker process (`python -m parallel.worker`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GroupConfig": "parallel.group", "WorkerGroup": "parallel.group", "GroupError": "parallel.group",
+    "GroupStartError": "parallel.group", "WorkerError": "parallel.group",
+    "JobInputError": "parallel.group", "JobResult": "parallel.group",
+    "GroupManager": "parallel.jobs", "JobHandle": "parallel.jobs",
+    "Engine": "parallel.tpp", "JobPlan": "parallel.tpp", "BlockFrames": "parallel.tpp",
+    "RankStats": "parallel.tpp", "run_rank": "parallel.tpp", "run_inprocess": "parallel.tpp",
+    "Schedule": "parallel.schedule", "Role": "parallel.schedule", "make_schedule": "parallel.schedule",
+    "auto_schedule": "parallel.schedule",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in ("schedule", "channel", "tpp", "group", "jobs", "worker"):
+        return importlib.import_module(f"parallel.{name}")
+    raise AttributeError(f"module 'parallel' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

@@ -1,0 +1,172 @@
+"""Jobs on a worker group (`JobHandle`) and a group kept alive across jobs (`GroupManager`)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+from parallel.group import (GroupConfig, GroupError, JobInputError, JobResult, WorkerError,
+                            WorkerGroup, _last_traceback, _tail)
+from parallel.tpp import BlockFrames
+
+log = logging.getLogger(__name__)
+
+
+class JobHandle:
+    """One submitted job. Iterate `frames()` exactly once; then `result` holds the JobResult."""
+
+    def __init__(self, group: WorkerGroup, job_id: int) -> None:
+        self.group, self.job_id = group, job_id
+        self.result: JobResult | None = None
+        self._cancel_sent = False
+        self._done: dict[int, tuple[bool, dict]] = {}
+        self._input_errors: list[str] = []
+        self._blocks = 0
+        self._t0 = time.monotonic()
+
+    def cancel(self) -> None:
+        """Ask every rank to stop this job at its next block or step boundary (any thread)."""
+        if self._cancel_sent:
+            return
+        self._cancel_sent = True
+        for chan in self.group.chans.values():
+            try:
+                chan.send(("cancel", self.job_id))
+            except EOFError:  # ChannelClosed: that rank's fault is reported by the reader
+                pass
+
+    def _fail(self, first: tuple, grace_s: float = 1.5) -> WorkerError:
+        """Build the error for a fault and tear the group down.
+
+        Peers of a dead rank fail too (their sockets close), sometimes before the controller
+        sees the death: gather the faults of the next `grace_s` seconds and blame a lost or
+        hung rank before ranks that merely raised.
+        """
+        faults = [first]
+        deadline = time.monotonic() + grace_s
+        while (msg := self.group._next_event(deadline)) is not None:
+            if msg[0] in ("lost", "hung") or (msg[0] == "error" and msg[2] != "prepare"):
+                faults.append(msg)
+        faults.sort(key=lambda m: {"lost": 0, "hung": 1}.get(m[0], 2))
+        main = faults[0]
+        rank = main[1]
+        if main[0] == "error":
+            _, _, phase, _, text, tb = main
+            detail = f"failed ({phase}): {text}"
+        else:
+            detail, tb = main[2], _last_traceback(_tail(self.group.log_path(rank)))
+        self.group._break()
+        others = sorted({m[1] for m in faults[1:]} - {rank})
+        msg = f"rank {rank} {detail} (job {self.job_id}, after {time.monotonic() - self._t0:.1f} s)"
+        if others:
+            msg += f"; ranks {others} failed after it"
+        tb = tb.strip()
+        if tb:
+            msg += f"; its last traceback:\n{tb[-3000:]}"
+        return WorkerError(msg, rank, tb)
+
+    def _handle(self, msg: tuple) -> BlockFrames | None:
+        """Account one event; returns frames of this job, raises on faults."""
+        kind = msg[0]
+        if kind == "frames" and msg[1] == self.job_id:
+            self._blocks += 1
+            return BlockFrames(msg[2], msg[3], msg[4])
+        if kind == "done" and msg[1] == self.job_id:
+            self._done[msg[2]] = (msg[3], msg[4])
+        elif kind == "error":
+            _, rank, phase, job_id, text, tb = msg
+            if phase == "prepare" and job_id == self.job_id:
+                self._input_errors.append(f"rank {rank}: {text}")
+            elif job_id in (None, self.job_id):
+                raise self._fail(msg)
+        elif kind in ("lost", "hung"):
+            if kind == "hung":
+                time.sleep(0.5)  # let faulthandler write the stacks (SIGUSR1) to the log
+            raise self._fail(msg)
+        return None
+
+    def frames(self, should_cancel: Callable[[], bool] | None = None) -> Iterator[BlockFrames]:
+        """Yield BlockFrames as the decode rank finishes blocks; polls `should_cancel` ~10x/s.
+
+        Raises WorkerError (group torn down) or JobInputError (group still usable). Stopping the
+        iteration early cancels the job and waits for the ranks to drain it.
+        """
+        g = self.group
+        finished = False
+        try:
+            while len(self._done) < g.world_size:
+                if should_cancel is not None and not self._cancel_sent and should_cancel():
+                    self.cancel()
+                out = self._handle(g._next_event(None))
+                if out is not None:
+                    yield out
+            finished = True
+        finally:
+            if not finished and g.state == "ready":
+                self._abandon()
+            g._job_lock.release()
+        if self._input_errors:
+            raise JobInputError("the job was refused before it started (group still loaded): "
+                                + "; ".join(self._input_errors))
+        complete = self._done[g.config.schedule.decode_rank][0]
+        self.result = JobResult("ok" if complete else "cancelled", self._blocks,
+                                time.monotonic() - self._t0, {r: s for r, (_, s) in self._done.items()})
+
+    def _abandon(self, timeout: float = 60.0) -> None:
+        """The consumer stopped early: cancel and drain, or tear the group down."""
+        self.cancel()
+        deadline = time.monotonic() + timeout
+        try:
+            while len(self._done) < self.group.world_size:
+                msg = self.group._next_event(deadline)
+                if msg is None:
+                    log.error("job %d did not drain in %.0f s; tearing the group down",
+                              self.job_id, timeout)
+                    self.group._break()
+                    return
+                self._handle(msg)
+        except GroupError as exc:
+            log.error("while draining job %d: %s", self.job_id, exc)
+
+    def wait(self, should_cancel: Callable[[], bool] | None = None) -> list[BlockFrames]:
+        """Collect every block's frames (convenience for tests and scripts)."""
+        return list(self.frames(should_cancel))
+
+
+class GroupManager:
+    """Keeps one group alive across jobs; a new config (or a broken group) starts a fresh one."""
+
+    def __init__(self) -> None:
+        self.group: WorkerGroup | None = None
+        self._lock = threading.Lock()
+
+    def get(self, config: GroupConfig) -> WorkerGroup:
+        with self._lock:
+            g = self.group
+            if g is not None and g.config == config and g.healthy:
+                return g
+            if g is not None:
+                log.info("closing the worker group (%s)",
+                         "config changed" if g.config != config else f"group {g.state}")
+                g.close()
+                self.group = None
+            self.group = WorkerGroup(config).start()
+            return self.group
+
+    def run(self, config: GroupConfig, job: Mapping[str, Any],
+            should_cancel: Callable[[], bool] | None = None) -> Iterator[BlockFrames]:
+        """Run `job` on the group for `config` (starting it if needed) and yield its frames."""
+        handle = self.get(config).submit(job)
+        yield from handle.frames(should_cancel)
+        return handle.result
+
+    def close(self) -> None:
+        with self._lock:
+            if self.group is not None:
+                self.group.close()
+                self.group = None
+
+
+__all__ = ["JobHandle", "GroupManager"]

@@ -1,0 +1,298 @@
+"""Step-to-rank assignment: which rank runs which denoising steps, and which rank decodes.
+
+Vocabulary (S = denoising steps per block, K = DiT ranks):
+
+- **single**: one rank runs all S steps and decodes (K = 1, world size 1).
+- **tpp** (timestep-forcing pipeline parallelism): DiT ranks 0..K-1 own contiguous groups of the
+  S steps (each holds only the KV caches of its own steps); a block's latents flow from rank k to
+  rank k+1; the decode rank is either its own rank K (VAE only) or the last DiT rank K-1.
+- **auto**: picks one of the above for the visible devices and their free memory, and says why.
+
+Pure Python (no torch import): the parent process calls this before any worker exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot run; the message names the field and the fix."""
+
+
+def split_steps(num_steps: int, num_dit_ranks: int) -> tuple[tuple[int, ...], ...]:
+    """Contiguous step groups, as even as possible; earlier ranks take the extra steps.
+
+    The last DiT rank may also decode, so when S is not a multiple of K it gets the lighter load.
+    Example: split_steps(4, 3) == ((0, 1), (2,), (3,)).
+    """
+    if num_steps < 1:
+        raise ScheduleError(f"num_steps must be >= 1 (got {num_steps})")
+    if not 1 <= num_dit_ranks <= num_steps:
+        raise ScheduleError(
+            f"num_dit_ranks must be in 1..num_steps={num_steps} (got {num_dit_ranks}): "
+            "a DiT rank owns at least one denoising step"
+        )
+    base, extra = divmod(num_steps, num_dit_ranks)
+    groups, start = [], 0
+    for k in range(num_dit_ranks):
+        n = base + (1 if k < extra else 0)
+        groups.append(tuple(range(start, start + n)))
+        start += n
+    return tuple(groups)
+
+
+@dataclass(frozen=True)
+class Role:
+    """What one rank does in a schedule (sent to each worker; `device` is a torch device string)."""
+
+    rank: int
+    world_size: int
+    steps: tuple[int, ...]  # denoising step indices this rank runs (empty: decode-only rank)
+    decodes: bool
+    num_dit_ranks: int
+    device: str = "cpu"
+
+    @property
+    def is_dit(self) -> bool:
+        return bool(self.steps)
+
+    @property
+    def is_first_dit(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last_dit(self) -> bool:
+        return self.rank == self.num_dit_ranks - 1
+
+    @property
+    def prev_rank(self) -> int | None:
+        """Rank that sends this rank its block latents (None for rank 0)."""
+        return None if self.rank == 0 else self.rank - 1
+
+    @property
+    def next_rank(self) -> int | None:
+        """Rank this rank sends block latents to (None when this rank decodes)."""
+        return None if self.decodes else self.rank + 1
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Assignment of S steps to K DiT ranks plus the decode rank; `devices` has one entry per rank."""
+
+    num_steps: int
+    steps_by_rank: tuple[tuple[int, ...], ...]
+    separate_decode: bool
+    devices: tuple[str, ...]
+    reason: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        flat = [s for g in self.steps_by_rank for s in g]
+        if flat != list(range(self.num_steps)) or any(not g for g in self.steps_by_rank):
+            raise ScheduleError(
+                f"steps_by_rank {self.steps_by_rank} must split steps 0..{self.num_steps - 1} "
+                "into non-empty contiguous groups in order"
+            )
+        if len(self.devices) != self.world_size:
+            raise ScheduleError(
+                f"devices lists {len(self.devices)} entries for a world of {self.world_size} ranks "
+                f"({self.num_dit_ranks} DiT{' + 1 decode' if self.separate_decode else ''})"
+            )
+        cuda = [d for d in self.devices if d.startswith("cuda")]
+        if cuda and len(cuda) != len(self.devices):
+            raise ScheduleError(f"devices {self.devices} mix CPU and CUDA; use one kind")
+        if cuda and len(set(cuda)) != len(cuda):
+            raise ScheduleError(
+                f"devices {self.devices} repeat a GPU: NCCL needs one distinct GPU per rank"
+            )
+
+    @property
+    def num_dit_ranks(self) -> int:
+        return len(self.steps_by_rank)
+
+    @property
+    def world_size(self) -> int:
+        return self.num_dit_ranks + (1 if self.separate_decode else 0)
+
+    @property
+    def decode_rank(self) -> int:
+        return self.num_dit_ranks if self.separate_decode else self.num_dit_ranks - 1
+
+    @property
+    def kind(self) -> str:
+        return "single" if self.world_size == 1 else "tpp"
+
+    @property
+    def backend(self) -> str:
+        """torch.distributed backend for these devices: nccl on GPUs, gloo on CPU."""
+        return "nccl" if self.devices[0].startswith("cuda") else "gloo"
+
+    def role(self, rank: int) -> Role:
+        if not 0 <= rank < self.world_size:
+            raise ScheduleError(f"rank {rank} is outside 0..{self.world_size - 1}")
+        steps = self.steps_by_rank[rank] if rank < self.num_dit_ranks else ()
+        return Role(rank, self.world_size, steps, rank == self.decode_rank, self.num_dit_ranks,
+                    self.devices[rank])
+
+    def describe(self) -> str:
+        parts = [f"rank {k}: steps {list(g)}" for k, g in enumerate(self.steps_by_rank)]
+        parts[-1] += " + decode" if not self.separate_decode else ""
+        if self.separate_decode:
+            parts.append(f"rank {self.decode_rank}: decode")
+        return f"{self.kind} on {self.world_size} rank(s) [{'; '.join(parts)}]"
+
+
+def single(num_steps: int, device: str = "cpu") -> Schedule:
+    """One rank runs all steps and decodes."""
+    return Schedule(num_steps, split_steps(num_steps, 1), False, (device,), "single rank")
+
+
+def tpp(num_steps: int, num_dit_ranks: int, separate_decode: bool = False,
+        devices: Sequence[str] | None = None) -> Schedule:
+    """K DiT ranks with contiguous step groups, plus an optional decode rank.
+
+    `devices` defaults to CPU for every rank (gloo); give "cuda:i" strings for NCCL.
+    """
+    world = num_dit_ranks + (1 if separate_decode else 0)
+    devs = tuple(devices) if devices is not None else ("cpu",) * world
+    return Schedule(num_steps, split_steps(num_steps, num_dit_ranks), separate_decode, devs,
+                    f"tpp requested: {num_dit_ranks} DiT rank(s)"
+                    + (" + decode rank" if separate_decode else ", decode on the last DiT rank"))
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """A visible accelerator: torch device string and its free/total memory in bytes."""
+
+    device: str
+    free_bytes: int
+    total_bytes: int
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Bytes one rank needs: DiT weights (+ text/audio encoders), one step's KV cache, the VAE path.
+
+    `margin_bytes` covers activations and allocator slack on every rank.
+    """
+
+    dit_bytes: int
+    cache_bytes_per_step: int
+    decode_bytes: int
+    margin_bytes: int = 2 << 30
+
+    def dit_rank(self, num_steps: int, decodes: bool) -> int:
+        return (self.dit_bytes + num_steps * self.cache_bytes_per_step + self.margin_bytes
+                + (self.decode_bytes if decodes else 0))
+
+    def decode_rank(self) -> int:
+        return self.decode_bytes + self.margin_bytes
+
+
+def visible_devices() -> list[DeviceInfo]:
+    """CUDA devices visible to this process with their free memory (empty without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        out.append(DeviceInfo(f"cuda:{i}", int(free), int(total), torch.cuda.get_device_name(i)))
+    return out
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def auto_schedule(num_steps: int, devices: Sequence[DeviceInfo], need: MemoryNeed | None = None,
+                  step_cost: float = 1.0, decode_cost: float = 0.5) -> Schedule:
+    """Pick the schedule with the best predicted throughput for these devices, and log why.
+
+    Throughput is set by the slowest pipeline stage: a DiT rank costs `len(steps) * step_cost`
+    (+ `decode_cost` if it decodes), a decode rank `decode_cost` (units: one DiT step's time).
+    Ties go to fewer GPUs, then to decoding on the last DiT rank. Devices are used in the given
+    order (rank i on devices[i]); with `need`, a layout whose ranks do not fit the free memory
+    of their devices is skipped. No devices -> single rank on CPU.
+    """
+    if not devices:
+        sched = Schedule(num_steps, split_steps(num_steps, 1), False, ("cpu",),
+                         "auto: no CUDA device visible -> single rank on CPU")
+        log.info(sched.reason)
+        return sched
+    best: tuple[tuple[float, int, int], int, bool] | None = None
+    rejected: list[str] = []
+    for k in range(1, min(num_steps, len(devices)) + 1):
+        groups = split_steps(num_steps, k)
+        for sep in (False, True):
+            world = k + int(sep)
+            if world > len(devices):
+                continue
+            if need is not None:
+                short = []
+                for r in range(world):
+                    want = (need.decode_rank() if r == k else
+                            need.dit_rank(len(groups[r]), decodes=(not sep and r == k - 1)))
+                    if want > devices[r].free_bytes:
+                        short.append(f"{devices[r].device} needs {_gb(want)}, "
+                                     f"has {_gb(devices[r].free_bytes)} free")
+                if short:
+                    rejected.append(f"{k} DiT{' + decode' if sep else ''}: {short[0]}")
+                    continue
+            stage = max(len(g) * step_cost for g in groups)
+            last = len(groups[-1]) * step_cost + (0.0 if sep else decode_cost)
+            stage = max(stage, last, decode_cost if sep else 0.0)
+            key = (stage, world, int(sep))
+            if best is None or key < best[0]:
+                best = (key, k, sep)
+    if best is None:
+        dev = max(devices, key=lambda d: d.free_bytes)
+        sched = Schedule(num_steps, split_steps(num_steps, 1), False, (dev.device,),
+                         f"auto: no layout fits the free memory ({'; '.join(rejected[:3])}); "
+                         f"single rank on {dev.device}, the GPU with the most free memory "
+                         "(enable offload or fp8, or free GPU memory)")
+        log.warning(sched.reason)
+        return sched
+    (stage, world, _), k, sep = best
+    single_cost = num_steps * step_cost + decode_cost
+    reason = (f"auto: {len(devices)} GPU(s) visible, {num_steps} steps -> {k} DiT rank(s)"
+              f"{' + 1 decode rank' if sep else ' (decode on the last DiT rank)'}; predicted "
+              f"stage time {stage:g} step(s) vs {single_cost:g} on one GPU")
+    if rejected:
+        reason += f"; skipped for memory: {'; '.join(rejected[:3])}"
+    sched = Schedule(num_steps, split_steps(num_steps, k), sep,
+                     tuple(d.device for d in devices[:world]), reason)
+    log.info("%s: %s", reason, sched.describe())
+    return sched
+
+
+def make_schedule(kind: str, num_steps: int, num_ranks: int | None = None,
+                  separate_decode: bool = False, devices: Sequence[str] | None = None,
+                  device_infos: Sequence[DeviceInfo] | None = None,
+                  need: MemoryNeed | None = None) -> Schedule:
+    """Schedule by name: "single", "tpp" (`num_ranks` DiT ranks, +1 if `separate_decode`), "auto".
+
+    For "auto", `device_infos` defaults to `visible_devices()`.
+    """
+    if kind == "single":
+        return single(num_steps, (devices or ["cpu"])[0])
+    if kind == "tpp":
+        if num_ranks is None:
+            raise ScheduleError("schedule 'tpp' needs num_ranks (the number of DiT ranks)")
+        return tpp(num_steps, num_ranks, separate_decode, devices)
+    if kind == "auto":
+        infos = visible_devices() if device_infos is None else list(device_infos)
+        return auto_schedule(num_steps, infos, need)
+    raise ScheduleError(f"unknown schedule {kind!r}; use 'single', 'tpp' or 'auto'")
+
+
+__all__ = [
+    "ScheduleError", "split_steps", "Role", "Schedule", "single", "tpp", "DeviceInfo",
+    "MemoryNeed", "visible_devices", "auto_schedule", "make_schedule",
+]
