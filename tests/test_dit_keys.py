@@ -77,5 +77,6 @@ def test_cache_sizes_follow_the_latent_size(fixtures_dir):
     assert step.ring == 12 * 96
     assert step.kv.shape == (40, 2, 1, 12 * 96 + 240, 40, 128)
     assert step.nbytes == step.kv.numel() * 2
+    assert model.new_step_cache((16, 24), "meta", torch.bfloat16, sink_slot=False).kv.shape[3] == 12 * 96
     sink = model.new_sink_cache((16, 24), device="meta", dtype=torch.bfloat16)
     assert sink.kv.shape == (40, 2, 1, 240, 40, 128)

@@ -125,12 +125,12 @@ def test_block0_then_block1_step0(model, primed, ref):
     assert maxdiff(out30, out1) > 1e-3
 
 
-def rollout(model, ref, text, sink):
-    """2 blocks x 4 steps with Euler updates; yields (block, step, velocity, x_next)."""
+def rollout(model, ref, text, sink, sink_slot=True):
+    """2 blocks x 4 steps with Euler updates; yields (block, step, x, velocity, x_next)."""
     inp, cases = ref["inputs"], ref["cases"]
     ts = torch.tensor(cases["timesteps"], dtype=torch.float32)
     sigmas = torch.tensor(cases["sigmas"], dtype=torch.float32)
-    caches = [model.new_step_cache(HW) for _ in ts]
+    caches = [model.new_step_cache(HW, sink_slot=sink_slot) for _ in ts]
     for b in range(cases["num_blocks"]):
         x = inp["clip_noise"][:, 3 * b: 3 * b + 3]
         audio = inp["audio_emb"][..., 12 * b: 12 * b + 12]
@@ -142,11 +142,12 @@ def rollout(model, ref, text, sink):
             x = x_next
 
 
-def test_rollout(model, primed, ref):
+@pytest.mark.parametrize("sink_slot", [True, False])
+def test_rollout(model, primed, ref, sink_slot):
     text, sink = primed
     fx = ref["rollout"]
     finals = []
-    for b, i, x, v, x_next in rollout(model, ref, text, sink):
+    for b, i, x, v, x_next in rollout(model, ref, text, sink, sink_slot):
         assert maxdiff(x, fx[f"b{b}_s{i}.x"]) <= ATOL
         assert maxdiff(v, fx[f"b{b}_s{i}.out"]) <= ATOL, (b, i)
         assert maxdiff(x_next, fx[f"b{b}_s{i}.x_next"]) <= ATOL, (b, i)
@@ -181,6 +182,32 @@ def test_attention_backend_switch(model, primed, ref):
     assert maxdiff(out, ref["b0"]["out.0"]) < 2e-4
     with pytest.raises(ValueError, match="attn_backend"):
         model.attn_backend = "nope"
+
+
+def test_text_kv_precompute_is_exact(model, primed, ref):
+    """Per-layer text K/V computed once per job == computed in every layer call."""
+    text, sink = primed
+    lazy = model.encode_text(ref["inputs"]["context.0"], precompute_kv=False)
+    assert lazy.kv is None and text.kv.shape == (LAYERS, 2, 1, 512, 4, 32)
+    out_lazy = run_block(model, ref["b0"], lazy, model.new_step_cache(HW), sink, 0)
+    out_pre = run_block(model, ref["b0"], text, model.new_step_cache(HW), sink, 0)
+    assert torch.equal(out_lazy, out_pre)
+
+
+def test_low_precision_paths(ref):
+    """bf16 weights/caches (the GPU dtype) and float32 RoPE arithmetic run and stay near the reference."""
+    inp, b0 = ref["inputs"], ref["b0"]
+    for kwargs, dtype, tol in (({}, torch.bfloat16, 0.02), ({"rope_compute_dtype": torch.float32}, torch.float32, 1e-5)):
+        model = build(ref["dir"], **kwargs).to(dtype)
+        text = model.encode_text(inp["context.0"])
+        sink = model.new_sink_cache(HW)
+        model.prefill_sink(inp["ref_latents"], inp["motion_latents"], text, sink)
+        cache = model.new_step_cache(HW)
+        assert cache.kv.dtype == sink.kv.dtype == dtype
+        out = run_block(model, b0, text, cache, sink, 0)
+        assert out.dtype == torch.float32  # dtype of x
+        rel = ((out - b0["out.0"]).norm() / b0["out.0"].norm()).item()
+        assert rel < tol, (dtype, kwargs, rel)
 
 
 def test_ring_buffer_window(model, primed, ref):

@@ -91,6 +91,7 @@ class CausalS2VDiT(nn.Module):
         self.attn_backend = attn_backend
         self.rope_fp16_tables = rope_fp16_tables
         self.rope_compute_dtype = rope_compute_dtype
+        self._time_cache: dict = {}
         d, p = cfg.dim, tuple(cfg.patch_size)
 
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=p, stride=p)
@@ -153,11 +154,18 @@ class CausalS2VDiT(nn.Module):
         return SinkCache(c.num_layers, self.sink_tokens(latent_hw), c.num_heads, c.head_dim, tuple(latent_hw),
                          self.frame_seqlen(latent_hw), device or self.device, dtype or self.dtype)
 
-    def new_step_cache(self, latent_hw: tuple[int, int], device=None, dtype=None) -> StepKVCache:
-        """Empty per-step cache: ring of one clip (`latent_frames_per_clip * fsl` tokens) + sink slot."""
+    def new_step_cache(self, latent_hw: tuple[int, int], device=None, dtype=None,
+                       sink_slot: bool = True) -> StepKVCache:
+        """Empty per-step cache: ring of one clip (`latent_frames_per_clip * fsl` tokens).
+
+        `sink_slot` adds `sink_tokens` rows holding the rotated sink, so that steady-state calls
+        attend to one contiguous slice instead of concatenating per layer (same numbers; see
+        kv_cache.py). Turn it off to save that memory.
+        """
         c = self.cfg
         ring = self.stream.latent_frames_per_clip * self.frame_seqlen(latent_hw)
-        return StepKVCache(c.num_layers, ring, self.sink_tokens(latent_hw), c.num_heads, c.head_dim,
+        slot = self.sink_tokens(latent_hw) if sink_slot else 0
+        return StepKVCache(c.num_layers, ring, slot, c.num_heads, c.head_dim,
                            tuple(latent_hw), device or self.device, dtype or self.dtype)
 
     # ----------------------------------------------------------------------------- conditioning
@@ -207,7 +215,21 @@ class CausalS2VDiT(nn.Module):
         return g.to(self.dtype), tokens.to(self.dtype)
 
     def _time(self, timestep: float, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> e `[F, dim]` (per-frame time embedding of `timestep`), e0 `[2, F, 6, dim]` (row 1: t = 0), float32."""
+        """-> e `[F, dim]` (per-frame time embedding of `timestep`), e0 `[2, F, 6, dim]` (row 1: t = 0), float32.
+
+        Results are kept per (timestep, frames, weights): a job uses a handful of timesteps, and
+        each evaluation would otherwise make a float32 copy of `time_projection` (6 dim^2).
+        """
+        weights = tuple((p.data_ptr(), p._version, p.device, p.dtype)
+                        for p in (*self.time_embedding.parameters(), *self.time_projection.parameters()))
+        key = (float(torch.tensor(float(timestep), dtype=torch.float32)), frames, weights)
+        if key not in self._time_cache:
+            if len(self._time_cache) >= 16:
+                self._time_cache.clear()
+            self._time_cache[key] = self._time_uncached(timestep, frames)
+        return self._time_cache[key]
+
+    def _time_uncached(self, timestep: float, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.full((frames,), float(timestep), dtype=torch.float32, device=self.device)
         t = torch.cat([t, torch.zeros_like(t)])
         emb = sinusoidal_embedding(self.cfg.freq_dim, t).float()
@@ -216,7 +238,7 @@ class CausalS2VDiT(nn.Module):
         return e[:frames], e0.unflatten(0, (2, frames))
 
     def _rope(self, positions: torch.Tensor):
-        return rope_factors(positions, self.cfg.head_dim, self.rope_fp16_tables, self.device)
+        return rope_factors(positions, self.cfg.head_dim, self.rope_fp16_tables, self.device, self.rope_compute_dtype)
 
     def _patchify(self, conv: nn.Conv3d, latents: torch.Tensor) -> torch.Tensor:
         """`[1, C, T, h, w]` -> tokens `[1, T*hp*wp, dim]` (t-major, then h, w)."""

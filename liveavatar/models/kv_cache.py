@@ -3,15 +3,19 @@
 `SinkCache` (one per job, shared by all denoising steps): per layer the **un-rotated** keys and
 the values of the conditioning tokens [reference frame | FramePack motion tokens], written by the
 sink prefill. `StepKVCache` (one per denoising step): per layer a ring buffer of one clip of
-block tokens (RoPE applied, as they were at that step), plus a slot holding the sink keys rotated
-for the current call and the sink values.
+block tokens (RoPE applied, as they were at that step), optionally followed by a "sink slot"
+holding the sink keys rotated for the current call and the sink values.
 
 Layout of both: one tensor `kv[layer, 0=key/1=value, batch=1, token, head, head_dim]`.
 Step cache token rows: `[0, ring)` ring buffer, `[ring, ring + sink_capacity)` sink slot. A block
-attends to `[ring rows of the window] ++ [sink rows]`, the reference's key order. Once the ring
-is full (every clip after the first) that is one contiguous slice, so no copy is made; while it
-fills (clip 0) the two parts are concatenated. The sink slot is re-rotated only when the sink or
-the reference token's position changed since the previous call on this cache.
+attends to `[ring rows of the window] ++ [sink rows]`, the reference's key order.
+- With the slot: once the ring is full (every clip after the first) the keys are one contiguous
+  slice, no copy is made; while it fills (clip 0) the two parts are concatenated. The slot is
+  re-rotated only when the sink or the reference token's position changed since the previous
+  call on this cache. Costs `sink_capacity` more rows per step cache.
+- Without the slot (`sink_capacity=0`): the sink keys are rotated and concatenated in every
+  layer of every call (transient memory only), as the reference does.
+Both give identical numbers.
 """
 
 from __future__ import annotations
@@ -104,12 +108,12 @@ class StreamWindow:
     tokens: int  # block tokens (rows written)
     window: int  # ring rows [0, window) attended
     sink_len: int  # sink rows attended
-    refresh_keys: bool  # sink slot keys must be re-rotated in every layer
+    refresh_keys: bool  # sink keys must be rotated in every layer (slot stale, or no slot)
     refresh_values: bool  # sink slot values must be copied in every layer
 
 
 class StepKVCache:
-    """Per-denoising-step ring buffer of block keys/values + the rotated sink slot.
+    """Per-denoising-step ring buffer of block keys/values (+ the rotated sink slot if `sink_capacity`).
 
     kv: `[layers, 2, 1, ring + sink_capacity, heads, head_dim]`; `ring` = one clip of tokens.
     `length`: ring rows written so far (the fill level, at most `ring`).
@@ -128,6 +132,11 @@ class StepKVCache:
     @property
     def capacity(self) -> int:
         return self.kv.shape[3]
+
+    @property
+    def sink_slot(self) -> int:
+        """Rows reserved for the rotated sink (0: no slot)."""
+        return self.capacity - self.ring
 
     @property
     def nbytes(self) -> int:
@@ -152,8 +161,8 @@ class StepKVCache:
         """
         if sink.length == 0:
             raise RuntimeError("the sink cache is empty: call model.prefill_sink() before forward_block()")
-        if sink.length > self.capacity - self.ring:
-            raise ValueError(f"sink has {sink.length} tokens, this step cache has room for {self.capacity - self.ring}")
+        if self.sink_slot and sink.length > self.sink_slot:
+            raise ValueError(f"sink has {sink.length} tokens, this step cache has room for {self.sink_slot}")
         if start_token < self.ring:
             offset, window = start_token, start_token + num_tokens
         else:
@@ -164,15 +173,16 @@ class StepKVCache:
                 "start_frame must be a multiple of the block length")
         return StreamWindow(
             offset=offset, tokens=num_tokens, window=window, sink_len=sink.length,
-            refresh_keys=self._sink_key != (sink.uid, sink.version, ref_t),
-            refresh_values=self._sink_val != (sink.uid, sink.version),
+            refresh_keys=not self.sink_slot or self._sink_key != (sink.uid, sink.version, ref_t),
+            refresh_values=bool(self.sink_slot) and self._sink_val != (sink.uid, sink.version),
         )
 
     def commit(self, plan: StreamWindow, sink: SinkCache, ref_t: int) -> None:
         """Record a finished block call (fill level, which sink the slot now holds)."""
         self.length = max(self.length, plan.window)
-        self._sink_key = (sink.uid, sink.version, ref_t)
-        self._sink_val = (sink.uid, sink.version)
+        if self.sink_slot:
+            self._sink_key = (sink.uid, sink.version, ref_t)
+            self._sink_val = (sink.uid, sink.version)
 
     def stream_attend(self, layer: int, plan: StreamWindow, rope: RopeFactors, sink: SinkCache,
                       sink_rope: RopeFactors | None, backend: str = "sdpa"):
@@ -184,6 +194,11 @@ class StepKVCache:
             q_rot = apply_rope(q, rope, out_dtype=v.dtype)
             buf[0, :, plan.offset: plan.offset + plan.tokens] = apply_rope(k, rope, out_dtype=v.dtype)
             buf[1, :, plan.offset: plan.offset + plan.tokens] = v
+            if not self.sink_slot:  # reference way: rotate and concatenate every time
+                sink_k = apply_rope(sink.keys(layer), sink_rope, out_dtype=v.dtype)
+                keys = torch.cat([buf[0, :, : plan.window].to(v.dtype), sink_k], dim=1)
+                values = torch.cat([buf[1, :, : plan.window], sink.values(layer)], dim=1)
+                return attention(q_rot, keys, values.to(v.dtype), backend)
             if plan.refresh_keys:
                 buf[0, :, r: r + s] = apply_rope(sink.keys(layer), sink_rope, out_dtype=v.dtype)
             if plan.refresh_values:

@@ -67,7 +67,10 @@ def grid_positions(t: list[int], h: list[int], w: list[int]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RopeFactors:
-    """cos/sin of every (token, pair) angle: float64 `[L, 1, D/2]` each (the 1 broadcasts over heads)."""
+    """cos/sin of every (token, pair) angle, `[L, 1, D/2]` each (the 1 broadcasts over heads).
+
+    Their dtype is the dtype the rotation is computed in (float64 in the reference).
+    """
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -84,9 +87,13 @@ def rope_factors(
     head_dim: int,
     fp16_tables: bool = True,
     device: torch.device | str | None = None,
+    compute_dtype: torch.dtype = torch.float64,
     theta: float = ROPE_THETA,
 ) -> RopeFactors:
-    """Rotation factors for integer positions `[L, 3]` (t, h, w); see the module docstring."""
+    """Rotation factors for integer positions `[L, 3]` (t, h, w); see the module docstring.
+
+    `compute_dtype` is the dtype of the returned factors and of the rotation done with them.
+    """
     positions = positions.to("cpu", torch.int64)
     cos_parts, sin_parts = [], []
     for axis, inv in enumerate(rope_inv_freqs(head_dim, theta)):
@@ -102,28 +109,22 @@ def rope_factors(
         # The reference's complex-half buffer: double -> float -> half per component.
         cos = cos.float().half().double()
         sin = sin.float().half().double()
-    return RopeFactors(cos[:, None, :].to(device), sin[:, None, :].to(device))
+    return RopeFactors(cos[:, None, :].to(device, compute_dtype), sin[:, None, :].to(device, compute_dtype))
 
 
-def apply_rope(
-    x: torch.Tensor,
-    factors: RopeFactors,
-    compute_dtype: torch.dtype = torch.float64,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, factors: RopeFactors, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Rotate `x` `[B, L, H, D]` by `factors` (L rows); returns `out_dtype` (default: x's dtype).
 
-    The product is formed in `compute_dtype`, rounded to float32, then to `out_dtype`, the way
-    the reference rounds (float64 -> float32 -> cache dtype).
+    The product is formed in the factors' dtype, rounded to float32, then to `out_dtype`, the
+    way the reference rounds (float64 -> float32 -> cache dtype).
     """
     b, n, h, d = x.shape
     if len(factors) != n:
         raise ValueError(f"RoPE: {len(factors)} position rows for {n} tokens")
     out_dtype = out_dtype or x.dtype
-    pairs = x.to(compute_dtype).reshape(b, n, h, d // 2, 2)
+    cos, sin = factors.cos.to(x.device), factors.sin.to(x.device)
+    pairs = x.to(cos.dtype).reshape(b, n, h, d // 2, 2)
     re, im = pairs[..., 0], pairs[..., 1]
-    cos = factors.cos.to(device=x.device, dtype=compute_dtype)
-    sin = factors.sin.to(device=x.device, dtype=compute_dtype)
     out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
     return out.reshape(b, n, h, d).float().to(out_dtype)
 
