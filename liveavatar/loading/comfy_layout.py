@@ -308,10 +308,11 @@ def infer_vae_config(source: TensorSource, base: VAEConfig | None = None) -> VAE
                                z_dim=source.shape("conv2.weight")[0])
 
 
-def wav2vec2_config_from_keys(source: TensorSource) -> tuple[dict[str, Any], dict[str, Any]]:
+def wav2vec2_config_from_keys(source: TensorSource, **overrides: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """(HF `Wav2Vec2Config` dict, preprocessor config) inferred from HF-named wav2vec2 shapes.
 
-    Heads = hidden / 64 (large: 16, base: 12, as ComfyUI assumes); conv strides are the standard
+    `overrides` replace inferred config fields. Heads = hidden / 64 (large: 16, base: 12, as
+    ComfyUI assumes; the shapes cannot tell); conv strides are the standard
     (5, 2, 2, 2, 2, 2, 2); layer-norm conv features imply the stable-layer-norm encoder and input
     normalisation (wav2vec2-large-xlsr-53), group-norm ones the base layout.
     """
@@ -339,6 +340,7 @@ def wav2vec2_config_from_keys(source: TensorSource) -> tuple[dict[str, Any], dic
         "hidden_dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
         "feat_proj_dropout": 0.0, "final_dropout": 0.0, "layerdrop": 0.0, "mask_time_prob": 0.0,
     }
+    config.update(overrides)
     pre = {"do_normalize": layer_norm, "feature_size": 1, "padding_side": "right", "padding_value": 0.0,
            "return_attention_mask": layer_norm, "sampling_rate": 16000}
     return config, pre

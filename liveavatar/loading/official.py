@@ -156,6 +156,8 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
 
     with torch.device("meta"):
         model = CausalS2VDiT(config)
+    if lora_path is not None and str(lora_path).strip().lower() in ("none", ""):
+        lora_path = None
     keep = getattr(model, "keep_fp32", None)
     load_into_module(model, source, device=device, dtype=dtype, strict=True,
                      keep_fp32=keep if callable(keep) else None)
@@ -169,7 +171,10 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
 
 def load_dit(ckpt: OfficialCheckpoint, device: torch.device | str, dtype: torch.dtype,
              lora_path: str | Path | None = None, lora_strength: float = 1.0) -> torch.nn.Module:
-    """The causal S2V DiT with base weights and the LoRA (`lora_path` or `ckpt.lora_path`) merged."""
+    """The causal S2V DiT with base weights and the LoRA (`lora_path` or `ckpt.lora_path`) merged.
+
+    `lora_path="none"` loads the base weights only.
+    """
     return build_dit_from_source(ckpt.dit, ckpt.config, device, dtype,
                                  lora_path if lora_path is not None else ckpt.lora_path, lora_strength)
 

@@ -79,8 +79,8 @@ class TensorSource:
     """Lazy, read-only view over the tensors of one or several safetensors files.
 
     Nothing but headers is read until `get(key)`, which reads exactly one tensor (through
-    `safetensors.safe_open`, one handle per file and device, kept open until `close()`), and
-    casts / moves it. Subclasses (`DictSource`, `RemappedSource`) keep the same interface, so
+    `safetensors.safe_open`, one handle per file, kept open until `close()`) and returns it on
+    the asked device / dtype in memory of its own (never shared with another `get`). Subclasses (`DictSource`, `RemappedSource`) keep the same interface, so
     loaders accept any of them.
 
     Attributes: `origin` (the path the source was opened from, used in error messages),
@@ -90,7 +90,7 @@ class TensorSource:
     def __init__(self, files: Iterable[str | Path] = (), origin: str | Path | None = None) -> None:
         self._entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...]]] = {}
         self._metadata: dict[Path, dict[str, str]] = {}
-        self._handles: dict[tuple[Path, str], Any] = {}
+        self._handles: dict[Path, Any] = {}
         files = [Path(f) for f in files]
         self.origin = Path(origin) if origin is not None else (files[0] if len(files) == 1 else None)
         self.reads = 0
@@ -154,10 +154,9 @@ class TensorSource:
     def get(self, key: str, device: torch.device | str | None = None,
             dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read one tensor and return it on `device` (default CPU) in `dtype` (default: as stored)."""
-        file, stored_dtype, _ = self._entry(key)
+        file, _, _ = self._entry(key)
         device = torch.device(device) if device is not None else torch.device("cpu")
-        handle = self._handle(file, device)
-        tensor = handle.get_tensor(key)
+        tensor = self._handle(file).get_tensor(key)  # a view of the file mapping (no read yet)
         self._count(tensor)
         return _place(tensor, device, dtype)
 
@@ -180,15 +179,14 @@ class TensorSource:
         except KeyError:
             raise CheckpointError(f"{self.describe()}: no tensor named {key!r}") from None
 
-    def _handle(self, file: Path, device: torch.device) -> Any:
+    def _handle(self, file: Path) -> Any:
         from safetensors import safe_open
 
-        # safetensors places tensors directly on CUDA devices; anything else is read on CPU.
-        dev = str(device) if device.type == "cuda" else "cpu"
-        key = (file, dev)
-        if key not in self._handles:
-            self._handles[key] = safe_open(str(file), framework="pt", device=dev)
-        return self._handles[key]
+        # Read through the CPU mapping and copy once to the target device: only this tensor's
+        # pages are touched, and no state-dict-wide CPU copy ever exists.
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+        return self._handles[file]
 
     def _count(self, tensor: torch.Tensor) -> None:
         self.reads += 1
@@ -196,12 +194,18 @@ class TensorSource:
 
 
 def _place(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-    """Move then cast (a cast on the GPU is cheaper than on the CPU); never copies needlessly."""
-    if tensor.device != device:
-        tensor = tensor.to(device)
-    if dtype is not None and tensor.dtype != dtype:
-        tensor = tensor.to(dtype)
-    return tensor
+    """Move then cast (a cast on the GPU is cheaper than on the CPU), always into new memory.
+
+    The result never aliases the source's buffer: safetensors hands out views of the file
+    mapping (the same memory for repeated reads of one key), and loaders modify weights in place
+    (LoRA merge), which must not leak into another model read from the same source.
+    """
+    out = tensor
+    if out.device != device:
+        out = out.to(device)
+    if dtype is not None and out.dtype != dtype:
+        out = out.to(dtype)
+    return out.clone() if out is tensor else out
 
 
 class DictSource(TensorSource):
@@ -262,8 +266,9 @@ class RemappedSource(TensorSource):
         if self._transform is None:
             tensor = self.base.get(base_key, device=device, dtype=dtype)
         else:
-            tensor = self._transform(key, self.base.get(base_key, device=device))
-            tensor = _place(tensor, tensor.device, dtype)
+            tensor = self._transform(key, self.base.get(base_key, device=device))  # owned by us
+            if dtype is not None and tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
         self._count(tensor)
         return tensor
 
