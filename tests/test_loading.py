@@ -259,6 +259,7 @@ def test_official_round_trip_loads_every_component_strictly(tiny):
     ckpt = find_official_checkpoint(tiny, lora="none")
     parts = load_components(ckpt, device="cpu", dtype=torch.float32)
     dit = parts["dit"]
+    assert ckpt.dit.reads == len(ckpt.dit.keys())  # one read per tensor, no state-dict-wide load
     assert not dit.training
     for key, value in dit.state_dict().items():
         assert torch.equal(value, ckpt.dit.get(key)), key
@@ -374,6 +375,7 @@ def test_comfy_t5_hf_names_convert_back(tiny, tmp_path):
     save_file({k: v.contiguous() for k, v in hf.items()}, str(tmp_path / "umt5_xxl_bf16.safetensors"))
     src, layout = open_single_file(tmp_path / "umt5_xxl_bf16.safetensors", "t5")
     assert layout == "comfy_t5"
+    assert open_single_file(tiny / OFFICIAL_FILES.t5, "t5")[1] == "official_t5"
     assert set(src.keys()) == set(official)
     for k in official:
         assert torch.equal(src.get(k), official[k]), k
@@ -450,3 +452,33 @@ def test_load_components_from_comfy_files(tiny, tmp_path):
     for key, value in ref.state_dict().items():
         assert torch.equal(got[key], value), key
 
+
+
+def test_infer_14b_config_from_shapes_alone(fixtures_dir):
+    rows = (fixtures_dir / "s2v14b_keys.tsv").read_text().splitlines()[1:]
+    meta = {r.split("\t")[0]: torch.empty([int(x) for x in r.split("\t")[1].split("x")], device="meta") for r in rows}
+    src = DictSource(meta, origin="wan2.2_s2v_14B_bf16.safetensors")
+    assert detect_layout(src) == "official_dit"
+    cfg = infer_dit_config(src)
+    assert cfg == DiTConfig.from_json(fixtures_dir / "s2v14b_config.json")
+    assert cfg.num_heads == 40 and cfg.text_dim == 4096 and cfg.audio_num_layers == 25
+    small = {k: v for k, v in meta.items() if not k.startswith("audio_injector.injector.11.")}
+    with pytest.raises(CheckpointError, match="audio_inject_layers"):
+        infer_dit_config(DictSource(small))
+
+
+def test_wav2vec2_large_xlsr_config_from_shapes():
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    real = dict(hidden_size=1024, num_attention_heads=16, num_hidden_layers=24, intermediate_size=4096,
+                conv_dim=[512] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2],
+                conv_bias=True, feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=128,
+                num_conv_pos_embedding_groups=16, vocab_size=33)
+    with torch.device("meta"):
+        model = Wav2Vec2ForCTC(Wav2Vec2Config(**real))
+    src = DictSource(model.state_dict())
+    assert detect_layout(src) == "hf_wav2vec2"
+    config, pre = wav2vec2_config_from_keys(src)
+    for key, value in real.items():
+        assert config[key] == value, key
+    assert pre["do_normalize"] and pre["sampling_rate"] == 16000
