@@ -235,7 +235,9 @@ def test_every_missing_file_reported_at_once(tiny, tmp_path):
     with pytest.raises(CheckpointError) as info:
         find_official_checkpoint(broken, lora=broken / "nope.safetensors")
     msg = str(info.value)
-    for name in (OFFICIAL_FILES.vae, OFFICIAL_FILES.tokenizer_dir, "nope.safetensors"):
+    assert "missing 4:" in msg and "\n" not in msg
+    for name in (OFFICIAL_FILES.vae, OFFICIAL_FILES.tokenizer_dir, "nope.safetensors",
+                 "diffusion_pytorch_model-00002-of-00002.safetensors"):
         assert name in msg, name
     with pytest.raises(CheckpointError, match="checkpoint folder not found"):
         find_official_checkpoint(tmp_path / "absent")

@@ -11,6 +11,7 @@ parts (DiT, umT5, VAE, wav2vec2) for the pipeline.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -117,6 +118,12 @@ def find_official_checkpoint(ckpt_dir: str | Path, lora: str | Path | None = Non
     dit_path: Path | None = index if index.is_file() else single if single.is_file() else None
     if dit_path is None:
         missing.append(f"{f.dit_index} + its shards, or {f.dit_single} (DiT weights)")
+    elif dit_path == index:
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: not a sharded-checkpoint index ({exc})") from exc
+        missing += [f"{s} (DiT shard listed in {f.dit_index})" for s in shards if not (root / s).is_file()]
     for name, what in ((f.t5, "umT5 encoder"), (f.vae, "Wan2.1 VAE")):
         if not (root / name).is_file():
             missing.append(f"{name} ({what})")
@@ -128,7 +135,9 @@ def find_official_checkpoint(ckpt_dir: str | Path, lora: str | Path | None = Non
         missing.append(f"{f.wav2vec_dir}/ (HF wav2vec2 folder: config.json + one of {list(_WAV2VEC_WEIGHTS)})")
     lora_path = resolve_lora(root, lora, missing)
     if missing:
-        raise CheckpointError(f"{root}: incomplete Wan2.2-S2V-14B folder; missing:\n  - " + "\n  - ".join(missing))
+        # one line: CLIs print the first line of an error
+        raise CheckpointError(f"{root}: incomplete Wan2.2-S2V-14B folder, missing {len(missing)}: "
+                              + "; ".join(missing))
 
     try:
         config = DiTConfig.from_json(root / f.config)
@@ -229,8 +238,6 @@ def check_consistency(dit: DiTConfig, t5_dim: int | None, w2v_hidden: int | None
 def load_components(ckpt: OfficialCheckpoint, device: torch.device | str, dtype: torch.dtype,
                     lora_strength: float = 1.0, lora_path: str | Path | None = None) -> dict[str, Any]:
     """{"dit", "text_encoder", "vae", "audio_encoder"} from an official folder."""
-    import json
-
     t5_sd = load_pth_state_dict(ckpt.t5_path)  # memory-mapped: only the header is read here
     w2v = json.loads((ckpt.wav2vec_dir / "config.json").read_text())
     check_consistency(ckpt.config, t5_config_for(ckpt, t5_sd).dim, w2v.get("hidden_size"),
@@ -269,8 +276,6 @@ def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Pa
     t5_cfg = infer_t5_config(t5_src, text_len=cfg.text_len)
     w2v_path = _absolute(wav2vec)
     if w2v_path.is_dir():
-        import json
-
         w2v_cfg, w2v_pre, w2v_src = json.loads((w2v_path / "config.json").read_text()), None, None
     else:
         from .comfy_layout import wav2vec2_config_from_keys
