@@ -75,8 +75,30 @@ def test_cache_sizes_follow_the_latent_size(fixtures_dir):
     assert model.frame_packer.positions((16, 24))[:, 0].unique().tolist() == [-19, -14, -9, -4, -3, -1]
     step = model.new_step_cache((16, 24), device="meta", dtype=torch.bfloat16)
     assert step.ring == 12 * 96
-    assert step.kv.shape == (40, 2, 1, 12 * 96 + 240, 40, 128)
+    assert step.kv.shape == (40, 2, 1, 12 * 96, 40, 128)
     assert step.nbytes == step.kv.numel() * 2
-    assert model.new_step_cache((16, 24), "meta", torch.bfloat16, sink_slot=False).kv.shape[3] == 12 * 96
+    slot = model.new_step_cache((16, 24), "meta", torch.bfloat16, sink_slot=True)
+    assert slot.kv.shape == (40, 2, 1, 12 * 96 + 240, 40, 128)
     sink = model.new_sink_cache((16, 24), device="meta", dtype=torch.bfloat16)
     assert sink.kv.shape == (40, 2, 1, 240, 40, 128)
+
+
+def test_14b_streaming_calls_on_meta(fixtures_dir):
+    """The real layout at 720x400 (latent 90x50, odd patch grid 45x25): prefill + blocks, shapes only.
+
+    Meta tensors also catch any tensor left on another device in the call path.
+    """
+    with torch.device("meta"):
+        model = CausalS2VDiT(DiTConfig.from_json(fixtures_dir / "s2v14b_config.json")).to(torch.bfloat16)
+    hw, dev = (90, 50), "meta"
+    sink = model.new_sink_cache(hw)
+    text = model.encode_text(torch.zeros(20, 4096, device=dev))
+    assert text.kv.shape == (40, 2, 1, 512, 40, 128)
+    model.prefill_sink(torch.zeros(1, 16, 1, *hw, device=dev), torch.zeros(1, 16, 19, *hw, device=dev), text, sink)
+    assert sink.length == sink.capacity == 2778
+    cache = model.new_step_cache(hw)
+    for f0 in (0, 12):  # clip 0, then a wrapped write in clip 1
+        v = model.forward_block(torch.zeros(16, 3, *hw, device=dev, dtype=torch.bfloat16), 602.15, text,
+                                torch.zeros(1, 25, 1024, 12, device=dev), None, cache, sink, f0, 4)
+        assert v.shape == (16, 3, 90, 50) and v.dtype == torch.bfloat16 and v.is_meta
+    assert cache.length == cache.ring == 12 * 45 * 25

@@ -104,9 +104,10 @@ def check_block(model, cache, case, out, rows):
     assert maxdiff(tokens, case["merged_audio_emb"]) <= ATOL
 
 
-def test_block0_then_block1_step0(model, primed, ref):
+@pytest.mark.parametrize("sink_slot", [False, True])
+def test_block0_then_block1_step0(model, primed, ref, sink_slot):
     text, sink = primed
-    cache = model.new_step_cache(HW)
+    cache = model.new_step_cache(HW, sink_slot=sink_slot)
     assert cache.ring == ref["cases"]["kv_cache_len"] == 1152
     out0 = run_block(model, ref["b0"], text, cache, sink, start_frame=0)
     check_block(model, cache, ref["b0"], out0, (0, 288))
@@ -241,7 +242,7 @@ def test_sink_refresh_reaches_step_caches(model, primed, ref):
     """A re-prefilled sink (new reference latent) is re-rotated into an existing step cache."""
     text, sink = primed
     inp = ref["inputs"]
-    cache = model.new_step_cache(HW)
+    cache = model.new_step_cache(HW, sink_slot=True)  # the slot must notice the new sink
     run_block(model, ref["b0"], text, cache, sink, 0)
     clone = copy.deepcopy(cache)
 

@@ -43,6 +43,7 @@ class AudioInjector(nn.Module):
     """`audio_injector`: one cross-attention (+ AdaLN) per entry of `inject_layers`."""
 
     def __init__(self, dim: int, num_heads: int, inject_layers: tuple[int, ...], eps: float = 1e-6):
+        """`eps`: the injector attention's RMS q/k norm eps (1e-6 in the reference, not taken from the config)."""
         super().__init__()
         self.layer_to_index = {layer: j for j, layer in enumerate(inject_layers)}
         if len(self.layer_to_index) != len(inject_layers):

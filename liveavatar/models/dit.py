@@ -105,7 +105,7 @@ class CausalS2VDiT(nn.Module):
         self.cond_encoder = nn.Conv3d(cfg.cond_dim, d, kernel_size=p, stride=p)
         self.casual_audio_encoder = CausalAudioEncoder(
             cfg.audio_dim, d, cfg.audio_num_layers, cfg.num_audio_token, need_global=True)
-        self.audio_injector = AudioInjector(d, cfg.num_heads, tuple(cfg.audio_inject_layers), cfg.eps)
+        self.audio_injector = AudioInjector(d, cfg.num_heads, tuple(cfg.audio_inject_layers))
         self.trainable_cond_mask = nn.Embedding(3, d)
         self.frame_packer = FramePackMotioner(cfg.in_dim, d, tuple(stream.framepack_buckets))
 
@@ -155,12 +155,12 @@ class CausalS2VDiT(nn.Module):
                          self.frame_seqlen(latent_hw), device or self.device, dtype or self.dtype)
 
     def new_step_cache(self, latent_hw: tuple[int, int], device=None, dtype=None,
-                       sink_slot: bool = True) -> StepKVCache:
+                       sink_slot: bool = False) -> StepKVCache:
         """Empty per-step cache: ring of one clip (`latent_frames_per_clip * fsl` tokens).
 
-        `sink_slot` adds `sink_tokens` rows holding the rotated sink, so that steady-state calls
-        attend to one contiguous slice instead of concatenating per layer (same numbers; see
-        kv_cache.py). Turn it off to save that memory.
+        `sink_slot=True` adds `sink_tokens` rows holding the rotated sink, so that steady-state
+        calls attend to one contiguous slice instead of rotating and concatenating the sink in
+        every layer (same numbers; see kv_cache.py). Costs 2.5 fsl more rows per step cache.
         """
         c = self.cfg
         ring = self.stream.latent_frames_per_clip * self.frame_seqlen(latent_hw)
