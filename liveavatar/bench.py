@@ -1,0 +1,448 @@
+"""`python -m liveavatar bench`: speed of the streaming DiT (or the whole loop) with random weights.
+
+    python -m liveavatar bench --random-weights --size 704*384 --steps 4 --blocks 8 \
+        [--fp8] [--compile] [--attn sdpa] [--scope dit|end_to_end] [--ref third_party/LiveAvatar]
+    python -m liveavatar bench --random-weights --tiny --device cpu      # CPU plumbing check
+
+Prints ONE JSON line (keys: `benchlib.RESULT_KEYS` and more). Method:
+- The DiT is built on the meta device and every weight is created directly on the GPU from a
+  generator seeded by (seed, parameter name) (`benchlib.materialize_random_`): full 14B shapes
+  and FLOPs, no checkpoint, no CPU copy. The reference harness gives the reference DiT the
+  very same values.
+- scope `dit`: the real `StepRunner` (all step caches resident, one shared sink), sink prefill,
+  then `--warmup` blocks (default one clip = 4, so the timed blocks see the full KV window), then
+  `--blocks` timed blocks. CUDA events around every step; block_ms/step_ms are medians over the
+  timed blocks; fps = 12 video frames / block time.
+- scope `end_to_end`: the real `generate()` iterator (runner + streaming VAE decode with a
+  random-weight VAE + uint8 frames on the CPU, `--write` also encodes an mp4), timed between
+  yielded blocks with the host clock.
+- ttff_s: from the start of generation (prefill included, compile included) to the first block.
+  compile_s: warm-up wall time beyond `warmup * block_ms`. recompiles: torch.compile graphs
+  made after the first block (recompiles_timed: during the timed blocks; must be 0).
+- tflops: model FLOPs (`benchlib.dit_block_flops`, steady-state window) per second of block
+  time; mfu: tflops over a bf16 8192^3 matmul measured in the same process.
+- `--ref DIR` runs bench/ref_harness.py (the reference DiT, same weights/size/steps, fp8 and
+  compile as ours unless `--ref-mode bf16`) in a subprocess after ours and adds ref_fps and
+  ratio_vs_reference = fps / ref_fps. `--ref-json FILE` reads a stored harness line instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from liveavatar import benchlib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class BenchUsageError(ValueError):
+    """Bad bench arguments (exit status 2, one `error:` line)."""
+TEXT_TOKENS = 128  # prompt length before padding to text_len (same in bench/ref_harness.py)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m liveavatar bench", description=__doc__.splitlines()[0])
+    p.add_argument("--random-weights", action="store_true", help="full-size random weights (required for now)")
+    p.add_argument("--size", default="704*384", help="video W*H")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--blocks", type=int, default=6, help="timed blocks (12 frames each)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up blocks (default: one clip)")
+    p.add_argument("--fp8", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--attn", default="sdpa")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="default bf16 (fp32 on CPU)")
+    p.add_argument("--scope", default="dit", choices=("dit", "end_to_end"))
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (only 1 is benchmarked so far)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="tiny DiT config and size (CPU tests)")
+    p.add_argument("--write", action="store_true", help="end_to_end: also encode an mp4 (needs PyAV)")
+    p.add_argument("--ref", default=None, metavar="DIR", help="time the reference DiT from this local copy too")
+    p.add_argument("--ref-mode", default="same", choices=("same", "bf16"),
+                   help="reference options: same fp8/compile as ours, or plain bf16 eager")
+    p.add_argument("--ref-json", default=None, help="stored reference harness JSON line (instead of --ref)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="skip the matmul peak measurement")
+    p.add_argument("--save-latents", default=None, help="save the final latents of the first 2 blocks")
+    p.add_argument("--compare-latents", default=None, help="PSNR of our first 2 blocks vs this saved file")
+    p.add_argument("--json-out", default=None, help="also append the JSON line to this file")
+    return p
+
+
+# ----------------------------------------------------------------------------- model construction
+def bench_config(args):
+    from liveavatar.config import DiTConfig
+
+    if args.tiny:
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in benchlib.TINY_CONFIG.items()}
+        return DiTConfig(**kw).validate("tiny bench config")
+    return DiTConfig()
+
+
+def build_random_dit(cfg, device: torch.device, dtype: torch.dtype, seed: int):
+    """Our DiT with random weights made on `device` (see benchlib.materialize_random_)."""
+    from liveavatar.models.dit import CausalS2VDiT
+
+    with benchlib.params_on_meta():
+        dit = CausalS2VDiT(cfg)
+    dit.eval().requires_grad_(False)
+    info = benchlib.materialize_random_(dit, device, dtype, seed=seed, dim_hint=cfg.dim)
+    return dit, info
+
+
+def build_random_vae(device: torch.device, dtype: torch.dtype, seed: int, tiny: bool):
+    from liveavatar.config import VAEConfig
+    from liveavatar.models.vae import WanVAE, build_autoencoder
+
+    cfg = VAEConfig(base_dim=8) if tiny else VAEConfig()
+    model = build_autoencoder(cfg)
+    benchlib.materialize_random_(model, device, dtype, seed=seed + 7)
+    return WanVAE(model, cfg, device=device, dtype=dtype)
+
+
+def apply_options(dit, args, device: torch.device) -> dict:
+    """fp8 / attention backend / compile through the pipeline's own `apply_speed_options`."""
+    from liveavatar.pipeline.speed import apply_speed_options
+
+    info: dict = {"compile_impl": None}
+    t0 = time.perf_counter()
+    apply_speed_options(dit, attn=args.attn, fp8=args.fp8, compile=False, device=device)
+    if getattr(dit, "attn_backend", args.attn) != args.attn:
+        dit.attn_backend = args.attn  # the DiT exposes a property, not set_attention_backend()
+    info["fp8_convert_s"] = time.perf_counter() - t0 if args.fp8 else 0.0
+    if args.compile:
+        if hasattr(dit, "compile_blocks"):
+            dit.compile_blocks()
+            info["compile_impl"] = "dit.compile_blocks"
+        else:
+            info["compile_impl"] = fallback_compile(dit)
+    return info
+
+
+def fallback_compile(dit) -> str:
+    """Until the DiT has compile_blocks(): compile the parts of every layer that take only
+    tensors (FFN, text cross-attention, audio-injector attention), one shared graph each."""
+    for block in dit.blocks:
+        block.ffn.compile()
+        block.cross_attn.compile()
+    injector = getattr(dit, "audio_injector", None)
+    for sub in getattr(injector, "injector", []) or []:
+        sub.compile()
+    return "bench.fallback_compile(ffn, cross_attn, audio attn)"
+
+
+# ----------------------------------------------------------------------------- runs
+class _Run:
+    """Everything one timed run needs (model, conditioning, plan); shapes in the comments."""
+
+    def __init__(self, args, cfg, device, dtype):
+        from liveavatar.config import DEFAULT_STREAM
+        from liveavatar.sizes import parse_size
+
+        self.stream = DEFAULT_STREAM
+        size = benchlib.TINY_SIZE if args.tiny and args.size == "704*384" else args.size
+        self.width, self.height = parse_size(size)
+        s = self.stream
+        self.hw = (self.height // s.vae_stride_hw, self.width // s.vae_stride_hw)
+        self.warmup = s.blocks_per_clip if args.warmup is None else args.warmup
+        self.total_blocks = self.warmup + args.blocks
+        g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+        h, w = self.hw
+        self.context = torch.randn(TEXT_TOKENS, cfg.text_dim, generator=g)  # [L, text_dim]
+        self.ref = torch.randn(1, 16, 1, h, w, generator=g)  # [1, 16, 1, h, w]
+        self.motion = torch.randn(1, 16, s.motion_frames_latent, h, w, generator=g)
+        n_frames = self.total_blocks * s.frames_per_block  # generated frames incl. lead-in
+        self.features = torch.randn(1, cfg.audio_num_layers, cfg.audio_dim, n_frames, generator=g) * 0.5
+
+
+def run_dit_scope(args, cfg, dit, device, dtype, run: _Run) -> dict:
+    """Sink prefill + warm-up + timed blocks through the pipeline's StepRunner."""
+    from liveavatar.pipeline.conditioning import AudioConditioning, ImageConditioning
+    from liveavatar.pipeline.generate import make_runner
+    from liveavatar.pipeline.model import LiveAvatar, LoadOptions
+    from liveavatar.pipeline.plan import block_noise, make_plan
+    from liveavatar.pipeline.sampler import BlockInputs
+    from liveavatar.media.audio import Audio16k
+
+    s = run.stream
+    model = LiveAvatar(dit, None, None, None, LoadOptions(device=device, dtype=dtype, attn=args.attn,
+                                                          fp8=args.fp8, compile=args.compile))
+    image = ImageConditioning(pixels=torch.zeros(1, 3, 1, run.height, run.width), width=run.width, height=run.height)
+    lead = 3
+    plan = make_plan(run.total_blocks * s.frames_per_block - lead, s, lead_in_frames=lead)
+    audio = AudioConditioning(features=run.features, num_frames=plan.num_frames,
+                              audio=Audio16k(torch.zeros(plan.num_frames * 640)), lead_in_frames=lead)
+    noise = [block_noise(args.seed, b, run.hw, s).to(device) for b in plan.blocks]
+    inputs = [BlockInputs(audio=audio.block_features(b).to(device, dtype)) for b in plan.blocks]
+    graphs0 = benchlib.dynamo_graphs()
+    res: dict = {"block_ms": [], "step_ms": [], "warm_ms": [], "latents": []}
+    benchlib.sync(device)
+    t_start = time.perf_counter()
+    runner = make_runner(model, run.context, image, seed=args.seed, steps=args.steps)
+    runner.prefill(run.ref, run.motion)
+    for b, block in enumerate(plan.blocks):
+        timer = benchlib.Timer(device)
+        marks = [timer.mark()]
+        x = runner.run(noise[b], block, inputs[b], on_step=lambda _s: marks.append(timer.mark()))
+        timer.sync()
+        if b == 0:
+            res["ttff_s"] = time.perf_counter() - t_start
+            res["graphs_after_first"] = benchlib.dynamo_graphs()
+        if b < 2:
+            res["latents"].append(x.detach().float().cpu())
+        total = timer.elapsed_ms(marks[0], marks[-1])
+        if b < run.warmup:
+            res["warm_ms"].append(total)
+            res["graphs_after_warmup"] = benchlib.dynamo_graphs()
+            res["warm_end"] = time.perf_counter()
+        else:
+            res["block_ms"].append(total)
+            res["step_ms"] += [timer.elapsed_ms(marks[i], marks[i + 1]) for i in range(len(marks) - 1)]
+    res.setdefault("graphs_after_warmup", graphs0)
+    res["warmup_s"] = res.get("warm_end", t_start) - t_start
+    res["graphs0"] = graphs0
+    res["finite"] = bool(torch.isfinite(x).all())
+    res["cache_gib"] = runner.cache_bytes() / 2**30
+    return res
+
+
+def run_end_to_end(args, cfg, dit, device, dtype, run: _Run) -> dict:
+    """The pipeline's generate() iterator with a random VAE; host-clock time between blocks."""
+    import tempfile
+
+    from liveavatar.media.audio import Audio16k
+    from liveavatar.pipeline.conditioning import AudioConditioning, ImageConditioning, ReferenceLatents
+    from liveavatar.pipeline.model import LiveAvatar, LoadOptions
+
+    s = run.stream
+    vae = build_random_vae(device, dtype, args.seed, args.tiny)
+    model = LiveAvatar(dit, vae, None, None, LoadOptions(device=device, dtype=dtype, attn=args.attn,
+                                                         fp8=args.fp8, compile=args.compile))
+    image = ImageConditioning(pixels=torch.zeros(1, 3, 1, run.height, run.width), width=run.width, height=run.height)
+    lead = 3
+    n_frames = run.total_blocks * s.frames_per_block - lead
+    wave = Audio16k(torch.zeros(n_frames * s.sample_rate // s.fps))
+    audio = AudioConditioning(features=run.features, num_frames=n_frames, audio=wave, lead_in_frames=lead)
+    writer = None
+    if args.write:
+        from liveavatar.media.video_writer import VideoWriter
+
+        writer = VideoWriter(Path(tempfile.mkdtemp()) / "bench.mp4", run.width, run.height, fps=s.fps,
+                             audio_rate=s.sample_rate)
+    graphs0 = benchlib.dynamo_graphs()
+    res: dict = {"block_ms": [], "step_ms": [], "warm_ms": [], "latents": []}
+    benchlib.sync(device)
+    t_start = t_prev = time.perf_counter()
+    for blk in model.generate(run.context, audio, image, seed=args.seed, steps=args.steps,
+                              reference=ReferenceLatents(ref=run.ref, motion=run.motion)):
+        if writer is not None:
+            writer.write_frames(blk.frames)
+            writer.write_audio(blk.audio)
+        now = time.perf_counter()
+        ms = (now - t_prev) * 1000.0
+        t_prev = now
+        if blk.index == 0:
+            res["ttff_s"] = now - t_start
+            res["graphs_after_first"] = benchlib.dynamo_graphs()
+        if blk.index < run.warmup:
+            res["warm_ms"].append(ms)
+            res["graphs_after_warmup"] = benchlib.dynamo_graphs()
+            res["warm_end"] = now
+        else:
+            res["block_ms"].append(ms)
+            res.setdefault("dit_ms", []).append(blk.timings.get("dit", 0.0) * 1000.0)
+            res.setdefault("decode_ms", []).append(blk.timings.get("decode", 0.0) * 1000.0)
+    if writer is not None:
+        writer.close()
+    res.setdefault("graphs_after_warmup", graphs0)
+    res["warmup_s"] = res.get("warm_end", t_start) - t_start
+    res["graphs0"] = graphs0
+    res["finite"] = True
+    return res
+
+
+# ----------------------------------------------------------------------------- reporting
+def latents_psnr(ours: list[torch.Tensor], ref_path: str) -> dict:
+    """PSNR (dB, peak = value range of the stored latents) and relative L2 over the first blocks."""
+    stored = torch.load(ref_path, weights_only=True)
+    a = torch.cat([t.flatten() for t in ours[: len(stored)]])
+    b = torch.cat([t.flatten() for t in stored[: len(ours)]])
+    mse = float(((a - b) ** 2).mean())
+    rng = float(b.max() - b.min())
+    psnr = float("inf") if mse == 0 else 10.0 * math.log10(rng * rng / mse)
+    rel = float((a - b).norm() / b.norm().clamp(min=1e-12))
+    return {"psnr_db": psnr if math.isfinite(psnr) else 999.0, "rel_l2": rel, "blocks": len(stored)}
+
+
+def run_reference(args, peak: float | None) -> dict:
+    """bench/ref_harness.py in a subprocess; returns its JSON line as a dict."""
+    cmd = [sys.executable, str(REPO / "bench" / "ref_harness.py"), "--ref-dir", args.ref,
+           "--size", args.size, "--steps", str(args.steps), "--blocks", str(args.blocks),
+           "--seed", str(args.seed), "--device", args.device]
+    if args.warmup is not None:
+        cmd += ["--warmup", str(args.warmup)]
+    if args.tiny:
+        cmd.append("--tiny")
+    if args.ref_mode == "same":
+        cmd += ["--fp8"] if args.fp8 else []
+        cmd += ["--compile"] if args.compile else []
+    if peak:
+        cmd += ["--peak-tflops", str(peak)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"reference harness failed (exit {proc.returncode}): " + " | ".join(tail))
+    return json.loads(lines[-1])
+
+
+def resolve(args) -> tuple[torch.device, torch.dtype]:
+    from liveavatar.pipeline.model import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    return device, dtype
+
+
+def bench(args) -> dict:
+    """Run the benchmark described by `args`; returns the result dict (JSON-ready)."""
+    if not args.random_weights:
+        raise BenchUsageError("--random-weights: the benchmark runs on full-size random weights; add --random-weights")
+    if args.gpus != 1:
+        raise BenchUsageError("--gpus: only single-GPU benchmarking is implemented (use --gpus 1)")
+    if args.blocks < 1 or args.steps < 1:
+        raise BenchUsageError("--blocks and --steps must be >= 1")
+    device, dtype = resolve(args)
+    cfg = bench_config(args)
+    peak = args.peak_tflops
+    if peak is None and device.type == "cuda":
+        peak = benchlib.matmul_peak_tflops(device)
+    benchlib.reset_peak_mem(device)
+    dit, winfo = build_random_dit(cfg, device, dtype, args.seed)
+    opt = apply_options(dit, args, device)
+    run = _Run(args, cfg, device, dtype)
+    with torch.no_grad():
+        res = (run_dit_scope if args.scope == "dit" else run_end_to_end)(args, cfg, dit, device, dtype, run)
+    peak_mem = benchlib.peak_mem_gib(device)
+
+    blk = benchlib.median(res["block_ms"])
+    s = run.stream
+    fsl = (run.hw[0] // 2) * (run.hw[1] // 2)
+    ring = s.latent_frames_per_clip * fsl
+    flops = benchlib.dit_block_flops(cfg, run.hw, ring, benchlib.sink_tokens(run.hw),
+                                     frames=s.frames_per_block_latent) * args.steps
+    tflops = flops / (blk / 1000.0) / 1e12
+    out = {
+        "impl": "ours",
+        "device": benchlib.device_name(device), "torch": torch.__version__, "num_gpus": benchlib.num_gpus(),
+        "schedule": "single", "size": f"{run.width}*{run.height}", "steps": args.steps,
+        "fp8": args.fp8, "compile": args.compile, "attn": args.attn, "scope": args.scope,
+        "fps": s.frames_per_block / (blk / 1000.0),
+        "ttff_s": res.get("ttff_s"), "block_ms": blk,
+        "step_ms": benchlib.median(res["step_ms"]) if res["step_ms"] else blk / args.steps,
+        "peak_mem_gb": [peak_mem], "tflops": tflops, "mfu": (tflops / peak) if peak else None,
+        "matmul_peak_tflops": peak,
+        "compile_s": max(0.0, res["warmup_s"] - run.warmup * blk / 1000.0),
+        "warmup_s": res["warmup_s"],
+        "recompiles": benchlib.dynamo_graphs() - res.get("graphs_after_first", res["graphs0"]),
+        "recompiles_timed": benchlib.dynamo_graphs() - res["graphs_after_warmup"],
+        "graphs": benchlib.dynamo_graphs() - res["graphs0"],
+        "compile_impl": opt["compile_impl"], "fp8_convert_s": opt["fp8_convert_s"],
+        "warmup_blocks": run.warmup, "timed_blocks": args.blocks, "block_ms_all": res["warm_ms"] + res["block_ms"],
+        "weights_gib": winfo["bytes"] / 2**30, "weights_init_s": winfo["seconds"],
+        "flops_per_block": flops, "output_finite": res["finite"], "tiny": args.tiny, "seed": args.seed,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    if "cache_gib" in res:
+        out["cache_gib"] = res["cache_gib"]
+    if "decode_ms" in res:
+        out["dit_ms"] = benchlib.median(res["dit_ms"])
+        out["decode_ms"] = benchlib.median(res["decode_ms"])
+    out["est_mem_gb"] = _estimate(cfg, run, args, dit, dtype)
+    if args.save_latents and res["latents"]:
+        torch.save(res["latents"], args.save_latents)
+    if args.compare_latents and res["latents"]:
+        out["vs_saved_latents"] = latents_psnr(res["latents"], args.compare_latents)
+    del dit, res
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    ref = None
+    if args.ref_json:
+        lines = [ln for ln in Path(args.ref_json).read_text().splitlines() if ln.strip().startswith("{")]
+        ref = json.loads(lines[-1])
+    elif args.ref:
+        ref = run_reference(args, peak)
+    if ref is not None:
+        out["ref_fps"] = ref.get("fps")
+        out["ratio_vs_reference"] = out["fps"] / ref["fps"] if ref.get("fps") else None
+        out["ref"] = {k: ref.get(k) for k in ("fps", "block_ms", "step_ms", "peak_mem_gb", "fp8", "compile",
+                                              "attn", "compile_s", "recompiles", "ttff_s", "device")}
+    return benchlib.rounded(out)
+
+
+def _estimate(cfg, run: _Run, args, dit, dtype) -> float | None:
+    """The lead's memory preflight estimate for this job (GiB), for comparison with the peak."""
+    try:
+        from liveavatar.pipeline.memory import estimate_memory
+
+        from liveavatar.models.fp8 import REFERENCE_EXCLUDE
+
+        total, linear = sum(p.numel() for p in dit.parameters()), 0
+        for name, m in dit.named_modules():
+            if hasattr(m, "weight_fp8"):
+                total += m.weight_fp8.numel()
+                linear += m.weight_fp8.numel()
+            elif isinstance(m, torch.nn.Linear) and not any(e in name for e in REFERENCE_EXCLUDE):
+                linear += m.weight.numel()
+        est = estimate_memory(cfg, run.width, run.height, steps_owned=args.steps, dtype=dtype, fp8=args.fp8,
+                              decode_here=args.scope == "end_to_end", param_counts=(total, linear))
+        return est.total / 2**30
+    except Exception:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `python -m liveavatar bench -- --flags` (argparse REMAINDER quirk)
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    try:
+        result = bench(args)
+        code = 0
+    except torch.cuda.OutOfMemoryError as exc:  # still one JSON line, so a device script keeps going
+        result = failure_record(args, "out of memory: " + str(exc).splitlines()[0])
+        code = 3
+    except BenchUsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError) as exc:
+        result = failure_record(args, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        code = 3
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.json_out:
+        with open(args.json_out, "a") as fh:
+            fh.write(line + "\n")
+    return code
+
+
+def failure_record(args, error: str) -> dict:
+    """The JSON line of a run that failed (all result keys present, measurements null)."""
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device in ("auto", "cuda") else "cpu")
+    out = {k: None for k in benchlib.RESULT_KEYS}
+    out.update(impl="ours", error=error, device=benchlib.device_name(device), torch=torch.__version__,
+               num_gpus=benchlib.num_gpus(), schedule="single", size=args.size, steps=args.steps, fp8=args.fp8,
+               compile=args.compile, attn=args.attn, scope=args.scope,
+               peak_mem_gb=[benchlib.peak_mem_gib(device)], tiny=args.tiny)
+    return benchlib.rounded(out)
+
+
+if __name__ == "__main__":  # python -m liveavatar.bench ...
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""fp8 (e4m3) linear layers for the DiT: per-tensor scales, `torch._scaled_mm`, bf16 output.
+
+Scheme (the reference's, spec §5):
+- weight: quantised ONCE at conversion, one symmetric scale for the whole tensor
+  (`s_w = min(448 / amax(|W|), 448)`, `W_q = clamp(W * s_w, ±448) -> float8_e4m3fn`); the bf16
+  weight is freed, so every converted layer holds 1 byte per weight element.
+- activation: quantised on every call with a fresh per-tensor scale computed the same way from
+  the flattened input `[M, in_features]`.
+- matmul: `torch._scaled_mm(x_q, W_q^T, scale_a=1/s_x, scale_b=1/s_w, bias, out_dtype=bf16,
+  use_fast_accum=True)`; the result is cast back to the input dtype.
+
+Which layers: every `nn.Linear` whose qualified name contains none of `REFERENCE_EXCLUDE`
+(the text/time embeddings, the time projection, the output head and the audio encoder's final
+linear stay in bf16), and whose in/out features are multiples of 16 (a `_scaled_mm` constraint;
+other layers stay bf16 and are listed in the returned summary).
+
+Hardware: `_scaled_mm` on fp8 needs an sm89+ GPU (Ada, Hopper, Blackwell). On the CPU the
+conversion is refused unless `allow_cpu=True` (tests): then PyTorch's CPU `_scaled_mm` is used
+when it exists, else an emulation that dequantises to float32 (same quantisation math).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+log = logging.getLogger("liveavatar")
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+AMAX_FLOOR = 1e-12
+REFERENCE_EXCLUDE: tuple[str, ...] = (
+    "text_embedding", "time_embedding", "time_projection", "head.head",
+    "casual_audio_encoder.encoder.final_linear",
+)
+MIN_CAPABILITY = (8, 9)
+
+
+class FP8Unsupported(RuntimeError):
+    """fp8 linears cannot run here (CPU, pre-sm89 GPU, or a PyTorch without `_scaled_mm`)."""
+
+
+# ----------------------------------------------------------------------------- quantisation math
+def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-tensor e4m3 quantisation.
+
+    x: any shape, any float dtype. Returns (x_q with x's shape in float8_e4m3fn, inv_scale: a
+    0-d float32 tensor on x's device) with `x ≈ x_q.float() * inv_scale`. The scale is
+    `448 / max(amax, 1e-12)`, capped at 448, so an all-zero tensor quantises to zeros.
+    """
+    amax = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dtype=torch.float32)
+    scale = (FP8_MAX / amax.clamp(min=AMAX_FLOOR)).clamp(max=FP8_MAX)
+    q = (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale.reciprocal()
+
+
+def dequantize(q: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    """float32 values represented by (q, inv_scale)."""
+    return q.float() * inv_scale
+
+
+_compiled_quantizer: Callable | None = None
+_compile_failed = False
+
+
+def _activation_quantizer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-call quantiser: a torch.compile'd (fused, dynamic-shape) version on CUDA, as the
+    reference does; plain PyTorch while tracing an outer compile, on CPU, or if compile failed."""
+    global _compiled_quantizer, _compile_failed
+    if x.device.type != "cuda" or _compile_failed or torch.compiler.is_compiling():
+        return quantize_per_tensor(x)
+    if _compiled_quantizer is None:
+        _compiled_quantizer = torch.compile(quantize_per_tensor, dynamic=True)
+    try:
+        return _compiled_quantizer(x)
+    except Exception as exc:  # pragma: no cover - GPU only
+        _compile_failed = True
+        log.warning("fp8: compiling the activation quantiser failed (%s); using eager ops", exc)
+        return quantize_per_tensor(x)
+
+
+def emulated_scaled_mm(a_q: torch.Tensor, b_q_t: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor,
+                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """What `_scaled_mm` computes, in float32: (a_q * inv_a) @ (b_q_t * inv_b) + bias.
+    a_q [M, K], b_q_t [K, N] (fp8) -> [M, N] in out_dtype."""
+    out = dequantize(a_q, inv_a) @ dequantize(b_q_t, inv_b)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- the layer
+class FP8Linear(nn.Module):
+    """Drop-in replacement for an `nn.Linear` holding an e4m3 weight and its per-tensor scale.
+
+    Buffers: `weight_fp8` [out, in] float8_e4m3fn, `weight_inv_scale` 0-d float32. Parameter:
+    `bias` [out] (bf16) or None. `weight` is a meta tensor that only records the original shape
+    and dtype (the bf16 values are gone). forward: x [..., in] -> [..., out] in x's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, weight_fp8: torch.Tensor,
+                 weight_inv_scale: torch.Tensor, bias: torch.Tensor | None,
+                 orig_dtype: torch.dtype = torch.bfloat16, emulate: bool = False):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight_fp8", weight_fp8)
+        self.register_buffer("weight_inv_scale", weight_inv_scale.reshape(()).float())
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
+        else:
+            self.bias = None
+        self.weight = torch.empty((out_features, in_features), device="meta", dtype=orig_dtype)
+        self.emulate = emulate
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, emulate: bool = False) -> "FP8Linear":
+        w = linear.weight
+        q, inv = quantize_per_tensor(w)
+        return cls(linear.in_features, linear.out_features, q.contiguous(), inv, linear.bias,
+                   orig_dtype=w.dtype, emulate=emulate)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, e4m3 per-tensor{', emulated' if self.emulate else ''}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)
+        if not x2d.is_contiguous():
+            x2d = x2d.contiguous()
+        x_q, x_inv = _activation_quantizer(x2d)
+        w_t = self.weight_fp8.t()  # [in, out], column-major as _scaled_mm wants
+        if self.emulate:
+            out = emulated_scaled_mm(x_q, w_t, x_inv, self.weight_inv_scale, self.bias, torch.bfloat16)
+        else:
+            out = torch._scaled_mm(x_q, w_t, scale_a=x_inv, scale_b=self.weight_inv_scale,
+                                   bias=self.bias, out_dtype=torch.bfloat16, use_fast_accum=True)
+            if isinstance(out, tuple):  # very old PyTorch returned (out, amax)
+                out = out[0]
+        return out.reshape(*lead, self.out_features).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- conversion
+def _linear_device(model: nn.Module) -> torch.device | None:
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            return m.weight.device
+    return None
+
+
+def check_fp8_support(device: torch.device) -> None:
+    """Raise FP8Unsupported naming the cause when fp8 `_scaled_mm` cannot run on `device`."""
+    if not hasattr(torch, "_scaled_mm"):
+        raise FP8Unsupported(f"fp8: this PyTorch ({torch.__version__}) has no torch._scaled_mm; "
+                             "upgrade PyTorch or run without --fp8")
+    if device.type != "cuda":
+        raise FP8Unsupported(f"fp8: the DiT is on '{device}'; fp8 linears need a CUDA GPU with compute "
+                             "capability 8.9 or newer (Ada, Hopper); run without --fp8 on this device")
+    cap = torch.cuda.get_device_capability(device)
+    if tuple(cap) < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise FP8Unsupported(f"fp8: {name} is sm{cap[0]}{cap[1]}; fp8 matmuls need sm89+ (Ada, Hopper); "
+                             "run without --fp8 (bf16) on this GPU")
+
+
+def _cpu_scaled_mm_works() -> bool:
+    try:
+        a = torch.ones(16, 16).to(FP8_DTYPE)
+        one = torch.tensor(1.0)
+        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        return True
+    except Exception:
+        return False
+
+
+def _excluded(name: str, exclude: Iterable[str]) -> bool:
+    return any(e in name for e in exclude)
+
+
+@torch.no_grad()
+def convert_to_fp8(model: nn.Module, exclude: Iterable[str] = REFERENCE_EXCLUDE, *,
+                   allow_cpu: bool = False, emulate: bool | None = None) -> dict:
+    """Replace the model's eligible `nn.Linear` layers by `FP8Linear`, in place.
+
+    exclude: substrings of qualified module names to keep in bf16 (default: the reference's list).
+    allow_cpu: permit a CPU model (numerics tests); otherwise CPU / pre-sm89 raise FP8Unsupported.
+    emulate: force (True) or forbid (False) the float32 emulation; None = only where the real
+        `_scaled_mm` is unavailable (CPU builds without it).
+    Returns {"converted": int, "excluded": [names], "skipped": [names] (dims not multiples of
+    16), "bytes_before": int, "bytes_after": int} (weight bytes of the touched layers).
+    """
+    exclude = tuple(exclude)
+    device = _linear_device(model)
+    if device is None:
+        return {"converted": 0, "excluded": [], "skipped": [], "bytes_before": 0, "bytes_after": 0}
+    if device.type == "meta":
+        raise FP8Unsupported("fp8: the model's weights are on the meta device; load or materialise them first")
+    if device.type == "cpu" and allow_cpu:
+        use_emulation = (not _cpu_scaled_mm_works()) if emulate is None else bool(emulate)
+    else:
+        check_fp8_support(device)
+        use_emulation = bool(emulate)
+    summary = {"converted": 0, "excluded": [], "skipped": [], "bytes_before": 0, "bytes_after": 0}
+    targets: list[tuple[nn.Module, str, str, nn.Linear]] = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if not isinstance(child, nn.Linear):
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            if _excluded(full, exclude):
+                summary["excluded"].append(full)
+            elif child.in_features % 16 or child.out_features % 16:
+                summary["skipped"].append(full)
+            else:
+                targets.append((module, child_name, full, child))
+    targets.reverse()
+    while targets:  # pop as we go so each bf16 weight is freed right after its conversion
+        parent, child_name, full, lin = targets.pop()
+        summary["bytes_before"] += lin.weight.numel() * lin.weight.element_size()
+        new = FP8Linear.from_linear(lin, emulate=use_emulation)
+        summary["bytes_after"] += new.weight_fp8.numel()
+        setattr(parent, child_name, new)
+        del lin, new
+        summary["converted"] += 1
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    log.info("fp8: %d linears converted (%.1f -> %.1f GiB), %d excluded, %d skipped (dims)",
+             summary["converted"], summary["bytes_before"] / 2**30, summary["bytes_after"] / 2**30,
+             len(summary["excluded"]), len(summary["skipped"]))
+    return summary
+
+
+__all__ = ["FP8Linear", "FP8Unsupported", "REFERENCE_EXCLUDE", "FP8_MAX", "convert_to_fp8",
+           "check_fp8_support", "quantize_per_tensor", "dequantize", "emulated_scaled_mm"]
