@@ -1,0 +1,217 @@
+"""Node execute paths on the tiny checkpoint on CPU, inside ComfyUI's real modules (COMFYUI_DIR).
+
+Each node's `execute` is called as ComfyUI calls it (V3 classmethods), with native values built the
+way ComfyUI's own nodes build them (IMAGE [B, H, W, C] float, AUDIO {"waveform", "sample_rate"}).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+
+from test_nodes_support import (TINY_NAME, import_comfy, load_pack, make_tiny, needs_comfy, pack_submodule,
+                                speech_like)
+
+pytestmark = [needs_comfy(), pytest.mark.comfyui]
+
+SECONDS = 0.44  # 11 frames at 25 fps -> 2 blocks (9 + 2 frames after the 3 lead-in frames)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    folder_paths, mm = import_comfy()
+    root = tmp_path_factory.mktemp("models")
+    make_tiny(root / "liveavatar" / TINY_NAME)
+    out = tmp_path_factory.mktemp("output")
+    folder_paths.set_output_directory(str(out))
+    pack = load_pack()
+    ext = asyncio.run(pack.comfy_entrypoint())
+    nodes = {n.GET_SCHEMA().node_id: n for n in asyncio.run(ext.get_node_list())}
+    folder_paths.add_model_folder_path("liveavatar", str(root / "liveavatar"), is_default=True)
+    yield {"fp": folder_paths, "mm": mm, "nodes": nodes, "out": out}
+    pack_submodule("nodes.handle").close_all()
+
+
+@pytest.fixture(scope="module")
+def model(env):
+    loader = env["nodes"]["LiveAvatarModelLoader"]
+    out = loader.execute(checkpoint=TINY_NAME, lora="auto", lora_strength=1.0, precision="fp32",
+                         attention="sdpa", devices="cpu", gpu_mode="single", compile=False)
+    return out.args[0]
+
+
+@pytest.fixture(scope="module")
+def conditioning(env, model):
+    n = env["nodes"]
+    text = n["LiveAvatarTextEncode"].execute(model=model, prompt="a person talking").args[0]
+    audio = {"waveform": speech_like(SECONDS, 22050, 2).unsqueeze(0), "sample_rate": 22050}
+    aud_out = n["LiveAvatarAudioEncode"].execute(model=model, audio=audio)
+    image = torch.rand(2, 120, 160, 3)
+    ref_out = n["LiveAvatarReferenceImage"].execute(model=model, image=image, size="64x64", size_mode="exact")
+    return {"text": text, "audio": aud_out, "ref": ref_out}
+
+
+class Recorder:
+    """Stands in for ComfyUI's progress hook (main.py's hook also raises on interrupt)."""
+
+    def __init__(self, mm, interrupt_at: int | None = None):
+        self.calls: list[tuple[int, int, object]] = []
+        self.mm = mm
+        self.interrupt_at = interrupt_at
+
+    def __call__(self, value, total, preview, node_id=None):
+        self.calls.append((value, total, preview))
+        if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
+            self.mm.interrupt_current_processing(True)
+
+
+@pytest.fixture
+def hook(env, monkeypatch):
+    import comfy.utils
+
+    def install(interrupt_at=None):
+        rec = Recorder(env["mm"], interrupt_at)
+        monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", rec)
+        return rec
+
+    yield install
+    env["mm"].interrupt_current_processing(False)
+
+
+def test_entrypoint_registers_all_nodes(env):
+    assert sorted(env["nodes"]) == sorted([
+        "LiveAvatarModelLoader", "LiveAvatarModelLoaderFiles", "LiveAvatarTextEncode", "LiveAvatarAudioEncode",
+        "LiveAvatarReferenceImage", "LiveAvatarSampler", "LiveAvatarSaveMP4"])
+    schema = env["nodes"]["LiveAvatarModelLoader"].GET_SCHEMA()
+    checkpoint = next(i for i in schema.inputs if i.id == "checkpoint")
+    assert TINY_NAME in checkpoint.options
+
+
+def test_loader_reuses_the_live_model(env, model):
+    loader = env["nodes"]["LiveAvatarModelLoader"]
+    again = loader.execute(checkpoint=TINY_NAME, lora="auto", lora_strength=1.0, precision="fp32",
+                           attention="sdpa", devices="cpu", gpu_mode="single", compile=False).args[0]
+    assert again is model and not model.closed
+    assert model.mode == "single" and model.spec.lora and model.spec.lora.endswith("liveavatar.safetensors")
+
+
+def test_loader_errors_name_the_input(env):
+    loader = env["nodes"]["LiveAvatarModelLoader"]
+    errors = pack_submodule("nodes.errors")
+    with pytest.raises(errors.LiveAvatarInputError, match="'checkpoint'"):
+        loader.execute(checkpoint="missing-folder", lora="auto", lora_strength=1.0, precision="fp32",
+                       attention="sdpa", devices="cpu", gpu_mode="single", compile=False)
+    msg = loader.validate_inputs(devices="cpu", gpu_mode="tpp")
+    assert isinstance(msg, str) and "gpu_mode" in msg
+    msg = loader.validate_inputs(devices="7", gpu_mode="single")
+    assert isinstance(msg, str) and "'devices'" in msg and "cuda:7" in msg
+    assert loader.validate_inputs(devices="cpu", gpu_mode="auto") is True
+
+
+def test_text_encode_prompt_and_native_conditioning(env, model, conditioning):
+    node = env["nodes"]["LiveAvatarTextEncode"]
+    text = conditioning["text"]
+    assert text.ndim == 2 and text.shape[1] == model.text_dim and torch.isfinite(text).all()
+    native = [[torch.randn(1, 512, model.text_dim), {"pooled_output": None}]]
+    out = node.execute(model=model, prompt="ignored", conditioning=native).args[0]
+    assert torch.equal(out, native[0][0][0])
+    errors = pack_submodule("nodes.errors")
+    with pytest.raises(errors.LiveAvatarInputError, match="'conditioning'.*4096"):
+        node.execute(model=model, prompt="x", conditioning=[[torch.zeros(1, 512, 4096), {}]])
+
+
+def test_audio_encode_any_rate_and_channels(env, model, conditioning):
+    out = conditioning["audio"]
+    cond, frames = out.args[0], out.args[1]
+    assert frames == cond.num_frames == math.floor(SECONDS * 25)
+    assert cond.audio.sample_rate == 16000 and cond.audio.samples.ndim == 1
+    assert "11 frames" in out.ui.as_dict()["text"][0]
+    node = env["nodes"]["LiveAvatarAudioEncode"]
+    errors = pack_submodule("nodes.errors")
+    with pytest.raises(errors.LiveAvatarInputError, match="'audio'"):
+        node.execute(model=model, audio={"waveform": torch.zeros(1, 1, 0), "sample_rate": 16000})
+
+
+def test_reference_image_size_validation(env, model, conditioning):
+    out = conditioning["ref"]
+    ref, w, h = out.args
+    assert (w, h) == (64, 64) and ref.pixels.shape == (1, 3, 1, 64, 64)
+    assert "effective size 64x64" in out.ui.as_dict()["text"][0]
+    node = env["nodes"]["LiveAvatarReferenceImage"]
+    assert node.validate_inputs(size="704x384") is True
+    msg = node.validate_inputs(size="700*400")
+    assert isinstance(msg, str) and "'size'" in msg
+    errors = pack_submodule("nodes.errors")
+    with pytest.raises(errors.LiveAvatarInputError, match="'size'"):
+        node.execute(model=model, image=torch.rand(1, 64, 64, 3), size="65*64", size_mode="exact")
+    area = node.execute(model=model, image=torch.rand(1, 120, 240, 3), size="128*128", size_mode="area").args
+    assert area[1] > area[2]  # the image's 2:1 aspect ratio decides the shape
+
+
+def test_sampler_returns_native_frames_and_audio(env, model, conditioning, hook):
+    rec = hook()
+    out = env["nodes"]["LiveAvatarSampler"].execute(
+        model=model, text=conditioning["text"], audio=conditioning["audio"].args[0],
+        reference=conditioning["ref"].args[0], seed=3, steps=3, num_clip=0)
+    frames, audio, fps = out.args
+    n = conditioning["audio"].args[1]
+    assert frames.shape == (n, 64, 64, 3) and frames.dtype == torch.float32
+    assert 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0 and float(frames.std()) > 0
+    assert audio["sample_rate"] == 16000 and audio["waveform"].shape == (1, 1, n * 640)
+    assert fps == 25.0
+    values = [v for v, _, _ in rec.calls]
+    assert values == sorted(values) and values[-1] == rec.calls[-1][1] == 2 * 4  # 2 blocks x (3 steps + decode)
+    previews = [p for _, _, p in rec.calls if p is not None]
+    assert len(previews) == 2 and previews[0][0] == "JPEG" and previews[0][1].size == (64, 64)
+
+    # native Create Video -> mp4 (what Save Video does)
+    from comfy_extras.nodes_video import CreateVideo
+
+    video = CreateVideo.execute(images=frames, fps=fps, audio=audio).args[0]
+    path = env["out"] / "native.mp4"
+    video.save_to(str(path), format="mp4", codec="h264")
+    from liveavatar.media.video_writer import probe_video
+
+    info = probe_video(path)
+    assert info["frames"] == n and (info["width"], info["height"]) == (64, 64)
+    assert info["audio_duration_s"] == pytest.approx(n / 25, abs=0.05)
+
+
+def test_save_mp4_streams_to_the_output_folder(env, model, conditioning, hook):
+    hook()
+    out = env["nodes"]["LiveAvatarSaveMP4"].execute(
+        model=model, text=conditioning["text"], audio=conditioning["audio"].args[0],
+        reference=conditioning["ref"].args[0], seed=3, steps=3, num_clip=0, filename_prefix="LiveAvatar/test")
+    video, rel = out.args
+    path = env["out"] / rel
+    assert path.is_file() and rel.startswith("LiveAvatar")
+    from liveavatar.media.video_writer import probe_video
+
+    n = conditioning["audio"].args[1]
+    info = probe_video(path)
+    assert info["frames"] == n and (info["width"], info["height"]) == (64, 64)
+    assert info["audio_duration_s"] == pytest.approx(n / 25, abs=0.05)
+    assert video.get_dimensions() == (64, 64)
+    saved = out.ui.as_dict()["images"][0]
+    assert saved["filename"] == path.name and saved["type"] == "output"
+
+
+def test_interrupt_stops_between_steps(env, model, conditioning, hook):
+    rec = hook(interrupt_at=2)  # interrupt right after the second step of block 0
+    mm = env["mm"]
+    with pytest.raises(mm.InterruptProcessingException):
+        env["nodes"]["LiveAvatarSampler"].execute(
+            model=model, text=conditioning["text"], audio=conditioning["audio"].args[0],
+            reference=conditioning["ref"].args[0], seed=3, steps=3, num_clip=0)
+    assert len(rec.calls) <= 3 and not mm.processing_interrupted()  # flag consumed, server can go on
+
+
+def test_sampler_rejects_wrong_sockets(env, model, conditioning):
+    errors = pack_submodule("nodes.errors")
+    with pytest.raises(errors.LiveAvatarInputError, match="'reference'"):
+        env["nodes"]["LiveAvatarSampler"].execute(
+            model=model, text=conditioning["text"], audio=conditioning["audio"].args[0],
+            reference=torch.zeros(1, 64, 64, 3), seed=0, steps=4, num_clip=0)

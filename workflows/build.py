@@ -1,0 +1,311 @@
+"""Write the shipped workflows from compact graph descriptions, in both ComfyUI formats.
+
+- UI format -> `example_workflows/<name>.json` (what ComfyUI's template browser lists for a custom
+  node pack: `app/custom_node_manager.py` serves `<pack>/example_workflows/*.json`).
+- API format -> `workflows/api/<name>.json` (the `prompt` of `POST /prompt`).
+
+Widget order, slot types and defaults come from `workflows/schema/object_info.json`, a trimmed
+copy of a real ComfyUI's `/object_info` (our nodes + the core nodes the workflows use). Refresh it
+from a running ComfyUI that has this pack loaded, then rebuild and check:
+
+    python workflows/build.py snapshot http://127.0.0.1:8188
+    python workflows/build.py build
+    python workflows/check.py
+
+Standalone: only the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from check import (API_DIR, FRONTEND_ONLY, SNAPSHOT, UI_DIR, UPLOAD_EXTRA, check_api, check_ui,  # noqa: E402
+                   input_specs, is_widget, load_schemas, type_name)
+
+CORE_NODES = [
+    "LoadImage", "LoadAudio", "CreateVideo", "SaveVideo", "GetVideoComponents", "PreviewImage",
+    "PreviewAudio", "SaveAudio", "CLIPLoader", "CLIPTextEncode", "AudioEncoderLoader", "AudioEncoderEncode",
+]
+TINY_CHECKPOINT = "liveavatar-tiny"
+OFFICIAL_CHECKPOINT = "Wan2.2-S2V-14B"
+EXAMPLE_IMAGE = "liveavatar_example.png"
+EXAMPLE_AUDIO = "liveavatar_example.wav"
+PROMPT = ("A young woman with long dark hair talks to the camera in a bright studio, natural lip movements, "
+          "gentle head motion and friendly expressions, sharp focus, soft light.")
+
+
+@dataclass
+class N:
+    """One node: id, type, widget values by name, inputs by name -> (source id, output slot)."""
+
+    id: int
+    type: str
+    widgets: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, tuple[int, int]] = field(default_factory=dict)
+    pos: tuple[int, int] = (0, 0)
+    title: str | None = None
+    text: str = ""  # Note / MarkdownNote body
+
+
+def note(id: int, text: str, pos: tuple[int, int]) -> N:
+    return N(id, "MarkdownNote", pos=pos, text=text)
+
+
+def loader(id: int, checkpoint: str, *, precision="bf16", attention="sdpa", devices="auto",
+           gpu_mode="auto", compile=False, pos=(0, 0)) -> N:
+    return N(id, "LiveAvatarModelLoader", dict(checkpoint=checkpoint, lora="auto", lora_strength=1.0,
+                                               precision=precision, attention=attention, devices=devices,
+                                               gpu_mode=gpu_mode, compile=compile), pos=pos)
+
+
+def encoders(model: int, image: int, audio: int, size: str, x: int) -> list[N]:
+    return [
+        N(11, "LiveAvatarTextEncode", dict(prompt=PROMPT), {"model": (model, 0)}, pos=(x, 0)),
+        N(12, "LiveAvatarAudioEncode", {}, {"model": (model, 0), "audio": (audio, 0)}, pos=(x, 330)),
+        N(13, "LiveAvatarReferenceImage", dict(size=size, size_mode="exact"),
+          {"model": (model, 0), "image": (image, 0)}, pos=(x, 520)),
+    ]
+
+
+def media(x: int = 0) -> list[N]:
+    return [N(1, "LoadImage", dict(image=EXAMPLE_IMAGE), pos=(x, 360)),
+            N(2, "LoadAudio", dict(audio=EXAMPLE_AUDIO), pos=(x, 760))]
+
+
+def sampling_links() -> dict[str, tuple[int, int]]:
+    return {"model": (10, 0), "text": (11, 0), "audio": (12, 0), "reference": (13, 0)}
+
+
+def to_native_video(prefix: str, x: int) -> list[N]:
+    return [
+        N(20, "LiveAvatarSampler", dict(seed=42, steps=4, num_clip=0), sampling_links(), pos=(x, 0)),
+        N(21, "CreateVideo", dict(fps=25.0), {"images": (20, 0), "audio": (20, 1), "fps": (20, 2)},
+          pos=(x + 380, 0)),
+        N(22, "SaveVideo", dict(filename_prefix=prefix, format="mp4", codec="h264"), {"video": (21, 0)},
+          pos=(x + 380, 160)),
+    ]
+
+
+def to_streamed_mp4(prefix: str, x: int) -> list[N]:
+    return [N(20, "LiveAvatarSaveMP4", dict(seed=42, steps=4, num_clip=0, filename_prefix=prefix),
+              sampling_links(), pos=(x, 0))]
+
+
+MAKE_TINY = (f"## Tiny demo (CPU)\nRandom tiny weights: checks the whole graph in seconds, the video is noise.\n\n"
+             f"1. `python -m liveavatar make-tiny-checkpoint ComfyUI/models/liveavatar/{TINY_CHECKPOINT}`\n"
+             f"2. Put a face image and a speech file in ComfyUI/input (or upload them below).\n"
+             f"3. Queue. The video lands in output/LiveAvatar/.")
+OFFICIAL = (f"## Files\n- `models/liveavatar/{OFFICIAL_CHECKPOINT}/`: the official Wan2.2-S2V-14B folder "
+            "(config.json, DiT shards, umT5, Wan2.1 VAE, wav2vec2-large-xlsr-53-english).\n"
+            "- `liveavatar.safetensors` (Quark-Vision/Live-Avatar) inside that folder or next to it "
+            "(lora = auto), or in models/loras.\n\nSize is W*H, width first (704*384, 720*400, ...); the "
+            "Reference Image node shows the effective size.")
+
+
+def workflows() -> dict[str, list[N]]:
+    x0, x1, x2, x3 = 0, 420, 860, 1300
+    return {
+        "liveavatar_tiny_cpu": [
+            *media(x0), loader(10, TINY_CHECKPOINT, precision="fp32", devices="cpu", gpu_mode="single", pos=(x0, 0)),
+            *encoders(10, 1, 2, "64*64", x1), *to_native_video("LiveAvatar/tiny", x2),
+            note(30, MAKE_TINY, (x0, 1000)),
+        ],
+        "liveavatar_single_gpu": [
+            *media(x0), loader(10, OFFICIAL_CHECKPOINT, pos=(x0, 0)),
+            *encoders(10, 1, 2, "704*384", x1), *to_native_video("LiveAvatar/avatar", x2),
+            note(30, OFFICIAL + "\n\nOne 80 GB GPU in bf16; set precision fp8 for 48 GB cards. For clips "
+                     "longer than a minute use the streaming workflow (frames stay on disk, not in RAM).",
+                 (x0, 1000)),
+        ],
+        "liveavatar_multi_gpu_tpp": [
+            *media(x0), loader(10, OFFICIAL_CHECKPOINT, attention="cudnn", devices="0,1,2,3,4", gpu_mode="tpp",
+                               compile=True, pos=(x0, 0)),
+            *encoders(10, 1, 2, "704*384", x1), *to_streamed_mp4("LiveAvatar/tpp", x2),
+            note(30, OFFICIAL + "\n\n## Timestep-forcing pipeline parallelism\nGPUs 0-3 run one denoising "
+                     "step each, GPU 4 decodes; blocks stream through the pipeline and into the mp4. "
+                     "Worker processes stay up between runs while the loader inputs are unchanged.",
+                 (x0, 1000)),
+        ],
+        "liveavatar_long_streaming": [
+            *media(x0), loader(10, OFFICIAL_CHECKPOINT, precision="fp8", pos=(x0, 0)),
+            *encoders(10, 1, 2, "704*384", x1), *to_streamed_mp4("LiveAvatar/long", x2),
+            note(30, OFFICIAL + "\n\n## Long-form\nEvery decoded block is written to the mp4 at once "
+                     "(H.264 + AAC, fragmented): memory stays flat for hours of audio and an interrupted "
+                     "run leaves a playable file. num_clip 0 = until the audio ends.", (x0, 1000)),
+        ],
+        "liveavatar_single_files": [
+            *media(x0),
+            N(10, "LiveAvatarModelLoaderFiles", dict(
+                dit="wan2.2_s2v_14B_bf16.safetensors", t5="umt5_xxl_fp16.safetensors",
+                vae="wan_2.1_vae.safetensors", wav2vec="wav2vec2_large_english_fp16.safetensors",
+                lora="liveavatar.safetensors", lora_strength=1.0, precision="fp8", attention="sdpa",
+                devices="auto", gpu_mode="single", compile=False), pos=(x0, 0)),
+            *encoders(10, 1, 2, "704*384", x1), *to_native_video("LiveAvatar/avatar", x2),
+            note(30, "## ComfyUI single files\nThe same files as ComfyUI's native Wan2.2 S2V template "
+                     "(diffusion_models, text_encoders, vae, audio_encoders) plus the Live Avatar LoRA "
+                     "in models/loras. A native CONDITIONING (Load CLIP type wan + CLIP Text Encode) can "
+                     "feed LiveAvatar Text Encode's optional input instead of the prompt.", (x0, 1000)),
+        ],
+    }
+
+
+# ------------------------------------------------------------------------------------- emitters
+
+def _order(nodes: list[N]) -> dict[int, int]:
+    deps = {n.id: {src for src, _ in n.links.values()} for n in nodes}
+    order, done = {}, set()
+    while len(done) < len(nodes):
+        for n in nodes:
+            if n.id not in done and deps[n.id] <= done:
+                order[n.id] = len(order)
+                done.add(n.id)
+    return order
+
+
+def _widget_value(schema: dict, node: N, name: str, typ: Any, extra: dict) -> Any:
+    if name in node.widgets:
+        return node.widgets[name]
+    if "default" in extra:
+        return extra["default"]
+    if type_name(typ) == "COMBO":
+        options = typ if isinstance(typ, list) else extra.get("options", [])
+        return options[0] if options else ""
+    raise KeyError(f"{node.type}: no value for widget '{name}'")
+
+
+def to_ui(nodes: list[N], schemas: dict, name: str) -> dict:
+    order = _order(nodes)
+    by_id = {n.id: n for n in nodes}
+    link_rows: list[list] = []
+    out_nodes = []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    slot_inputs: dict[int, list[dict]] = {}
+    for n in nodes:
+        if n.type in FRONTEND_ONLY:
+            continue
+        inputs = []
+        for iname, typ, extra, required in input_specs(schemas[n.type]):
+            widget = is_widget(typ, extra)
+            if widget and iname not in n.links:
+                continue
+            entry = {"name": iname, "type": type_name(typ), "link": None}
+            if widget:
+                entry["widget"] = {"name": iname}
+            if not required:
+                entry["shape"] = 7
+            inputs.append(entry)
+        slot_inputs[n.id] = inputs
+    next_link = 1
+    for n in sorted(nodes, key=lambda m: order[m.id]):
+        for iname, (src, sslot) in n.links.items():
+            slots = slot_inputs[n.id]
+            dslot = next(i for i, s in enumerate(slots) if s["name"] == iname)
+            ltype = schemas[by_id[src].type]["output"][sslot]
+            link_rows.append([next_link, src, sslot, n.id, dslot, ltype])
+            slots[dslot]["link"] = next_link
+            out_links.setdefault((src, sslot), []).append(next_link)
+            next_link += 1
+    for n in nodes:
+        base = {"id": n.id, "type": n.type, "pos": list(n.pos), "flags": {}, "order": order[n.id], "mode": 0}
+        if n.type in FRONTEND_ONLY:
+            out_nodes.append({**base, "size": [400, 220], "inputs": [], "outputs": [], "properties": {},
+                              "widgets_values": [n.text], "color": "#432", "bgcolor": "#653"})
+            continue
+        schema = schemas[n.type]
+        values = []
+        for iname, typ, extra, _ in input_specs(schema):
+            if not is_widget(typ, extra):
+                continue
+            values.append(_widget_value(schema, n, iname, typ, extra))
+            if extra.get("control_after_generate"):
+                values.append("fixed")
+            for key, count in UPLOAD_EXTRA.items():
+                if extra.get(key):
+                    values.extend(["image"] if key == "image_upload" else [None] * count)
+        outputs = [{"name": schema["output_name"][i], "type": t, "links": out_links.get((n.id, i), []),
+                    "slot_index": i} for i, t in enumerate(schema["output"])]
+        height = 60 + 26 * (len(slot_inputs[n.id]) + len(values))
+        node = {**base, "size": [360, height], "inputs": slot_inputs[n.id], "outputs": outputs,
+                "properties": {"Node name for S&R": n.type}, "widgets_values": values}
+        if n.title:
+            node["title"] = n.title
+        out_nodes.append(node)
+    return {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-liveavatar/{name}")),
+        "revision": 0,
+        "last_node_id": max(n.id for n in nodes),
+        "last_link_id": next_link - 1,
+        "nodes": sorted(out_nodes, key=lambda d: d["order"]),
+        "links": link_rows,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}},
+        "version": 0.4,
+    }
+
+
+def to_api(nodes: list[N], schemas: dict) -> dict:
+    prompt = {}
+    for n in nodes:
+        if n.type in FRONTEND_ONLY:
+            continue
+        schema = schemas[n.type]
+        inputs: dict[str, Any] = {}
+        for iname, typ, extra, required in input_specs(schema):
+            if iname in n.links:
+                src, slot = n.links[iname]
+                inputs[iname] = [str(src), slot]
+            elif is_widget(typ, extra):
+                inputs[iname] = _widget_value(schema, n, iname, typ, extra)
+        prompt[str(n.id)] = {"class_type": n.type, "inputs": inputs,
+                             "_meta": {"title": n.title or schema.get("display_name") or n.type}}
+    return prompt
+
+
+def build() -> int:
+    schemas = load_schemas()
+    UI_DIR.mkdir(exist_ok=True)
+    API_DIR.mkdir(exist_ok=True)
+    bad = 0
+    for name, nodes in workflows().items():
+        ui, api = to_ui(nodes, schemas, name), to_api(nodes, schemas)
+        problems = check_ui(ui, schemas) + check_api(api, schemas)
+        for p in problems:
+            print(f"{name}: {p}")
+        bad += bool(problems)
+        (UI_DIR / f"{name}.json").write_text(json.dumps(ui, indent=2, ensure_ascii=False) + "\n")
+        (API_DIR / f"{name}.json").write_text(json.dumps(api, indent=2, ensure_ascii=False) + "\n")
+        print(f"wrote {name} ({len(ui['nodes'])} nodes, {len(ui['links'])} links)")
+    return 1 if bad else 0
+
+
+def snapshot(url: str) -> int:
+    """Fetch /object_info and keep our nodes + CORE_NODES (file-list combos are machine-specific:
+    the checks accept any file name there, see `check.FILE_INPUTS`)."""
+    with urllib.request.urlopen(url.rstrip("/") + "/object_info", timeout=60) as r:
+        info = json.loads(r.read())
+    keep = {k: v for k, v in info.items() if k.startswith("LiveAvatar") or k in CORE_NODES}
+    missing = [k for k in CORE_NODES if k not in keep]
+    if missing or not any(k.startswith("LiveAvatar") for k in keep):
+        print(f"missing node types: {missing or 'LiveAvatar*'}")
+        return 1
+    SNAPSHOT.parent.mkdir(exist_ok=True)
+    SNAPSHOT.write_text(json.dumps(dict(sorted(keep.items())), indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {SNAPSHOT} ({len(keep)} node types)")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "build":
+        sys.exit(build())
+    if len(sys.argv) == 3 and sys.argv[1] == "snapshot":
+        sys.exit(snapshot(sys.argv[2]))
+    print(__doc__)
+    sys.exit(2)
