@@ -80,11 +80,12 @@ class StepRunner:
         cond = None if inputs.cond is None else inputs.cond.to(self.device, self.dtype)
         x = x.to(self.device, torch.float32)
         sig = self.schedule.sigmas
+        audio_tokens = self.dit.encode_audio(audio)  # once per block, shared by every step
         for s in self.steps:
             t = float(self.schedule.timesteps[s])
             v = self.dit.forward_block(
                 x.to(self.dtype), t, self.text, audio, cond, self.caches[s], self.sink,
-                start_frame=block.start_frame, sink_offset=offsets[s],
+                start_frame=block.start_frame, sink_offset=offsets[s], audio=audio_tokens,
             )
             x = euler_step(x, v.float(), float(sig[s]), float(sig[s + 1]))
             if on_step is not None:
