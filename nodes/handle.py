@@ -321,7 +321,14 @@ def get_or_open(spec: LoadSpec, opener: Callable[[LoadSpec], Any] | None = None)
         if opener is None:
             opener = _open_in_process if spec.placement.mode == "single" else _open_worker_group
         log.info("LiveAvatar: loading %s", spec.describe())
-        handle = LiveAvatarHandle(opener(spec), spec)
+        # ComfyUI runs nodes under torch.inference_mode(); weights made there would be inference
+        # tensors (no version counter, no in-place updates outside inference mode). Load as
+        # ordinary tensors: generation still runs under inference mode.
+        import torch
+
+        with torch.inference_mode(False):
+            backend = opener(spec)
+        handle = LiveAvatarHandle(backend, spec)
         _live[spec] = handle
         return handle
 

@@ -20,6 +20,12 @@ pytestmark = [needs_comfy(), pytest.mark.comfyui]
 SECONDS = 0.44  # 11 frames at 25 fps -> 2 blocks (9 + 2 frames after the 3 lead-in frames)
 
 
+def run(node, **inputs):
+    """Call a node's execute as ComfyUI's executor does (under torch.inference_mode)."""
+    with torch.inference_mode():
+        return node.execute(**inputs)
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     folder_paths, mm = import_comfy()
@@ -38,7 +44,7 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(env):
     loader = env["nodes"]["LiveAvatarModelLoader"]
-    out = loader.execute(checkpoint=TINY_NAME, lora="auto", lora_strength=1.0, precision="fp32",
+    out = run(loader, checkpoint=TINY_NAME, lora="auto", lora_strength=1.0, precision="fp32",
                          attention="sdpa", devices="cpu", gpu_mode="single", compile=False)
     return out.args[0]
 
@@ -46,11 +52,11 @@ def model(env):
 @pytest.fixture(scope="module")
 def conditioning(env, model):
     n = env["nodes"]
-    text = n["LiveAvatarTextEncode"].execute(model=model, prompt="a person talking").args[0]
+    text = run(n["LiveAvatarTextEncode"], model=model, prompt="a person talking").args[0]
     audio = {"waveform": speech_like(SECONDS, 22050, 2).unsqueeze(0), "sample_rate": 22050}
-    aud_out = n["LiveAvatarAudioEncode"].execute(model=model, audio=audio)
+    aud_out = run(n["LiveAvatarAudioEncode"], model=model, audio=audio)
     image = torch.rand(2, 120, 160, 3)
-    ref_out = n["LiveAvatarReferenceImage"].execute(model=model, image=image, size="64x64", size_mode="exact")
+    ref_out = run(n["LiveAvatarReferenceImage"], model=model, image=image, size="64x64", size_mode="exact")
     return {"text": text, "audio": aud_out, "ref": ref_out}
 
 
@@ -92,7 +98,7 @@ def test_entrypoint_registers_all_nodes(env):
 
 def test_loader_reuses_the_live_model(env, model):
     loader = env["nodes"]["LiveAvatarModelLoader"]
-    again = loader.execute(checkpoint=TINY_NAME, lora="auto", lora_strength=1.0, precision="fp32",
+    again = run(loader, checkpoint=TINY_NAME, lora="auto", lora_strength=1.0, precision="fp32",
                            attention="sdpa", devices="cpu", gpu_mode="single", compile=False).args[0]
     assert again is model and not model.closed
     assert model.mode == "single" and model.spec.lora and model.spec.lora.endswith("liveavatar.safetensors")
@@ -102,7 +108,7 @@ def test_loader_errors_name_the_input(env):
     loader = env["nodes"]["LiveAvatarModelLoader"]
     errors = pack_submodule("nodes.errors")
     with pytest.raises(errors.LiveAvatarInputError, match="'checkpoint'"):
-        loader.execute(checkpoint="missing-folder", lora="auto", lora_strength=1.0, precision="fp32",
+        run(loader, checkpoint="missing-folder", lora="auto", lora_strength=1.0, precision="fp32",
                        attention="sdpa", devices="cpu", gpu_mode="single", compile=False)
     msg = loader.validate_inputs(devices="cpu", gpu_mode="tpp")
     assert isinstance(msg, str) and "gpu_mode" in msg
@@ -116,11 +122,11 @@ def test_text_encode_prompt_and_native_conditioning(env, model, conditioning):
     text = conditioning["text"]
     assert text.ndim == 2 and text.shape[1] == model.text_dim and torch.isfinite(text).all()
     native = [[torch.randn(1, 512, model.text_dim), {"pooled_output": None}]]
-    out = node.execute(model=model, prompt="ignored", conditioning=native).args[0]
+    out = run(node, model=model, prompt="ignored", conditioning=native).args[0]
     assert torch.equal(out, native[0][0][0])
     errors = pack_submodule("nodes.errors")
     with pytest.raises(errors.LiveAvatarInputError, match="'conditioning'.*4096"):
-        node.execute(model=model, prompt="x", conditioning=[[torch.zeros(1, 512, 4096), {}]])
+        run(node, model=model, prompt="x", conditioning=[[torch.zeros(1, 512, 4096), {}]])
 
 
 def test_audio_encode_any_rate_and_channels(env, model, conditioning):
@@ -132,7 +138,7 @@ def test_audio_encode_any_rate_and_channels(env, model, conditioning):
     node = env["nodes"]["LiveAvatarAudioEncode"]
     errors = pack_submodule("nodes.errors")
     with pytest.raises(errors.LiveAvatarInputError, match="'audio'"):
-        node.execute(model=model, audio={"waveform": torch.zeros(1, 1, 0), "sample_rate": 16000})
+        run(node, model=model, audio={"waveform": torch.zeros(1, 1, 0), "sample_rate": 16000})
 
 
 def test_reference_image_size_validation(env, model, conditioning):
@@ -146,14 +152,14 @@ def test_reference_image_size_validation(env, model, conditioning):
     assert isinstance(msg, str) and "'size'" in msg
     errors = pack_submodule("nodes.errors")
     with pytest.raises(errors.LiveAvatarInputError, match="'size'"):
-        node.execute(model=model, image=torch.rand(1, 64, 64, 3), size="65*64", size_mode="exact")
-    area = node.execute(model=model, image=torch.rand(1, 120, 240, 3), size="128*128", size_mode="area").args
+        run(node, model=model, image=torch.rand(1, 64, 64, 3), size="65*64", size_mode="exact")
+    area = run(node, model=model, image=torch.rand(1, 120, 240, 3), size="128*128", size_mode="area").args
     assert area[1] > area[2]  # the image's 2:1 aspect ratio decides the shape
 
 
 def test_sampler_returns_native_frames_and_audio(env, model, conditioning, hook):
     rec = hook()
-    out = env["nodes"]["LiveAvatarSampler"].execute(
+    out = run(env["nodes"]["LiveAvatarSampler"],
         model=model, text=conditioning["text"], audio=conditioning["audio"].args[0],
         reference=conditioning["ref"].args[0], seed=3, steps=3, num_clip=0)
     frames, audio, fps = out.args
@@ -170,7 +176,7 @@ def test_sampler_returns_native_frames_and_audio(env, model, conditioning, hook)
     # native Create Video -> mp4 (what Save Video does)
     from comfy_extras.nodes_video import CreateVideo
 
-    video = CreateVideo.execute(images=frames, fps=fps, audio=audio).args[0]
+    video = run(CreateVideo, images=frames, fps=fps, audio=audio).args[0]
     path = env["out"] / "native.mp4"
     video.save_to(str(path), format="mp4", codec="h264")
     from liveavatar.media.video_writer import probe_video
@@ -182,7 +188,7 @@ def test_sampler_returns_native_frames_and_audio(env, model, conditioning, hook)
 
 def test_save_mp4_streams_to_the_output_folder(env, model, conditioning, hook):
     hook()
-    out = env["nodes"]["LiveAvatarSaveMP4"].execute(
+    out = run(env["nodes"]["LiveAvatarSaveMP4"],
         model=model, text=conditioning["text"], audio=conditioning["audio"].args[0],
         reference=conditioning["ref"].args[0], seed=3, steps=3, num_clip=0, filename_prefix="LiveAvatar/test")
     video, rel = out.args
@@ -203,7 +209,7 @@ def test_interrupt_stops_between_steps(env, model, conditioning, hook):
     rec = hook(interrupt_at=2)  # interrupt right after the second step of block 0
     mm = env["mm"]
     with pytest.raises(mm.InterruptProcessingException):
-        env["nodes"]["LiveAvatarSampler"].execute(
+        run(env["nodes"]["LiveAvatarSampler"],
             model=model, text=conditioning["text"], audio=conditioning["audio"].args[0],
             reference=conditioning["ref"].args[0], seed=3, steps=3, num_clip=0)
     assert len(rec.calls) <= 3 and not mm.processing_interrupted()  # flag consumed, server can go on
@@ -212,6 +218,6 @@ def test_interrupt_stops_between_steps(env, model, conditioning, hook):
 def test_sampler_rejects_wrong_sockets(env, model, conditioning):
     errors = pack_submodule("nodes.errors")
     with pytest.raises(errors.LiveAvatarInputError, match="'reference'"):
-        env["nodes"]["LiveAvatarSampler"].execute(
+        run(env["nodes"]["LiveAvatarSampler"],
             model=model, text=conditioning["text"], audio=conditioning["audio"].args[0],
             reference=torch.zeros(1, 64, 64, 3), seed=0, steps=4, num_clip=0)

@@ -1,0 +1,324 @@
+"""Real ComfyUI, headless on the CPU, with this pack linked into custom_nodes (needs COMFYUI_DIR).
+
+A throw-away base directory (`--base-directory`) holds custom_nodes/ComfyUI-LiveAvatar (a link to
+this repo), models/liveavatar/liveavatar-tiny (the tiny checkpoint), input/ (test image + audio)
+and output/. The server is driven only through its HTTP + websocket API:
+/object_info, /workflow_templates, POST /prompt (the shipped API-format tiny workflow), /history,
+/ws (progress + block previews), POST /interrupt.
+
+ComfyUI runs under `$COMFYUI_DIR/.venv/bin/python` when that exists (the interpreter
+`shared/tools/comfyui-headless.sh` prepares), else under this interpreter.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from test_nodes_support import AUDIO_NAME, COMFYUI_DIR, IMAGE_NAME, REPO, TINY_NAME, make_tiny, write_image, write_wav
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
+              pytest.mark.skipif(not COMFYUI_DIR or not (Path(COMFYUI_DIR or ".") / "main.py").is_file(),
+                                 reason="COMFYUI_DIR does not point at a ComfyUI checkout")]
+
+OUR_NODES = {"LiveAvatarModelLoader", "LiveAvatarModelLoaderFiles", "LiveAvatarTextEncode", "LiveAvatarAudioEncode",
+             "LiveAvatarReferenceImage", "LiveAvatarSampler", "LiveAvatarSaveMP4"}
+PACK = "ComfyUI-LiveAvatar"
+SHORT_S = 0.44  # 11 frames, 2 blocks
+LONG_S = 4.0  # 100 frames, 9 blocks (interrupted)
+LONG_AUDIO = "liveavatar_long.wav"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        venv_py = Path(COMFYUI_DIR) / ".venv" / "bin" / "python"
+        python = str(venv_py) if venv_py.is_file() else sys.executable
+        self.log_path = base / "comfyui.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--disable-auto-launch", "--base-directory", str(base)],
+            cwd=COMFYUI_DIR, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited ({self.proc.returncode}):\n{self.tail()}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        raise TimeoutError(f"ComfyUI did not start in {timeout} s:\n{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        self.log.flush()
+        return self.log_path.read_bytes()[-n:].decode(errors="replace")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict | None = None):
+        data = json.dumps(body or {}).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                raw = r.read()
+                return r.status, (json.loads(raw) if raw else None)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def queue(self, prompt: dict, client_id: str) -> str:
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": client_id})
+        assert status == 200, f"/prompt refused it: {body}"
+        return body["prompt_id"]
+
+    def wait_history(self, prompt_id: str, timeout: float = 300) -> dict:
+        end = time.time() + timeout
+        while time.time() < end:
+            hist = self.get(f"/history/{prompt_id}")
+            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+                if hist[prompt_id]["status"].get("status_str") in ("success", "error"):
+                    return hist[prompt_id]
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI died:\n{self.tail()}")
+            time.sleep(0.3)
+        raise TimeoutError(f"prompt {prompt_id} did not finish:\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+class WebSocket:
+    """Minimal RFC 6455 client (stdlib): reads ComfyUI's /ws messages on a thread."""
+
+    def __init__(self, port: int, client_id: str):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                           f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                           "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert b" 101 " in head.split(b"\r\n")[0], head
+        self.sock.settimeout(None)
+        self.messages: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _read(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("websocket closed")
+            buf += chunk
+        return buf
+
+    def _run(self) -> None:
+        try:
+            while True:
+                b0, b1 = self._read(2)
+                n = b1 & 0x7F
+                if n == 126:
+                    n = struct.unpack(">H", self._read(2))[0]
+                elif n == 127:
+                    n = struct.unpack(">Q", self._read(8))[0]
+                mask = self._read(4) if b1 & 0x80 else None
+                data = self._read(n)
+                if mask:
+                    data = bytes(c ^ mask[i % 4] for i, c in enumerate(data))
+                op = b0 & 0x0F
+                if op == 1:
+                    self.messages.put(("text", json.loads(data)))
+                elif op == 2:
+                    self.messages.put(("binary", struct.unpack(">I", data[:4])[0]))
+                elif op == 8:
+                    return
+        except (OSError, ConnectionError, ValueError):
+            return
+
+    def wait_for(self, pred, timeout: float = 300):
+        end = time.time() + timeout
+        seen = []
+        while time.time() < end:
+            try:
+                msg = self.messages.get(timeout=max(0.05, end - time.time()))
+            except queue.Empty:
+                break
+            seen.append(msg)
+            if pred(msg):
+                return msg, seen
+        raise TimeoutError(f"no matching websocket message; last: {seen[-5:]}")
+
+    def drain(self) -> None:
+        while True:
+            try:
+                self.messages.get_nowait()
+            except queue.Empty:
+                return
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    os.symlink(REPO, base / "custom_nodes" / PACK)
+    make_tiny(base / "models" / "liveavatar" / TINY_NAME)
+    (base / "input").mkdir()
+    write_image(base / "input" / IMAGE_NAME)
+    write_wav(base / "input" / AUDIO_NAME, SHORT_S, rate=44100, channels=2)
+    write_wav(base / "input" / LONG_AUDIO, LONG_S, rate=16000, channels=1)
+    srv = Server(base)
+    try:
+        srv.wait_ready()
+        srv.base = base
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _api(name: str) -> dict:
+    return json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+
+
+def _node(prompt: dict, class_type: str) -> tuple[str, dict]:
+    return next((k, v) for k, v in prompt.items() if v["class_type"] == class_type)
+
+
+def _timestamps(hist: dict) -> dict[str, int]:
+    return {ev: data.get("timestamp") for ev, data in hist["status"]["messages"]}
+
+
+def _ok(hist: dict) -> None:
+    err = dict(hist["status"]["messages"]).get("execution_error")
+    assert hist["status"]["status_str"] == "success", json.dumps(err, indent=1)[:6000]
+
+
+def _saved_file(srv: Server, hist: dict, node_id: str) -> Path:
+    item = hist["outputs"][node_id]["images"][0]
+    assert item["type"] == "output"
+    return srv.base / "output" / item["subfolder"] / item["filename"]
+
+
+def test_pack_loads_and_lists_nodes_and_templates(server):
+    info = server.get("/object_info")
+    assert OUR_NODES <= set(info)
+    assert TINY_NAME in info["LiveAvatarModelLoader"]["input"]["required"]["checkpoint"][1]["options"]
+    templates = server.get("/workflow_templates")
+    assert {"liveavatar_tiny_cpu", "liveavatar_single_gpu", "liveavatar_multi_gpu_tpp",
+            "liveavatar_long_streaming"} <= set(templates[PACK])
+    ui = server.get(f"/api/workflow_templates/{PACK}/liveavatar_tiny_cpu.json")
+    assert "nodes" in ui and "links" in ui
+
+
+def test_tiny_workflow_twice_then_interrupt(server):
+    from liveavatar.media.video_writer import probe_video
+
+    client = str(uuid.uuid4())
+    ws = WebSocket(server.port, client)
+    prompt = _api("liveavatar_tiny_cpu")
+    save_id, _ = _node(prompt, "SaveVideo")
+    loader_id, _ = _node(prompt, "LiveAvatarModelLoader")
+    sampler_id, sampler = _node(prompt, "LiveAvatarSampler")
+    frames = int(SHORT_S * 25)
+
+    # 1st run: loads the model
+    t0 = time.time()
+    first = server.wait_history(server.queue(prompt, client))
+    wall1 = time.time() - t0
+    _ok(first)
+    info = probe_video(_saved_file(server, first, save_id))
+    assert info["frames"] == frames and (info["width"], info["height"]) == (64, 64)
+    assert info["audio_duration_s"] == pytest.approx(frames / 25, abs=0.05) and info["audio_rate"] == 16000
+    _, seen = ws.wait_for(lambda m: m[0] == "text" and m[1]["type"] == "executing"
+                          and m[1]["data"].get("node") is None)
+    progress = [m[1]["data"] for m in seen if m[0] == "text" and m[1]["type"] == "progress"
+                and m[1]["data"]["node"] == sampler_id]
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == 2 * 5  # 2 blocks x (4 steps + decode)
+    assert sum(1 for m in seen if m[0] == "binary" and m[1] in (1, 4)) >= 2  # a preview per block
+
+    # 2nd run, new seed: the loader (and encoders) are cached, the model is not reloaded
+    sampler["inputs"]["seed"] = 7
+    t0 = time.time()
+    second = server.wait_history(server.queue(prompt, client))
+    wall2 = time.time() - t0
+    _ok(second)
+    cached = dict(second["status"]["messages"])["execution_cached"]["nodes"]
+    assert loader_id in cached and sampler_id not in cached
+    assert probe_video(_saved_file(server, second, save_id))["frames"] == frames
+    ts1, ts2 = _timestamps(first), _timestamps(second)
+    run1 = ts1["execution_success"] - ts1["execution_start"]
+    run2 = ts2["execution_success"] - ts2["execution_start"]
+    print(f"\n1st run {run1} ms (wall {wall1:.1f} s), 2nd run {run2} ms (wall {wall2:.1f} s)")
+    assert run2 < run1
+
+    # a bad size is refused at queue time, naming the input; the server stays up
+    bad = json.loads(json.dumps(prompt))
+    _node(bad, "LiveAvatarReferenceImage")[1]["inputs"]["size"] = "700*400"
+    status, body = server.post("/prompt", {"prompt": bad, "client_id": client})
+    assert status == 400 and "'size'" in json.dumps(body)
+
+    # streaming mp4 of a longer audio, interrupted after its first block reached the file
+    long = json.loads(json.dumps(prompt))
+    _node(long, "LoadAudio")[1]["inputs"]["audio"] = LONG_AUDIO
+    for key in (save_id, _node(long, "CreateVideo")[0], sampler_id):
+        long.pop(key)
+    long["40"] = {"class_type": "LiveAvatarSaveMP4", "inputs": {
+        "model": [loader_id, 0], "text": ["11", 0], "audio": ["12", 0], "reference": ["13", 0],
+        "seed": 1, "steps": 4, "num_clip": 0, "filename_prefix": "LiveAvatar/interrupted"}}
+    ws.drain()
+    pid = server.queue(long, client)
+    ws.wait_for(lambda m: m[0] == "binary")  # first decoded block's preview: it is in the mp4 now
+    assert server.post("/interrupt")[0] == 200
+    hist = server.wait_history(pid)
+    events = [ev for ev, _ in hist["status"]["messages"]]
+    assert hist["status"]["status_str"] == "error" and "execution_interrupted" in events
+    part = sorted((server.base / "output" / "LiveAvatar").glob("interrupted_*.mp4"))
+    assert len(part) == 1
+    got = probe_video(part[0])
+    assert 9 <= got["frames"] < int(LONG_S * 25), got
+
+    # still serving, model still loaded: the short workflow runs again
+    sampler["inputs"]["seed"] = 8
+    again = server.wait_history(server.queue(prompt, client))
+    _ok(again)
+    assert loader_id in dict(again["status"]["messages"])["execution_cached"]["nodes"]
+    ws.close()
