@@ -33,10 +33,15 @@ PRECISIONS = ("bf16", "fp8", "fp16", "fp32")  # fp8 = bf16 weights with fp8 line
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the model runs: `mode` "single" (one device, in-process) or "tpp" (worker group)."""
+    """Where the model runs: `mode` "single" (one device, in-process) or "tpp" (worker group).
+
+    `requested` is the loader's gpu_mode ("auto" lets the worker group pick its layout, e.g. 4 DiT
+    ranks + 1 decode rank, or fewer GPUs when they do not all fit).
+    """
 
     mode: str
     devices: tuple[str, ...]
+    requested: str = "auto"
 
 
 def _default_device() -> str:
@@ -111,7 +116,7 @@ def parse_placement(devices: str, mode: str, *, node: str = "LiveAvatar Model Lo
     if chosen == "tpp" and len(devs) < 2:
         raise LiveAvatarInputError(node, "gpu_mode", f"'tpp' needs at least 2 GPUs, devices gives "
                                    f"{', '.join(devs)}; list GPUs like '0,1,2,3,4' or use 'single'")
-    return Placement(chosen, devs)
+    return Placement(chosen, devs, mode)
 
 
 def precision_options(precision: str, node: str = "LiveAvatar Model Loader") -> tuple[str, bool]:
@@ -301,7 +306,7 @@ def _open_worker_group(spec: LoadSpec):
                                    "(parallel.open_worker_group missing); use gpu_mode 'single'")
     kw = spec.library_kwargs(spec.placement.devices[0])
     kw.pop("device")
-    return opener(kind=spec.kind, devices=list(spec.placement.devices), **kw)
+    return opener(kind=spec.kind, devices=list(spec.placement.devices), mode=spec.placement.requested, **kw)
 
 
 _lock = threading.Lock()

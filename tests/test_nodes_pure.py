@@ -17,7 +17,9 @@ Err = errors.LiveAvatarInputError
 
 
 def place(devices, mode, cuda=0, default="cpu"):
-    return handle_mod.parse_placement(devices, mode, cuda_count=cuda, default_device=default)
+    p = handle_mod.parse_placement(devices, mode, cuda_count=cuda, default_device=default)
+    assert p.requested == mode.lower()
+    return handle_mod.Placement(p.mode, p.devices)
 
 
 def test_placement_forms():
