@@ -230,6 +230,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny config (CPU checks)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 matmul peak; measured if absent")
+    p.add_argument("--weights-checksum", action="store_true",
+                   help="print {param name: [sum, sum of squares]} of the built model and exit (tests)")
     return p.parse_args(argv)
 
 
@@ -262,6 +264,9 @@ def main(argv=None) -> int:
         peak = benchlib.matmul_peak_tflops(device)
     benchlib.reset_peak_mem(device)
     model, winfo = build_reference(mods, cfg, device, dtype, args.seed)
+    if args.weights_checksum:
+        print(json.dumps(benchlib.weights_checksum(model)), flush=True)
+        return 0
     if args.fp8:
         from liveavatar.utils.fp8_linear import replace_linear_with_scaled_fp8
 

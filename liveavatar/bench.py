@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-latents", default=None, help="save the final latents of the first 2 blocks")
     p.add_argument("--compare-latents", default=None, help="PSNR of our first 2 blocks vs this saved file")
     p.add_argument("--json-out", default=None, help="also append the JSON line to this file")
+    p.add_argument("--allow-cpu-fp8", action="store_true",
+                   help="tests only: fp8 linears on the CPU (PyTorch's CPU _scaled_mm or an emulation)")
     return p
 
 
@@ -113,7 +115,13 @@ def apply_options(dit, args, device: torch.device) -> dict:
 
     info: dict = {"compile_impl": None}
     t0 = time.perf_counter()
-    apply_speed_options(dit, attn=args.attn, fp8=args.fp8, compile=False, device=device)
+    if args.fp8 and device.type == "cpu" and args.allow_cpu_fp8:
+        from liveavatar.models.fp8 import convert_to_fp8
+
+        convert_to_fp8(dit, allow_cpu=True)
+        apply_speed_options(dit, attn=args.attn, fp8=False, compile=False, device=device)
+    else:
+        apply_speed_options(dit, attn=args.attn, fp8=args.fp8, compile=False, device=device)
     if getattr(dit, "attn_backend", args.attn) != args.attn:
         dit.attn_backend = args.attn  # the DiT exposes a property, not set_attention_backend()
     info["fp8_convert_s"] = time.perf_counter() - t0 if args.fp8 else 0.0

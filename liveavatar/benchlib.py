@@ -60,7 +60,7 @@ def init_rule(name: str, shape: tuple[int, ...], dim_hint: int) -> tuple[float, 
         return 0.5, 0.1
     if "padding_tokens" in name:
         return 0.0, 0.5
-    if "cond_mask" in name or "embedding" in name and len(shape) == 2 and shape[0] < 16:
+    if "cond_mask" in name or ("embedding" in name and len(shape) == 2 and shape[0] < 16):
         return 0.0, 0.1
     if len(shape) <= 1:
         if "norm" in name and leaf == "weight":
@@ -127,19 +127,28 @@ def materialize_random_(model: nn.Module, device: torch.device | str, dtype: tor
     return {"params": n, "bytes": nbytes, "seconds": time.perf_counter() - t0}
 
 
+@torch.no_grad()
+def weights_checksum(model: nn.Module) -> dict[str, list[float]]:
+    """{parameter name: [sum, sum of squares]} in float64 (to compare two models' weights)."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.detach().double()
+        out[name] = [float(t.sum()), float((t * t).sum())]
+    return out
+
+
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def sink_tokens(latent_hw: tuple[int, int], patch_hw: tuple[int, int] = (2, 2),
-                buckets: tuple[int, ...] = (1, 2, 16)) -> int:
-    """Tokens of the sink: the reference frame plus the FramePack motion tokens (newest frame at
-    1x, 2 frames at 2x, 16 frames at 4x spatial-temporal compression, zero-padded grids)."""
-    h, w = latent_hw[0] // patch_hw[0], latent_hw[1] // patch_hw[1]
-    fsl = h * w
-    total = fsl  # reference frame
+def sink_tokens(latent_hw: tuple[int, int], buckets: tuple[int, ...] = (1, 2, 16)) -> int:
+    """Tokens of the sink: the reference frame (latent patches 2x2) plus the FramePack motion
+    tokens (bucket i: `frames // 2**i` frames of `(h // (2 * 2**i)) * (w // (2 * 2**i))`
+    tokens, i.e. the newest frame at patch 2, 2 frames at 4, 16 frames at 8; strided convs)."""
+    h, w = latent_hw
+    total = (h // 2) * (w // 2)  # reference frame
     for i, frames in enumerate(buckets):
-        c = 2 ** i  # spatial compression of this bucket relative to the patch grid
-        total += max(1, frames // c) * math.ceil(h / c) * math.ceil(w / c)
+        c = 2 ** i
+        total += (frames // c) * (h // (2 * c)) * (w // (2 * c))
     return total
 
 
