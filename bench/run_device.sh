@@ -10,10 +10,11 @@
 #   1. reference bf16 eager                 (the baseline every ratio uses)
 #   2. ours bf16 eager (+ saves latents of the first 2 blocks for the fp8 PSNR)
 #   3. ours fp8 eager (+ PSNR vs 2.)
-#   4. ours fp8 + torch.compile             (capped at BENCH_COMPILE_CAP_S, default 240 s)
-#   5. ours fp8 end to end (DiT + streaming VAE decode + uint8 frames on the CPU)
-#   6. reference fp8 eager                  (only if time is left)
-#   7. PSNR pair at 384*256 if 2. failed (e.g. out of memory on an 80 GB card)
+#   3b. PSNR pair at 384*256 if 2. failed (e.g. out of memory on an 80 GB card)
+#   4. ours fp8 eager with cuDNN attention  (the reference's self-attention kernel)
+#   5. ours fp8 + torch.compile             (capped at BENCH_COMPILE_CAP_S, default 240 s)
+#   6. ours fp8 end to end (DiT + streaming VAE decode + uint8 frames on the CPU)
+#   7. reference fp8 eager                  (only if time is left)
 # Output: $OUT/bench.jsonl (one JSON line per run), $OUT/bench.log (everything), table at the end.
 set -u
 OUT=${OUT:-/tmp/bench_out}
@@ -96,15 +97,16 @@ rm -f /tmp/lat_bf16.pt
 run ours_bf16 120 "${OURS[@]}" "${PK[@]}" "${REFJ[@]}" --save-latents /tmp/lat_bf16.pt
 CMP=(); [ -s /tmp/lat_bf16.pt ] && CMP=(--compare-latents /tmp/lat_bf16.pt)
 run ours_fp8 150 "${OURS[@]}" "${PK[@]}" "${REFJ[@]}" --fp8 "${CMP[@]}"
-run ours_fp8_compile "$COMPILE_CAP" "${OURS[@]}" "${PK[@]}" "${REFJ[@]}" --fp8 --compile "${CMP[@]}"
-run ours_fp8_e2e 120 "${OURS[@]}" "${PK[@]}" "${REFJ[@]}" --fp8 --scope end_to_end
-run ref_fp8 150 "${HARNESS[@]}" "${PK[@]}" --fp8
-if [ ! -s /tmp/lat_bf16.pt ]; then
+if [ ! -s /tmp/lat_bf16.pt ]; then  # bf16 at full size failed (e.g. OOM on 80 GB): PSNR at 384*256
   SMALL=("$PY" -m liveavatar.bench --random-weights --size 384*256 --steps 4 --blocks 1 --warmup 2 --seed 0
          "${EXTRA[@]}" "${PK[@]}")
   run psnr_bf16_small 60 "${SMALL[@]}" --save-latents /tmp/lat_small.pt &&
     run psnr_fp8_small 60 "${SMALL[@]}" --fp8 --compare-latents /tmp/lat_small.pt
 fi
+run ours_fp8_cudnn 120 "${OURS[@]}" "${PK[@]}" "${REFJ[@]}" --fp8 --attn cudnn
+run ours_fp8_compile "$COMPILE_CAP" "${OURS[@]}" "${PK[@]}" "${REFJ[@]}" --fp8 --compile "${CMP[@]}"
+run ours_fp8_e2e 120 "${OURS[@]}" "${PK[@]}" "${REFJ[@]}" --fp8 --scope end_to_end
+run ref_fp8 150 "${HARNESS[@]}" "${PK[@]}" --fp8
 
 log "done in $((SECONDS - START))s"
 "$PY" bench/table.py "$JSONL" | tee -a "$LOG"
