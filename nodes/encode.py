@@ -133,10 +133,10 @@ class LiveAvatarReferenceImage(io.ComfyNode):
                 _model_input(),
                 io.Image.Input("image", tooltip="The person to animate (first image of the batch is used)."),
                 io.String.Input("size", default=DEFAULT_SIZE, tooltip=_size_tooltip()),
-                io.Combo.Input("size_mode", options=["exact", "area"], default="exact",
-                               tooltip="exact: the video is exactly W x H (image scaled to cover, centre-cropped). "
-                                       "area: W*H is only a pixel budget and the image's aspect ratio decides "
-                                       "the shape (the original Live Avatar behaviour)."),
+                io.Combo.Input("size_mode", options=["area", "exact"], default="area",
+                               tooltip="area (as the original Live Avatar and our CLI): W*H is a pixel budget, "
+                                       "the image's aspect ratio decides the shape (sides multiples of 64). "
+                                       "exact: the video is exactly W x H (image scaled to cover, centre-cropped)."),
             ],
             outputs=[
                 LiveAvatarImage.Output(display_name="reference", tooltip="Reference image conditioning."),
@@ -157,8 +157,8 @@ class LiveAvatarReferenceImage(io.ComfyNode):
         from liveavatar.media.image import image_from_tensor
         from liveavatar.sizes import SizeError
 
-        if size_mode not in ("exact", "area"):
-            raise LiveAvatarInputError(cls.NAME, "size_mode", f"{size_mode!r} is not 'exact' or 'area'")
+        if size_mode not in ("area", "exact"):
+            raise LiveAvatarInputError(cls.NAME, "size_mode", f"{size_mode!r} is not 'area' or 'exact'")
         pil = image_from_tensor(first_image(image, cls.NAME))
         try:
             ref = model.prepare_image(pil, size, size_mode=size_mode)

@@ -16,10 +16,12 @@ Importable without ComfyUI; `comfy.model_management` is used only when it is imp
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -186,6 +188,7 @@ class LiveAvatarHandle:
         self.backend = backend
         self.spec = spec
         self.closed = False
+        self._refs: dict[int, tuple[weakref.ref, Any]] = {}
 
     @property
     def mode(self) -> str:
@@ -231,13 +234,35 @@ class LiveAvatarHandle:
         return self._live().prepare_image(image, size, size_mode=size_mode)
 
     def generate(self, context: Any, audio: Any, image: Any, **kwargs: Any) -> Iterator[Any]:
-        return self._live().generate(context, audio, image, **kwargs)
+        backend = self._live()
+        if "reference" not in kwargs and callable(getattr(backend, "encode_reference", None)):
+            kwargs["reference"] = self._reference_latents(backend, image)
+        return backend.generate(context, audio, image, **kwargs)
+
+    def _reference_latents(self, backend: Any, image: Any) -> Any:
+        """VAE latents of the reference image, encoded once per ImageConditioning object.
+
+        ComfyUI keeps the Reference Image node's output between queue items, so a new seed or
+        prompt skips this encode (73 frames through the VAE). Copies are handed out: a job may
+        not change the cached tensors.
+        """
+        key = id(image)
+        hit = self._refs.get(key)
+        if hit is None or hit[0]() is not image:
+            if len(self._refs) >= 4:
+                self._refs.clear()
+            hit = (weakref.ref(image), backend.encode_reference(image))
+            self._refs[key] = hit
+        lat = hit[1]
+        return dataclasses.replace(lat, **{f.name: getattr(lat, f.name).clone()
+                                           for f in dataclasses.fields(lat)})
 
     def close(self) -> None:
         """Stop worker processes / drop weights. Safe to call twice."""
         if self.closed:
             return
         self.closed = True
+        self._refs.clear()
         backend, self.backend = self.backend, None
         closer = getattr(backend, "close", None)
         if callable(closer):

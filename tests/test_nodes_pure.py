@@ -106,3 +106,29 @@ def test_live_cache_keeps_one_model(tmp_path):
         assert third is not second and second.closed
     finally:
         handle_mod.close_all()
+
+
+def test_reference_latents_encoded_once_per_image(tmp_path):
+    """A new seed reuses the reference's VAE latents; a job cannot alter the cached copy."""
+    from liveavatar.media.audio import audio_from_waveform
+    from PIL import Image
+    from test_nodes_support import speech_like
+
+    ckpt = make_tiny(tmp_path / "tiny")
+    try:
+        h = handle_mod.get_or_open(_spec(ckpt))
+        ctx = h.encode_prompt("hi")
+        aud = h.encode_audio(audio_from_waveform(speech_like(0.36, 16000, 1), 16000))
+        img = h.prepare_image(Image.new("RGB", (96, 64), (180, 120, 90)), "64*64")
+
+        def frames():
+            return torch.cat([b.frames for b in h.generate(ctx, aud, img, seed=5, steps=3)])
+
+        first = frames()
+        cached = h._refs[id(img)][1]
+        before = cached.motion.clone()
+        second = frames()
+        assert h._refs[id(img)][1] is cached and torch.equal(cached.motion, before)
+        assert torch.equal(first, second) and first.shape[0] == aud.num_frames
+    finally:
+        handle_mod.close_all()

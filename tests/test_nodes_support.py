@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACK_MODULE = "comfyui_liveavatar_pack"
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 TINY_NAME = "liveavatar-tiny"
-IMAGE_NAME = "liveavatar_example.png"
-AUDIO_NAME = "liveavatar_example.wav"
+IMAGE_NAME = "avatar.png"  # the names the shipped workflows load
+AUDIO_NAME = "speech.wav"
 
 
 def comfy_problem() -> str | None:
@@ -74,23 +74,6 @@ def load_pack():
 def pack_submodule(name: str):
     load_pack()
     return importlib.import_module(f"{PACK_MODULE}.{name}")
-
-
-def write_image(path: Path, width: int = 160, height: int = 120) -> Path:
-    """A face-like test picture: warm gradient with a darker oval and two eyes."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height))
-    px = img.load()
-    for y in range(height):
-        for x in range(width):
-            px[x, y] = (150 + x * 90 // width, 110 + y * 60 // height, 90)
-    d = ImageDraw.Draw(img)
-    d.ellipse([width * 0.3, height * 0.15, width * 0.7, height * 0.9], fill=(205, 160, 130))
-    for ex in (0.42, 0.58):
-        d.ellipse([width * ex - 4, height * 0.42 - 3, width * ex + 4, height * 0.42 + 3], fill=(40, 30, 30))
-    img.save(path)
-    return path
 
 
 def speech_like(seconds: float, rate: int = 22050, channels: int = 2):

@@ -35,8 +35,8 @@ CORE_NODES = [
 ]
 TINY_CHECKPOINT = "liveavatar-tiny"
 OFFICIAL_CHECKPOINT = "Wan2.2-S2V-14B"
-EXAMPLE_IMAGE = "liveavatar_example.png"
-EXAMPLE_AUDIO = "liveavatar_example.wav"
+EXAMPLE_IMAGE = "avatar.png"  # assets/avatar.png of this repo, copied to ComfyUI/input
+EXAMPLE_AUDIO = "speech.wav"  # assets/speech.wav
 PROMPT = ("A young woman with long dark hair talks to the camera in a bright studio, natural lip movements, "
           "gentle head motion and friendly expressions, sharp focus, soft light.")
 
@@ -69,7 +69,7 @@ def encoders(model: int, image: int, audio: int, size: str, x: int) -> list[N]:
     return [
         N(11, "LiveAvatarTextEncode", dict(prompt=PROMPT), {"model": (model, 0)}, pos=(x, 0)),
         N(12, "LiveAvatarAudioEncode", {}, {"model": (model, 0), "audio": (audio, 0)}, pos=(x, 330)),
-        N(13, "LiveAvatarReferenceImage", dict(size=size, size_mode="exact"),
+        N(13, "LiveAvatarReferenceImage", dict(size=size, size_mode="area"),
           {"model": (model, 0), "image": (image, 0)}, pos=(x, 520)),
     ]
 
@@ -100,7 +100,7 @@ def to_streamed_mp4(prefix: str, x: int) -> list[N]:
 
 MAKE_TINY = (f"## Tiny demo (CPU)\nRandom tiny weights: checks the whole graph in seconds, the video is noise.\n\n"
              f"1. `python -m liveavatar make-tiny-checkpoint ComfyUI/models/liveavatar/{TINY_CHECKPOINT}`\n"
-             f"2. Put a face image and a speech file in ComfyUI/input (or upload them below).\n"
+             f"2. Copy the pack's assets/avatar.png and assets/speech.wav to ComfyUI/input (or upload your own).\n"
              f"3. Queue. The video lands in output/LiveAvatar/.")
 OFFICIAL = (f"## Files\n- `models/liveavatar/{OFFICIAL_CHECKPOINT}/`: the official Wan2.2-S2V-14B folder "
             "(config.json, DiT shards, umT5, Wan2.1 VAE, wav2vec2-large-xlsr-53-english).\n"
