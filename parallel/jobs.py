@@ -22,7 +22,7 @@ class JobHandle:
         self.result: JobResult | None = None
         self._cancel_sent = False
         self._done: dict[int, tuple[bool, dict]] = {}
-        self._input_errors: list[str] = []
+        self._input_errors: list[tuple[int, str]] = []
         self._blocks = 0
         self._t0 = time.monotonic()
 
@@ -78,7 +78,7 @@ class JobHandle:
         elif kind == "error":
             _, rank, phase, job_id, text, tb = msg
             if phase == "prepare" and job_id == self.job_id:
-                self._input_errors.append(f"rank {rank}: {text}")
+                self._input_errors.append((rank, text))
             elif job_id in (None, self.job_id):
                 raise self._fail(msg)
         elif kind in ("lost", "hung"):
@@ -108,8 +108,12 @@ class JobHandle:
                 self._abandon()
             g._job_lock.release()
         if self._input_errors:
+            by_text: dict[str, list[int]] = {}
+            for rank, text in self._input_errors:
+                by_text.setdefault(text, []).append(rank)
             raise JobInputError("the job was refused before it started (group still loaded): "
-                                + "; ".join(self._input_errors))
+                                + "; ".join(f"{text} (rank{'s' if len(r) > 1 else ''} "
+                                            f"{', '.join(map(str, r))})" for text, r in by_text.items()))
         complete = self._done[g.config.schedule.decode_rank][0]
         self.result = JobResult("ok" if complete else "cancelled", self._blocks,
                                 time.monotonic() - self._t0, {r: s for r, (_, s) in self._done.items()})

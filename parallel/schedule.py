@@ -79,6 +79,22 @@ class Role:
         """Rank this rank sends block latents to (None when this rank decodes)."""
         return None if self.decodes else self.rank + 1
 
+    def for_steps(self, num_steps: int) -> "Role":
+        """This rank's role for a job of `num_steps` steps on the same ranks (steps re-split).
+
+        A group is started for a topology (K DiT ranks + decode placement); a job may use a
+        different step count as long as every DiT rank still owns one step (K <= num_steps).
+        """
+        if not self.is_dit:
+            return self
+        if self.num_dit_ranks > num_steps:
+            raise ScheduleError(
+                f"steps: this worker group has {self.num_dit_ranks} DiT ranks, so a job needs at "
+                f"least {self.num_dit_ranks} denoising steps (got {num_steps}); use more steps or "
+                "a group with fewer ranks")
+        steps = split_steps(num_steps, self.num_dit_ranks)[self.rank]
+        return Role(self.rank, self.world_size, steps, self.decodes, self.num_dit_ranks, self.device)
+
 
 @dataclass(frozen=True)
 class Schedule:

@@ -3,7 +3,7 @@
 Every rank, whatever the schedule, runs `run_rank`: single-rank mode is the same loop with no
 neighbours. A block's latents `x` (shape `plan.latent_shape`, e.g. `[C, F_block, h, w]`) enter at
 DiT rank 0 (`engine.initial_latents`), go through each DiT rank's own steps (`engine.run_steps`,
-called one step at a time so a cancel is seen between steps) and end at the decode rank
+which checks the cancel flag between steps) and end at the decode rank
 (`engine.decode`), which yields the frames of that block.
 
 Point-to-point protocol (torch.distributed isend/irecv; every message is a header `int64[2]`
@@ -39,17 +39,22 @@ TAG_STREAM, TAG_SINK = 1, 3  # header tag; payload uses tag + 1
 
 @dataclass(frozen=True)
 class JobPlan:
-    """Shape of a job, identical on every rank (the engine derives it from the job inputs)."""
+    """Shape of a job, identical on every rank (the engine derives it from the job inputs).
 
-    num_clips: int
+    Block i belongs to clip i // blocks_per_clip (the last clip may be shorter). `num_steps`:
+    the job's denoising steps (None: the group's schedule), re-split over the same DiT ranks.
+    """
+
+    num_blocks: int
     blocks_per_clip: int
     latent_shape: tuple[int, ...]  # one block's latents, e.g. [C, F_block, h, w]
     dtype: torch.dtype = torch.float32
     refresh_sink: bool = True  # DiT ranks get clip 0 block 0's final latents for clips >= 1
+    num_steps: int | None = None
 
     @property
-    def num_blocks(self) -> int:
-        return self.num_clips * self.blocks_per_clip
+    def num_clips(self) -> int:
+        return -(-self.num_blocks // self.blocks_per_clip)
 
 
 @dataclass
@@ -91,7 +96,8 @@ class Engine(Protocol):
         """Load what this role needs (DiT ranks: DiT + encoders; decode rank: the VAE)."""
 
     def prepare(self, job: Mapping[str, Any]) -> JobPlan:
-        """Per-job setup (conditioning, fresh KV caches for `role.steps` only); same plan everywhere."""
+        """Per-job setup (conditioning, fresh KV caches for this rank's steps only, i.e.
+        `role.for_steps(job steps).steps`); returns the same plan on every rank."""
 
     def begin_clip(self, clip: int, first_block: torch.Tensor | None) -> None:
         """Start clip `clip` (DiT ranks). `first_block`: final latents of clip 0 block 0, given
@@ -100,8 +106,12 @@ class Engine(Protocol):
     def initial_latents(self, clip: int, block: int) -> torch.Tensor:
         """Noise of one block (rank 0 only), shape `plan.latent_shape`."""
 
-    def run_steps(self, clip: int, block: int, x: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
-        """Run denoising steps `steps` (absolute indices) on block latents `x`; returns new `x`."""
+    def run_steps(self, clip: int, block: int, x: torch.Tensor, steps: Sequence[int],
+                  cancelled: Callable[[], bool]) -> torch.Tensor | None:
+        """Run denoising steps `steps` (absolute indices, this rank's own) on block latents `x`.
+
+        Returns the new `x`, or None if `cancelled()` turned true between two steps.
+        """
 
     def decode(self, clip: int, block: int, x: torch.Tensor) -> Any:
         """Decode one finished block (decode rank); returns its frames, or None to emit nothing."""
@@ -178,6 +188,8 @@ def run_rank(engine: Engine, role: Role, plan: JobPlan, cancelled: Callable[[], 
     and when it was cancelled (check `cancelled()`); on return no p2p operation is pending.
     """
     stats = stats if stats is not None else RankStats(role.rank)
+    if plan.num_steps is not None:
+        role = role.for_steps(plan.num_steps)
     if role.world_size > 1 and links is None:
         raise ValueError("run_rank: a world of several ranks needs Links")
     t_start = time.perf_counter()
@@ -232,12 +244,9 @@ def run_rank(engine: Engine, role: Role, plan: JobPlan, cancelled: Callable[[], 
                 engine.begin_clip(clip, first_block if clip >= 1 and plan.refresh_sink else None)
             if x is None:
                 x = engine.initial_latents(clip, block)
-            for step in role.steps:
-                if cancelled():
-                    break
-                x = engine.run_steps(clip, block, x, (step,))
+            x = engine.run_steps(clip, block, x, role.steps, cancelled)
             stats.compute_s += time.perf_counter() - t0
-            if cancelled():
+            if x is None or cancelled():
                 stop_downstream()
                 i += 1
                 continue

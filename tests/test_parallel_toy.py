@@ -64,10 +64,13 @@ class ToyEngine:
         self.h, self.w = int(job.get("height", 4)), int(job.get("width", 6))
         g = torch.Generator().manual_seed(self.seed + 1000)
         self.sink = torch.randn(self.c, 1, self.h, self.w, generator=g)
-        self.caches = {s: [] for s in self.role.steps}  # only this rank's steps
+        steps = int(job.get("steps", self.num_steps))
+        self.sig = sigmas(steps)
+        self.caches = {s: [] for s in self.role.for_steps(steps).steps}  # only this rank's steps
         self.dec_state = torch.zeros(self.c, self.h, self.w)
-        return JobPlan(int(job.get("num_clips", 2)), self.blocks, (self.c, 3, self.h, self.w),
-                       torch.float32, refresh_sink=not job.get("no_sink_refresh"))
+        num_blocks = int(job.get("num_blocks", int(job.get("num_clips", 2)) * self.blocks))
+        return JobPlan(num_blocks, self.blocks, (self.c, 3, self.h, self.w), torch.float32,
+                       refresh_sink=not job.get("no_sink_refresh"), num_steps=steps)
 
     def _maybe_fail(self, clip: int, block: int) -> None:
         where = [self.role.rank, clip, block]
@@ -86,9 +89,12 @@ class ToyEngine:
         noise = torch.randn(self.c, 3 * self.blocks, self.h, self.w, generator=g)
         return noise[:, 3 * block:3 * block + 3].clone()
 
-    def run_steps(self, clip: int, block: int, x: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
+    def run_steps(self, clip: int, block: int, x: torch.Tensor, steps: Sequence[int],
+                  cancelled=lambda: False) -> torch.Tensor | None:
         self._maybe_fail(clip, block)
         for s in steps:
+            if cancelled():
+                return None
             if s not in self.caches:
                 raise RuntimeError(f"rank {self.role.rank} asked to run step {s}, owns {self.role.steps}")
             cache = self.caches[s]
@@ -125,15 +131,16 @@ def naive_video(job: dict, num_steps: int = 4) -> torch.Tensor:
     eng.load({"num_steps": num_steps}, schedule.single(num_steps).role(0))
     plan = eng.prepare(job)
     frames, first = [], None
-    for clip in range(plan.num_clips):
-        eng.begin_clip(clip, first if clip >= 1 and plan.refresh_sink else None)
-        for block in range(plan.blocks_per_clip):
-            x = eng.initial_latents(clip, block)
-            for s in range(num_steps):
-                x = eng.run_steps(clip, block, x, [s])
-            if clip == 0 and block == 0:
-                first = x.clone()
-            frames.append(eng.decode(clip, block, x))
+    for i in range(plan.num_blocks):
+        clip, block = divmod(i, plan.blocks_per_clip)
+        if block == 0:
+            eng.begin_clip(clip, first if clip >= 1 and plan.refresh_sink else None)
+        x = eng.initial_latents(clip, block)
+        for s in range(plan.num_steps):
+            x = eng.run_steps(clip, block, x, [s])
+        if i == 0:
+            first = x.clone()
+        frames.append(eng.decode(clip, block, x))
     return torch.cat(frames)
 
 
@@ -171,6 +178,14 @@ def test_inprocess_cancel_stops_between_blocks():
     assert got.shape[0] == 2 * 12
 
 
+def test_partial_last_clip_and_other_step_count():
+    job = {**JOB, "num_blocks": 6, "steps": 3}  # clip 1 has 2 of 4 blocks
+    want = naive_video(job)
+    assert want.shape[0] == 6 * 12
+    assert torch.equal(inprocess_video(job), want)
+    assert not torch.allclose(want, naive_video({**job, "steps": 4}), atol=1e-4)
+
+
 def test_rank_refuses_foreign_step():
     eng = ToyEngine()
     role = schedule.tpp(4, 2).role(1)  # owns steps 2, 3
@@ -178,6 +193,8 @@ def test_rank_refuses_foreign_step():
     eng.prepare(JOB)
     with pytest.raises(RuntimeError, match="owns"):
         eng.run_steps(0, 0, torch.zeros(4, 3, 4, 6), [0])
+    with pytest.raises(ValueError, match="at least 2 denoising steps"):
+        role.for_steps(1)
 
 
 def test_run_rank_needs_links_for_several_ranks():

@@ -1,0 +1,78 @@
+"""Live Avatar on worker groups (tiny random checkpoint, CPU, gloo) gives in-process frames.
+
+The reference is the in-process `LiveAvatar.generate` loop. Groups run the same `StepRunner`
+per-step code under the TPP schedule. Every process uses one CPU thread, so the fp32 results are
+bit-identical (with different thread counts, fp32 summation order moves a few pixels by 1/255).
+World sizes 2 (decode on the last DiT rank) and 5 (4 DiT + decode, the reference's shape) cost
+~10 s of CPU per rank to load: they run with LIVEAVATAR_SLOW_TESTS=1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from parallel import GroupConfig, WorkerGroup, schedule
+from parallel.group import JobInputError
+from parallel.engine import make_job
+
+SLOW = pytest.mark.skipif(not os.environ.get("LIVEAVATAR_SLOW_TESTS"),
+                          reason="set LIVEAVATAR_SLOW_TESTS=1 (loads the tiny model in 2-5 workers)")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from liveavatar.loading.tiny import make_tiny_checkpoint
+    from liveavatar.media.audio import Audio16k
+    from liveavatar.pipeline.model import LiveAvatar
+
+    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "Wan2.2-S2V-14B", seed=0)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((rng.random((80, 64, 3)) * 255).astype(np.uint8))
+    t = torch.arange(int(16000 * 2.5)) / 16000
+    audio = Audio16k((0.3 * torch.sin(2 * torch.pi * 220 * t)).float())  # 62 frames: 6 blocks, 2 clips
+    job = make_job(image, audio, "a person talking", size="64*64", seed=3, steps=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = LiveAvatar.from_checkpoint(ckpt, device="cpu", dtype="fp32")
+        img = model.prepare_image(image, "64*64")
+        blocks = list(model.generate(model.encode_prompt(job["prompt"]), model.encode_audio(audio),
+                                     img, seed=3, steps=4))
+    finally:
+        torch.set_num_threads(threads)
+    assert [b.index for b in blocks] == list(range(6)) and sum(b.frames.shape[0] for b in blocks) == 62
+    return ckpt, job, blocks
+
+
+@pytest.mark.parametrize("sched", [
+    schedule.single(4),
+    schedule.tpp(4, 2, separate_decode=True),
+    pytest.param(schedule.tpp(4, 2), marks=SLOW),
+    pytest.param(schedule.tpp(4, 4, separate_decode=True), marks=SLOW),
+], ids=["world1", "world3-2dit+decode", "world2", "world5-4dit+decode"])
+def test_group_frames_equal_inprocess(setup, sched):
+    ckpt, job, want = setup
+    cfg = GroupConfig(sched, "parallel.engine:LiveAvatarEngine", {"ckpt_dir": str(ckpt), "dtype": "fp32"},
+                      env={"OMP_NUM_THREADS": "1"}, pg_timeout_s=60.0)
+    with WorkerGroup(cfg) as group:
+        handle = group.submit(job)
+        got = [b.frames for b in handle.wait()]
+        assert handle.result.status == "ok"
+        three = {**job, "steps": 3, "num_clip": 1}  # same ranks, steps re-split per job
+        if sched.num_dit_ranks <= 3:
+            frames3 = [b.frames for b in group.submit(three).wait()]
+            assert len(frames3) == 4 and not torch.equal(frames3[1].frames, got[1].frames)
+        else:
+            with pytest.raises(JobInputError, match="4 DiT ranks, so a job needs at least 4"):
+                group.submit(three).wait()
+            assert group.healthy
+    assert [b.index for b in got] == [b.index for b in want]
+    for g, w in zip(got, want):
+        assert g.first_frame == w.first_frame and g.total_blocks == w.total_blocks
+        assert torch.equal(g.frames, w.frames), f"block {w.index}: frames differ"
+        assert torch.equal(g.audio, w.audio)
