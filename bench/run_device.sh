@@ -15,7 +15,8 @@
 #   5. ours fp8 + torch.compile             (capped at BENCH_COMPILE_CAP_S, default 240 s)
 #   6. ours fp8 end to end (DiT + streaming VAE decode + uint8 frames on the CPU)
 #   7. reference fp8 eager                  (only if time is left)
-# Output: $OUT/bench.jsonl (one JSON line per run), $OUT/bench.log (everything), table at the end.
+# Output: $OUT/bench.jsonl (one JSON line per run), $OUT/bench.log (everything), table at the end,
+# $OUT/profile_*.txt + trace_*.json.gz (torch.profiler of one extra block of runs 3 and 5).
 set -u
 OUT=${OUT:-/tmp/bench_out}
 mkdir -p "$OUT"
@@ -96,7 +97,7 @@ REFJ=(); [ -s /tmp/ref_bf16.json ] && grep -q '"fps": [0-9]' /tmp/ref_bf16.json 
 rm -f /tmp/lat_bf16.pt
 run ours_bf16 120 "${OURS[@]}" "${PK[@]}" "${REFJ[@]}" --save-latents /tmp/lat_bf16.pt
 CMP=(); [ -s /tmp/lat_bf16.pt ] && CMP=(--compare-latents /tmp/lat_bf16.pt)
-run ours_fp8 150 "${OURS[@]}" "${PK[@]}" "${REFJ[@]}" --fp8 "${CMP[@]}"
+run ours_fp8 150 "${OURS[@]}" "${PK[@]}" "${REFJ[@]}" --fp8 "${CMP[@]}" --profile "$OUT"
 if [ ! -s /tmp/lat_bf16.pt ]; then  # bf16 at full size failed (e.g. OOM on 80 GB): PSNR at 384*256
   SMALL=("$PY" -m liveavatar.bench --random-weights --size 384*256 --steps 4 --blocks 1 --warmup 2 --seed 0
          "${EXTRA[@]}" "${PK[@]}")
@@ -104,7 +105,7 @@ if [ ! -s /tmp/lat_bf16.pt ]; then  # bf16 at full size failed (e.g. OOM on 80 G
     run psnr_fp8_small 60 "${SMALL[@]}" --fp8 --compare-latents /tmp/lat_small.pt
 fi
 run ours_fp8_cudnn 120 "${OURS[@]}" "${PK[@]}" "${REFJ[@]}" --fp8 --attn cudnn
-run ours_fp8_compile "$COMPILE_CAP" "${OURS[@]}" "${PK[@]}" "${REFJ[@]}" --fp8 --compile "${CMP[@]}"
+run ours_fp8_compile "$COMPILE_CAP" "${OURS[@]}" "${PK[@]}" "${REFJ[@]}" --fp8 --compile "${CMP[@]}" --profile "$OUT"
 run ours_fp8_e2e 120 "${OURS[@]}" "${PK[@]}" "${REFJ[@]}" --fp8 --scope end_to_end
 run ref_fp8 150 "${HARNESS[@]}" "${PK[@]}" --fp8
 

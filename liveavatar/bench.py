@@ -39,13 +39,13 @@ from pathlib import Path
 import torch
 
 from liveavatar import benchlib
+from liveavatar.bench_scopes import _Run, run_dit_scope, run_end_to_end
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class BenchUsageError(ValueError):
     """Bad bench arguments (exit status 2, one `error:` line)."""
-TEXT_TOKENS = 128  # prompt length before padding to text_len (same in bench/ref_harness.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-latents", default=None, help="save the final latents of the first 2 blocks")
     p.add_argument("--compare-latents", default=None, help="PSNR of our first 2 blocks vs this saved file")
     p.add_argument("--json-out", default=None, help="also append the JSON line to this file")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="scope dit: profile one extra block; kernel table + Chrome trace into DIR")
     p.add_argument("--allow-cpu-fp8", action="store_true",
                    help="tests only: fp8 linears on the CPU (PyTorch's CPU _scaled_mm or an emulation)")
     return p
@@ -97,16 +99,6 @@ def build_random_dit(cfg, device: torch.device, dtype: torch.dtype, seed: int):
     dit.eval().requires_grad_(False)
     info = benchlib.materialize_random_(dit, device, dtype, seed=seed, dim_hint=cfg.dim)
     return dit, info
-
-
-def build_random_vae(device: torch.device, dtype: torch.dtype, seed: int, tiny: bool):
-    from liveavatar.config import VAEConfig
-    from liveavatar.models.vae import WanVAE, build_autoencoder
-
-    cfg = VAEConfig(base_dim=8) if tiny else VAEConfig()
-    model = build_autoencoder(cfg)
-    benchlib.materialize_random_(model, device, dtype, seed=seed + 7)
-    return WanVAE(model, cfg, device=device, dtype=dtype)
 
 
 def apply_options(dit, args, device: torch.device) -> dict:
@@ -144,136 +136,6 @@ def fallback_compile(dit) -> str:
     for sub in getattr(injector, "injector", []) or []:
         sub.compile()
     return "bench.fallback_compile(ffn, cross_attn, audio attn)"
-
-
-# ----------------------------------------------------------------------------- runs
-class _Run:
-    """Everything one timed run needs (model, conditioning, plan); shapes in the comments."""
-
-    def __init__(self, args, cfg, device, dtype):
-        from liveavatar.config import DEFAULT_STREAM
-        from liveavatar.sizes import parse_size
-
-        self.stream = DEFAULT_STREAM
-        size = benchlib.TINY_SIZE if args.tiny and args.size == "704*384" else args.size
-        self.width, self.height = parse_size(size)
-        s = self.stream
-        self.hw = (self.height // s.vae_stride_hw, self.width // s.vae_stride_hw)
-        self.warmup = s.blocks_per_clip if args.warmup is None else args.warmup
-        self.total_blocks = self.warmup + args.blocks
-        g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
-        h, w = self.hw
-        self.context = torch.randn(TEXT_TOKENS, cfg.text_dim, generator=g)  # [L, text_dim]
-        self.ref = torch.randn(1, 16, 1, h, w, generator=g)  # [1, 16, 1, h, w]
-        self.motion = torch.randn(1, 16, s.motion_frames_latent, h, w, generator=g)
-        n_frames = self.total_blocks * s.frames_per_block  # generated frames incl. lead-in
-        self.features = torch.randn(1, cfg.audio_num_layers, cfg.audio_dim, n_frames, generator=g) * 0.5
-
-
-def run_dit_scope(args, cfg, dit, device, dtype, run: _Run) -> dict:
-    """Sink prefill + warm-up + timed blocks through the pipeline's StepRunner."""
-    from liveavatar.pipeline.conditioning import AudioConditioning, ImageConditioning
-    from liveavatar.pipeline.generate import make_runner
-    from liveavatar.pipeline.model import LiveAvatar, LoadOptions
-    from liveavatar.pipeline.plan import block_noise, make_plan
-    from liveavatar.pipeline.sampler import BlockInputs
-    from liveavatar.media.audio import Audio16k
-
-    s = run.stream
-    model = LiveAvatar(dit, None, None, None, LoadOptions(device=device, dtype=dtype, attn=args.attn,
-                                                          fp8=args.fp8, compile=args.compile))
-    image = ImageConditioning(pixels=torch.zeros(1, 3, 1, run.height, run.width), width=run.width, height=run.height)
-    lead = 3
-    plan = make_plan(run.total_blocks * s.frames_per_block - lead, s, lead_in_frames=lead)
-    audio = AudioConditioning(features=run.features, num_frames=plan.num_frames,
-                              audio=Audio16k(torch.zeros(plan.num_frames * 640)), lead_in_frames=lead)
-    noise = [block_noise(args.seed, b, run.hw, s).to(device) for b in plan.blocks]
-    inputs = [BlockInputs(audio=audio.block_features(b).to(device, dtype)) for b in plan.blocks]
-    graphs0 = benchlib.dynamo_graphs()
-    res: dict = {"block_ms": [], "step_ms": [], "warm_ms": [], "latents": []}
-    benchlib.sync(device)
-    t_start = time.perf_counter()
-    runner = make_runner(model, run.context, image, seed=args.seed, steps=args.steps)
-    runner.prefill(run.ref, run.motion)
-    for b, block in enumerate(plan.blocks):
-        timer = benchlib.Timer(device)
-        marks = [timer.mark()]
-        x = runner.run(noise[b], block, inputs[b], on_step=lambda _s: marks.append(timer.mark()))
-        timer.sync()
-        if b == 0:
-            res["ttff_s"] = time.perf_counter() - t_start
-            res["graphs_after_first"] = benchlib.dynamo_graphs()
-        if b < 2:
-            res["latents"].append(x.detach().float().cpu())
-        total = timer.elapsed_ms(marks[0], marks[-1])
-        if b < run.warmup:
-            res["warm_ms"].append(total)
-            res["graphs_after_warmup"] = benchlib.dynamo_graphs()
-            res["warm_end"] = time.perf_counter()
-        else:
-            res["block_ms"].append(total)
-            res["step_ms"] += [timer.elapsed_ms(marks[i], marks[i + 1]) for i in range(len(marks) - 1)]
-    res.setdefault("graphs_after_warmup", graphs0)
-    res["warmup_s"] = res.get("warm_end", t_start) - t_start
-    res["graphs0"] = graphs0
-    res["finite"] = bool(torch.isfinite(x).all())
-    res["cache_gib"] = runner.cache_bytes() / 2**30
-    return res
-
-
-def run_end_to_end(args, cfg, dit, device, dtype, run: _Run) -> dict:
-    """The pipeline's generate() iterator with a random VAE; host-clock time between blocks."""
-    import tempfile
-
-    from liveavatar.media.audio import Audio16k
-    from liveavatar.pipeline.conditioning import AudioConditioning, ImageConditioning, ReferenceLatents
-    from liveavatar.pipeline.model import LiveAvatar, LoadOptions
-
-    s = run.stream
-    vae = build_random_vae(device, dtype, args.seed, args.tiny)
-    model = LiveAvatar(dit, vae, None, None, LoadOptions(device=device, dtype=dtype, attn=args.attn,
-                                                         fp8=args.fp8, compile=args.compile))
-    image = ImageConditioning(pixels=torch.zeros(1, 3, 1, run.height, run.width), width=run.width, height=run.height)
-    lead = 3
-    n_frames = run.total_blocks * s.frames_per_block - lead
-    wave = Audio16k(torch.zeros(n_frames * s.sample_rate // s.fps))
-    audio = AudioConditioning(features=run.features, num_frames=n_frames, audio=wave, lead_in_frames=lead)
-    writer = None
-    if args.write:
-        from liveavatar.media.video_writer import VideoWriter
-
-        writer = VideoWriter(Path(tempfile.mkdtemp()) / "bench.mp4", run.width, run.height, fps=s.fps,
-                             audio_rate=s.sample_rate)
-    graphs0 = benchlib.dynamo_graphs()
-    res: dict = {"block_ms": [], "step_ms": [], "warm_ms": [], "latents": []}
-    benchlib.sync(device)
-    t_start = t_prev = time.perf_counter()
-    for blk in model.generate(run.context, audio, image, seed=args.seed, steps=args.steps,
-                              reference=ReferenceLatents(ref=run.ref, motion=run.motion)):
-        if writer is not None:
-            writer.write_frames(blk.frames)
-            writer.write_audio(blk.audio)
-        now = time.perf_counter()
-        ms = (now - t_prev) * 1000.0
-        t_prev = now
-        if blk.index == 0:
-            res["ttff_s"] = now - t_start
-            res["graphs_after_first"] = benchlib.dynamo_graphs()
-        if blk.index < run.warmup:
-            res["warm_ms"].append(ms)
-            res["graphs_after_warmup"] = benchlib.dynamo_graphs()
-            res["warm_end"] = now
-        else:
-            res["block_ms"].append(ms)
-            res.setdefault("dit_ms", []).append(blk.timings.get("dit", 0.0) * 1000.0)
-            res.setdefault("decode_ms", []).append(blk.timings.get("decode", 0.0) * 1000.0)
-    if writer is not None:
-        writer.close()
-    res.setdefault("graphs_after_warmup", graphs0)
-    res["warmup_s"] = res.get("warm_end", t_start) - t_start
-    res["graphs0"] = graphs0
-    res["finite"] = True
-    return res
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -368,6 +230,8 @@ def bench(args) -> dict:
         "flops_per_block": flops, "output_finite": res["finite"], "tiny": args.tiny, "seed": args.seed,
         "dtype": str(dtype).replace("torch.", ""),
     }
+    if "profile" in res:
+        out["profile"] = res["profile"]
     if "cache_gib" in res:
         out["cache_gib"] = res["cache_gib"]
     if "decode_ms" in res:
