@@ -113,9 +113,9 @@ class LiveAvatarModelLoader(io.ComfyNode):
                                        "config.json under models/liveavatar; put the Wan2.2-S2V-14B folder there "
                                        "and refresh")
         if lora == mf.AUTO:
-            lora_path = mf.auto_lora(ckpt)
+            lora_path = mf.auto_lora(ckpt)  # None: the library looks in its default places
         elif lora == mf.NONE:
-            lora_path = None
+            lora_path = "none"  # the library's word for "no LoRA"
         else:
             lora_path = mf.file_path("loras", lora)
             if lora_path is None:
@@ -149,6 +149,9 @@ class LiveAvatarModelLoaderFiles(io.ComfyNode):
                 io.Combo.Input("wav2vec", options=mf.files("audio_encoders"),
                                tooltip="wav2vec2 large English from models/audio_encoders "
                                        "(wav2vec2_large_english_fp16.safetensors)."),
+                io.Combo.Input("tokenizer", options=[mf.AUTO] + mf.tokenizer_folders(), default=mf.AUTO,
+                               tooltip="umT5 tokenizer folder (google/umt5-xxl, e.g. inside the official "
+                                       "checkpoint folder in models/liveavatar). auto: the first one found."),
                 io.Combo.Input("lora", options=[mf.NONE] + mf.files("loras"), default=mf.NONE,
                                tooltip="Live Avatar LoRA (liveavatar.safetensors) from models/loras; "
                                        "none for the base model."),
@@ -165,7 +168,7 @@ class LiveAvatarModelLoaderFiles(io.ComfyNode):
         return _validate_placement(devices, gpu_mode, cls.NAME)
 
     @classmethod
-    def execute(cls, dit: str, t5: str, vae: str, wav2vec: str, lora: str, lora_strength: float,
+    def execute(cls, dit: str, t5: str, vae: str, wav2vec: str, tokenizer: str, lora: str, lora_strength: float,
                 precision: str, attention: str, devices: str, gpu_mode: str, compile: bool) -> io.NodeOutput:
         paths = {}
         for name, folder, value in (("dit", "diffusion_models", dit), ("t5", "text_encoders", t5),
@@ -174,6 +177,17 @@ class LiveAvatarModelLoaderFiles(io.ComfyNode):
             if path is None:
                 raise LiveAvatarInputError(cls.NAME, name, f"{value!r} is not in models/{folder}")
             paths[name] = path
+        if tokenizer == mf.AUTO:
+            found = mf.tokenizer_folders()
+            if not found:
+                raise LiveAvatarInputError(cls.NAME, "tokenizer", "no umT5 tokenizer folder found; put "
+                                           "google/umt5-xxl (tokenizer_config.json, spiece.model) under "
+                                           "models/liveavatar or models/text_encoders")
+            tokenizer = found[0]
+        tok_path = mf.tokenizer_path(tokenizer)
+        if tok_path is None:
+            raise LiveAvatarInputError(cls.NAME, "tokenizer", f"{tokenizer!r} is not a tokenizer folder")
+        paths["tokenizer_dir"] = tok_path
         lora_path = None
         if lora != mf.NONE:
             lora_path = mf.file_path("loras", lora)

@@ -62,6 +62,48 @@ def checkpoint_path(name: str) -> str | None:
     return None
 
 
+_TOKENIZER_FILES = ("tokenizer_config.json", "spiece.model", "tokenizer.json")
+
+
+def tokenizer_folders() -> list[str]:
+    """umT5 tokenizer folders (e.g. `Wan2.2-S2V-14B/google/umt5-xxl`) under the `liveavatar` and
+    `text_encoders` roots, as "<folder type>/<relative path>"."""
+    found: set[str] = set()
+    for kind in (FOLDER, "text_encoders"):
+        try:
+            roots = _roots() if kind == FOLDER else folder_paths.get_folder_paths(kind)
+        except KeyError:
+            continue
+        for root in roots:
+            if not os.path.isdir(root):
+                continue
+            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+                rel = os.path.relpath(dirpath, root)
+                depth = 0 if rel == "." else rel.count(os.sep) + 1
+                if depth >= 3:
+                    dirnames[:] = []
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                if rel != "." and any(f in filenames for f in _TOKENIZER_FILES):
+                    found.add(f"{kind}/{rel.replace(os.sep, '/')}")
+    return sorted(found)
+
+
+def tokenizer_path(name: str) -> str | None:
+    """Full path of an entry of `tokenizer_folders`, or None."""
+    kind, _, rel = name.partition("/")
+    if kind not in (FOLDER, "text_encoders") or not rel:
+        return None
+    rel = os.path.normpath(rel.replace("/", os.sep))
+    if rel.startswith("..") or os.path.isabs(rel):
+        return None
+    roots = _roots() if kind == FOLDER else folder_paths.get_folder_paths(kind)
+    for root in roots:
+        full = os.path.join(root, rel)
+        if os.path.isdir(full) and any(os.path.isfile(os.path.join(full, f)) for f in _TOKENIZER_FILES):
+            return full
+    return None
+
+
 def auto_lora(ckpt_dir: str) -> str | None:
     """The Live Avatar LoRA for a checkpoint folder: inside it, next to it, or under a `liveavatar` root."""
     candidates = [os.path.join(ckpt_dir, LORA_FILE)]
@@ -91,4 +133,4 @@ def file_path(folder: str, name: str) -> str | None:
 
 
 __all__ = ["FOLDER", "NONE", "AUTO", "register_folder", "checkpoint_folders", "checkpoint_path",
-           "auto_lora", "files", "file_path"]
+           "tokenizer_folders", "tokenizer_path", "auto_lora", "files", "file_path"]

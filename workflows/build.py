@@ -145,12 +145,13 @@ def workflows() -> dict[str, list[N]]:
             N(10, "LiveAvatarModelLoaderFiles", dict(
                 dit="wan2.2_s2v_14B_bf16.safetensors", t5="umt5_xxl_fp16.safetensors",
                 vae="wan_2.1_vae.safetensors", wav2vec="wav2vec2_large_english_fp16.safetensors",
-                lora="liveavatar.safetensors", lora_strength=1.0, precision="fp8", attention="sdpa",
+                tokenizer="auto", lora="liveavatar.safetensors", lora_strength=1.0, precision="fp8", attention="sdpa",
                 devices="auto", gpu_mode="single", compile=False), pos=(x0, 0)),
             *encoders(10, 1, 2, "704*384", x1), *to_native_video("LiveAvatar/avatar", x2),
             note(30, "## ComfyUI single files\nThe same files as ComfyUI's native Wan2.2 S2V template "
                      "(diffusion_models, text_encoders, vae, audio_encoders) plus the Live Avatar LoRA "
-                     "in models/loras. A native CONDITIONING (Load CLIP type wan + CLIP Text Encode) can "
+                     "in models/loras, and the umT5 tokenizer folder (google/umt5-xxl, as in the official checkpoint) "
+                     "under models/liveavatar or models/text_encoders. A native CONDITIONING (Load CLIP type wan + CLIP Text Encode) can "
                      "feed LiveAvatar Text Encode's optional input instead of the prompt.", (x0, 1000)),
         ],
     }

@@ -45,7 +45,7 @@ FILE_INPUTS = {
     ("LiveAvatarModelLoader", "checkpoint"), ("LiveAvatarModelLoader", "lora"),
     ("LiveAvatarModelLoaderFiles", "dit"), ("LiveAvatarModelLoaderFiles", "t5"),
     ("LiveAvatarModelLoaderFiles", "vae"), ("LiveAvatarModelLoaderFiles", "wav2vec"),
-    ("LiveAvatarModelLoaderFiles", "lora"),
+    ("LiveAvatarModelLoaderFiles", "tokenizer"), ("LiveAvatarModelLoaderFiles", "lora"),
 }
 UPLOAD_EXTRA = {"image_upload": 1, "audio_upload": 2, "video_upload": 1}
 
