@@ -42,6 +42,7 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--ckpt-dir", required=req, help="Wan2.2-S2V-14B folder (official layout)")
     p.add_argument("--lora", default=None, help="Live Avatar LoRA (liveavatar.safetensors); default: look beside the checkpoint")
     p.add_argument("--lora-strength", type=float, default=1.0)
+    p.add_argument("--pose-video", default=None, help="optional pose (DW-pose) video driving the body, as the reference's --pose_video")
     p.add_argument("--num-clip", type=int, default=None, help="max 48-frame clips (default: until the audio ends)")
     p.add_argument("--steps", type=int, default=4, choices=(3, 4, 5))
     p.add_argument("--seed", type=int, default=42)
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--config", default=None, help="optional DiT config.json to use instead of the default tiny one")
     demo = sub.add_parser("demo", help="tiny checkpoint + shipped example image and speech -> mp4")
     _add_generate_args(demo, demo=True)
-    demo.set_defaults(device="cpu", dtype="fp32", size="384*256")
+    demo.set_defaults(device="cpu", dtype="fp32", size="256*128")
     bench = sub.add_parser("bench", help="speed benchmark, prints one JSON line")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
@@ -92,6 +93,8 @@ def run_generate(args: argparse.Namespace) -> dict:
         raise UserError("--num-clip: must be >= 1")
     image = load_image(Path(args.image).expanduser())
     audio = load_audio(Path(args.audio).expanduser())
+    if args.pose_video is not None and not Path(args.pose_video).expanduser().is_file():
+        raise UserError(f"--pose-video: no file at {Path(args.pose_video).expanduser().resolve()}")
     resolve_device(args.device)
     resolve_dtype(args.dtype)
     find_official_checkpoint(Path(args.ckpt_dir).expanduser(), lora=args.lora)
@@ -104,10 +107,14 @@ def run_generate(args: argparse.Namespace) -> dict:
     img = model.prepare_image(image, args.size, size_mode=args.size_mode)
     ctx = model.encode_prompt(args.prompt)
     aud = model.encode_audio(audio)
+    pose = None
+    if args.pose_video is not None:
+        pose = model.encode_pose(Path(args.pose_video).expanduser(), img, aud.num_frames)
     t1 = time.perf_counter()
     first = None
     with VideoWriter(out, img.width, img.height, fps=model.stream.fps, audio_rate=audio.sample_rate) as writer:
-        for blk in model.generate(ctx, aud, img, seed=args.seed, steps=args.steps, num_clip=args.num_clip):
+        for blk in model.generate(ctx, aud, img, seed=args.seed, steps=args.steps,
+                                      num_clip=args.num_clip, pose_cond=pose):
             if first is None:
                 first = time.perf_counter() - t1
             writer.write_frames(blk.frames)

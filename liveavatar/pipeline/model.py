@@ -163,6 +163,32 @@ class LiveAvatar:
         motion = self.vae.encode(motion_px)
         return ReferenceLatents(ref=ref.float().cpu(), motion=motion.float().cpu())
 
+    @torch.no_grad()
+    def encode_pose(self, path: str | Path, image: ImageConditioning, num_frames: int,
+                    lead_in_frames: int = 3) -> torch.Tensor:
+        """Pose video -> cond latents [1, 16, F_latent, h, w] covering the generated frames.
+
+        As the reference: per 48-frame clip, the chunk is prefixed with its first frame, encoded,
+        and the first latent dropped (12 latents per clip). The lead-in frames repeat frame 0, so
+        pose frame k stays aligned with audio frame k.
+        """
+        from liveavatar.media.pose import load_pose_video
+
+        fpc = self.stream.frames_per_clip
+        gen = num_frames + lead_in_frames
+        clips = -(-gen // fpc)
+        px = load_pose_video(path, image.width, image.height, num_frames, fps=self.stream.fps, mode=image.mode)
+        px = torch.cat([px[:, :, :1].expand(-1, -1, lead_in_frames, -1, -1), px], dim=2)
+        pad = clips * fpc - px.shape[2]
+        if pad > 0:
+            px = torch.cat([px, px.new_full((*px.shape[:2], pad, *px.shape[3:]), -1.0)], dim=2)
+        latents = []
+        for c in range(clips):
+            chunk = px[:, :, c * fpc:(c + 1) * fpc]
+            chunk = torch.cat([chunk[:, :, :1], chunk], dim=2)
+            latents.append(self.vae.encode(chunk)[:, :, 1:].float().cpu())
+        return torch.cat(latents, dim=2)
+
     def generate(self, context: torch.Tensor, audio: AudioConditioning, image: ImageConditioning,
                  **kwargs: Any) -> Iterator[DecodedBlock]:
         """Stream decoded blocks; see `liveavatar.pipeline.generate.generate` for the arguments."""
