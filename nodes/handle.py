@@ -12,6 +12,14 @@ once and worker processes stay up. A new spec closes the previous handle first (
 time), so switching checkpoints does not hold two 14B models.
 
 Importable without ComfyUI; `comfy.model_management` is used only when it is importable.
+
+What the nodes need from a worker-group backend (`parallel.open_worker_group(kind, devices, mode,
+**loader kwargs)`, kwargs as `LiveAvatar.from_checkpoint` / `from_files` minus `device`):
+`encode_prompt(str)`, `encode_audio(Audio16k)` -> object with `.num_frames`,
+`prepare_image(PIL image, size, size_mode)` -> object with `.width`, `.height` (these may be light
+descriptors when every rank encodes for itself), `generate(ctx, aud, img, *, seed, steps,
+num_clip, progress, cancel)` -> iterator of `DecodedBlock` (closing it, or `cancel()` returning
+True, must stop the ranks' current job), and `close()` (stop the processes).
 """
 
 from __future__ import annotations

@@ -44,12 +44,13 @@ def _sampling_inputs() -> list[io.Input]:
     ]
 
 
-def _check_inputs(node: str, text, audio, reference) -> None:
+def _check_inputs(node: str, model, text, audio, reference) -> None:
     for name, value, attr in (("audio", audio, "num_frames"), ("reference", reference, "width")):
         if not hasattr(value, attr):
             raise LiveAvatarInputError(node, name, f"got {type(value).__name__}; connect the LiveAvatar "
                                        f"{'Audio Encode' if name == 'audio' else 'Reference Image'} node")
-    if getattr(text, "ndim", None) != 2:
+    in_process = getattr(model, "mode", "single") == "single"
+    if text is None or (in_process and getattr(text, "ndim", None) != 2):
         raise LiveAvatarInputError(node, "text", "expected text conditioning [L, D]; connect LiveAvatar Text Encode")
 
 
@@ -75,7 +76,7 @@ class LiveAvatarSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, text, audio, reference, seed: int, steps: int, num_clip: int) -> io.NodeOutput:
-        _check_inputs(cls.NAME, text, audio, reference)
+        _check_inputs(cls.NAME, model, text, audio, reference)
         frames, samples = [], []
         fps = [FPS]
 
@@ -121,7 +122,7 @@ class LiveAvatarSaveMP4(io.ComfyNode):
                 filename_prefix: str) -> io.NodeOutput:
         from liveavatar.media.video_writer import VideoWriter
 
-        _check_inputs(cls.NAME, text, audio, reference)
+        _check_inputs(cls.NAME, model, text, audio, reference)
         width, height = int(reference.width), int(reference.height)
         try:
             folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
