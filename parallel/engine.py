@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from parallel.schedule import Role
+from parallel.schedule import MemoryNeed, Role
 from parallel.tpp import JobPlan
 
 
@@ -38,6 +38,23 @@ def make_job(image: Any, audio: Any, prompt: str, *, size: str = "704*384", size
     return {"image": image, "audio": audio, "prompt": prompt, "size": size, "size_mode": size_mode,
             "seed": int(seed), "steps": int(steps), "num_clip": num_clip,
             "sink_refresh": bool(sink_refresh), "pose_cond": pose_cond}
+
+
+def memory_need(dit_config: Any, width: int, height: int, dtype: torch.dtype = torch.bfloat16,
+                fp8: bool = False) -> MemoryNeed:
+    """Per-rank GPU bytes for `parallel.schedule.auto_schedule`, from the pipeline's estimate.
+
+    dit_config: the checkpoint's `DiTConfig`; width/height: output pixels.
+    """
+    from liveavatar.pipeline.memory import dit_param_counts, estimate_memory
+
+    counts = dit_param_counts(dit_config)
+    one = estimate_memory(dit_config, width, height, steps_owned=1, dtype=dtype, fp8=fp8,
+                          decode_here=False, param_counts=counts)
+    dec = estimate_memory(dit_config, width, height, steps_owned=0, dtype=dtype, fp8=fp8,
+                          decode_here=True, param_counts=counts)
+    return MemoryNeed(dit_bytes=one.total - one.step_caches, cache_bytes_per_step=one.step_caches,
+                      decode_bytes=dec.total, margin_bytes=0)
 
 
 class _Stopped(Exception):
@@ -177,4 +194,4 @@ class LiveAvatarEngine:
         self.end_job()
 
 
-__all__ = ["LiveAvatarEngine", "make_job"]
+__all__ = ["LiveAvatarEngine", "make_job", "memory_need"]

@@ -29,6 +29,7 @@ import itertools
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,11 +40,15 @@ import weakref
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from parallel.channel import Channel, ChannelClosed, ControlListener
+from parallel.procs import exit_text, last_traceback, popen, tail
 from parallel.schedule import Schedule
 from parallel.tpp import BlockFrames
+
+if TYPE_CHECKING:
+    from parallel.jobs import JobHandle
 
 log = logging.getLogger(__name__)
 PACK_ROOT = Path(__file__).resolve().parents[1]
@@ -118,63 +123,6 @@ def _close_all() -> None:
         g.close(timeout=5.0)
 
 
-class _Launcher:
-    """Starts workers from one long-lived thread: PR_SET_PDEATHSIG fires when the thread that
-    forked a child ends, so forking from a short-lived caller thread would kill the workers."""
-
-    def __init__(self) -> None:
-        self._q: queue.Queue = queue.Queue()
-        threading.Thread(target=self._loop, name="parallel-launcher", daemon=True).start()
-
-    def _loop(self) -> None:
-        while True:
-            args, kwargs, box, done = self._q.get()
-            try:
-                box.append(subprocess.Popen(*args, **kwargs))
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-                box.append(exc)
-            done.set()
-
-    def popen(self, *args: Any, **kwargs: Any) -> subprocess.Popen:
-        box: list = []
-        done = threading.Event()
-        self._q.put((args, kwargs, box, done))
-        done.wait()
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        return box[0]
-
-
-_launcher: _Launcher | None = None
-_launcher_lock = threading.Lock()
-
-
-def _popen(*args: Any, **kwargs: Any) -> subprocess.Popen:
-    global _launcher
-    with _launcher_lock:
-        if _launcher is None:
-            _launcher = _Launcher()
-    return _launcher.popen(*args, **kwargs)
-
-
-def _tail(path: Path | None, chars: int = 6000) -> str:
-    if path is None or not path.exists():
-        return ""
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - chars))
-        return f.read().decode("utf-8", "replace")
-
-
-def _last_traceback(text: str) -> str:
-    for marker in ("Traceback (most recent call last)", "Fatal Python error", "Thread 0x",
-                   "Current thread"):
-        i = text.rfind(marker)
-        if i >= 0:
-            return text[i:]
-    return text[-2000:]
-
-
 class WorkerGroup:
     """A started group of ranks running one `Schedule`; takes one job at a time."""
 
@@ -186,6 +134,7 @@ class WorkerGroup:
         self.procs: dict[int, subprocess.Popen] = {}
         self.chans: dict[int, Channel] = {}
         self.info: dict[int, dict] = {}
+        self._own_log_dir = config.log_dir is None
         self.log_dir = Path(config.log_dir or tempfile.mkdtemp(prefix="liveavatar-group-"))
         self.secret_file: Path | None = None
         self._events: queue.Queue = queue.Queue()
@@ -244,7 +193,7 @@ class WorkerGroup:
                    "--rank", str(rank), "--world-size", str(self.world_size),
                    "--parent-pid", str(os.getpid()), "--heartbeat", str(self.config.heartbeat_s)]
             logf = open(self.log_path(rank), "ab")
-            proc = _popen(cmd, stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,
+            proc = popen(cmd, stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,
                           cwd=str(PACK_ROOT), env=env, close_fds=True)
             logf.close()
             proc.stdin.write(self.listener.secret.hex().encode() + b"\n")
@@ -283,10 +232,10 @@ class WorkerGroup:
                                        f"{self.config.start_timeout_s:g} s", missing[0], "connect")
             for rank, proc in self.procs.items():
                 if rank not in self.chans and proc.poll() is not None:
-                    tail = _tail(self.log_path(rank))
+                    text = tail(self.log_path(rank))
                     raise self._fail_start(f"rank {rank} exited with code {proc.returncode} before "
-                                           f"connecting:\n{_last_traceback(tail)}", rank, "connect",
-                                           tail)
+                                           f"connecting:\n{last_traceback(text)}", rank, "connect",
+                                           text)
             chan = self.listener.accept(timeout=0.2)
             if chan is not None:
                 pending.append(chan)
@@ -329,7 +278,8 @@ class WorkerGroup:
         self._reader.start()
         params = {"backend": sched.backend, "pg_timeout_s": self.config.pg_timeout_s,
                   "rendezvous_timeout_s": max(1.0, deadline - time.monotonic()),
-                  "store_host": "127.0.0.1", "store_port": None}
+                  "store_host": "127.0.0.1", "store_port": None,
+                  "num_dit_ranks": sched.num_dit_ranks}
         self.chans[0].send(("init", {**params, "device": sched.devices[0]}))
         ready: dict[int, dict] = {}
         sent_rest = self.world_size == 1 or self.config.launch == "attach"
@@ -384,9 +334,9 @@ class WorkerGroup:
         if msg[0] == "error":
             _, _, ph, _, text, tb = msg
             return self._fail_start(f"rank {rank} failed to {ph}: {text}", rank, ph, tb)
-        tail = _tail(self.log_path(rank))
-        return self._fail_start(f"rank {rank} {msg[2]} during {phase}:\n{_last_traceback(tail)}",
-                                rank, phase, tail)
+        text = tail(self.log_path(rank))
+        return self._fail_start(f"rank {rank} {msg[2]} during {phase}:\n{last_traceback(text)}",
+                                rank, phase, text)
 
     # -- events ----------------------------------------------------------------------------
     def _read_loop(self) -> None:
@@ -411,7 +361,7 @@ class WorkerGroup:
             now = time.monotonic()
             for rank, proc in self.procs.items():
                 if proc.poll() is not None:
-                    self._lost(rank, f"exited ({_exit_text(proc.returncode)})")
+                    self._lost(rank, f"exited ({exit_text(proc.returncode)})")
             for rank, t in list(self._last_hb.items()):
                 if now - t > hb_timeout and rank not in self._reported:
                     pid = self.info.get(rank, {}).get("pid")
@@ -433,7 +383,7 @@ class WorkerGroup:
             except subprocess.TimeoutExpired:
                 pass
         if proc is not None and proc.returncode is not None and "exited" not in detail:
-            detail += f", exited ({_exit_text(proc.returncode)})"
+            detail += f", exited ({exit_text(proc.returncode)})"
         self._reported.add(rank)
         self._events.put(("lost", rank, detail))
 
@@ -486,6 +436,8 @@ class WorkerGroup:
         graceful = self.state == "ready"
         self.state = "closed"
         self._teardown(force=not graceful, timeout=timeout)
+        if graceful and self._own_log_dir:  # logs of a failed group stay for the error message
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def _teardown(self, force: bool, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -521,15 +473,3 @@ class WorkerGroup:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _exit_text(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-

@@ -8,7 +8,8 @@ import time
 from typing import Any, Callable, Iterator, Mapping
 
 from parallel.group import (GroupConfig, GroupError, JobInputError, JobResult, WorkerError,
-                            WorkerGroup, _last_traceback, _tail)
+                            WorkerGroup)
+from parallel.procs import last_traceback, tail
 from parallel.tpp import BlockFrames
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class JobHandle:
             _, _, phase, _, text, tb = main
             detail = f"failed ({phase}): {text}"
         else:
-            detail, tb = main[2], _last_traceback(_tail(self.group.log_path(rank)))
+            detail, tb = main[2], last_traceback(tail(self.group.log_path(rank)))
         self.group._break()
         others = sorted({m[1] for m in faults[1:]} - {rank})
         msg = f"rank {rank} {detail} (job {self.job_id}, after {time.monotonic() - self._t0:.1f} s)"
@@ -117,6 +118,10 @@ class JobHandle:
         complete = self._done[g.config.schedule.decode_rank][0]
         self.result = JobResult("ok" if complete else "cancelled", self._blocks,
                                 time.monotonic() - self._t0, {r: s for r, (_, s) in self._done.items()})
+        log.info("job %d %s: %d blocks in %.2f s; time waiting on neighbours per rank: %s",
+                 self.job_id, self.result.status, self._blocks, self.result.seconds,
+                 ", ".join(f"{r}: {s.get('wait_share', 0.0):.0%}"
+                           for r, s in sorted(self.result.stats.items())))
 
     def _abandon(self, timeout: float = 60.0) -> None:
         """The consumer stopped early: cancel and drain, or tear the group down."""

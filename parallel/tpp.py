@@ -6,8 +6,9 @@ DiT rank 0 (`engine.initial_latents`), go through each DiT rank's own steps (`en
 which checks the cancel flag between steps) and end at the decode rank
 (`engine.decode`), which yields the frames of that block.
 
-Point-to-point protocol (torch.distributed isend/irecv; every message is a header `int64[2]`
-= (kind, block index) followed by a payload of `plan.latent_shape`):
+Point-to-point protocol (torch.distributed isend/irecv, one process group per link, see
+`LinkGroups`; every message is a header `int64[2]` = (kind, block index) followed by a payload of
+`plan.latent_shape`):
 
 - stream (tag 1/2): rank k -> k+1, then last DiT rank -> decode rank. Exactly one message per
   block index, in order, or a STOP message after which that sender sends nothing more. Receivers
@@ -134,21 +135,56 @@ class _Recv:
         return int(kind), int(index), self.payload
 
 
-class Links:
-    """Non-blocking point-to-point messages on the default process group, with wait accounting."""
+@dataclass
+class LinkGroups:
+    """Process groups that carry the p2p traffic: one per pipeline link and one for the sink.
 
-    def __init__(self, plan: JobPlan, device: torch.device, stats: RankStats,
-                 max_inflight: int = 4) -> None:
-        self.plan, self.device, self.stats = plan, device, stats
+    NCCL runs the operations of one communicator in issue order on one stream. With every
+    message on the default group, a rank's pre-posted receive would hold back its own send to
+    the next rank (one block of extra latency per stage) and the backward sink message could
+    deadlock against the forward stream. A group per link (k -> k+1) and a separate sink group
+    keep each stream one-directional. Create them with `make_link_groups` on every rank, in the
+    same order, right after the process group is initialised.
+    """
+
+    forward: dict[int, Any]  # sender rank k -> group {k, k+1}
+    sink: Any  # group of the DiT ranks (None when there is a single DiT rank)
+
+
+def make_link_groups(world_size: int, num_dit_ranks: int) -> LinkGroups:
+    """Collective: every rank must call this with the same arguments."""
+    import torch.distributed as dist
+
+    forward = {k: dist.new_group([k, k + 1]) for k in range(world_size - 1)}
+    sink = dist.new_group(list(range(num_dit_ranks))) if num_dit_ranks > 1 else None
+    return LinkGroups(forward, sink)
+
+
+class Links:
+    """Non-blocking point-to-point messages over `LinkGroups`, with wait accounting."""
+
+    def __init__(self, plan: JobPlan, device: torch.device, stats: RankStats, rank: int,
+                 groups: LinkGroups | None = None, max_inflight: int = 4) -> None:
+        self.plan, self.device, self.stats, self.rank = plan, device, stats, rank
+        self.groups = groups
         self._sends: deque = deque()
         self._max_inflight = max_inflight
+
+    def _group(self, src: int, dst: int, tag: int) -> Any:
+        if self.groups is None:
+            return None  # default group (fine for gloo; NCCL wants LinkGroups)
+        if tag == TAG_SINK:
+            return self.groups.sink
+        return self.groups.forward[src]
 
     def post_recv(self, src: int, tag: int) -> _Recv:
         import torch.distributed as dist
 
+        group = self._group(src, self.rank, tag)
         header = torch.empty(2, dtype=torch.int64, device=self.device)
         payload = torch.empty(self.plan.latent_shape, dtype=self.plan.dtype, device=self.device)
-        works = [dist.irecv(header, src, tag=tag), dist.irecv(payload, src, tag=tag + 1)]
+        works = [dist.irecv(header, src, group=group, tag=tag),
+                 dist.irecv(payload, src, group=group, tag=tag + 1)]
         return _Recv(header, payload, works)
 
     def wait_recv(self, pending: _Recv) -> tuple[int, int, torch.Tensor]:
@@ -164,8 +200,9 @@ class Links:
         if x is None:
             x = torch.zeros(self.plan.latent_shape, dtype=self.plan.dtype, device=self.device)
         x = x.to(device=self.device, dtype=self.plan.dtype).contiguous()
-        self._sends.append((dist.isend(header, dst, tag=tag), header, x))
-        self._sends.append((dist.isend(x, dst, tag=tag + 1), header, x))
+        group = self._group(self.rank, dst, tag)
+        self._sends.append((dist.isend(header, dst, group=group, tag=tag), header, x))
+        self._sends.append((dist.isend(x, dst, group=group, tag=tag + 1), header, x))
         while len(self._sends) > 2 * self._max_inflight:
             self._wait_oldest()
 
@@ -295,5 +332,5 @@ def run_inprocess(engine: Engine, job: Mapping[str, Any], role: Role,
         engine.end_job()
 
 
-__all__ = ["JobPlan", "BlockFrames", "RankStats", "Engine", "Links", "run_rank", "run_inprocess",
-           "DATA", "STOP"]
+__all__ = ["JobPlan", "BlockFrames", "RankStats", "Engine", "LinkGroups", "make_link_groups", "Links",
+           "run_rank", "run_inprocess", "DATA", "STOP"]

@@ -6,8 +6,8 @@ Two ways to start it:
   --parent-pid PID`; the secret arrives as one hex line on stdin (never on the command line).
 - under torchrun (`WorkerGroup(..., launch="attach")`): `torchrun --nproc_per_node=N -m
   parallel.worker --connect HOST:PORT --secret-file FILE`; rank and world size come from torchrun's
-  environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and the process group is
-  initialised with `env://`.
+  environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), the process group is
+  initialised with `env://`, and a GPU rank uses `cuda:LOCAL_RANK` (so several hosts work).
 
 Lifetime: the worker exits when the controlling process dies (PR_SET_PDEATHSIG on Linux, a
 watchdog on the parent pid, and end-of-file on the control channel), on a `shutdown` message,
@@ -24,6 +24,7 @@ Messages out: ("hello", rank, pid, info), ("store", port), ("ready", rank, info)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ctypes
 import faulthandler
 import importlib
@@ -100,6 +101,7 @@ class Worker:
         self.engine: Any = None
         self.role: Any = None
         self.device: Any = None
+        self.link_groups: Any = None
 
     # -- threads ---------------------------------------------------------------------------
     def _reader(self) -> None:
@@ -137,6 +139,8 @@ class Worker:
         import torch.distributed as dist
 
         device = torch.device(params["device"])
+        if self.torchrun and device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per local rank
         info: dict[str, Any] = {"device": str(device), "host": socket.gethostname(), "pid": os.getpid()}
         if device.type == "cuda":
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -175,6 +179,9 @@ class Worker:
         if got != want:
             raise RuntimeError(f"rank {self.rank}: all_reduce smoke test gave {got}, expected {want}")
         info["smoke_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
+        from parallel.tpp import make_link_groups
+
+        self.link_groups = make_link_groups(self.world_size, int(params["num_dit_ranks"]))
         self.chan.send(("ready", self.rank, info))
 
     def _load(self, spec: str, config: dict, role: Any, sys_path: list[str]) -> None:
@@ -182,7 +189,7 @@ class Worker:
             if p not in sys.path:
                 sys.path.insert(0, p)
         t0 = time.perf_counter()
-        self.role = role
+        self.role = dataclasses.replace(role, device=str(self.device))  # the device actually used
         self.engine = load_engine(spec)
         self.engine.load(config, role)
         self.chan.send(("loaded", self.rank, time.perf_counter() - t0))
@@ -217,7 +224,8 @@ class Worker:
                 self.chan.send(("done", job_id, self.rank, False, {"prepare_failed": True}))
             return
         stats = RankStats(self.rank)
-        links = Links(plan, torch.device(self.device), stats) if self.world_size > 1 else None
+        links = (Links(plan, torch.device(self.device), stats, self.rank, self.link_groups)
+                 if self.world_size > 1 else None)
 
         def cancelled() -> bool:
             return self.cancel_id == job_id or self.shutting_down
@@ -304,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     if not secret_hex:
         log.error("no control-channel secret (stdin, --secret-file or %s)", SECRET_ENV)
         return 2
-    import torch  # noqa: F401  (before "hello": the rendezvous then never waits on imports)
+    import torch  # noqa: F401,PLC0415  (before "hello": the rendezvous then never waits on imports)
 
     host, _, port = args.connect.rpartition(":")
     chan = connect((host, int(port)), bytes.fromhex(secret_hex), timeout=60.0)
