@@ -83,7 +83,8 @@ EOF
 # BENCH_EXTRA: extra flags for every run, e.g. "--tiny --device cpu" for a dry run on a CPU machine
 read -r -a EXTRA <<< "${BENCH_EXTRA:-}"
 COMMON=(--size "$SIZE" --steps 4 --blocks "$BLOCKS" --warmup "$WARMUP" --seed 0 "${EXTRA[@]}")
-OURS=("$PY" -m liveavatar.bench --random-weights "${COMMON[@]}")
+read -r -a OURS_EXTRA <<< "${BENCH_OURS_EXTRA:-}"  # dry run: "--allow-cpu-fp8"
+OURS=("$PY" -m liveavatar.bench --random-weights "${COMMON[@]}" "${OURS_EXTRA[@]}")
 HARNESS=("$PY" bench/ref_harness.py --ref-dir "$REF_DIR" "${COMMON[@]}")
 
 PEAK=$("$PY" -c "

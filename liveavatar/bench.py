@@ -127,15 +127,27 @@ def apply_options(dit, args, device: torch.device) -> dict:
 
 
 def fallback_compile(dit) -> str:
-    """Until the DiT has compile_blocks(): compile the parts of every layer that take only
-    tensors (FFN, text cross-attention, audio-injector attention), one shared graph each."""
+    """Until the DiT has compile_blocks(): torch.compile the parts that take only tensors (each
+    layer's FFN and text cross-attention, the audio-injector attention: one shared graph per
+    module class) and the elementwise helpers the layers call by module-global name (LayerNorm,
+    modulation, gates, RoPE), which fuses their float32/float64 chains. Bench-only: the helpers
+    are replaced in their modules for this process."""
+    from liveavatar.models import dit_blocks, kv_cache
+
     for block in dit.blocks:
         block.ffn.compile()
         block.cross_attn.compile()
     injector = getattr(dit, "audio_injector", None)
     for sub in getattr(injector, "injector", []) or []:
         sub.compile()
-    return "bench.fallback_compile(ffn, cross_attn, audio attn)"
+    patched = []
+    for mod, name in ((dit_blocks, "_modulate"), (dit_blocks, "_gate"), (dit_blocks, "plain_layer_norm"),
+                      (kv_cache, "apply_rope")):
+        fn = getattr(mod, name, None)
+        if callable(fn) and not hasattr(fn, "_torchdynamo_orig_callable"):
+            setattr(mod, name, torch.compile(fn))
+            patched.append(name)
+    return "bench.fallback_compile(ffn, cross_attn, audio attn, " + ", ".join(patched) + ")"
 
 
 # ----------------------------------------------------------------------------- reporting
