@@ -175,6 +175,8 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
             report = merge_lora(model, lora_source, strength=lora_strength)
         log.info("LoRA %s: merged into %d/%d target layers (scale %.4g, rank %d)", lora_path,
                  report.matched, report.targets, report.scale, report.rank)
+        if hasattr(model, "clear_caches"):
+            model.clear_caches()
     return model.eval()
 
 

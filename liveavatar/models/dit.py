@@ -220,7 +220,9 @@ class CausalS2VDiT(nn.Module):
         Results are kept per (timestep, frames, weights): a job uses a handful of timesteps, and
         each evaluation would otherwise make a float32 copy of `time_projection` (6 dim^2).
         """
-        weights = tuple((p.data_ptr(), p._version, p.device, p.dtype)
+        # Keyed on storage, device and dtype (not on `_version`, which inference-mode tensors such
+        # as ComfyUI's lack). Code that edits these weights in place calls `clear_caches()`.
+        weights = tuple((p.data_ptr(), p.device, p.dtype)
                         for p in (*self.time_embedding.parameters(), *self.time_projection.parameters()))
         key = (float(torch.tensor(float(timestep), dtype=torch.float32)), frames, weights)
         if key not in self._time_cache:
@@ -228,6 +230,10 @@ class CausalS2VDiT(nn.Module):
                 self._time_cache.clear()
             self._time_cache[key] = self._time_uncached(timestep, frames)
         return self._time_cache[key]
+
+    def clear_caches(self) -> None:
+        """Forget cached time embeddings (call after changing weights in place)."""
+        self._time_cache.clear()
 
     def _time_uncached(self, timestep: float, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.full((frames,), float(timestep), dtype=torch.float32, device=self.device)
