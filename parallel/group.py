@@ -333,6 +333,8 @@ class WorkerGroup:
         rank = msg[1]
         if msg[0] == "error":
             _, _, ph, _, text, tb = msg
+            if ph == "init" and self.config.schedule.backend == "nccl":
+                text += f" ({NCCL_REMEDIES})"
             return self._fail_start(f"rank {rank} failed to {ph}: {text}", rank, ph, tb)
         text = tail(self.log_path(rank))
         return self._fail_start(f"rank {rank} {msg[2]} during {phase}:\n{last_traceback(text)}",

@@ -217,6 +217,11 @@ class Links:
             self._wait_oldest()
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_rank(engine: Engine, role: Role, plan: JobPlan, cancelled: Callable[[], bool],
              stats: RankStats | None = None, links: Links | None = None) -> Iterator[BlockFrames]:
     """Run this rank's part of one prepared job; yields frames on the decode rank.
@@ -230,6 +235,7 @@ def run_rank(engine: Engine, role: Role, plan: JobPlan, cancelled: Callable[[], 
     if role.world_size > 1 and links is None:
         raise ValueError("run_rank: a world of several ranks needs Links")
     t_start = time.perf_counter()
+    device = torch.device(role.device)
     total, per_clip = plan.num_blocks, plan.blocks_per_clip
     share_sink = plan.refresh_sink and plan.num_clips > 1 and role.num_dit_ranks > 1
     last_dit = role.num_dit_ranks - 1
@@ -282,6 +288,7 @@ def run_rank(engine: Engine, role: Role, plan: JobPlan, cancelled: Callable[[], 
             if x is None:
                 x = engine.initial_latents(clip, block)
             x = engine.run_steps(clip, block, x, role.steps, cancelled)
+            _sync(device)  # so that compute and wait times are measured apart
             stats.compute_s += time.perf_counter() - t0
             if x is None or cancelled():
                 stop_downstream()
@@ -296,6 +303,7 @@ def run_rank(engine: Engine, role: Role, plan: JobPlan, cancelled: Callable[[], 
         if role.decodes:
             t0 = time.perf_counter()
             frames = engine.decode(clip, block, x)
+            _sync(device)
             stats.decode_s += time.perf_counter() - t0
             stats.blocks += 1
             if frames is not None:
