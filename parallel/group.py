@@ -59,6 +59,9 @@ NCCL_REMEDIES = (
     "holds the GPUs"
 )
 
+GLOO_REMEDIES = ("check GLOO_SOCKET_IFNAME (lo on one host, the NIC that reaches the other hosts "
+                 "under torchrun) and that the hosts can reach each other")
+
 
 class GroupError(RuntimeError):
     """The worker group cannot run (start failure, worker fault, closed group)."""
@@ -95,7 +98,8 @@ class GroupConfig:
     launch: str = "spawn"  # or "attach" (torchrun)
     listen: tuple[str, int] = ("127.0.0.1", 0)
     pg_timeout_s: float = 600.0  # torch.distributed timeout of every collective / p2p op
-    start_timeout_s: float = 120.0  # connect + rendezvous + smoke collective
+    start_timeout_s: float = 120.0  # every rank started and connected (imports included)
+    init_timeout_s: float = 60.0  # then: rendezvous + all_reduce smoke test
     load_timeout_s: float = 3600.0
     heartbeat_s: float = 1.0
     heartbeat_timeout_s: float = 15.0
@@ -274,6 +278,7 @@ class WorkerGroup:
         else:
             log.info("waiting for %d ranks: %s", self.world_size, self.attach_command())
         self._accept_all(deadline)
+        deadline = time.monotonic() + self.config.init_timeout_s
         self._reader = threading.Thread(target=self._read_loop, name="group-reader", daemon=True)
         self._reader.start()
         params = {"backend": sched.backend, "pg_timeout_s": self.config.pg_timeout_s,
@@ -292,8 +297,8 @@ class WorkerGroup:
                 missing = sorted(set(range(self.world_size)) - set(ready))
                 raise self._fail_start(
                     f"ranks {missing} did not finish the rendezvous + all_reduce check within "
-                    f"{self.config.start_timeout_s:g} s; the interconnect may be broken: "
-                    + (NCCL_REMEDIES if sched.backend == "nccl" else "check loopback networking"),
+                    f"{self.config.init_timeout_s:g} s; the interconnect may be broken: "
+                    + (NCCL_REMEDIES if sched.backend == "nccl" else GLOO_REMEDIES),
                     missing[0], "init")
             if msg[0] == "store" and not sent_rest:
                 for r in range(1, self.world_size):
@@ -333,8 +338,8 @@ class WorkerGroup:
         rank = msg[1]
         if msg[0] == "error":
             _, _, ph, _, text, tb = msg
-            if ph == "init" and self.config.schedule.backend == "nccl":
-                text += f" ({NCCL_REMEDIES})"
+            if ph == "init":
+                text += f" ({NCCL_REMEDIES if self.config.schedule.backend == 'nccl' else GLOO_REMEDIES})"
             return self._fail_start(f"rank {rank} failed to {ph}: {text}", rank, ph, tb)
         text = tail(self.log_path(rank))
         return self._fail_start(f"rank {rank} {msg[2]} during {phase}:\n{last_traceback(text)}",

@@ -171,6 +171,16 @@ def test_worker_exception_reports_rank_and_traceback(two, want):
     assert torch.equal(video(blocks), want)
 
 
+def test_native_crash_reports_rank_and_stack(two, want):
+    """A rank that dies hard (abort, as a segfault would) is named with its faulthandler stack."""
+    with pytest.raises(WorkerError) as err:
+        run(two, {**SLOW, "crash_at": [1, 0, 1]})
+    assert err.value.rank == 1 and "SIGABRT" in str(err.value)
+    assert "Fatal Python error: Aborted" in err.value.traceback and "run_steps" in err.value.traceback
+    blocks, _ = run(two, JOB)
+    assert torch.equal(video(blocks), want)
+
+
 def test_load_error_names_rank_and_file():
     group = WorkerGroup(config(schedule.tpp(4, 2), {"fail_load_rank": 1, "path": "dit.safetensors"}))
     with pytest.raises(GroupStartError) as err:
@@ -178,6 +188,15 @@ def test_load_error_names_rank_and_file():
     assert err.value.rank == 1 and err.value.phase == "load"
     assert "rank 1 failed to load" in str(err.value) and "dit.safetensors" in str(err.value)
     assert "FileNotFoundError" in err.value.traceback
+    assert gone([p.pid for p in group.procs.values()])
+
+
+def test_broken_interconnect_reported_in_seconds():
+    group = WorkerGroup(config(schedule.tpp(4, 2), env={"GLOO_SOCKET_IFNAME": "nosuchif0"}))
+    t0 = time.monotonic()
+    with pytest.raises(GroupStartError, match="rank [01] failed to init: .*nosuchif0.*GLOO_SOCKET_IFNAME") as err:
+        group.start()
+    assert err.value.phase == "init" and time.monotonic() - t0 < 30.0
     assert gone([p.pid for p in group.procs.values()])
 
 
