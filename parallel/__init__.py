@@ -7,6 +7,7 @@ Importing this package is cheap: submodules (and torch) load on first attribute 
 - `parallel.tpp`: the per-rank runner around an `Engine` (the same loop in-process and in workers).
 - `parallel.group` / `parallel.jobs`: launch, lifetime, faults, jobs (`GroupManager`).
 - `parallel.worker`: the worker process (`python -m parallel.worker`).
+- `parallel.engine`: Live Avatar (`liveavatar.pipeline`) as a per-rank engine.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ _EXPORTS = {
     "Engine": "parallel.tpp", "JobPlan": "parallel.tpp", "BlockFrames": "parallel.tpp",
     "RankStats": "parallel.tpp", "run_rank": "parallel.tpp", "run_inprocess": "parallel.tpp",
     "Schedule": "parallel.schedule", "Role": "parallel.schedule", "make_schedule": "parallel.schedule",
-    "auto_schedule": "parallel.schedule",
+    "auto_schedule": "parallel.schedule", "MemoryNeed": "parallel.schedule",
+    "DeviceInfo": "parallel.schedule",
+    "LiveAvatarEngine": "parallel.engine", "make_job": "parallel.engine", "memory_need": "parallel.engine",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in ("schedule", "channel", "tpp", "group", "jobs", "worker"):
+    if name in ("schedule", "channel", "tpp", "group", "jobs", "worker", "engine", "procs"):
         return importlib.import_module(f"parallel.{name}")
     raise AttributeError(f"module 'parallel' has no attribute {name!r}")
 
