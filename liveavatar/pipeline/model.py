@@ -145,6 +145,34 @@ class LiveAvatar:
         return AudioConditioning(features=feats.float().cpu(), num_frames=num_frames, audio=audio,
                                  lead_in_frames=lead_in_frames)
 
+    @torch.no_grad()
+    def audio_conditioning_from_states(self, states: torch.Tensor, audio, lead_in_frames: int = 3,
+                                       states_fps: float = 50.0) -> AudioConditioning:
+        """Conditioning from wav2vec2 hidden states computed elsewhere (ComfyUI's audio encoder).
+
+        states: [n_states, T50, C] (or [1, n_states, T50, C]) for the user's audio at `states_fps`.
+        The lead-in is approximated by repeating the first state frame (our own path runs wav2vec2
+        over real silence instead), so results differ slightly from `encode_audio`.
+        """
+        from liveavatar.media.audio import num_video_frames
+        from liveavatar.models.wav2vec import bucket_video_frames, interpolate_50_to_30
+
+        if states.ndim == 4:
+            states = states[0]
+        if states.ndim != 3:
+            raise ValueError(f"audio_encoder_output: expected hidden states [n_states, T, C], got {tuple(states.shape)}")
+        want = getattr(self.audio_encoder, "num_states", None)
+        if want is not None and states.shape[0] != want:
+            raise ValueError(f"audio_encoder_output: {states.shape[0]} hidden states, the DiT weights {want}")
+        fps = self.stream.fps
+        lead = round(lead_in_frames * states_fps / fps)
+        states = torch.cat([states[:, :1].expand(-1, lead, -1), states], dim=1).float()
+        feat = interpolate_50_to_30(states, states_fps, self.stream.audio_feature_fps)
+        feats = bucket_video_frames(feat, fps=fps, feature_fps=self.stream.audio_feature_fps,
+                                    pad_to_multiple=self.stream.frames_per_clip)
+        return AudioConditioning(features=feats.cpu(), num_frames=num_video_frames(audio, fps=fps),
+                                 audio=audio, lead_in_frames=lead_in_frames)
+
     def prepare_image(self, image, size: str, size_mode: str = "area") -> ImageConditioning:
         """Resolve the output size and prepare the reference image ([1,3,1,H,W] in [-1,1])."""
         from liveavatar.media.image import prepare_reference
