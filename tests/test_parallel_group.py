@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,9 +24,14 @@ from test_parallel_toy import JOB, naive_video
 TESTS = str(Path(__file__).resolve().parent)
 TOY = "test_parallel_toy:ToyEngine"
 SLOW = {**JOB, "num_clips": 20, "step_sleep": 0.05}  # 80 blocks, >= 0.1 s per block per rank
+_LOGS: list = []  # a TemporaryDirectory for worker logs, made on first use, removed at exit
 
 
 def config(sched, engine_config=None, **kw):
+    if "log_dir" not in kw:
+        if not _LOGS:
+            _LOGS.append(tempfile.TemporaryDirectory(prefix="parallel-test-logs-"))
+        kw["log_dir"] = tempfile.mkdtemp(dir=_LOGS[0].name)
     kw.setdefault("pg_timeout_s", 5.0)
     kw.setdefault("start_timeout_s", 90.0)
     return GroupConfig(sched, TOY, {"num_steps": 4, **(engine_config or {})}, sys_path=(TESTS,), **kw)

@@ -25,7 +25,7 @@ PARENT = textwrap.dedent("""
     from parallel import GroupManager, schedule
     from test_parallel_group import SLOW, config
     manager = GroupManager()
-    cfg = config(schedule.tpp(4, 2))
+    cfg = config(schedule.tpp(4, 2), log_dir={logs!r})
     for i, bf in enumerate(manager.run(cfg, {{**SLOW, "num_clips": 200}})):
         if i == 1:
             print(json.dumps(list(manager.group.pids.values())), flush=True)
@@ -34,7 +34,7 @@ PARENT = textwrap.dedent("""
 
 def test_killed_controller_leaves_no_orphans(tmp_path):
     script = tmp_path / "parent.py"
-    script.write_text(PARENT.format(repo=str(REPO), tests=TESTS))
+    script.write_text(PARENT.format(repo=str(REPO), tests=TESTS, logs=str(tmp_path)))
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
     try:
