@@ -50,7 +50,9 @@ class _Run:
         self.ref = torch.randn(1, 16, 1, h, w, generator=g)  # [1, 16, 1, h, w]
         self.motion = torch.randn(1, 16, s.motion_frames_latent, h, w, generator=g)
         n_frames = (self.total_blocks + self.profile) * s.frames_per_block  # generated frames incl. lead-in
-        self.features = torch.randn(1, cfg.audio_num_layers, cfg.audio_dim, n_frames, generator=g) * 0.5
+        # [1, layers, audio_dim, frames], drawn frame-major so frame k is the same for any length
+        feats = torch.randn(n_frames, cfg.audio_num_layers, cfg.audio_dim, generator=g) * 0.5
+        self.features = feats.permute(1, 2, 0).unsqueeze(0).contiguous()
 
 
 def run_dit_scope(args, cfg, dit, device, dtype, run: _Run) -> dict:

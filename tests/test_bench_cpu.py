@@ -76,6 +76,16 @@ def test_fp8_bench_on_cpu_stays_close_to_fp32(fp32_run):
     assert cmp["blocks"] == 2 and cmp["psnr_db"] > 35 and cmp["rel_l2"] < 0.06, cmp
 
 
+def test_same_seed_is_bitwise_repeatable_and_profile_is_written(fp32_run, tmp_path):
+    """A second run (one extra profiled block, so longer audio) reproduces the first 2 blocks."""
+    _, lat = fp32_run
+    rc, out, err = _run(["-m", "liveavatar.bench", *TINY, "--compare-latents", str(lat), "--profile", str(tmp_path)])
+    assert rc == 0, err[-2000:]
+    assert out["vs_saved_latents"]["rel_l2"] == 0.0
+    assert Path(out["profile"]["table"]).read_text().count("aten::") > 5
+    assert Path(out["profile"]["trace"]).stat().st_size > 1000
+
+
 def test_bench_end_to_end_tiny_decodes_frames():
     rc, out, err = _run(["-m", "liveavatar.bench", *TINY, "--scope", "end_to_end", "--size", "128*64"])
     assert rc == 0, err[-2000:]
