@@ -25,6 +25,7 @@ _EXPORTS = {
     "Schedule": "parallel.schedule", "Role": "parallel.schedule", "make_schedule": "parallel.schedule",
     "auto_schedule": "parallel.schedule", "MemoryNeed": "parallel.schedule",
     "DeviceInfo": "parallel.schedule",
+    "open_worker_group": "parallel.handle", "GroupModel": "parallel.handle",
     "LiveAvatarEngine": "parallel.engine", "make_job": "parallel.engine", "memory_need": "parallel.engine",
 }
 
@@ -32,7 +33,7 @@ _EXPORTS = {
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in ("schedule", "channel", "tpp", "group", "jobs", "worker", "engine", "procs"):
+    if name in ("schedule", "channel", "tpp", "group", "jobs", "worker", "engine", "procs", "handle"):
         return importlib.import_module(f"parallel.{name}")
     raise AttributeError(f"module 'parallel' has no attribute {name!r}")
 

@@ -1,0 +1,159 @@
+"""`open_worker_group`: a worker group with the same call shape as an in-process `LiveAvatar`.
+
+Every DiT rank encodes its own conditioning (as the reference does), so the encode methods here
+return light descriptors (the prompt string, the 16 kHz audio with its frame count, the PIL image
+with its resolved size) and `generate` ships them to the group as one job. Blocks stream back as
+`DecodedBlock`s while the ranks work.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger("liveavatar.parallel")
+
+
+@dataclass
+class PromptRef:
+    """A prompt to be encoded on each rank."""
+
+    prompt: str
+
+
+@dataclass
+class AudioRef:
+    """Audio to be encoded on each rank; `num_frames` = written video frames."""
+
+    audio: Any
+    num_frames: int
+
+
+@dataclass
+class ImageRef:
+    """A reference image (PIL) with the size it resolves to on every rank."""
+
+    image: Any
+    size: str
+    size_mode: str
+    width: int
+    height: int
+
+
+def _schedule(mode: str, devices: list[str], steps: int, need: Any) -> Any:
+    from parallel.schedule import make_schedule, visible_devices
+
+    if mode in ("auto", ""):
+        infos = [d for d in visible_devices() if d.device in devices] if devices else None
+        return make_schedule("auto", steps, device_infos=infos, need=need)
+    if mode == "single":
+        return make_schedule("single", steps, devices=devices[:1])
+    if mode == "tpp":
+        if len(devices) < 2:
+            raise ValueError("devices: gpu_mode 'tpp' needs at least 2 devices (e.g. '0,1')")
+        dit_ranks = min(len(devices), steps)
+        separate = len(devices) > steps  # one spare GPU decodes, as the reference's 5th GPU
+        return make_schedule("tpp", steps, num_ranks=dit_ranks, separate_decode=separate,
+                             devices=devices[:dit_ranks + int(separate)])
+    raise ValueError(f"mode: {mode!r} is not one of auto, single, tpp")
+
+
+class GroupModel:
+    """Drives a `parallel.jobs.GroupManager`; same methods as `LiveAvatar` for the callers."""
+
+    def __init__(self, engine_config: dict, devices: list[str], mode: str, steps: int = 4,
+                 config_overrides: dict | None = None):
+        from parallel.jobs import GroupManager
+
+        self.engine_config = engine_config
+        self.devices = devices
+        self.mode = mode
+        self.steps = steps
+        self.overrides = dict(config_overrides or {})
+        self.manager = GroupManager()
+        self.fps = 25
+
+    def _config(self, steps: int, width: int, height: int) -> Any:
+        from parallel.group import GroupConfig
+
+        need = None
+        try:
+            from liveavatar.config import DiTConfig
+            from parallel.engine import memory_need
+
+            if "ckpt_dir" in self.engine_config:
+                from liveavatar.pipeline.model import resolve_dtype
+
+                cfg = DiTConfig.from_json(self.engine_config["ckpt_dir"])
+                need = memory_need(cfg, width, height, dtype=resolve_dtype(self.engine_config.get("dtype", "bf16")),
+                                   fp8=bool(self.engine_config.get("fp8")))
+        except Exception as exc:  # the estimate only guides 'auto'; never block a job on it
+            log.debug("memory estimate unavailable: %s", exc)
+        sched = _schedule(self.mode, self.devices, steps, need)
+        log.info("worker group schedule: %s", getattr(sched, "reason", sched))
+        return GroupConfig(schedule=sched, engine="parallel.engine:LiveAvatarEngine",
+                           engine_config=self.engine_config, **self.overrides)
+
+    # --- the LiveAvatar call shape
+    def encode_prompt(self, prompt: str) -> PromptRef:
+        if not isinstance(prompt, str):
+            raise ValueError("prompt: worker groups take the prompt text (each rank runs umT5 itself)")
+        return PromptRef(prompt)
+
+    def encode_audio(self, audio: Any) -> AudioRef:
+        from liveavatar.media.audio import num_video_frames
+
+        n = num_video_frames(audio, fps=self.fps)
+        if n < 1:
+            raise ValueError(f"audio: {audio.duration_s:.3f} s is shorter than one video frame")
+        return AudioRef(audio, n)
+
+    def prepare_image(self, image: Any, size: str, size_mode: str = "area") -> ImageRef:
+        from liveavatar.sizes import resolve_output_size
+
+        w, h = resolve_output_size(image.size, size, mode=size_mode)
+        return ImageRef(image, size, size_mode, w, h)
+
+    def generate(self, context: Any, audio: AudioRef, image: ImageRef, *, seed: int = 0, steps: int = 4,
+                 num_clip: int | None = None, progress: Callable[[dict], None] | None = None,
+                 cancel: Callable[[], bool] | None = None, sink_refresh: bool = True,
+                 pose_cond: Any = None, **_: Any) -> Iterator[Any]:
+        from parallel.engine import make_job
+
+        prompt = context.prompt if isinstance(context, PromptRef) else context
+        if not isinstance(prompt, str):
+            raise ValueError("text: worker groups need the prompt text, not precomputed embeddings")
+        job = make_job(image.image, audio.audio, prompt, size=image.size, size_mode=image.size_mode,
+                       seed=seed, steps=steps, num_clip=num_clip, sink_refresh=sink_refresh,
+                       pose_cond=pose_cond)
+        cfg = self._config(steps, image.width, image.height)
+        for item in self.manager.run(cfg, job, should_cancel=cancel):
+            blk = item.frames
+            if progress is not None:
+                progress({"event": "block", "block": blk.index, "total_blocks": blk.total_blocks,
+                          "frames": blk.frames.shape[0], "timings": getattr(blk, "timings", {})})
+            yield blk
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def open_worker_group(kind: str, devices: list[str], mode: str = "auto", **kwargs: Any) -> GroupModel:
+    """Start (lazily, on the first job) a worker group for a checkpoint folder or single files.
+
+    kind: "checkpoint" (kwargs: ckpt_dir, lora, ...) or "files" (dit, t5, vae, wav2vec,
+    tokenizer_dir, lora, ...). devices: e.g. ["cuda:0", "cuda:1"]. mode: auto / single / tpp.
+    Other kwargs: lora_strength, dtype, fp8, attn, compile (as `LiveAvatar.from_checkpoint`).
+    """
+    common = {k: kwargs.pop(k) for k in ("lora_strength", "dtype", "fp8", "attn", "compile") if k in kwargs}
+    kwargs.pop("device", None)
+    if kind == "checkpoint":
+        engine_config = {"ckpt_dir": str(kwargs.pop("ckpt_dir")), "lora": kwargs.pop("lora", None), **common}
+    elif kind == "files":
+        files = {k: (str(v) if v is not None else None) for k, v in kwargs.items()}
+        engine_config = {"files": files, **common}
+    else:
+        raise ValueError(f"kind: {kind!r} is not 'checkpoint' or 'files'")
+    devices = [d if str(d).startswith(("cuda", "cpu")) else f"cuda:{d}" for d in devices]
+    return GroupModel(engine_config, devices, mode)
