@@ -236,7 +236,24 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """Run; on failure still print one JSON line (with "error") so a device script keeps going."""
     args = parse_args(argv)
+    try:
+        return run(args)
+    except (SystemExit, RuntimeError, ValueError, ImportError, torch.cuda.OutOfMemoryError) as exc:
+        if isinstance(exc, SystemExit) and not isinstance(exc.code, str):
+            raise
+        msg = str(exc.code if isinstance(exc, SystemExit) else exc).splitlines()
+        out = {k: None for k in benchlib.RESULT_KEYS}
+        out.update(impl="reference", error=f"{type(exc).__name__}: {msg[0] if msg else ''}"[:300],
+                   torch=torch.__version__, num_gpus=benchlib.num_gpus(), size=args.size, steps=args.steps,
+                   fp8=args.fp8, compile=args.compile, scope="dit", tiny=args.tiny,
+                   peak_mem_gb=[benchlib.peak_mem_gib(torch.device("cuda"))] if torch.cuda.is_available() else None)
+        print(json.dumps(out), flush=True)
+        return 3
+
+
+def run(args) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     cfg = la_config.DiTConfig()
