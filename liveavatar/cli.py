@@ -46,7 +46,11 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--num-clip", type=int, default=None, help="max 48-frame clips (default: until the audio ends)")
     p.add_argument("--steps", type=int, default=4, choices=(3, 4, 5))
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (one device, in-process)")
+    p.add_argument("--gpus", default=None,
+                   help="several GPUs, e.g. 0,1,2,3,4: runs a worker group (timestep-forcing pipeline parallelism)")
+    p.add_argument("--gpu-mode", choices=("auto", "tpp", "single"), default="auto",
+                   help="with --gpus: tpp (each GPU owns a group of denoising steps; a 5th GPU decodes), single, or auto")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--fp8", action="store_true", help="fp8 linears in the DiT (Hopper/Ada GPUs)")
     p.add_argument("--attn", default="sdpa", help="attention backend: sdpa, flash, cudnn, efficient, math")
@@ -95,14 +99,25 @@ def run_generate(args: argparse.Namespace) -> dict:
     audio = load_audio(Path(args.audio).expanduser())
     if args.pose_video is not None and not Path(args.pose_video).expanduser().is_file():
         raise UserError(f"--pose-video: no file at {Path(args.pose_video).expanduser().resolve()}")
+    if args.pose_video is not None and args.gpus:
+        raise UserError("--pose-video: not supported with --gpus yet; run on one GPU")
     resolve_device(args.device)
     resolve_dtype(args.dtype)
     find_official_checkpoint(Path(args.ckpt_dir).expanduser(), lora=args.lora)
 
     t0 = time.perf_counter()
-    model = LiveAvatar.from_checkpoint(Path(args.ckpt_dir).expanduser(), lora=args.lora,
-                                       lora_strength=args.lora_strength, device=args.device,
-                                       dtype=args.dtype, fp8=args.fp8, attn=args.attn, compile=args.compile)
+    if args.gpus:
+        from parallel.handle import open_worker_group
+
+        devices = [d.strip() for d in args.gpus.split(",") if d.strip()]
+        model = open_worker_group("checkpoint", devices, mode=args.gpu_mode,
+                                  ckpt_dir=str(Path(args.ckpt_dir).expanduser().resolve()), lora=args.lora,
+                                  lora_strength=args.lora_strength, dtype=args.dtype, fp8=args.fp8,
+                                  attn=args.attn, compile=args.compile)
+    else:
+        model = LiveAvatar.from_checkpoint(Path(args.ckpt_dir).expanduser(), lora=args.lora,
+                                           lora_strength=args.lora_strength, device=args.device,
+                                           dtype=args.dtype, fp8=args.fp8, attn=args.attn, compile=args.compile)
     t_load = time.perf_counter() - t0
     img = model.prepare_image(image, args.size, size_mode=args.size_mode)
     ctx = model.encode_prompt(args.prompt)
@@ -112,22 +127,28 @@ def run_generate(args: argparse.Namespace) -> dict:
         pose = model.encode_pose(Path(args.pose_video).expanduser(), img, aud.num_frames)
     t1 = time.perf_counter()
     first = None
-    with VideoWriter(out, img.width, img.height, fps=model.stream.fps, audio_rate=audio.sample_rate) as writer:
-        for blk in model.generate(ctx, aud, img, seed=args.seed, steps=args.steps,
+    fps = 25
+    try:
+        with VideoWriter(out, img.width, img.height, fps=fps, audio_rate=audio.sample_rate) as writer:
+            for blk in model.generate(ctx, aud, img, seed=args.seed, steps=args.steps,
                                       num_clip=args.num_clip, pose_cond=pose):
-            if first is None:
-                first = time.perf_counter() - t1
-            writer.write_frames(blk.frames)
-            writer.write_audio(blk.audio)
-            log.info("block %d/%d: %d frames (dit %.2fs, decode %.2fs)", blk.index + 1, blk.total_blocks,
-                     blk.frames.shape[0], blk.timings.get("dit", 0), blk.timings.get("decode", 0))
-        info = writer.close()
+                if first is None:
+                    first = time.perf_counter() - t1
+                writer.write_frames(blk.frames)
+                writer.write_audio(blk.audio)
+                log.info("block %d/%d: %d frames (dit %.2fs, decode %.2fs)", blk.index + 1, blk.total_blocks,
+                         blk.frames.shape[0], blk.timings.get("dit", 0), blk.timings.get("decode", 0))
+            info = writer.close()
+    finally:
+        if hasattr(model, "close"):
+            model.close()
     gen_s = time.perf_counter() - t1
     frames = int(info.get("frames", 0))
-    return {"path": str(out.resolve()), "size": f"{img.width}x{img.height}", "fps": model.stream.fps,
-            "frames": frames, "seconds": round(frames / model.stream.fps, 3),
+    return {"path": str(out.resolve()), "size": f"{img.width}x{img.height}", "fps": fps,
+            "frames": frames, "seconds": round(frames / fps, 3),
             "load_s": round(t_load, 2), "generate_s": round(gen_s, 2),
-            "first_block_s": round(first or 0.0, 2), "device": str(model.device),
+            "first_block_s": round(first or 0.0, 2),
+            "device": f"gpus {args.gpus}" if args.gpus else str(model.device),
             "torch": torch.__version__}
 
 
