@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_TOKENS = 128  # prompt length before the model pads to text_len (same in liveavatar.bench)
+PROCESS_START = time.perf_counter()
 
 
 def _load_by_path(name: str, path: Path) -> types.ModuleType:
@@ -230,6 +231,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny config (CPU checks)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 matmul peak; measured if absent")
+    p.add_argument("--time-limit", type=float, metavar="S",
+                   default=float(os.environ.get("LIVEAVATAR_BENCH_TIME_LIMIT", 0)) or None,
+                   help="stop after the block that passes S seconds since start (default: $LIVEAVATAR_BENCH_TIME_LIMIT)")
     p.add_argument("--weights-checksum", action="store_true",
                    help="print {param name: [sum, sum of squares]} of the built model and exit (tests)")
     return p.parse_args(argv)
@@ -324,6 +328,7 @@ def run(args) -> int:
     block_ms, step_ms, warm_ms = [], [], []
     graphs_after_first = graphs_after_warmup = graphs0
     finite = True
+    truncated = None
     with torch.no_grad(), autocast:
         benchlib.sync(device)
         t_start = time.perf_counter()
@@ -352,25 +357,30 @@ def run(args) -> int:
             else:
                 block_ms.append(total)
                 step_ms += [timer.elapsed_ms(marks[i], marks[i + 1]) for i in range(len(marks) - 1)]
+            if args.time_limit and time.perf_counter() - PROCESS_START > args.time_limit:
+                truncated = f"--time-limit {args.time_limit}s reached after {b + 1} blocks"
+                break
         finite = bool(torch.isfinite(x.float()).all())
         warmup_s = time.perf_counter() - t_start - sum(block_ms) / 1000.0
     graphs_end = benchlib.dynamo_graphs()
 
-    blk = benchlib.median(block_ms)
+    if not block_ms and not warm_ms:
+        raise RuntimeError(truncated or "no block finished")
+    blk = benchlib.median(block_ms) if block_ms else warm_ms[-1]
     sink_len = benchlib.sink_tokens((h, w))
     flops = benchlib.dit_block_flops(cfg, (h, w), ring, sink_len, frames=nfb) * args.steps
-    tflops = flops / (blk / 1000.0) / 1e12 if block_ms else float("nan")
+    tflops = flops / (blk / 1000.0) / 1e12
     result = {
         "impl": "reference",
         "device": benchlib.device_name(device), "torch": torch.__version__, "num_gpus": benchlib.num_gpus(),
         "schedule": "single", "size": f"{width}*{height}", "steps": args.steps, "fp8": args.fp8,
         "compile": args.compile, "attn": ref_attn, "ref_attn": ref_attn, "scope": "dit",
-        "fps": stream.frames_per_block / (blk / 1000.0) if block_ms else float("nan"),
-        "ttff_s": ttff, "block_ms": blk, "step_ms": benchlib.median(step_ms),
+        "fps": stream.frames_per_block / (blk / 1000.0),
+        "ttff_s": ttff, "block_ms": blk, "step_ms": benchlib.median(step_ms) if step_ms else blk / args.steps,
         "peak_mem_gb": [benchlib.peak_mem_gib(device)],
         "tflops": tflops, "mfu": (tflops / peak) if peak else None,
         "matmul_peak_tflops": peak,
-        "compile_s": max(0.0, warmup_s - warmup * blk / 1000.0) if block_ms else None,
+        "compile_s": max(0.0, warmup_s - warmup * blk / 1000.0),
         "warmup_s": warmup_s,
         "recompiles": graphs_end - graphs_after_first,
         "recompiles_timed": graphs_end - graphs_after_warmup,
@@ -379,6 +389,8 @@ def run(args) -> int:
         "weights_gib": winfo["bytes"] / 2**30, "weights_init_s": winfo["seconds"],
         "output_finite": finite, "tiny": args.tiny, "seed": args.seed,
     }
+    if truncated:
+        result.update(truncated=truncated, fps_from_last_warmup_block=not block_ms)
     print(json.dumps(benchlib.rounded(result)), flush=True)
     return 0
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-latents", default=None, help="save the final latents of the first 2 blocks")
     p.add_argument("--compare-latents", default=None, help="PSNR of our first 2 blocks vs this saved file")
     p.add_argument("--json-out", default=None, help="also append the JSON line to this file")
+    p.add_argument("--time-limit", type=float, metavar="S",
+                   default=float(os.environ.get("LIVEAVATAR_BENCH_TIME_LIMIT", 0)) or None,
+                   help="stop after the block that passes S seconds since start and report what was measured "
+                        "(default: $LIVEAVATAR_BENCH_TIME_LIMIT)")
+    p.add_argument("--rope-dtype", default=None, choices=("float64", "float32"),
+                   help="RoPE rotation dtype of our DiT (default: the DiT's, float64 as the reference)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="scope dit: profile one extra block; kernel table + Chrome trace into DIR")
     p.add_argument("--allow-cpu-fp8", action="store_true",
@@ -117,6 +124,11 @@ def apply_options(dit, args, device: torch.device) -> dict:
     if getattr(dit, "attn_backend", args.attn) != args.attn:
         dit.attn_backend = args.attn  # the DiT exposes a property, not set_attention_backend()
     info["fp8_convert_s"] = time.perf_counter() - t0 if args.fp8 else 0.0
+    if args.rope_dtype:
+        if not hasattr(dit, "rope_compute_dtype"):
+            raise BenchUsageError("--rope-dtype: this DiT has no rope_compute_dtype switch")
+        dit.rope_compute_dtype = getattr(torch, args.rope_dtype)
+    info["rope_dtype"] = str(getattr(dit, "rope_compute_dtype", "")).replace("torch.", "") or None
     if args.compile:
         if hasattr(dit, "compile_blocks"):
             dit.compile_blocks()
@@ -214,7 +226,10 @@ def bench(args) -> dict:
         res = (run_dit_scope if args.scope == "dit" else run_end_to_end)(args, cfg, dit, device, dtype, run)
     peak_mem = benchlib.peak_mem_gib(device)
 
-    blk = benchlib.median(res["block_ms"])
+    from_warmup = not res["block_ms"]
+    if from_warmup and not res["warm_ms"]:
+        raise RuntimeError(res.get("truncated") or "no block finished")
+    blk = benchlib.median(res["block_ms"]) if res["block_ms"] else res["warm_ms"][-1]
     s = run.stream
     fsl = (run.hw[0] // 2) * (run.hw[1] // 2)
     ring = s.latent_frames_per_clip * fsl
@@ -236,7 +251,7 @@ def bench(args) -> dict:
         "recompiles": benchlib.dynamo_graphs() - res.get("graphs_after_first", res["graphs0"]),
         "recompiles_timed": benchlib.dynamo_graphs() - res["graphs_after_warmup"],
         "graphs": benchlib.dynamo_graphs() - res["graphs0"],
-        "compile_impl": opt["compile_impl"], "fp8_convert_s": opt["fp8_convert_s"],
+        "compile_impl": opt["compile_impl"], "fp8_convert_s": opt["fp8_convert_s"], "rope_dtype": opt["rope_dtype"],
         "warmup_blocks": run.warmup, "timed_blocks": args.blocks, "block_ms_all": res["warm_ms"] + res["block_ms"],
         "weights_gib": winfo["bytes"] / 2**30, "weights_init_s": winfo["seconds"],
         "flops_per_block": flops, "output_finite": res["finite"], "tiny": args.tiny, "seed": args.seed,
@@ -244,6 +259,9 @@ def bench(args) -> dict:
     }
     if "profile" in res:
         out["profile"] = res["profile"]
+    if res.get("truncated"):
+        out["truncated"] = res["truncated"]
+        out["fps_from_last_warmup_block"] = from_warmup
     if "cache_gib" in res:
         out["cache_gib"] = res["cache_gib"]
     if "decode_ms" in res:

@@ -17,6 +17,13 @@ import torch
 from liveavatar import benchlib
 
 TEXT_TOKENS = 128  # prompt length before padding to text_len (same in bench/ref_harness.py)
+PROCESS_START = time.perf_counter()
+
+
+def over_time_limit(args) -> bool:
+    """True once `--time-limit` seconds have passed since this module was imported."""
+    limit = getattr(args, "time_limit", None)
+    return bool(limit) and time.perf_counter() - PROCESS_START > limit
 
 
 def build_random_vae(device: torch.device, dtype: torch.dtype, seed: int, tiny: bool):
@@ -104,6 +111,9 @@ def run_dit_scope(args, cfg, dit, device, dtype, run: _Run) -> dict:
         else:
             res["block_ms"].append(total)
             res["step_ms"] += [timer.elapsed_ms(marks[i], marks[i + 1]) for i in range(len(marks) - 1)]
+        if over_time_limit(args):
+            res["truncated"] = f"--time-limit {args.time_limit}s reached after {b + 1} blocks"
+            break
     res.setdefault("graphs_after_warmup", graphs0)
     res["warmup_s"] = res.get("warm_end", t_start) - t_start
     res["graphs0"] = graphs0
@@ -186,6 +196,9 @@ def run_end_to_end(args, cfg, dit, device, dtype, run: _Run) -> dict:
             res["block_ms"].append(ms)
             res.setdefault("dit_ms", []).append(blk.timings.get("dit", 0.0) * 1000.0)
             res.setdefault("decode_ms", []).append(blk.timings.get("decode", 0.0) * 1000.0)
+        if over_time_limit(args):
+            res["truncated"] = f"--time-limit {args.time_limit}s reached after {blk.index + 1} blocks"
+            break
     if writer is not None:
         writer.close()
     res.setdefault("graphs_after_warmup", graphs0)
