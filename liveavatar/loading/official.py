@@ -245,9 +245,11 @@ def load_components(ckpt: OfficialCheckpoint, device: torch.device | str, dtype:
     check_consistency(ckpt.config, t5_config_for(ckpt, t5_sd).dim, w2v.get("hidden_size"),
                       int(w2v.get("num_hidden_layers", 0)) + 1, str(ckpt.root))
     del t5_sd
+    # umT5-XXL (about 11 GB in bf16) is parked on the CPU and visits the GPU only to encode a
+    # prompt (LiveAvatar.encode_prompt), so it never competes with the DiT's KV caches.
     return {
         "audio_encoder": load_audio_encoder(ckpt, device, dtype),
-        "text_encoder": load_text_encoder(ckpt, device, dtype),
+        "text_encoder": load_text_encoder(ckpt, "cpu", dtype),
         "vae": load_vae(ckpt, device, dtype),
         "dit": load_dit(ckpt, device, dtype, lora_path=lora_path, lora_strength=lora_strength),
     }
@@ -294,8 +296,8 @@ def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Pa
     else:
         w2v_sd = {k: w2v_src.get(k) for k in w2v_src.keys()}
         audio = AudioFeatureExtractor.from_state_dict(w2v_sd, w2v_cfg, w2v_pre, device=device, dtype=dtype)
-    t5_sd = {k: t5_src.get(k, device=device, dtype=dtype) for k in t5_src.keys()}
-    text = TextEncoder.from_official_state_dict(t5_sd, t5_cfg, _absolute(tokenizer_dir), device=device, dtype=dtype)
+    t5_sd = {k: t5_src.get(k, device="cpu", dtype=dtype) for k in t5_src.keys()}  # parked on the CPU
+    text = TextEncoder.from_official_state_dict(t5_sd, t5_cfg, _absolute(tokenizer_dir), device="cpu", dtype=dtype)
     del t5_sd
     vae_src, _ = open_single_file(_absolute(vae), "vae")
     vae_sd = {k: vae_src.get(k) for k in vae_src.keys()}

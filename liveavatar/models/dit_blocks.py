@@ -40,6 +40,19 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+def _bf16_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` for a bfloat16 `x`, bfloat16 out, whatever the norm's weight dtype.
+
+    CPU kernels accept a bf16 input with fp32 weights (computing in fp32); CUDA's do not, so
+    there the input is upcast and the result rounded back, which is the same arithmetic.
+    """
+    w = getattr(norm, "weight", None)
+    if w is None or w.dtype == x.dtype or x.device.type == "cpu":
+        return norm(x)
+    return F.layer_norm(x.float(), norm.normalized_shape, w.float(),
+                        None if norm.bias is None else norm.bias.float(), norm.eps).to(x.dtype)
+
+
 def plain_layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim without affine parameters; returns x's dtype."""
     return F.layer_norm(x, (x.shape[-1],), eps=eps).type_as(x)
@@ -160,7 +173,7 @@ class DiTBlock(nn.Module):
         r = x + _gate(y, gate_msa)  # float32 residual from here on
 
         # The reference rounds the residual to bfloat16 before norm3, whatever the model dtype.
-        c = self.norm3(r.to(torch.bfloat16)).to(act)
+        c = _bf16_norm(self.norm3, r.to(torch.bfloat16)).to(act)
         r = r + self.cross_attn(c, kv=text_kv, backend=backend)
 
         h = _modulate(plain_layer_norm(r, self.eps).float(), scale_ffn, shift_ffn)

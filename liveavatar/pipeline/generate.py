@@ -85,6 +85,12 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
              image.width, image.height, plan.num_frames, plan.num_frames / stream.fps,
              plan.num_blocks, steps, seed)
     _check(cancel)
+    if model.device.type == "cuda":
+        from liveavatar.pipeline.memory import check_fits, estimate_memory
+
+        est = estimate_memory(model.dit.cfg, image.width, image.height, steps_owned=steps, dtype=model.dtype,
+                              stream=stream, param_counts=(0, 0))  # weights are already resident
+        check_fits(model.device, est, f"generating at {image.width}x{image.height} with {steps} step caches")
     ref = reference or model.encode_reference(image)
     runner = make_runner(model, context, image, seed=seed, steps=steps)
     runner.prefill(ref.ref, ref.motion)

@@ -5,6 +5,7 @@ Generation itself lives in `liveavatar.pipeline.generate` (one loop for every GP
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,17 @@ class LiveAvatar:
         opts = LoadOptions(device=resolve_device(device), dtype=resolve_dtype(dtype), attn=attn,
                            fp8=fp8, compile=compile)
         ckpt = find_official_checkpoint(ckpt_dir, lora=lora)
+        if ckpt.lora_path is None:
+            log.warning("no Live Avatar LoRA found beside %s: running the BASE Wan2.2-S2V weights, which are not "
+                        "distilled for %s-step streaming (expect poor video); pass --lora liveavatar.safetensors",
+                        ckpt.root, "4")
+        if opts.device.type == "cuda":
+            from liveavatar.pipeline.memory import GIB, MemoryEstimate, check_fits, dit_param_counts
+
+            total, linear = dit_param_counts(ckpt.config)
+            elt = torch.tensor([], dtype=opts.dtype).element_size()
+            check_fits(opts.device, MemoryEstimate(total * elt, 0, 0, 0, int(0.3 * GIB), int(GIB)),
+                       "loading the DiT weights")
         parts = load_components(ckpt, device=opts.device, dtype=opts.dtype, lora_strength=lora_strength)
         model = cls(parts["dit"], parts["vae"], parts["text_encoder"], parts["audio_encoder"], opts,
                     stream=stream, source=str(ckpt.root))
@@ -125,9 +137,34 @@ class LiveAvatar:
         if not isinstance(prompt, str):
             raise ValueError("prompt: must be a string")
         if prompt not in self._prompt_cache:
-            ctx = self.text_encoder.encode(prompt)
+            with self._text_encoder_on_device() as te:
+                ctx = te.encode(prompt)
             self._prompt_cache[prompt] = ctx.float().cpu()
         return self._prompt_cache[prompt]
+
+    @contextlib.contextmanager
+    def _text_encoder_on_device(self):
+        """Bring the CPU-parked umT5 to the GPU for one encode when it fits, then park it again."""
+        te = self.text_encoder
+        target = self.device
+        if target.type != "cuda" or te.device.type == "cuda":
+            yield te
+            return
+        nbytes = sum(p.numel() * p.element_size() for p in te.model.parameters())
+        free, _ = torch.cuda.mem_get_info(target)
+        if free < nbytes + (2 << 30):
+            log.warning("umT5 (%.1f GiB) does not fit next to the DiT (%.1f GiB free): encoding the prompt on the CPU",
+                        nbytes / 2**30, free / 2**30)
+            yield te
+            return
+        te.model.to(target)
+        te.device = target
+        try:
+            yield te
+        finally:
+            te.model.to("cpu")
+            te.device = torch.device("cpu")
+            torch.cuda.empty_cache()
 
     @torch.no_grad()
     def encode_audio(self, audio, lead_in_frames: int = 3) -> AudioConditioning:
