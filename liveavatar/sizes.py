@@ -13,17 +13,18 @@ Which sizes are accepted (our decision, see the spec "Our decisions"):
 
 How a size becomes the output size (``resolve_output_size``), two modes:
 
-* ``"exact"`` (default, what users expect): the video is exactly the ``W x H`` that was typed. Both
+* ``"area"`` (default; the reference's behaviour, as decided in the spec): see below.
+* ``"exact"``: the video is exactly the ``W x H`` that was typed. Both
   sides must be multiples of 64 (the reference always produces multiples of 64); otherwise a
   ``SizeError`` names the nearest valid sizes. The reference image is scaled to cover the frame and
   centre-cropped (``liveavatar.media.image.prepare_reference``), so nothing is padded.
-* ``"area"`` (the reference's behaviour): the string is only an area budget ``W*H``; the image's
+* ``"area"``: the string is only an area budget ``W*H``; the image's
   aspect ratio decides the shape and both sides are snapped to multiples of 64 by the reference's
   search (``area_fit``), e.g. a 720x400 image with ``"704*384"`` gives 704x384, a 640x480 image
   with ``"720*400"`` gives 640x448.
 
 The resolved size is logged once per call at INFO on the ``liveavatar`` logger as
-``effective size 704x384 (requested '704x384', mode exact)``; callers call this once per job.
+``effective size 704x384 (requested '704x384', mode area)``; callers call this once per job.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ def area_fit(width: int, height: int, area: int, divisor: int = 64) -> tuple[int
 def resolve_output_size(
     image_wh: tuple[int, int],
     size: str | Sequence[int],
-    mode: str = "exact",
+    mode: str = "area",
     stream: StreamConfig = DEFAULT_STREAM,
 ) -> tuple[int, int]:
     """Output video size ``(W, H)`` in pixels for a reference image of ``image_wh = (w, h)``.

@@ -62,18 +62,20 @@ def test_non_string_rejected():
 def test_exact_mode_returns_what_was_typed_and_logs(caplog):
     caplog.set_level(logging.INFO, logger="liveavatar")
     # the image's aspect ratio does not matter in exact mode
-    assert resolve_output_size((1024, 1024), "704x384") == (704, 384)
-    assert resolve_output_size((400, 720), " 704 * 384 ") == (704, 384)
-    assert resolve_output_size((720, 400), "384X256") == (384, 256)
+    assert resolve_output_size((1024, 1024), "704x384", mode="exact") == (704, 384)
+    assert resolve_output_size((400, 720), " 704 * 384 ", mode="exact") == (704, 384)
+    assert resolve_output_size((720, 400), "384X256", mode="exact") == (384, 256)
     assert resolve_output_size((720, 400), "512x512", mode="exact") == (512, 512)
     lines = [r.getMessage() for r in caplog.records if r.name == "liveavatar"]
     assert lines[0] == "effective size 704x384 (requested '704x384', mode exact)"
     assert len(lines) == 4
+    # the default is the reference's area rule: a square image keeps its shape
+    assert resolve_output_size((1024, 1024), "704x384") == (512, 512)
 
 
 def test_exact_mode_refuses_sides_not_multiple_of_64():
     with pytest.raises(SizeError) as info:
-        resolve_output_size((720, 400), "720*400")
+        resolve_output_size((720, 400), "720*400", mode="exact")
     msg = str(info.value)
     assert "multiples of 64" in msg and "704x384" in msg and "'area'" in msg
     assert set(exact_sizes()) == {"704*1280", "1280*704", "1024*704", "704*1024", "704*384", "384*256"}

@@ -179,7 +179,8 @@ class LiveAvatar:
         padded = torch.cat([lead, audio.samples.float()])
         feats = self.audio_encoder.video_frame_features(padded, fps=fps,
                                                         pad_to_multiple=self.stream.frames_per_clip)
-        return AudioConditioning(features=feats.float().cpu(), num_frames=num_frames, audio=audio,
+        # kept in the model dtype (the reference holds them in bf16): ~1.3 MB per second in bf16
+        return AudioConditioning(features=feats.to(self.dtype).cpu(), num_frames=num_frames, audio=audio,
                                  lead_in_frames=lead_in_frames)
 
     @torch.no_grad()
