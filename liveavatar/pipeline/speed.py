@@ -8,7 +8,7 @@ import torch
 
 log = logging.getLogger("liveavatar")
 
-ATTENTION_BACKENDS = ("sdpa", "flash", "cudnn", "efficient", "math")
+from liveavatar.models.attention import BACKENDS as ATTENTION_BACKENDS
 
 
 def apply_speed_options(dit, *, attn: str = "sdpa", fp8: bool = False, compile: bool = False,
@@ -16,8 +16,7 @@ def apply_speed_options(dit, *, attn: str = "sdpa", fp8: bool = False, compile: 
     """Configure `dit` in place. Raises ValueError naming the option when it cannot apply."""
     if attn not in ATTENTION_BACKENDS:
         raise ValueError(f"attn: {attn!r} is not one of {ATTENTION_BACKENDS}")
-    if hasattr(dit, "set_attention_backend"):
-        dit.set_attention_backend(attn)
+    dit.attn_backend = attn
     if fp8:
         if device is None or device.type != "cuda":
             raise ValueError("fp8: needs a CUDA GPU with fp8 support (sm89+: Ada, Hopper); use dtype bf16 on CPU")
@@ -27,5 +26,10 @@ def apply_speed_options(dit, *, attn: str = "sdpa", fp8: bool = False, compile: 
     if compile:
         if device is None or device.type != "cuda":
             log.warning("compile: ignored on CPU")
-        elif hasattr(dit, "compile_blocks"):
-            dit.compile_blocks()
+        else:
+            if hasattr(dit, "compile_blocks"):
+                dit.compile_blocks()
+            else:
+                from liveavatar.bench import fallback_compile
+
+                log.info("compile: %s", fallback_compile(dit))
