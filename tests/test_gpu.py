@@ -55,9 +55,12 @@ def _rollout(dtype: torch.dtype, blocks: int = 2, device: str = "cuda") -> torch
 
 
 def test_bf16_close_to_fp32_on_gpu():
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    ref = _rollout(torch.float32)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        ref = _rollout(torch.float32)
+    finally:  # later tests compare against worker processes that run with the defaults
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     low = _rollout(torch.bfloat16)
     rel = (low - ref).norm() / ref.norm()
     print(f"bf16 vs fp32 relative error over 2 blocks x 4 steps: {rel:.3e}")
