@@ -127,13 +127,18 @@ class GroupModel:
         job = make_job(image.image, audio.audio, prompt, size=image.size, size_mode=image.size_mode,
                        seed=seed, steps=steps, num_clip=num_clip, sink_refresh=sink_refresh,
                        pose_cond=pose_cond)
+        from liveavatar.pipeline.conditioning import GenerationCancelled
+
         cfg = self._config(steps, image.width, image.height)
-        for item in self.manager.run(cfg, job, should_cancel=cancel):
+        handle = self.manager.get(cfg).submit(job)
+        for item in handle.frames(cancel):
             blk = item.frames
             if progress is not None:
                 progress({"event": "block", "block": blk.index, "total_blocks": blk.total_blocks,
                           "frames": blk.frames.shape[0], "timings": getattr(blk, "timings", {})})
             yield blk
+        if handle.result is not None and handle.result.status == "cancelled":
+            raise GenerationCancelled("generation cancelled (worker group stopped the job)")
 
     def close(self) -> None:
         self.manager.close()

@@ -98,6 +98,14 @@ def test_group_matches_inprocess_and_frees_memory(tiny):
     torch.cuda.empty_cache()
     before = _gpu_pids()
     group = open_worker_group("checkpoint", ["cuda:0"], mode="single", ckpt_dir=str(ckpt), dtype="fp32")
+    # an interrupted job first: the group stops within a block and takes the next job
+    from liveavatar.pipeline import GenerationCancelled
+
+    seen = []
+    with pytest.raises(GenerationCancelled):
+        for blk in group.generate(group.encode_prompt("hi"), group.encode_audio(audio),
+                                  group.prepare_image(img, "128*64"), seed=4, cancel=lambda: bool(seen)):
+            seen.append(blk)
     got = list(group.generate(group.encode_prompt("hi"), group.encode_audio(audio),
                               group.prepare_image(img, "128*64"), seed=4))
     workers = _gpu_pids() - before

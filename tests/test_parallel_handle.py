@@ -53,3 +53,26 @@ def test_two_rank_group_matches_in_process(tmp_path):
         diff = (g.frames.int() - w.frames.int()).abs()
         assert diff.max() <= 2 and diff.float().mean() < 0.01
         assert torch.equal(g.audio, w.audio)
+
+
+def test_cancel_raises_like_in_process_and_group_stays_usable(tmp_path):
+    from liveavatar.pipeline import GenerationCancelled
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", seed=2)
+    t = torch.arange(int(3.0 * 16000)) / 16000
+    audio = audio_from_waveform((0.3 * torch.sin(2 * math.pi * 180 * t))[None], 16000)
+    img = Image.new("RGB", (64, 64), (150, 110, 90))
+    group = open_worker_group("checkpoint", ["cpu"], mode="single", ckpt_dir=str(ckpt), dtype="fp32")
+    try:
+        seen = []
+        with pytest.raises(GenerationCancelled):
+            for blk in group.generate(group.encode_prompt("hi"), group.encode_audio(audio),
+                                      group.prepare_image(img, "64*64"), seed=1, cancel=lambda: bool(seen)):
+                seen.append(blk)
+        assert 1 <= len(seen) < 7
+        short = audio_from_waveform((0.3 * torch.sin(2 * math.pi * 180 * t[:8000]))[None], 16000)
+        again = list(group.generate(group.encode_prompt("hi"), group.encode_audio(short),
+                                    group.prepare_image(img, "64*64"), seed=1))
+        assert sum(b.frames.shape[0] for b in again) == 12
+    finally:
+        group.close()
