@@ -83,7 +83,7 @@ class CausalS2VDiT(nn.Module):
     """The streaming S2V DiT. Parameters/keys as the official checkpoint; see the module docstring."""
 
     def __init__(self, cfg: DiTConfig, stream: StreamConfig = DEFAULT_STREAM, attn_backend: str = "sdpa",
-                 rope_fp16_tables: bool = True, rope_compute_dtype: torch.dtype = torch.float64):
+                 rope_fp16_tables: bool = True, rope_compute_dtype: torch.dtype | None = None):
         super().__init__()
         _check_supported(cfg)
         self.cfg = cfg
@@ -92,6 +92,8 @@ class CausalS2VDiT(nn.Module):
         self.rope_fp16_tables = rope_fp16_tables
         self.rope_compute_dtype = rope_compute_dtype
         self._time_cache: dict = {}
+        self._rope_cache: dict = {}
+        self._fused = None  # FusedLayers once compile_blocks() ran
         d, p = cfg.dim, tuple(cfg.patch_size)
 
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=p, stride=p)
@@ -120,6 +122,20 @@ class CausalS2VDiT(nn.Module):
         if name not in BACKENDS:
             raise ValueError(f"attn_backend {name!r}: choose one of {BACKENDS}")
         self._attn_backend = name
+
+    @property
+    def rope_compute_dtype(self) -> torch.dtype:
+        """Dtype of the RoPE rotation. Default (None): float32 on CUDA (3e-7 relative to float64 on
+        the 14B, and float64 is slow on GPUs), float64 elsewhere (the reference's arithmetic, CPU
+        parity). The factors keep the reference's float16 rounding either way (`rope_fp16_tables`)."""
+        if self._rope_dtype is not None:
+            return self._rope_dtype
+        return torch.float32 if self.device.type == "cuda" else torch.float64
+
+    @rope_compute_dtype.setter
+    def rope_compute_dtype(self, dtype: torch.dtype | None) -> None:
+        self._rope_dtype = dtype
+        self._rope_cache = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -153,6 +169,21 @@ class CausalS2VDiT(nn.Module):
         c = self.cfg
         return SinkCache(c.num_layers, self.sink_tokens(latent_hw), c.num_heads, c.head_dim, tuple(latent_hw),
                          self.frame_seqlen(latent_hw), device or self.device, dtype or self.dtype)
+
+    def sink_slot_fits(self, latent_hw: tuple[int, int], num_caches: int, device=None, dtype=None,
+                       reserve_gib: float = 4.0) -> bool:
+        """Whether `num_caches` step caches WITH sink slots fit the free memory of a CUDA `device`,
+        keeping `reserve_gib` for activations (False on other devices: the slot only saves time).
+        Call before allocating the caches (e.g. `StepRunner`)."""
+        device = torch.device(device or self.device)
+        if device.type != "cuda":
+            return False
+        c = self.cfg
+        rows = self.stream.latent_frames_per_clip * self.frame_seqlen(latent_hw) + self.sink_tokens(latent_hw)
+        elt = torch.tensor([], dtype=dtype or self.dtype).element_size()
+        need = num_caches * c.num_layers * 2 * rows * c.dim * elt + reserve_gib * 2**30
+        free, _ = torch.cuda.mem_get_info(device)
+        return need <= free
 
     def new_step_cache(self, latent_hw: tuple[int, int], device=None, dtype=None,
                        sink_slot: bool = False) -> StepKVCache:
@@ -232,8 +263,16 @@ class CausalS2VDiT(nn.Module):
         return self._time_cache[key]
 
     def clear_caches(self) -> None:
-        """Forget cached time embeddings (call after changing weights in place)."""
+        """Forget cached time embeddings and RoPE factors (call after changing weights in place)."""
         self._time_cache.clear()
+        self._rope_cache.clear()
+
+    def compile_blocks(self, compile: bool = True) -> None:
+        """Run streaming calls through fused layer regions (models/compiled.py), torch.compile'd once
+        on the first block and shared by all layers. `compile=False`: same regions, eager (tests)."""
+        from .compiled import FusedLayers
+
+        self._fused = FusedLayers(self, compile=compile)
 
     def _time_uncached(self, timestep: float, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.full((frames,), float(timestep), dtype=torch.float32, device=self.device)
@@ -243,8 +282,18 @@ class CausalS2VDiT(nn.Module):
         e0 = fp32_linear(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.cfg.dim))
         return e[:frames], e0.unflatten(0, (2, frames))
 
-    def _rope(self, positions: torch.Tensor):
-        return rope_factors(positions, self.cfg.head_dim, self.rope_fp16_tables, self.device, self.rope_compute_dtype)
+    def _rope(self, positions: torch.Tensor, key: tuple | None = None):
+        """Factors for `positions` (built on the model's device); kept under `key` when given
+        (a block's factors serve all its denoising steps, the sink's until it moves)."""
+        if key is None:
+            return rope_factors(positions, self.cfg.head_dim, self.rope_fp16_tables, self.device,
+                                self.rope_compute_dtype)
+        key = (*key, self.device, self.rope_compute_dtype, self.rope_fp16_tables)
+        if key not in self._rope_cache:
+            if len(self._rope_cache) >= 8:
+                self._rope_cache.clear()
+            self._rope_cache[key] = self._rope(positions)
+        return self._rope_cache[key]
 
     def _patchify(self, conv: nn.Conv3d, latents: torch.Tensor) -> torch.Tensor:
         """`[1, C, T, h, w]` -> tokens `[1, T*hp*wp, dim]` (t-major, then h, w)."""
@@ -326,17 +375,26 @@ class CausalS2VDiT(nn.Module):
         tokens = h.flatten(2).transpose(1, 2)
         tokens = tokens + self.trainable_cond_mask.weight[_NOISY].to(tokens.dtype)
 
-        rope = self._rope(grid_positions(list(range(start_frame, start_frame + nf)), list(range(hp)), list(range(wp))))
+        rope = self._rope(grid_positions(list(range(start_frame, start_frame + nf)), list(range(hp)), list(range(wp))),
+                          key=("block", start_frame, hp, wp))
         ref_t = self.reference_position(start_frame, sink_offset)
         plan = cache.plan(start_frame * fsl, nf * fsl, sink, ref_t)
-        sink_rope = self._rope(sink.stream_positions(ref_t)) if plan.refresh_keys else None
+        sink_rope = None
+        if plan.refresh_keys:
+            sink_rope = self._rope(sink.stream_positions(ref_t), key=("sink", sink.uid, sink.version, ref_t))
         e, e0 = self._time(timestep, nf)
         e0_block = e0[0].unsqueeze(0)  # [1, F, 6, dim]
 
+        fused, backend = self._fused, self.attn_backend
         for i, block in enumerate(self.blocks):
-            attend = cache.stream_attend(i, plan, rope, sink, sink_rope, self.attn_backend)
-            tokens = block(tokens, e0_block, attend, self._text_kv(text, i), self.attn_backend)
-            tokens = self.audio_injector.inject(i, tokens, nf, audio_global, audio_tokens, self.attn_backend)
+            if fused is not None:  # compile_blocks(): RoPE inside the fused region
+                attend = cache.stream_attend(i, plan, None, sink, sink_rope, backend, rotate=fused.rotate_factors)
+                tokens = fused.layer(i, tokens, e0_block, rope, attend, self._text_kv(text, i), backend)
+                tokens = fused.inject(i, tokens, nf, audio_global, audio_tokens, backend)
+                continue
+            attend = cache.stream_attend(i, plan, rope, sink, sink_rope, backend)
+            tokens = block(tokens, e0_block, attend, self._text_kv(text, i), backend)
+            tokens = self.audio_injector.inject(i, tokens, nf, audio_global, audio_tokens, backend)
         cache.commit(plan, sink, ref_t)
 
         out = self.head(tokens, e)  # [1, F*fsl, prod(patch)*out_dim]

@@ -184,23 +184,32 @@ class StepKVCache:
             self._sink_key = (sink.uid, sink.version, ref_t)
             self._sink_val = (sink.uid, sink.version)
 
-    def stream_attend(self, layer: int, plan: StreamWindow, rope: RopeFactors, sink: SinkCache,
-                      sink_rope: RopeFactors | None, backend: str = "sdpa"):
-        """Self-attention policy of a streaming call for one layer (see the module docstring)."""
+    def stream_attend(self, layer: int, plan: StreamWindow, rope: RopeFactors | None, sink: SinkCache,
+                      sink_rope: RopeFactors | None, backend: str = "sdpa", rotate=None):
+        """Self-attention policy of a streaming call for one layer (see the module docstring).
+
+        `rope=None`: the q and k handed to the policy are already rotated (fused block path).
+        `rotate(x, factors, out_dtype)`: the rotation used for the sink keys (default `apply_rope`;
+        the compiled path passes a fused one).
+        """
+        rotate = rotate or apply_rope
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             buf = self.kv[layer]  # [2, 1, rows, H, D]
             r, s = self.ring, plan.sink_len
-            q_rot = apply_rope(q, rope, out_dtype=v.dtype)
-            buf[0, :, plan.offset: plan.offset + plan.tokens] = apply_rope(k, rope, out_dtype=v.dtype)
+            if rope is None:
+                q_rot, k_rot = q, k
+            else:
+                q_rot, k_rot = apply_rope(q, rope, out_dtype=v.dtype), apply_rope(k, rope, out_dtype=v.dtype)
+            buf[0, :, plan.offset: plan.offset + plan.tokens] = k_rot
             buf[1, :, plan.offset: plan.offset + plan.tokens] = v
             if not self.sink_slot:  # reference way: rotate and concatenate every time
-                sink_k = apply_rope(sink.keys(layer), sink_rope, out_dtype=v.dtype)
+                sink_k = rotate(sink.keys(layer), sink_rope, out_dtype=v.dtype)
                 keys = torch.cat([buf[0, :, : plan.window].to(v.dtype), sink_k], dim=1)
                 values = torch.cat([buf[1, :, : plan.window], sink.values(layer)], dim=1)
                 return attention(q_rot, keys, values.to(v.dtype), backend)
             if plan.refresh_keys:
-                buf[0, :, r: r + s] = apply_rope(sink.keys(layer), sink_rope, out_dtype=v.dtype)
+                buf[0, :, r: r + s] = rotate(sink.keys(layer), sink_rope, out_dtype=v.dtype)
             if plan.refresh_values:
                 buf[1, :, r: r + s] = sink.values(layer)
             if plan.window == r:

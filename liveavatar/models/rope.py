@@ -93,10 +93,15 @@ def rope_factors(
     """Rotation factors for integer positions `[L, 3]` (t, h, w); see the module docstring.
 
     `compute_dtype` is the dtype of the returned factors and of the rotation done with them.
+    The factors are computed on `device` (CPU if None). Callers that stream should keep the
+    result (they depend only on the positions): see `CausalS2VDiT._rope`.
     """
-    positions = positions.to("cpu", torch.int64)
+    # Built where they are used (no host->device copy); the float64 math is the same on any device.
+    work = torch.device(device) if device is not None else torch.device("cpu")
+    positions = positions.to(work, torch.int64)
     cos_parts, sin_parts = [], []
     for axis, inv in enumerate(rope_inv_freqs(head_dim, theta)):
+        inv = inv.to(work)
         p = positions[:, axis]
         angle = torch.outer(p.abs().to(torch.float64), inv)
         factor = torch.polar(torch.ones_like(angle), angle)

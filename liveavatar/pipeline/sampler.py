@@ -52,7 +52,11 @@ class StepRunner:
         self.device = torch.device(device)
         self.dtype = dtype
         self.sink = dit.new_sink_cache(latent_hw, device=self.device, dtype=dtype)
-        self.caches = {s: dit.new_step_cache(latent_hw, device=self.device, dtype=dtype) for s in self.steps}
+        # sink slot (no per-layer concatenation of [window, sink]) when all caches fit with it
+        slot = bool(getattr(dit, "sink_slot_fits", None)
+                    and dit.sink_slot_fits(latent_hw, len(self.steps), self.device, dtype))
+        self.caches = {s: dit.new_step_cache(latent_hw, device=self.device, dtype=dtype, sink_slot=slot)
+                       for s in self.steps}
 
     @property
     def num_steps(self) -> int:

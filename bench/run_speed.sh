@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# DiT speed variants in one device call (issue 6): ours bf16 / fp8, eager / compile_blocks, plus the
+# reference bf16 eager when time is left. Each run is its own process with a cap; JSON lines go to
+# $OUT/speed.jsonl, a table is printed at the end. PSNR: fp8 runs and bf16+compile vs bf16 eager.
+#   SPEED_BUDGET_S (default 540), SPEED_EXTRA (e.g. "--tiny --device cpu" dry run),
+#   SPEED_OURS_EXTRA ("--allow-cpu-fp8" dry run), SPEED_PROFILE=1 (profile the fp8+compile run),
+#   SPEED_REF=1 (reference bf16 eager last, needs third_party/LiveAvatar + diffusers wheels)
+set -u
+OUT=${OUT:-/tmp/speed_out}; mkdir -p "$OUT"
+J="$OUT/speed.jsonl"; : > "$J"
+BUDGET=${SPEED_BUDGET_S:-540}; START=$SECONDS
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}
+PY=${PYTHON:-python3}
+read -r -a EXTRA <<< "${SPEED_EXTRA:-}"
+read -r -a OEXTRA <<< "${SPEED_OURS_EXTRA:-}"
+COMMON=(--size "${SPEED_SIZE:-704*384}" --steps 4 --blocks "${SPEED_BLOCKS:-6}" --warmup "${SPEED_WARMUP:-4}" --seed 0
+        --peak-tflops "${SPEED_PEAK:-738}" "${EXTRA[@]}")
+OURS=("$PY" -m liveavatar.bench --random-weights "${COMMON[@]}" "${OEXTRA[@]}")
+run() {  # run NAME CAP CMD...
+  local name=$1 cap=$2; shift 2
+  local rem=$((BUDGET - (SECONDS - START)))
+  if [ "$rem" -lt 40 ]; then echo "SKIP $name (${rem}s left)"; return 1; fi
+  [ "$cap" -gt "$rem" ] && cap=$rem
+  echo "[$((SECONDS - START))s] RUN $name cap ${cap}s"
+  LIVEAVATAR_BENCH_TIME_LIMIT=$((cap - 25)) timeout -k 10 "$cap" "$@" > "$OUT/$name.out" 2> "$OUT/$name.err"
+  local rc=$? line
+  line=$(grep '^{' "$OUT/$name.out" | tail -1)
+  [ -z "$line" ] && line="{\"impl\": \"?\", \"error\": \"exit $rc, no JSON\"}"
+  echo "$line" | "$PY" -c "import json,sys; d=json.loads(sys.stdin.read()); d['run']='$name'; print(json.dumps(d))" >> "$J"
+  echo "[$((SECONDS - START))s] END $name rc=$rc"; [ "$rc" -ne 0 ] && tail -5 "$OUT/$name.err"
+  return 0
+}
+PROF=(); [ "${SPEED_PROFILE:-0}" = 1 ] && PROF=(--profile "$OUT")
+rm -f /tmp/lat_bf16.pt
+run ours_bf16 80 "${OURS[@]}" --save-latents /tmp/lat_bf16.pt
+CMP=(); [ -s /tmp/lat_bf16.pt ] && CMP=(--compare-latents /tmp/lat_bf16.pt)
+run ours_fp8 80 "${OURS[@]}" --fp8 "${CMP[@]}"
+run ours_fp8_compile 170 "${OURS[@]}" --fp8 --compile "${CMP[@]}" "${PROF[@]}"
+run ours_bf16_compile 150 "${OURS[@]}" --compile "${CMP[@]}"
+if [ "${SPEED_REF:-0}" = 1 ]; then
+  run ref_bf16 100 "$PY" bench/ref_harness.py --ref-dir third_party/LiveAvatar "${COMMON[@]}"
+fi
+echo "[$((SECONDS - START))s] done"
+"$PY" - "$J" <<'PYEOF'
+import json, sys
+for l in open(sys.argv[1]):
+    d = json.loads(l)
+    v = d.get("vs_saved_latents") or {}
+    print(f"{d.get('run'):18s} fps {d.get('fps')} block_ms {d.get('block_ms')} peak {d.get('peak_mem_gb')} "
+          f"cache {d.get('cache_gib')} compile_s {d.get('compile_s')} recomp {d.get('recompiles')}/{d.get('recompiles_timed')} "
+          f"graphs {d.get('graphs')} psnr {v.get('psnr_db')} rope {d.get('rope_dtype')} err {str(d.get('error'))[:200]}")
+PYEOF

@@ -1,0 +1,220 @@
+"""Fused layer regions of the causal S2V DiT for streaming calls (`CausalS2VDiT.compile_blocks()`).
+
+Eager PyTorch runs each layer as dozens of small elementwise kernels (float32 modulation, gates
+and residuals, LayerNorms, RMS norms, RoPE, bf16 <-> fp32 casts, the fp8 activation quantiser).
+Here a streaming layer is cut into regions that are pure functions of tensors, compiled once
+with torch.compile (static shapes, no graph breaks) and shared by every layer (weights are
+inputs, not constants):
+
+    pre   norm1 + time modulation + q/k/v (+ RMS q/k norms) + RoPE of q and k
+          -> KV-cache write and self-attention (eager: the window grows during the first clip)
+    post  o-proj + gate + float32 residual + bf16 round + norm3 + text q-proj (+ RMS norm)
+          -> text cross-attention (eager, the DiT's backend switch)
+    ffn   text o-proj + residual + norm2 + modulation + FFN + gate + residual
+    audio (layers in `audio_inject_layers`) AdaLN + q/k/v of the audio cross-attention
+          -> attention (eager) -> o-proj + residual
+    rotate  the sink keys' RoPE (inside the KV-cache policy)
+
+Arithmetic follows `dit_blocks.DiTBlock` / `audio_injector` step by step (same dtypes at every
+rounding point that eager code stores; inductor may keep fused intermediates in float32). The
+sink prefill and CPU parity runs keep the eager layers. Shapes: x `[1, L, dim]` (L = F*fsl),
+e0 `[1, F, 6, dim]` float32, RoPE cos/sin `[L, 1, head_dim/2]`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .fp8 import FP8Linear, emulated_scaled_mm, quantize_per_tensor
+
+log = logging.getLogger("liveavatar")
+
+LinearArgs = tuple  # ("lin", weight, bias) | ("fp8" | "fp8emu", weight_fp8, inv_scale, bias)
+
+
+def linear_args(layer: nn.Module) -> LinearArgs:
+    """The tensors of a Linear / FP8Linear as a tuple a compiled region can take as input."""
+    if isinstance(layer, FP8Linear):
+        return ("fp8emu" if layer.emulate else "fp8", layer.weight_fp8, layer.weight_inv_scale, layer.bias)
+    if isinstance(layer, nn.Linear):
+        return ("lin", layer.weight, layer.bias)
+    raise TypeError(f"fused DiT layers: unsupported linear type {type(layer).__name__}")
+
+
+def run_linear(x: torch.Tensor, w: LinearArgs) -> torch.Tensor:
+    """`x [..., in] -> [..., out]` in x's dtype, as nn.Linear / FP8Linear.forward compute it."""
+    if w[0] == "lin":
+        return F.linear(x, w[1], w[2])
+    lead = x.shape[:-1]
+    x_q, x_inv = quantize_per_tensor(x.reshape(-1, x.shape[-1]))
+    if w[0] == "fp8":
+        out = torch._scaled_mm(x_q, w[1].t(), scale_a=x_inv, scale_b=w[2], bias=w[3],
+                               out_dtype=torch.bfloat16, use_fast_accum=True)
+    else:
+        out = emulated_scaled_mm(x_q, w[1].t(), x_inv, w[2], w[3], torch.bfloat16)
+    return out.reshape(*lead, out.shape[-1]).to(x.dtype)
+
+
+def _norm_weight(norm: nn.Module) -> torch.Tensor | None:
+    return getattr(norm, "weight", None)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """dit_blocks.RMSNorm (None = identity)."""
+    if weight is None:
+        return x
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def _groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.view(b, groups, n // groups, c)
+
+
+def _modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    return (_groups(x, scale.shape[1]) * (1 + scale) + shift).view(x.shape)
+
+
+def _gate(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return (_groups(y, gate.shape[1]) * gate).view(y.shape)
+
+
+def _mod(modulation: torch.Tensor, e0: torch.Tensor) -> torch.Tensor:
+    """`[1, 6, dim]` + `[1, G, 6, dim]` -> `[1, G, 6, 1, dim]` float32."""
+    return (modulation.float().unsqueeze(1) + e0).unsqueeze(3)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """rope.apply_rope with explicit factors: x `[B, L, H, D]`, cos/sin `[L, 1, D/2]`."""
+    b, n, h, d = x.shape
+    pairs = x.to(cos.dtype).reshape(b, n, h, d // 2, 2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
+    return out.reshape(b, n, h, d).float().to(out_dtype)
+
+
+class FusedLayers:
+    """Compiled regions for the layers of one CausalS2VDiT (see the module docstring).
+
+    `compile=False` runs the same region functions eagerly (CPU checks of the arithmetic).
+    """
+
+    def __init__(self, model: nn.Module, compile: bool = True):
+        self.model = model
+        blk = model.blocks[0]
+        eps, heads, head_dim = blk.eps, blk.self_attn.num_heads, blk.self_attn.head_dim
+        qk_eps = getattr(blk.self_attn.norm_q, "eps", eps)
+        n3 = blk.norm3
+        n3_eps = getattr(n3, "eps", eps)
+        audio_eps = 1e-5
+        inj = model.audio_injector.injector
+        audio_qk_eps = getattr(inj[0].norm_q, "eps", eps) if len(inj) else eps
+
+        def pre(x, e0, modulation, wq, wk, wv, nq, nk, cos, sin):
+            act = x.dtype
+            mod = _mod(modulation, e0)
+            h = _modulate(F.layer_norm(x, (x.shape[-1],), eps=eps).float(), mod[:, :, 1], mod[:, :, 0]).to(act)
+            q = _rms(run_linear(h, wq), nq, qk_eps).unflatten(-1, (heads, head_dim))
+            k = _rms(run_linear(h, wk), nk, qk_eps).unflatten(-1, (heads, head_dim))
+            v = run_linear(h, wv).unflatten(-1, (heads, head_dim))
+            return rotate(q, cos, sin, act), rotate(k, cos, sin, act), v
+
+        def post(x, attn, e0, modulation, wo, n3w, n3b, wcq, ncq):
+            act = x.dtype
+            mod = _mod(modulation, e0)
+            r = x + _gate(run_linear(attn.flatten(2), wo), mod[:, :, 2])  # float32 residual
+            rb = r.to(torch.bfloat16)  # the reference's rounding before norm3
+            if n3w is None:
+                c = rb
+            else:
+                c = F.layer_norm(rb.float(), (rb.shape[-1],), n3w.float(),
+                                 None if n3b is None else n3b.float(), n3_eps).to(torch.bfloat16)
+            cq = _rms(run_linear(c.to(act), wcq), ncq, qk_eps).unflatten(-1, (heads, head_dim))
+            return r, cq
+
+        def ffn(r, cattn, e0, modulation, wco, w0, w2, act_dtype: torch.dtype):
+            mod = _mod(modulation, e0)
+            r = r + run_linear(cattn.flatten(2), wco)
+            h = _modulate(F.layer_norm(r, (r.shape[-1],), eps=eps).float(), mod[:, :, 4], mod[:, :, 3])
+            y = run_linear(F.gelu(run_linear(h.to(act_dtype), w0), approximate="tanh"), w2)
+            return (r + _gate(y, mod[:, :, 5])).to(act_dtype)
+
+        def audio_pre(x, g, tokens, wada, wq, wk, wv, nq, nk, frames: int):
+            act = x.dtype
+            xf = x.reshape(frames, -1, x.shape[-1])
+            shift, scale = run_linear(F.silu(g), wada).chunk(2, dim=1)
+            h = F.layer_norm(xf.float(), (xf.shape[-1],), eps=audio_eps) * (1 + scale[:, None, :]) + shift[:, None, :]
+            q = _rms(run_linear(h.to(act), wq), nq, audio_qk_eps).unflatten(-1, (heads, head_dim))
+            k = _rms(run_linear(tokens, wk), nk, audio_qk_eps).unflatten(-1, (heads, head_dim))
+            v = run_linear(tokens, wv).unflatten(-1, (heads, head_dim))
+            return q, k, v
+
+        def audio_post(x, attn, wo):
+            return x + run_linear(attn.flatten(2), wo).reshape(x.shape)
+
+        self._eager = {"pre": pre, "post": post, "ffn": ffn, "audio_pre": audio_pre, "audio_post": audio_post,
+                       "rotate": rotate}
+        self.compiled = compile
+        self.error: str | None = None
+        for name, fn in self._eager.items():
+            setattr(self, name, self._guard(name, torch.compile(fn, fullgraph=True, dynamic=False)) if compile else fn)
+
+    def _guard(self, name: str, compiled: Callable) -> Callable:
+        """`compiled`, falling back to the eager regions (with a warning) if compiling fails."""
+
+        def run(*args):
+            if not self.compiled:
+                return self._eager[name](*args)
+            try:
+                return compiled(*args)
+            except Exception as exc:  # e.g. no Triton / C++ compiler: keep running, eagerly
+                self.compiled = False
+                self.error = f"{type(exc).__name__}: {exc}"[:500]
+                log.warning("compile_blocks: compiling region %r failed (%s); running the fused regions eagerly",
+                            name, self.error)
+                return self._eager[name](*args)
+
+        return run
+
+    def rotate_factors(self, x: torch.Tensor, factors, out_dtype: torch.dtype) -> torch.Tensor:
+        """`rotate(x, factors, out_dtype)` in the signature the KV-cache policies use."""
+        return self.rotate(x, factors.cos, factors.sin, out_dtype)
+
+    def layer(self, i: int, x: torch.Tensor, e0: torch.Tensor, rope, attend,
+              text_kv: tuple[torch.Tensor, torch.Tensor], backend: str) -> torch.Tensor:
+        """One transformer layer (= `blocks[i](x, e0, attend, text_kv, backend)` with RoPE applied
+        here: `attend(q_rot, k_rot, v)` must not rotate). x `[1, L, dim]` -> `[1, L, dim]`."""
+        blk = self.model.blocks[i]
+        sa, ca = blk.self_attn, blk.cross_attn
+        q, k, v = self.pre(x, e0, blk.modulation, linear_args(sa.q), linear_args(sa.k), linear_args(sa.v),
+                           _norm_weight(sa.norm_q), _norm_weight(sa.norm_k), rope.cos, rope.sin)
+        a = attend(q, k, v)
+        n3 = blk.norm3
+        r, cq = self.post(x, a, e0, blk.modulation, linear_args(sa.o), _norm_weight(n3), getattr(n3, "bias", None),
+                          linear_args(ca.q), _norm_weight(ca.norm_q))
+        c = attention(cq, text_kv[0], text_kv[1], backend)
+        return self.ffn(r, c, e0, blk.modulation, linear_args(ca.o), linear_args(blk.ffn[0]),
+                        linear_args(blk.ffn[2]), x.dtype)
+
+    def inject(self, i: int, x: torch.Tensor, frames: int, audio_global: torch.Tensor,
+               audio_tokens: torch.Tensor, backend: str) -> torch.Tensor:
+        """`audio_injector.inject(...)`: x `[1, F*fsl, dim]`, audio_global `[F, dim]`, tokens `[F, n, dim]`."""
+        injector = self.model.audio_injector
+        j = injector.layer_to_index.get(i)
+        if j is None:
+            return x
+        att, ada = injector.injector[j], injector.injector_adain_layers[j]
+        q, k, v = self.audio_pre(x, audio_global, audio_tokens, linear_args(ada.linear), linear_args(att.q),
+                                 linear_args(att.k), linear_args(att.v), _norm_weight(att.norm_q),
+                                 _norm_weight(att.norm_k), frames)
+        return self.audio_post(x, attention(q, k, v, backend), linear_args(att.o))
+
+
+__all__ = ["FusedLayers", "linear_args", "run_linear", "rotate"]
