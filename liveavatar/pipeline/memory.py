@@ -52,16 +52,21 @@ class MemoryEstimate:
 
 def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int = 4,
                     dtype: torch.dtype = torch.bfloat16, fp8: bool = False, decode_here: bool = True,
-                    stream: StreamConfig = DEFAULT_STREAM, param_counts: tuple[int, int] | None = None) -> MemoryEstimate:
-    """Resident GPU bytes of one rank that owns `steps_owned` denoising steps at W x H."""
+                    stream: StreamConfig = DEFAULT_STREAM, param_counts: tuple[int, int] | None = None,
+                    sink_slot: bool = False) -> MemoryEstimate:
+    """Resident GPU bytes of one rank that owns `steps_owned` denoising steps at W x H.
+
+    sink_slot: the step caches also reserve rows for the rotated sink (a speed option the
+    sampler turns on only when it fits; +2.5 * fsl tokens per step cache).
+    """
     elt = torch.tensor([], dtype=dtype).element_size()
     total, linear = param_counts or dit_param_counts(cfg)
     weights = (total - linear) * elt + linear * (1 if fp8 else elt) if steps_owned else 0
     fsl = (height // 16) * (width // 16)
     clip_tokens = stream.latent_frames_per_clip * fsl
     kv = cfg.num_layers * 2 * cfg.dim * elt  # bytes per cached token over all layers (k + v)
-    step_caches = steps_owned * clip_tokens * kv
     sink_tokens = fsl + fsl + fsl // 4 + fsl // 4
+    step_caches = steps_owned * (clip_tokens + (sink_tokens if sink_slot else 0)) * kv
     sink_cache = sink_tokens * kv if steps_owned else 0
     text_state = cfg.num_layers * 2 * cfg.text_len * cfg.dim * elt if steps_owned else 0
     vae = int(0.3 * GIB) if decode_here else 0
