@@ -1,7 +1,7 @@
 """`python -m liveavatar bench`: speed of the streaming DiT (or the whole loop) with random weights.
 
     python -m liveavatar bench --random-weights --size 704*384 --steps 4 --blocks 8 \
-        [--fp8] [--compile] [--attn sdpa] [--scope dit|end_to_end] [--ref third_party/LiveAvatar]
+        [--fp8] [--compile] [--attn sdpa] [--scope dit|end_to_end [--overlap|--no-overlap]] [--ref third_party/LiveAvatar]
     python -m liveavatar bench --random-weights --tiny --device cpu      # CPU plumbing check
 
 Prints ONE JSON line (keys: `benchlib.RESULT_KEYS` and more). Method:
@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny DiT config and size (CPU tests)")
     p.add_argument("--write", action="store_true", help="end_to_end: also encode an mp4 (needs PyAV)")
+    p.add_argument("--overlap", action="store_true",
+                   help="end_to_end: overlap each block's decode with the next DiT block (CUDA only)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="end_to_end: serial decode after each block's DiT (forced; default: the library's)")
     p.add_argument("--ref", default=None, metavar="DIR", help="time the reference DiT from this local copy too")
     p.add_argument("--ref-mode", default="same", choices=("same", "bf16"),
                    help="reference options: same fp8/compile as ours, or plain bf16 eager")
@@ -267,6 +271,8 @@ def bench(args) -> dict:
     if "decode_ms" in res:
         out["dit_ms"] = benchlib.median(res["dit_ms"])
         out["decode_ms"] = benchlib.median(res["decode_ms"])
+    if "overlap_decode" in res:
+        out["overlap_decode"] = res["overlap_decode"]
     out["est_mem_gb"] = _estimate(cfg, run, args, dit, dtype)
     if args.save_latents and res["latents"]:
         torch.save(res["latents"], args.save_latents)

@@ -177,8 +177,12 @@ def run_end_to_end(args, cfg, dit, device, dtype, run: _Run) -> dict:
     res: dict = {"block_ms": [], "step_ms": [], "warm_ms": [], "latents": []}
     benchlib.sync(device)
     t_start = t_prev = time.perf_counter()
+    from liveavatar.pipeline.generate import OVERLAP_DEFAULT_CUDA
+
+    overlap = True if getattr(args, "overlap", False) else False if getattr(args, "no_overlap", False) else None
+    res_overlap = overlap if overlap is not None else (device.type == "cuda" and OVERLAP_DEFAULT_CUDA)
     for blk in model.generate(run.context, audio, image, seed=args.seed, steps=args.steps,
-                              reference=ReferenceLatents(ref=run.ref, motion=run.motion)):
+                              reference=ReferenceLatents(ref=run.ref, motion=run.motion), overlap_decode=overlap):
         if writer is not None:
             writer.write_frames(blk.frames)
             writer.write_audio(blk.audio)
@@ -205,4 +209,5 @@ def run_end_to_end(args, cfg, dit, device, dtype, run: _Run) -> dict:
     res["warmup_s"] = res.get("warm_end", t_start) - t_start
     res["graphs0"] = graphs0
     res["finite"] = True
+    res["overlap_decode"] = res_overlap
     return res

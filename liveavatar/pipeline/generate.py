@@ -20,6 +20,11 @@ from liveavatar.pipeline.sampler import BlockInputs, StepRunner, make_schedule
 
 log = logging.getLogger("liveavatar")
 
+# overlap_decode=None on CUDA. Measured on H100 (fp8 + compile, 704*384, end to end): 953.6 ms/block
+# serial vs 931.7 overlapped (12.58 -> 12.88 FPS): both halves are compute-bound, so the decode
+# mostly stretches the DiT (GPU span 738 -> 933 ms). Off until the gain is worth a second thread.
+OVERLAP_DEFAULT_CUDA = False
+
 
 def frames_to_uint8(video: torch.Tensor) -> torch.Tensor:
     """[1, 3, n, H, W] in [-1, 1] -> uint8 [n, H, W, 3] on the CPU."""
@@ -69,7 +74,8 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
              pose_cond: torch.Tensor | None = None, sink_refresh: bool = True,
              progress: Callable[[dict], None] | None = None,
              cancel: Callable[[], bool] | None = None,
-             reference: ReferenceLatents | None = None) -> Iterator[DecodedBlock]:
+             reference: ReferenceLatents | None = None,
+             overlap_decode: bool | None = None) -> Iterator[DecodedBlock]:
     """Yield every decoded block of the avatar video, in order, as soon as it is decoded.
 
     context: umT5 context [L, text_dim]. audio / image: from `model.encode_audio` /
@@ -77,15 +83,24 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
     (trained) or 5. num_clip: cap on 48-frame clips (None = until the audio ends).
     pose_cond: optional pose latents [1, 16, F_latent, h, w] covering the generated frames.
     sink_refresh: the Rolling Sink Frame refresh at clip 1 (reference behaviour, on by default).
-    progress: called with {"event": "step"|"block", ...}. cancel: polled between steps.
+    progress: called with {"event": "step"|"block", ...}; with overlap_decode the step events
+    come from the DiT thread. cancel: polled between steps (also from that thread).
+    overlap_decode: decode block b on a side CUDA stream while the DiT runs block b+1 in a
+    producer thread (`overlap.py`); None = `OVERLAP_DEFAULT_CUDA` on CUDA (off for now: +2.3 % on
+    H100), off elsewhere; True on a CPU model is an error. Timings per block: {"dit", "decode"} seconds (GPU event spans when overlapped).
     """
     stream = model.stream
     plan: JobPlan = make_plan(audio.num_frames, stream, num_clip=num_clip, lead_in_frames=audio.lead_in_frames)
+    cuda = model.device.type == "cuda"
+    if overlap_decode and not cuda:
+        raise ValueError(f"overlap_decode=True needs a CUDA model (this one is on {model.device}); "
+                         "pass overlap_decode=False or None")
+    overlap = (cuda and OVERLAP_DEFAULT_CUDA) if overlap_decode is None else bool(overlap_decode)
     log.info("effective size %dx%d, %d frames (%.2f s) in %d blocks, %d steps, seed %d",
              image.width, image.height, plan.num_frames, plan.num_frames / stream.fps,
              plan.num_blocks, steps, seed)
     _check(cancel)
-    if model.device.type == "cuda":
+    if cuda:
         from liveavatar.pipeline.memory import check_fits, estimate_memory
 
         est = estimate_memory(model.dit.cfg, image.width, image.height, steps_owned=steps, dtype=model.dtype,
@@ -94,14 +109,57 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
     ref = reference or model.encode_reference(image)
     runner = make_runner(model, context, image, seed=seed, steps=steps)
     runner.prefill(ref.ref, ref.motion)
+
+    def dit_blocks(stopped: Callable[[], bool] | None = None) -> Iterator[tuple[BlockSpec, torch.Tensor]]:
+        poll = cancel if stopped is None else (lambda: stopped() or (cancel is not None and cancel()))
+        return _dit_blocks(runner, plan, ref, audio, image, seed=seed, steps=steps, pose_cond=pose_cond,
+                           sink_refresh=sink_refresh, progress=progress, cancel=poll)
+
+    def emit(block: BlockSpec, frames: torch.Tensor, timings: dict) -> DecodedBlock:
+        out = _emit(block, frames, audio, plan, stream.fps, timings)
+        if progress is not None:
+            progress({"event": "block", "block": block.index, "total_blocks": plan.num_blocks,
+                      "frames": out.frames.shape[0], "timings": out.timings})
+        return out
+
+    if overlap:
+        from liveavatar.pipeline.overlap import overlapped_decode
+
+        def make_decoder():
+            return BlockDecoder(model.vae, ref.motion.to(model.device)).decode
+
+        decoded = overlapped_decode(dit_blocks, make_decoder, model.device)
+        try:
+            for block, frames, timings in decoded:
+                _check(cancel)  # the DiT thread may be a block ahead: hand out nothing after a cancel
+                yield emit(block, frames, timings)
+        finally:  # closing this generator early must stop and join the DiT thread now, not at GC
+            decoded.close()
+        return
     decoder = BlockDecoder(model.vae, ref.motion.to(model.device))
+    t0 = time.perf_counter()
+    for block, x in dit_blocks():
+        if cuda:
+            torch.cuda.synchronize(model.device)
+        t1 = time.perf_counter()
+        frames = decoder.decode(block, x.to(model.device))
+        t2 = time.perf_counter()
+        yield emit(block, frames, {"dit": t1 - t0, "decode": t2 - t1})
+        t0 = time.perf_counter()
+
+
+def _dit_blocks(runner: StepRunner, plan: JobPlan, ref: ReferenceLatents, audio: AudioConditioning,
+                image: ImageConditioning, *, seed: int, steps: int, pose_cond: torch.Tensor | None,
+                sink_refresh: bool, progress: Callable[[dict], None] | None,
+                cancel: Callable[[], bool] | None) -> Iterator[tuple[BlockSpec, torch.Tensor]]:
+    """The DiT block loop: yields (block, final latents x [16, n, h, w] float32 on the device)."""
+    stream = runner.stream
     first_latent = None
     n_lat = stream.frames_per_block_latent
     for block in plan.blocks:
         _check(cancel)
         if sink_refresh and block.clip == 1 and block.block_in_clip == 0 and first_latent is not None:
             runner.prefill(first_latent, ref.motion)  # Rolling Sink: re-anchor on the first generated frame
-        t0 = time.perf_counter()
         x = block_noise(seed, block, image.latent_hw, stream)
         cond = None
         if pose_cond is not None:
@@ -117,16 +175,7 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
         x = runner.run(x, block, inputs, on_step=on_step)
         if block.index == 0:
             first_latent = x[:, 0:1].unsqueeze(0).clone()
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-        t1 = time.perf_counter()
-        frames = decoder.decode(block, x.to(model.device))
-        t2 = time.perf_counter()
-        out = _emit(block, frames, audio, plan, stream.fps, {"dit": t1 - t0, "decode": t2 - t1})
-        if progress is not None:
-            progress({"event": "block", "block": block.index, "total_blocks": plan.num_blocks,
-                      "frames": out.frames.shape[0], "timings": out.timings})
-        yield out
+        yield block, x
 
 
 def _emit(block: BlockSpec, frames: torch.Tensor, audio: AudioConditioning, plan: JobPlan, fps: int,
