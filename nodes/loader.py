@@ -46,6 +46,17 @@ def _placement_inputs() -> list[io.Input]:
     ]
 
 
+def _common_inputs() -> list:
+    """LoRA strength + the placement inputs, shared by both loaders."""
+    return [io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                           tooltip="LoRA scale (1.0 = as trained)."),
+            *_placement_inputs()]
+
+
+def _model_output():
+    return LiveAvatarModel.Output(display_name="model", tooltip="The loaded model (one GPU or a worker group).")
+
+
 def _validate_placement(devices: str | None, gpu_mode: str | None, node: str) -> bool | str:
     if devices is None or gpu_mode is None:  # linked inputs: checked at run time
         return True
@@ -92,12 +103,9 @@ class LiveAvatarModelLoader(io.ComfyNode):
                 io.Combo.Input("lora", options=loras, default=mf.AUTO,
                                tooltip="Live Avatar LoRA. auto: liveavatar.safetensors inside or next to the "
                                        "checkpoint folder. none: the base model only. Or a file from models/loras."),
-                io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
-                               tooltip="LoRA scale (1.0 = as trained)."),
-                *_placement_inputs(),
+                *_common_inputs(),
             ],
-            outputs=[LiveAvatarModel.Output(display_name="model",
-                                            tooltip="The loaded model (one GPU or a worker group).")],
+            outputs=[_model_output()],
         )
 
     @classmethod
@@ -155,12 +163,9 @@ class LiveAvatarModelLoaderFiles(io.ComfyNode):
                 io.Combo.Input("lora", options=[mf.NONE] + mf.files("loras"), default=mf.NONE,
                                tooltip="Live Avatar LoRA (liveavatar.safetensors) from models/loras; "
                                        "none for the base model."),
-                io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
-                               tooltip="LoRA scale (1.0 = as trained)."),
-                *_placement_inputs(),
+                *_common_inputs(),
             ],
-            outputs=[LiveAvatarModel.Output(display_name="model",
-                                            tooltip="The loaded model (one GPU or a worker group).")],
+            outputs=[_model_output()],
         )
 
     @classmethod
