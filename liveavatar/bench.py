@@ -134,36 +134,9 @@ def apply_options(dit, args, device: torch.device) -> dict:
         dit.rope_compute_dtype = getattr(torch, args.rope_dtype)
     info["rope_dtype"] = str(getattr(dit, "rope_compute_dtype", "")).replace("torch.", "") or None
     if args.compile:
-        if hasattr(dit, "compile_blocks"):
-            dit.compile_blocks()
-            info["compile_impl"] = "dit.compile_blocks"
-        else:
-            info["compile_impl"] = fallback_compile(dit)
+        dit.compile_blocks()
+        info["compile_impl"] = "dit.compile_blocks"
     return info
-
-
-def fallback_compile(dit) -> str:
-    """Until the DiT has compile_blocks(): torch.compile the parts that take only tensors (each
-    layer's FFN and text cross-attention, the audio-injector attention: one shared graph per
-    module class) and the elementwise helpers the layers call by module-global name (LayerNorm,
-    modulation, gates, RoPE), which fuses their float32/float64 chains. Bench-only: the helpers
-    are replaced in their modules for this process."""
-    from liveavatar.models import dit_blocks, kv_cache
-
-    for block in dit.blocks:
-        block.ffn.compile()
-        block.cross_attn.compile()
-    injector = getattr(dit, "audio_injector", None)
-    for sub in getattr(injector, "injector", []) or []:
-        sub.compile()
-    patched = []
-    for mod, name in ((dit_blocks, "_modulate"), (dit_blocks, "_gate"), (dit_blocks, "plain_layer_norm"),
-                      (kv_cache, "apply_rope")):
-        fn = getattr(mod, name, None)
-        if callable(fn) and not hasattr(fn, "_torchdynamo_orig_callable"):
-            setattr(mod, name, torch.compile(fn))
-            patched.append(name)
-    return "bench.fallback_compile(ffn, cross_attn, audio attn, " + ", ".join(patched) + ")"
 
 
 # ----------------------------------------------------------------------------- reporting

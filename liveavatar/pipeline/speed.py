@@ -27,9 +27,4 @@ def apply_speed_options(dit, *, attn: str = "sdpa", fp8: bool = False, compile: 
         if device is None or device.type != "cuda":
             log.warning("compile: ignored on CPU")
         else:
-            if hasattr(dit, "compile_blocks"):
-                dit.compile_blocks()
-            else:
-                from liveavatar.bench import fallback_compile
-
-                log.info("compile: %s", fallback_compile(dit))
+            dit.compile_blocks()
