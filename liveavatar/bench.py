@@ -57,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=int, default=6, help="timed blocks (12 frames each)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up blocks (default: one clip)")
     p.add_argument("--fp8", action="store_true")
+    p.add_argument("--fp8-scaling", default=None, choices=("row", "tensor"),
+                   help="with --fp8: activation/weight scales (default: the library's, row)")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None,
+                   help="with --compile: replay steady-state calls from CUDA graphs (default: the library's)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false")
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="default bf16 (fp32 on CPU)")
@@ -118,13 +123,17 @@ def apply_options(dit, args, device: torch.device) -> dict:
 
     info: dict = {"compile_impl": None}
     t0 = time.perf_counter()
+    from liveavatar.models.fp8 import DEFAULT_SCALING
+
+    scaling = args.fp8_scaling or DEFAULT_SCALING
+    info["fp8_scaling"] = scaling if args.fp8 else None
     if args.fp8 and device.type == "cpu" and args.allow_cpu_fp8:
         from liveavatar.models.fp8 import convert_to_fp8
 
-        convert_to_fp8(dit, allow_cpu=True)
+        convert_to_fp8(dit, allow_cpu=True, scaling=scaling)
         apply_speed_options(dit, attn=args.attn, fp8=False, compile=False, device=device)
     else:
-        apply_speed_options(dit, attn=args.attn, fp8=args.fp8, compile=False, device=device)
+        apply_speed_options(dit, attn=args.attn, fp8=scaling if args.fp8 else False, compile=False, device=device)
     if getattr(dit, "attn_backend", args.attn) != args.attn:
         dit.attn_backend = args.attn  # the DiT exposes a property, not set_attention_backend()
     info["fp8_convert_s"] = time.perf_counter() - t0 if args.fp8 else 0.0
@@ -134,8 +143,15 @@ def apply_options(dit, args, device: torch.device) -> dict:
         dit.rope_compute_dtype = getattr(torch, args.rope_dtype)
     info["rope_dtype"] = str(getattr(dit, "rope_compute_dtype", "")).replace("torch.", "") or None
     if args.compile:
+        from liveavatar.pipeline.speed import CUDA_GRAPHS_WITH_COMPILE
+
         dit.compile_blocks()
         info["compile_impl"] = "dit.compile_blocks"
+        graphs = CUDA_GRAPHS_WITH_COMPILE if args.cuda_graphs is None else args.cuda_graphs
+        if graphs and device.type == "cuda":
+            dit.use_cuda_graphs()
+    elif args.cuda_graphs:
+        raise BenchUsageError("--cuda-graphs needs --compile")
     return info
 
 
@@ -162,7 +178,7 @@ def run_reference(args, peak: float | None) -> dict:
     if args.tiny:
         cmd.append("--tiny")
     if args.ref_mode == "same":
-        cmd += ["--fp8"] if args.fp8 else []
+        cmd += ["--fp8"] if args.fp8 else []  # the reference's own fp8 scheme (per-tensor)
         cmd += ["--compile"] if args.compile else []
     if peak:
         cmd += ["--peak-tflops", str(peak)]
@@ -217,7 +233,8 @@ def bench(args) -> dict:
         "impl": "ours",
         "device": benchlib.device_name(device), "torch": torch.__version__, "num_gpus": benchlib.num_gpus(),
         "schedule": "single", "size": f"{run.width}*{run.height}", "steps": args.steps,
-        "fp8": args.fp8, "compile": args.compile, "attn": args.attn, "scope": args.scope,
+        "fp8": args.fp8, "fp8_scaling": opt["fp8_scaling"], "compile": args.compile, "attn": args.attn,
+        "scope": args.scope,
         "fps": s.frames_per_block / (blk / 1000.0),
         "ttff_s": res.get("ttff_s"), "block_ms": blk,
         "step_ms": benchlib.median(res["step_ms"]) if res["step_ms"] else blk / args.steps,
@@ -228,6 +245,9 @@ def bench(args) -> dict:
         "recompiles": benchlib.dynamo_graphs() - res.get("graphs_after_first", res["graphs0"]),
         "recompiles_timed": benchlib.dynamo_graphs() - res["graphs_after_warmup"],
         "graphs": benchlib.dynamo_graphs() - res["graphs0"],
+        "cuda_graphs": getattr(dit, "cuda_graphs", None) is not None,
+        "graph_captures": getattr(getattr(dit, "cuda_graphs", None), "captures", 0),
+        "graph_replays": getattr(getattr(dit, "cuda_graphs", None), "replays", 0),
         "compile_impl": opt["compile_impl"], "fp8_convert_s": opt["fp8_convert_s"], "rope_dtype": opt["rope_dtype"],
         "warmup_blocks": run.warmup, "timed_blocks": args.blocks, "block_ms_all": res["warm_ms"] + res["block_ms"],
         "weights_gib": winfo["bytes"] / 2**30, "weights_init_s": winfo["seconds"],

@@ -53,6 +53,9 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="with --gpus: tpp (each GPU owns a group of denoising steps; a 5th GPU decodes), single, or auto")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--fp8", action="store_true", help="fp8 linears in the DiT (Hopper/Ada GPUs)")
+    p.add_argument("--fp8-scaling", choices=("row", "tensor"), default="row",
+                   help="with --fp8: row (per token / output channel scales, default, faster) or tensor "
+                        "(one scale per tensor, the reference's scheme)")
     p.add_argument("--attn", default="sdpa", help="attention backend: sdpa, flash, cudnn, efficient, math")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
     p.add_argument("--out", default=None if req else str(REPO / "output" / "demo.mp4"), required=req,
@@ -74,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="speed benchmark, prints one JSON line")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
+
+
+def _fp8(args: argparse.Namespace) -> bool | str:
+    """The `fp8` load option: False, or the scaling name when --fp8 is on."""
+    return args.fp8_scaling if args.fp8 else False
 
 
 def run_generate(args: argparse.Namespace) -> dict:
@@ -112,12 +120,12 @@ def run_generate(args: argparse.Namespace) -> dict:
         devices = [d.strip() for d in args.gpus.split(",") if d.strip()]
         model = open_worker_group("checkpoint", devices, mode=args.gpu_mode,
                                   ckpt_dir=str(Path(args.ckpt_dir).expanduser().resolve()), lora=args.lora,
-                                  lora_strength=args.lora_strength, dtype=args.dtype, fp8=args.fp8,
+                                  lora_strength=args.lora_strength, dtype=args.dtype, fp8=_fp8(args),
                                   attn=args.attn, compile=args.compile)
     else:
         model = LiveAvatar.from_checkpoint(Path(args.ckpt_dir).expanduser(), lora=args.lora,
                                            lora_strength=args.lora_strength, device=args.device,
-                                           dtype=args.dtype, fp8=args.fp8, attn=args.attn, compile=args.compile)
+                                           dtype=args.dtype, fp8=_fp8(args), attn=args.attn, compile=args.compile)
     t_load = time.perf_counter() - t0
     img = model.prepare_image(image, args.size, size_mode=args.size_mode)
     ctx = model.encode_prompt(args.prompt)

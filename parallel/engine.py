@@ -83,7 +83,7 @@ class LiveAvatarEngine:
         self.role = role
         device = torch.device(role.device)
         opts = dict(lora_strength=float(config.get("lora_strength", 1.0)),
-                    device=device, dtype=config.get("dtype", "bf16"), fp8=bool(config.get("fp8")),
+                    device=device, dtype=config.get("dtype", "bf16"), fp8=config.get("fp8") or False,
                     attn=config.get("attn", "sdpa"), compile=bool(config.get("compile")))
         if role.is_dit:
             if "files" in config:

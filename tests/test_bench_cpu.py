@@ -200,22 +200,40 @@ def _linear(i, o, seed=0):
     return lin
 
 
+@pytest.mark.parametrize("scaling", ["tensor", "row"])
 @pytest.mark.parametrize("emulate", [True, False])
-def test_fp8_linear_matches_dequantised_product(emulate):
-    if not emulate and not fp8mod._cpu_scaled_mm_works():
-        pytest.skip("this PyTorch has no CPU _scaled_mm")
+def test_fp8_linear_matches_dequantised_product(emulate, scaling):
+    if not emulate and not fp8mod._cpu_scaled_mm_works(scaling):
+        pytest.skip(f"this PyTorch has no CPU _scaled_mm with {scaling} scales")
     lin = _linear(64, 48)
-    layer = fp8mod.FP8Linear.from_linear(lin, emulate=emulate)
+    layer = fp8mod.FP8Linear.from_linear(lin, emulate=emulate, scaling=scaling)
+    assert layer.weight_inv_scale.shape == ((1, 48) if scaling == "row" else ())
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
     out = layer(x)
     assert out.shape == (2, 5, 48) and out.dtype == x.dtype
-    xq, xinv = fp8mod.quantize_per_tensor(x.reshape(-1, 64))
-    want = (fp8mod.dequantize(xq, xinv) @ fp8mod.dequantize(layer.weight_fp8, layer.weight_inv_scale).t()
+    xq, xinv = fp8mod.quantize(x.reshape(-1, 64), scaling)
+    w_inv = layer.weight_inv_scale.reshape(-1, 1) if scaling == "row" else layer.weight_inv_scale
+    want = (fp8mod.dequantize(xq, xinv) @ fp8mod.dequantize(layer.weight_fp8, w_inv).t()
             + layer.bias.float()).reshape(2, 5, 48)
     assert torch.allclose(out, want, rtol=1e-2, atol=1e-2)  # bf16 output rounding
     exact = lin(x)
     rel = ((out - exact).norm() / exact.norm()).item()
     assert 0 < rel < 0.08  # two e4m3 quantisations: a few percent, never zero
+
+
+def test_row_scales_confine_an_outlier_token():
+    """One token 1e5x larger than the rest: per-tensor scaling pushes the others into e4m3 subnormals,
+    row-wise scaling keeps them (this is why "row" is the default)."""
+    lin = _linear(64, 32)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    x[3] *= 1e5
+    exact = lin(x)
+    errs = {}
+    for scaling in fp8mod.SCALINGS:
+        out = fp8mod.FP8Linear.from_linear(lin, emulate=True, scaling=scaling)(x)
+        others = [i for i in range(16) if i != 3]
+        errs[scaling] = ((out[others] - exact[others]).norm() / exact[others].norm()).item()
+    assert errs["row"] < 0.08 < errs["tensor"], errs
 
 
 def test_convert_to_fp8_follows_reference_exclusions():
@@ -235,8 +253,10 @@ def test_convert_to_fp8_follows_reference_exclusions():
     with pytest.raises(fp8mod.FP8Unsupported, match="sm89|CUDA"):
         fp8mod.convert_to_fp8(net)  # CPU without allow_cpu: refused, nothing changed
     assert isinstance(net.blocks[0]["q"], nn.Linear)
-    summary = fp8mod.convert_to_fp8(net, allow_cpu=True)
-    assert summary["converted"] == 3
+    with pytest.raises(ValueError, match="scaling"):
+        fp8mod.convert_to_fp8(net, allow_cpu=True, scaling="block")
+    summary = fp8mod.convert_to_fp8(net, allow_cpu=True, scaling="tensor")
+    assert summary["converted"] == 3 and summary["scaling"] == "tensor"
     assert sorted(summary["excluded"]) == ["head.head", "text_embedding.0", "text_embedding.2", "time_projection.1"]
     assert summary["skipped"] == ["odd"]
     assert isinstance(net.blocks[0]["ffn"][0], fp8mod.FP8Linear) and isinstance(net.head.head, nn.Linear)

@@ -55,6 +55,18 @@ def test_fused_regions_match_eager_layers(fixtures_dir, slot):
     assert _rel(_rollout(model, fixtures_dir, slot), eager) < 1e-5
 
 
+@pytest.mark.parametrize("slot", [False, True])
+def test_graph_mode_ring_rows_bitwise(fixtures_dir, slot):
+    """use_cuda_graphs(): on CPU nothing is captured, but the call takes the graph-mode path
+    (ring rows written through a device index tensor instead of a slice): bitwise the same."""
+    model = _build(fixtures_dir)
+    model.compile_blocks(compile=False)
+    plain = _rollout(model, fixtures_dir, slot)
+    model.use_cuda_graphs()
+    assert torch.equal(_rollout(model, fixtures_dir, slot), plain)
+    assert model.cuda_graphs.captures == 0
+
+
 def test_fused_regions_bf16(fixtures_dir):
     model = _build(fixtures_dir, torch.bfloat16)
     eager = _rollout(model, fixtures_dir, slot=False, blocks=2)
@@ -79,3 +91,30 @@ def test_compiled_regions_one_graph_each_no_recompiles(fixtures_dir):
     out = torch.cat([out, _rollout(model, fixtures_dir, slot=True, blocks=5)[2:]])
     assert counters["stats"]["unique_graphs"] - g0 == first
     assert _rel(out, eager) < 1e-3  # observed 4e-5 (inductor fp32 reductions)
+
+
+@pytest.mark.parametrize("kind", ["lin", "fp8_row", "fp8_tensor"])
+def test_fuse_linears_one_gemm_same_outputs_shared_storage(kind):
+    """q/k/v fused into one GEMM: outputs match the three layers, the layers' weights become views
+    of the fused weight (no extra memory); per-tensor fp8 scales cannot be fused (None)."""
+    from liveavatar.models.compiled import fuse_linears, run_linear
+    from liveavatar.models.fp8 import FP8Linear
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, 64) for _ in range(3)]
+    if kind != "lin":
+        layers = [FP8Linear.from_linear(m, emulate=True, scaling=kind.split("_")[1]) for m in layers]
+    x = torch.randn(2, 7, 64)
+    separate = torch.cat([m(x) for m in layers], dim=-1)
+    fused = fuse_linears(layers)
+    if kind == "fp8_tensor":
+        assert fused is None
+        return
+    out = run_linear(x, fused)
+    assert torch.allclose(out.float(), separate.float(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(torch.cat([m(x) for m in layers], dim=-1), separate)  # layers still work alone
+    weight = fused[1]
+    for i, m in enumerate(layers):
+        w = m.weight if kind == "lin" else m.weight_fp8
+        assert w.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+        assert w.data_ptr() == weight[64 * i].data_ptr()

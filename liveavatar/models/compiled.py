@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
-from .fp8 import FP8Linear, emulated_scaled_mm, quantize_per_tensor
+from .fp8 import FP8Linear, emulated_scaled_mm, quantize
 
 log = logging.getLogger("liveavatar")
 
@@ -52,13 +52,49 @@ def run_linear(x: torch.Tensor, w: LinearArgs) -> torch.Tensor:
     if w[0] == "lin":
         return F.linear(x, w[1], w[2])
     lead = x.shape[:-1]
-    x_q, x_inv = quantize_per_tensor(x.reshape(-1, x.shape[-1]))
+    x_q, x_inv = quantize(x.reshape(-1, x.shape[-1]), "row" if w[2].dim() == 2 else "tensor")
     if w[0] == "fp8":
         out = torch._scaled_mm(x_q, w[1].t(), scale_a=x_inv, scale_b=w[2], bias=w[3],
                                out_dtype=torch.bfloat16, use_fast_accum=True)
     else:
         out = emulated_scaled_mm(x_q, w[1].t(), x_inv, w[2], w[3], torch.bfloat16)
     return out.reshape(*lead, out.shape[-1]).to(x.dtype)
+
+
+def fuse_linears(layers: list[nn.Module]) -> LinearArgs | None:
+    """One LinearArgs computing `cat([layer(x) for layer in layers], -1)` in a single GEMM, or None
+    when the layers cannot share one (per-tensor fp8 scales differ, mixed kinds or dtypes).
+
+    Each layer's tensors are re-pointed at views of the fused ones, so no memory is added and
+    in-place edits of a layer's weight (LoRA merges) reach the fused GEMM too.
+    """
+    args = [linear_args(layer) for layer in layers]
+    kind = args[0][0]
+    if any(a[0] != kind for a in args) or len({a[1].dtype for a in args}) != 1:
+        return None
+    has_bias = [a[-1] is not None for a in args]
+    if any(has_bias) != all(has_bias):
+        return None
+    bias = torch.cat([a[-1] for a in args]) if all(has_bias) else None
+    sizes = [a[1].shape[0] for a in args]
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    if kind == "lin":
+        weight = torch.cat([a[1] for a in args])
+        for layer, lo, hi in zip(layers, bounds, bounds[1:]):
+            layer.weight = nn.Parameter(weight[lo:hi], requires_grad=False)
+            if bias is not None:
+                layer.bias = nn.Parameter(bias[lo:hi], requires_grad=False)
+        return ("lin", weight, bias)
+    if any(a[2].dim() != 2 for a in args):  # per-tensor scales: one scale per GEMM
+        return None
+    weight = torch.cat([a[1] for a in args])
+    scale = torch.cat([a[2] for a in args], dim=1)
+    for layer, lo, hi in zip(layers, bounds, bounds[1:]):
+        layer.weight_fp8 = weight[lo:hi]
+        layer.weight_inv_scale = scale[:, lo:hi]
+        if bias is not None:
+            layer.bias = nn.Parameter(bias[lo:hi], requires_grad=False)
+    return (kind, weight, scale, bias)
 
 
 def _norm_weight(norm: nn.Module) -> torch.Tensor | None:
@@ -117,13 +153,17 @@ class FusedLayers:
         inj = model.audio_injector.injector
         audio_qk_eps = getattr(inj[0].norm_q, "eps", eps) if len(inj) else eps
 
-        def pre(x, e0, modulation, wq, wk, wv, nq, nk, cos, sin):
+        def pre(x, e0, modulation, wqkv, nq, nk, cos, sin):
             act = x.dtype
             mod = _mod(modulation, e0)
             h = _modulate(F.layer_norm(x, (x.shape[-1],), eps=eps).float(), mod[:, :, 1], mod[:, :, 0]).to(act)
-            q = _rms(run_linear(h, wq), nq, qk_eps).unflatten(-1, (heads, head_dim))
-            k = _rms(run_linear(h, wk), nk, qk_eps).unflatten(-1, (heads, head_dim))
-            v = run_linear(h, wv).unflatten(-1, (heads, head_dim))
+            if isinstance(wqkv[0], str):  # one fused GEMM (fuse_linears), split into q, k, v
+                q, k, v = run_linear(h, wqkv).chunk(3, dim=-1)
+            else:
+                q, k, v = (run_linear(h, w) for w in wqkv)
+            q = _rms(q, nq, qk_eps).unflatten(-1, (heads, head_dim))
+            k = _rms(k, nk, qk_eps).unflatten(-1, (heads, head_dim))
+            v = v.unflatten(-1, (heads, head_dim))
             return rotate(q, cos, sin, act), rotate(k, cos, sin, act), v
 
         def post(x, attn, e0, modulation, wo, n3w, n3b, wcq, ncq):
@@ -159,6 +199,7 @@ class FusedLayers:
         def audio_post(x, attn, wo):
             return x + run_linear(attn.flatten(2), wo).reshape(x.shape)
 
+        self._qkv: dict[int, tuple] = {}  # layer -> (q, k, v modules, fused LinearArgs or None)
         self._eager = {"pre": pre, "post": post, "ffn": ffn, "audio_pre": audio_pre, "audio_post": audio_post,
                        "rotate": rotate}
         self.compiled = compile
@@ -193,8 +234,8 @@ class FusedLayers:
         here: `attend(q_rot, k_rot, v)` must not rotate). x `[1, L, dim]` -> `[1, L, dim]`."""
         blk = self.model.blocks[i]
         sa, ca = blk.self_attn, blk.cross_attn
-        q, k, v = self.pre(x, e0, blk.modulation, linear_args(sa.q), linear_args(sa.k), linear_args(sa.v),
-                           _norm_weight(sa.norm_q), _norm_weight(sa.norm_k), rope.cos, rope.sin)
+        q, k, v = self.pre(x, e0, blk.modulation, self._qkv_args(sa), _norm_weight(sa.norm_q),
+                           _norm_weight(sa.norm_k), rope.cos, rope.sin)
         a = attend(q, k, v)
         n3 = blk.norm3
         r, cq = self.post(x, a, e0, blk.modulation, linear_args(sa.o), _norm_weight(n3), getattr(n3, "bias", None),
@@ -202,6 +243,16 @@ class FusedLayers:
         c = attention(cq, text_kv[0], text_kv[1], backend)
         return self.ffn(r, c, e0, blk.modulation, linear_args(ca.o), linear_args(blk.ffn[0]),
                         linear_args(blk.ffn[2]), x.dtype)
+
+    def _qkv_args(self, sa: nn.Module) -> tuple:
+        """q/k/v projections of a self-attention as one fused LinearArgs when they can share a
+        GEMM (bf16, row-wise fp8), else the three LinearArgs. Fused once per layer; fused again
+        if the projection modules were replaced (e.g. an fp8 conversion after compile_blocks)."""
+        mods = (sa.q, sa.k, sa.v)
+        got = self._qkv.get(id(sa))
+        if got is None or any(a is not b for a, b in zip(got[0], mods)):
+            got = self._qkv[id(sa)] = (mods, fuse_linears(list(mods)))
+        return got[1] if got[1] is not None else tuple(linear_args(m) for m in mods)
 
     def inject(self, i: int, x: torch.Tensor, frames: int, audio_global: torch.Tensor,
                audio_tokens: torch.Tensor, backend: str) -> torch.Tensor:
@@ -217,4 +268,4 @@ class FusedLayers:
         return self.audio_post(x, attention(q, k, v, backend), linear_args(att.o))
 
 
-__all__ = ["FusedLayers", "linear_args", "run_linear", "rotate"]
+__all__ = ["FusedLayers", "fuse_linears", "linear_args", "run_linear", "rotate"]

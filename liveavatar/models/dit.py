@@ -27,7 +27,7 @@ Initialisation is PyTorch's default: load a checkpoint before use.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,8 @@ from .causal_audio import CausalAudioEncoder
 from .dit_blocks import DiTBlock, Head, fp32_linear
 from .framepack import FramePackMotioner
 from .kv_cache import SinkCache, StepKVCache
-from .rope import grid_positions, rope_factors
+from .graphs import BlockGraphs
+from .rope import RopeFactors, grid_positions, rope_factors
 
 # trainable_cond_mask rows
 _NOISY, _REF, _MOTION = 0, 1, 2
@@ -93,7 +94,9 @@ class CausalS2VDiT(nn.Module):
         self.rope_compute_dtype = rope_compute_dtype
         self._time_cache: dict = {}
         self._rope_cache: dict = {}
+        self._rows_cache: dict = {}
         self._fused = None  # FusedLayers once compile_blocks() ran
+        self._graphs: BlockGraphs | None = None  # once use_cuda_graphs() ran
         d, p = cfg.dim, tuple(cfg.patch_size)
 
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=p, stride=p)
@@ -274,6 +277,17 @@ class CausalS2VDiT(nn.Module):
 
         self._fused = FusedLayers(self, compile=compile)
 
+    def use_cuda_graphs(self, enable: bool = True) -> None:
+        """Replay repeated streaming calls from CUDA graphs (models/graphs.py). Needs
+        `compile_blocks()` (the fused path) and a CUDA device; other calls stay eager."""
+        if self._graphs is not None:
+            self._graphs.clear()
+        self._graphs = BlockGraphs() if enable else None
+
+    @property
+    def cuda_graphs(self) -> BlockGraphs | None:
+        return self._graphs
+
     def _time_uncached(self, timestep: float, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.full((frames,), float(timestep), dtype=torch.float32, device=self.device)
         t = torch.cat([t, torch.zeros_like(t)])
@@ -354,6 +368,7 @@ class CausalS2VDiT(nn.Module):
         """
         c, s = self.cfg, self.stream
         nf = s.frames_per_block_latent
+        x_dtype = x.dtype
         if x.dim() != 4 or x.shape[0] != c.in_dim or x.shape[1] != nf:
             raise ValueError(f"x must be [{c.in_dim}, {nf}, h, w], got {tuple(x.shape)}")
         hw = tuple(x.shape[-2:])
@@ -367,14 +382,6 @@ class CausalS2VDiT(nn.Module):
         audio_global, audio_tokens = audio if audio is not None else self.encode_audio(audio_input)
         audio_global, audio_tokens = audio_global[0, :, 0], audio_tokens[0]  # [F, dim], [F, n, dim]
 
-        h = self.patch_embedding(x.to(self.device, self.dtype).unsqueeze(0))
-        if cond_states is None:  # zero pose latents: the encoder adds its bias only
-            h = h + self.cond_encoder.bias.view(1, -1, 1, 1, 1)
-        else:
-            h = h + self.cond_encoder(cond_states.to(self.device, self.dtype))
-        tokens = h.flatten(2).transpose(1, 2)
-        tokens = tokens + self.trainable_cond_mask.weight[_NOISY].to(tokens.dtype)
-
         rope = self._rope(grid_positions(list(range(start_frame, start_frame + nf)), list(range(hp)), list(range(wp))),
                           key=("block", start_frame, hp, wp))
         ref_t = self.reference_position(start_frame, sink_offset)
@@ -383,22 +390,73 @@ class CausalS2VDiT(nn.Module):
         if plan.refresh_keys:
             sink_rope = self._rope(sink.stream_positions(ref_t), key=("sink", sink.uid, sink.version, ref_t))
         e, e0 = self._time(timestep, nf)
-        e0_block = e0[0].unsqueeze(0)  # [1, F, 6, dim]
+        x = x.to(self.device, self.dtype)
+        cond = None if cond_states is None else cond_states.to(self.device, self.dtype)
+
+        graphs = self._graphs if self._fused is not None else None  # (on CPU: same path, never captured)
+
+        def body(x, audio_global, audio_tokens, rope_cos, rope_sin, e, e0, *rest):
+            rest = list(rest)
+            rows = rest.pop(0) if graphs is not None else None
+            cond = rest.pop(0) if cond_states is not None else None
+            sink_rope = RopeFactors(rest[0], rest[1]) if plan.refresh_keys else None
+            return self._block_body(x, cond, audio_global, audio_tokens, RopeFactors(rope_cos, rope_sin), e, e0,
+                                    text, cache, sink, plan, sink_rope, rows)
+
+        tensors = [x, audio_global, audio_tokens, rope.cos, rope.sin, e, e0[0].unsqueeze(0)]
+        tensors += [] if graphs is None else [self._ring_rows(plan.offset, plan.tokens)]
+        tensors += [] if cond is None else [cond]
+        tensors += [] if sink_rope is None else [sink_rope.cos, sink_rope.sin]
+        if graphs is not None:  # one graph per call shape; the ring offset is an input (rows)
+            key = (id(cache), id(sink), id(text), replace(plan, offset=0), hw, cond is None, self.attn_backend)
+            out = graphs.run(key, (cache, sink, text), body, tensors)
+        else:
+            out = body(*tensors)
+        cache.commit(plan, sink, ref_t)
+        return out.to(x_dtype)
+
+    def _ring_rows(self, offset: int, tokens: int) -> torch.Tensor:
+        """`arange(offset, offset + tokens)` on the model's device (int64), kept per (offset, tokens)."""
+        key = (offset, tokens, self.device)
+        if key not in self._rows_cache:
+            self._rows_cache[key] = torch.arange(offset, offset + tokens, device=self.device)
+        return self._rows_cache[key]
+
+    def _block_body(self, x: torch.Tensor, cond: torch.Tensor | None, audio_global: torch.Tensor,
+                    audio_tokens: torch.Tensor, rope: RopeFactors, e: torch.Tensor, e0_block: torch.Tensor,
+                    text: TextState, cache: StepKVCache, sink: SinkCache, plan, sink_rope: RopeFactors | None,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor work of `forward_block` (no host-side decisions, so it can be graph-captured).
+
+        x `[16, F, h, w]` (model dtype, on the model's device), cond `[1, 16, F, h, w]` or None,
+        audio_global `[F, dim]`, audio_tokens `[F, n, dim]`, e `[F, dim]`, e0_block `[1, F, 6, dim]`.
+        rows: ring rows of the block as a device index (graph mode) or None (slice writes).
+        Returns `[16, F, h, w]` in the model dtype.
+        """
+        nf = x.shape[1]
+        hp, wp = self._grid(tuple(x.shape[-2:]))
+        h = self.patch_embedding(x.unsqueeze(0))
+        if cond is None:  # zero pose latents: the encoder adds its bias only
+            h = h + self.cond_encoder.bias.view(1, -1, 1, 1, 1)
+        else:
+            h = h + self.cond_encoder(cond)
+        tokens = h.flatten(2).transpose(1, 2)
+        tokens = tokens + self.trainable_cond_mask.weight[_NOISY].to(tokens.dtype)
 
         fused, backend = self._fused, self.attn_backend
         for i, block in enumerate(self.blocks):
             if fused is not None:  # compile_blocks(): RoPE inside the fused region
-                attend = cache.stream_attend(i, plan, None, sink, sink_rope, backend, rotate=fused.rotate_factors)
+                attend = cache.stream_attend(i, plan, None, sink, sink_rope, backend, rotate=fused.rotate_factors,
+                                             rows=rows)
                 tokens = fused.layer(i, tokens, e0_block, rope, attend, self._text_kv(text, i), backend)
                 tokens = fused.inject(i, tokens, nf, audio_global, audio_tokens, backend)
                 continue
             attend = cache.stream_attend(i, plan, rope, sink, sink_rope, backend)
             tokens = block(tokens, e0_block, attend, self._text_kv(text, i), backend)
             tokens = self.audio_injector.inject(i, tokens, nf, audio_global, audio_tokens, backend)
-        cache.commit(plan, sink, ref_t)
 
         out = self.head(tokens, e)  # [1, F*fsl, prod(patch)*out_dim]
-        return self._unpatchify(out[0], nf, hp, wp).to(x.dtype)
+        return self._unpatchify(out[0], nf, hp, wp)
 
     def _unpatchify(self, out: torch.Tensor, nf: int, hp: int, wp: int) -> torch.Tensor:
         """`[F*hp*wp, pt*ph*pw*C]` (patch channels last) -> `[C, F*pt, hp*ph, wp*pw]`."""

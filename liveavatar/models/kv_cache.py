@@ -185,9 +185,13 @@ class StepKVCache:
             self._sink_val = (sink.uid, sink.version)
 
     def stream_attend(self, layer: int, plan: StreamWindow, rope: RopeFactors | None, sink: SinkCache,
-                      sink_rope: RopeFactors | None, backend: str = "sdpa", rotate=None):
+                      sink_rope: RopeFactors | None, backend: str = "sdpa", rotate=None,
+                      rows: torch.Tensor | None = None):
         """Self-attention policy of a streaming call for one layer (see the module docstring).
 
+        `rows`: the ring rows the block is written to as a device index tensor `[tokens]` (int64,
+        = `arange(plan.offset, plan.offset + plan.tokens)`), so that a captured CUDA graph serves
+        every ring offset; None writes the slice `plan.offset:` directly.
         `rope=None`: the q and k handed to the policy are already rotated (fused block path).
         `rotate(x, factors, out_dtype)`: the rotation used for the sink keys (default `apply_rope`;
         the compiled path passes a fused one).
@@ -201,8 +205,12 @@ class StepKVCache:
                 q_rot, k_rot = q, k
             else:
                 q_rot, k_rot = apply_rope(q, rope, out_dtype=v.dtype), apply_rope(k, rope, out_dtype=v.dtype)
-            buf[0, :, plan.offset: plan.offset + plan.tokens] = k_rot
-            buf[1, :, plan.offset: plan.offset + plan.tokens] = v
+            if rows is None:
+                buf[0, :, plan.offset: plan.offset + plan.tokens] = k_rot
+                buf[1, :, plan.offset: plan.offset + plan.tokens] = v
+            else:
+                buf[0].index_copy_(1, rows, k_rot.to(buf.dtype))
+                buf[1].index_copy_(1, rows, v.to(buf.dtype))
             if not self.sink_slot:  # reference way: rotate and concatenate every time
                 sink_k = rotate(sink.keys(layer), sink_rope, out_dtype=v.dtype)
                 keys = torch.cat([buf[0, :, : plan.window].to(v.dtype), sink_k], dim=1)

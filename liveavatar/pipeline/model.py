@@ -47,7 +47,7 @@ class LoadOptions:
     device: torch.device
     dtype: torch.dtype
     attn: str = "sdpa"
-    fp8: bool = False
+    fp8: bool | str = False  # True / "row" / "tensor" (see pipeline.speed)
     compile: bool = False
     t5_device: str = "same"  # "same" (run on device, then park on CPU) or "cpu"
 
@@ -70,7 +70,7 @@ class LiveAvatar:
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | Path, *, lora: str | Path | None = None,
                         lora_strength: float = 1.0, device: str | torch.device | None = "auto",
-                        dtype: str | torch.dtype = "bf16", fp8: bool = False, attn: str = "sdpa",
+                        dtype: str | torch.dtype = "bf16", fp8: bool | str = False, attn: str = "sdpa",
                         compile: bool = False, stream: StreamConfig = DEFAULT_STREAM) -> "LiveAvatar":
         """Load the official Wan2.2-S2V-14B folder layout (+ the Live Avatar LoRA)."""
         from liveavatar.loading.official import find_official_checkpoint, load_components
@@ -100,7 +100,7 @@ class LiveAvatar:
                    tokenizer_dir: str | Path | None = None, lora: str | Path | None = None,
                    lora_strength: float = 1.0, config: str | Path | None = None,
                    device: str | torch.device | None = "auto", dtype: str | torch.dtype = "bf16",
-                   fp8: bool = False, attn: str = "sdpa", compile: bool = False,
+                   fp8: bool | str = False, attn: str = "sdpa", compile: bool = False,
                    stream: StreamConfig = DEFAULT_STREAM) -> "LiveAvatar":
         """Load ComfyUI-style single files (layouts detected from the keys and converted)."""
         from liveavatar.loading.official import load_components_from_files

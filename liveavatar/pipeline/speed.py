@@ -11,20 +11,39 @@ log = logging.getLogger("liveavatar")
 from liveavatar.models.attention import BACKENDS as ATTENTION_BACKENDS
 
 
-def apply_speed_options(dit, *, attn: str = "sdpa", fp8: bool = False, compile: bool = False,
-                        device: torch.device | None = None) -> None:
-    """Configure `dit` in place. Raises ValueError naming the option when it cannot apply."""
+# CUDA graphs of the steady-state streaming calls come with `compile` on CUDA unless asked otherwise
+CUDA_GRAPHS_WITH_COMPILE = True
+
+
+def apply_speed_options(dit, *, attn: str = "sdpa", fp8: bool | str = False, compile: bool = False,
+                        device: torch.device | None = None, cuda_graphs: bool | None = None) -> None:
+    """Configure `dit` in place. Raises ValueError naming the option when it cannot apply.
+
+    fp8: False, True (row-wise scales, `fp8.DEFAULT_SCALING`), or the scaling by name:
+        "row" or "tensor" (the reference's per-tensor scales).
+    cuda_graphs: replay repeated streaming calls from CUDA graphs (needs compile on CUDA);
+    None = `CUDA_GRAPHS_WITH_COMPILE` when compiling.
+    """
     if attn not in ATTENTION_BACKENDS:
         raise ValueError(f"attn: {attn!r} is not one of {ATTENTION_BACKENDS}")
     dit.attn_backend = attn
     if fp8:
+        from liveavatar.models.fp8 import DEFAULT_SCALING, SCALINGS
+
+        scaling = DEFAULT_SCALING if fp8 is True else fp8
+        if scaling not in SCALINGS:
+            raise ValueError(f"fp8: {fp8!r} is not True or one of the scalings {SCALINGS}")
         if device is None or device.type != "cuda":
             raise ValueError("fp8: needs a CUDA GPU with fp8 support (sm89+: Ada, Hopper); use dtype bf16 on CPU")
         from liveavatar.models.fp8 import convert_to_fp8
 
-        convert_to_fp8(dit)
+        convert_to_fp8(dit, scaling=scaling)
     if compile:
         if device is None or device.type != "cuda":
             log.warning("compile: ignored on CPU")
         else:
             dit.compile_blocks()
+            if CUDA_GRAPHS_WITH_COMPILE if cuda_graphs is None else cuda_graphs:
+                dit.use_cuda_graphs()
+    elif cuda_graphs:
+        raise ValueError("cuda_graphs: needs compile=True on a CUDA GPU (graphs replay the compiled layers)")

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Run a list of `liveavatar.bench` variants in one device call, each in its own capped process.
+#   bash bench/run_list.sh "name|cap_s|bench args" ...
+# Common args (size, steps, blocks, warmup, seed, peak) come first; "REF" as bench args runs the
+# reference harness (bf16 eager) instead. JSON lines -> $OUT/list.jsonl, then a short table.
+#   LIST_BUDGET_S (default 540), LIST_BLOCKS (6), LIST_WARMUP (6), LIST_PEAK (738)
+set -u
+OUT=${OUT:-/tmp/list_out}; mkdir -p "$OUT"
+J="$OUT/list.jsonl"; : > "$J"
+BUDGET=${LIST_BUDGET_S:-540}; START=$SECONDS
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}
+PY=${PYTHON:-python3}
+COMMON=(--size "${LIST_SIZE:-704*384}" --steps 4 --blocks "${LIST_BLOCKS:-6}" --warmup "${LIST_WARMUP:-6}" --seed 0
+        --peak-tflops "${LIST_PEAK:-738}")
+for spec in "$@"; do
+  IFS='|' read -r name cap args <<< "$spec"
+  rem=$((BUDGET - (SECONDS - START)))
+  if [ "$rem" -lt 40 ]; then echo "SKIP $name (${rem}s left)"; continue; fi
+  [ "$cap" -gt "$rem" ] && cap=$rem
+  read -r -a A <<< "$args"
+  if [ "$args" = REF ]; then
+    CMD=("$PY" bench/ref_harness.py --ref-dir third_party/LiveAvatar "${COMMON[@]}")
+  else
+    CMD=("$PY" -m liveavatar.bench --random-weights "${COMMON[@]}" "${A[@]}")
+  fi
+  echo "[$((SECONDS - START))s] RUN $name cap ${cap}s: ${A[*]}"
+  LIVEAVATAR_BENCH_TIME_LIMIT=$((cap - 25)) timeout -k 10 "$cap" "${CMD[@]}" > "$OUT/$name.out" 2> "$OUT/$name.err"
+  rc=$?
+  line=$(grep '^{' "$OUT/$name.out" | tail -1)
+  [ -z "$line" ] && line="{\"impl\": \"?\", \"error\": \"exit $rc, no JSON\"}"
+  echo "$line" | "$PY" -c "import json,sys; d=json.loads(sys.stdin.read()); d['run']='$name'; d['bench_args']='$args'; print(json.dumps(d))" >> "$J"
+  echo "[$((SECONDS - START))s] END $name rc=$rc"; [ "$rc" -ne 0 ] && tail -5 "$OUT/$name.err"
+done
+"$PY" - "$J" <<'PYEOF'
+import json, sys
+for l in open(sys.argv[1]):
+    d = json.loads(l)
+    v = d.get("vs_saved_latents") or {}
+    print(f"{d.get('run'):20s} fps {d.get('fps') and round(d['fps'], 2)} block_ms {d.get('block_ms') and round(d['block_ms'], 1)} "
+          f"peak {d.get('peak_mem_gb')} compile_s {d.get('compile_s') and round(d['compile_s'], 1)} "
+          f"recomp {d.get('recompiles')}/{d.get('recompiles_timed')} graphs {d.get('graph_captures')}/{d.get('graph_replays')} "
+          f"psnr {v.get('psnr_db')} all {[round(x) for x in d.get('block_ms_all') or []]} err {str(d.get('error'))[:300]}")
+PYEOF
