@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="warm-up blocks (default: one clip)")
     p.add_argument("--fp8", action="store_true")
     p.add_argument("--fp8-scaling", default=None, choices=("row", "tensor"),
-                   help="with --fp8: activation/weight scales (default: the library's, row)")
+                   help="with --fp8: activation/weight scales (default: the library's, tensor)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None,
                    help="with --compile: replay steady-state calls from CUDA graphs (default: the library's)")
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true", help="end_to_end: also encode an mp4 (needs PyAV)")
     p.add_argument("--overlap", action="store_true",
                    help="end_to_end: overlap each block's decode with the next DiT block (CUDA only)")
+    p.add_argument("--no-compile-vae", action="store_true",
+                   help="end_to_end with --compile: keep the VAE decoder eager (default: compiled, as the pipeline)")
     p.add_argument("--no-overlap", action="store_true",
                    help="end_to_end: serial decode after each block's DiT (forced; default: the library's)")
     p.add_argument("--ref", default=None, metavar="DIR", help="time the reference DiT from this local copy too")
@@ -233,7 +235,9 @@ def bench(args) -> dict:
         "impl": "ours",
         "device": benchlib.device_name(device), "torch": torch.__version__, "num_gpus": benchlib.num_gpus(),
         "schedule": "single", "size": f"{run.width}*{run.height}", "steps": args.steps,
-        "fp8": args.fp8, "fp8_scaling": opt["fp8_scaling"], "compile": args.compile, "attn": args.attn,
+        "fp8": args.fp8, "fp8_scaling": opt["fp8_scaling"], "compile": args.compile,
+        "compile_vae": args.scope == "end_to_end" and args.compile and device.type == "cuda" and not args.no_compile_vae,
+        "attn": args.attn,
         "scope": args.scope,
         "fps": s.frames_per_block / (blk / 1000.0),
         "ttff_s": res.get("ttff_s"), "block_ms": blk,

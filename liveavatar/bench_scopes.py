@@ -160,6 +160,8 @@ def run_end_to_end(args, cfg, dit, device, dtype, run: _Run) -> dict:
 
     s = run.stream
     vae = build_random_vae(device, dtype, args.seed, args.tiny)
+    if args.compile and device.type == "cuda" and not getattr(args, "no_compile_vae", False):
+        vae.compile_decoder()  # as LiveAvatar's loaders do with compile=True
     model = LiveAvatar(dit, vae, None, None, LoadOptions(device=device, dtype=dtype, attn=args.attn,
                                                          fp8=args.fp8, compile=args.compile))
     image = ImageConditioning(pixels=torch.zeros(1, 3, 1, run.height, run.width), width=run.width, height=run.height)

@@ -53,9 +53,9 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="with --gpus: tpp (each GPU owns a group of denoising steps; a 5th GPU decodes), single, or auto")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--fp8", action="store_true", help="fp8 linears in the DiT (Hopper/Ada GPUs)")
-    p.add_argument("--fp8-scaling", choices=("row", "tensor"), default="row",
-                   help="with --fp8: row (per token / output channel scales, default, faster) or tensor "
-                        "(one scale per tensor, the reference's scheme)")
+    p.add_argument("--fp8-scaling", choices=("tensor", "row"), default="tensor",
+                   help="with --fp8: tensor (one scale per tensor, the reference's scheme, default) or row "
+                        "(one scale per token and per output channel: robust to outlier tokens)")
     p.add_argument("--attn", default="sdpa", help="attention backend: sdpa, flash, cudnn, efficient, math")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
     p.add_argument("--out", default=None if req else str(REPO / "output" / "demo.mp4"), required=req,

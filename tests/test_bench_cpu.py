@@ -223,7 +223,7 @@ def test_fp8_linear_matches_dequantised_product(emulate, scaling):
 
 def test_row_scales_confine_an_outlier_token():
     """One token 1e5x larger than the rest: per-tensor scaling pushes the others into e4m3 subnormals,
-    row-wise scaling keeps them (this is why "row" is the default)."""
+    row-wise scaling keeps them (what `--fp8-scaling row` is for)."""
     lin = _linear(64, 32)
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
     x[3] *= 1e5

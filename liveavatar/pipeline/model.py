@@ -121,6 +121,8 @@ class LiveAvatar:
 
         apply_speed_options(self.dit, attn=self.opts.attn, fp8=self.opts.fp8,
                             compile=self.opts.compile, device=self.opts.device)
+        if self.opts.compile and self.opts.device.type == "cuda" and self.vae is not None:
+            self.vae.compile_decoder()
 
     # ------------------------------------------------------------------ encoders
     @property

@@ -19,8 +19,8 @@ def apply_speed_options(dit, *, attn: str = "sdpa", fp8: bool | str = False, com
                         device: torch.device | None = None, cuda_graphs: bool | None = None) -> None:
     """Configure `dit` in place. Raises ValueError naming the option when it cannot apply.
 
-    fp8: False, True (row-wise scales, `fp8.DEFAULT_SCALING`), or the scaling by name:
-        "row" or "tensor" (the reference's per-tensor scales).
+    fp8: False, True (`fp8.DEFAULT_SCALING`: per-tensor, the reference's), or the scaling by
+        name: "tensor" or "row" (per token / per output channel).
     cuda_graphs: replay repeated streaming calls from CUDA graphs (needs compile on CUDA);
     None = `CUDA_GRAPHS_WITH_COMPILE` when compiling.
     """
