@@ -3,6 +3,7 @@
     python -m liveavatar bench --random-weights --size 704*384 --steps 4 --blocks 8 \
         [--fp8] [--compile] [--attn sdpa] [--scope dit|end_to_end [--overlap|--no-overlap]] [--ref third_party/LiveAvatar]
     python -m liveavatar bench --random-weights --tiny --device cpu      # CPU plumbing check
+    python -m liveavatar bench --random-weights --gpus 5 [--gpu-mode tpp] [--fp8] [--compile]   # worker group
 
 Prints ONE JSON line (keys: `benchlib.RESULT_KEYS` and more). Method:
 - The DiT is built on the meta device and every weight is created directly on the GPU from a
@@ -24,6 +25,10 @@ Prints ONE JSON line (keys: `benchlib.RESULT_KEYS` and more). Method:
 - `--ref DIR` runs bench/ref_harness.py (the reference DiT, same weights/size/steps, fp8 and
   compile as ours unless `--ref-mode bf16`) in a subprocess after ours and adds ref_fps and
   ratio_vs_reference = fps / ref_fps. `--ref-json FILE` reads a stored harness line instead.
+- `--gpus N` (N > 1) or `--devices 0,1,..|cpu,cpu,..`: a worker group (parallel/bench.py): every
+  rank builds the same random weights, the TPP schedule runs as in generation (K = min(N, steps)
+  DiT ranks, a spare device decodes), timed end to end by the arrival of decoded blocks here;
+  peak_mem_gb per rank, per-rank compute / wait shares in `rank_stats`.
 """
 
 from __future__ import annotations
@@ -67,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="default bf16 (fp32 on CPU)")
     p.add_argument("--scope", default="dit", choices=("dit", "end_to_end"))
-    p.add_argument("--gpus", type=int, default=1, help="GPUs (only 1 is benchmarked so far)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="GPUs: > 1 benchmarks a worker group (parallel/bench.py; TPP by default)")
+    p.add_argument("--devices", default=None,
+                   help="worker-group devices instead of --gpus, e.g. 0,1,2 or cpu,cpu,cpu (gloo, tests)")
+    p.add_argument("--gpu-mode", default=None, choices=("tpp", "single"),
+                   help="worker-group schedule (default: tpp for 2+ devices; a 5th device decodes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny DiT config and size (CPU tests)")
     p.add_argument("--write", action="store_true", help="end_to_end: also encode an mp4 (needs PyAV)")
@@ -204,8 +214,13 @@ def bench(args) -> dict:
     """Run the benchmark described by `args`; returns the result dict (JSON-ready)."""
     if not args.random_weights:
         raise BenchUsageError("--random-weights: the benchmark runs on full-size random weights; add --random-weights")
-    if args.gpus != 1:
-        raise BenchUsageError("--gpus: only single-GPU benchmarking is implemented (use --gpus 1)")
+    if args.gpus != 1 or args.devices:
+        if args.ref or args.ref_json or args.save_latents or args.compare_latents:
+            raise BenchUsageError("--gpus/--devices: the worker-group bench times end to end only "
+                                  "(no --ref, --save-latents, --compare-latents)")
+        from parallel.bench import run_group_bench  # the CLI's --gpus does the same (worker groups)
+
+        return run_group_bench(args, getattr(args, "argv", []))
     if args.blocks < 1 or args.steps < 1:
         raise BenchUsageError("--blocks and --steps must be >= 1")
     device, dtype = resolve(args)
@@ -323,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--"]:  # `python -m liveavatar bench -- --flags` (argparse REMAINDER quirk)
         argv = argv[1:]
     args = build_parser().parse_args(argv)
+    args.argv = argv  # a worker-group bench hands the same command line to every rank
     try:
         result = bench(args)
         code = 0
@@ -348,7 +364,8 @@ def failure_record(args, error: str) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.device in ("auto", "cuda") else "cpu")
     out = {k: None for k in benchlib.RESULT_KEYS}
     out.update(impl="ours", error=error, device=benchlib.device_name(device), torch=torch.__version__,
-               num_gpus=benchlib.num_gpus(), schedule="single", size=args.size, steps=args.steps, fp8=args.fp8,
+               num_gpus=benchlib.num_gpus(), schedule="tpp" if (args.gpus > 1 or args.devices) else "single",
+               size=args.size, steps=args.steps, fp8=args.fp8,
                compile=args.compile, attn=args.attn, scope=args.scope,
                peak_mem_gb=[benchlib.peak_mem_gib(device)], tiny=args.tiny)
     return benchlib.rounded(out)

@@ -41,7 +41,9 @@ class ImageRef:
     height: int
 
 
-def _schedule(mode: str, devices: list[str], steps: int, need: Any) -> Any:
+def schedule_for(mode: str, devices: list[str], steps: int, need: Any) -> Any:
+    """The Schedule for a user's gpu mode: auto (memory-driven), single, or tpp (K = min(devices,
+    steps) DiT ranks, plus a decode rank when a device is left over)."""
     from parallel.schedule import make_schedule, visible_devices
 
     if mode in ("auto", ""):
@@ -90,7 +92,7 @@ class GroupModel:
                                    fp8=bool(self.engine_config.get("fp8")))
         except Exception as exc:  # the estimate only guides 'auto'; never block a job on it
             log.debug("memory estimate unavailable: %s", exc)
-        sched = _schedule(self.mode, self.devices, steps, need)
+        sched = schedule_for(self.mode, self.devices, steps, need)
         log.info("worker group schedule: %s", getattr(sched, "reason", sched))
         return GroupConfig(schedule=sched, engine="parallel.engine:LiveAvatarEngine",
                            engine_config=self.engine_config, **self.overrides)

@@ -236,6 +236,8 @@ class Worker:
         finally:
             engine.end_job()
         complete = stats.blocks == plan.num_blocks
+        if torch.device(self.device).type == "cuda":  # since the process started: weights included
+            stats.extra["peak_mem_gib"] = torch.cuda.max_memory_allocated(torch.device(self.device)) / 2**30
         self.chan.send(("done", job_id, self.rank, complete, stats.as_dict()))
 
     def serve(self) -> None:

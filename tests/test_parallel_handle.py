@@ -12,18 +12,18 @@ from liveavatar.loading.tiny import make_tiny_checkpoint
 from liveavatar.media.audio import audio_from_waveform
 from liveavatar.pipeline import LiveAvatar
 from parallel import open_worker_group
-from parallel.handle import GroupModel, _schedule
+from parallel.handle import GroupModel, schedule_for
 
 
 def test_schedule_choices():
-    s = _schedule("tpp", ["cuda:0", "cuda:1"], 4, None)
+    s = schedule_for("tpp", ["cuda:0", "cuda:1"], 4, None)
     assert s.num_dit_ranks == 2
-    s = _schedule("tpp", [f"cuda:{i}" for i in range(5)], 4, None)
+    s = schedule_for("tpp", [f"cuda:{i}" for i in range(5)], 4, None)
     assert s.num_dit_ranks == 4 and s.world_size == 5  # 4 DiT ranks + the decode rank
     with pytest.raises(ValueError, match="devices"):
-        _schedule("tpp", ["cuda:0"], 4, None)
+        schedule_for("tpp", ["cuda:0"], 4, None)
     with pytest.raises(ValueError, match="mode"):
-        _schedule("ring", ["cuda:0"], 4, None)
+        schedule_for("ring", ["cuda:0"], 4, None)
 
 
 def test_two_rank_group_matches_in_process(tmp_path):
