@@ -67,6 +67,19 @@ def _validate_placement(devices: str | None, gpu_mode: str | None, node: str) ->
     return True
 
 
+EMBEDDED_TOKENIZER = "from the umT5 file"
+
+
+def has_embedded_tokenizer(t5_path: str) -> bool:
+    """Whether a umT5 safetensors file carries its SentencePiece model (`spiece_model`); header only."""
+    from liveavatar.loading.safetensors_io import open_tensor_source
+
+    try:
+        return "spiece_model" in open_tensor_source(t5_path).keys()
+    except Exception:  # not a safetensors file we can read: the loader will say why
+        return False
+
+
 def _open(kind: str, paths: dict[str, str], lora: str | None, lora_strength: float, precision: str,
           attention: str, devices: str, gpu_mode: str, compile: bool, node: str) -> io.NodeOutput:
     dtype, fp8 = precision_options(precision, node)
@@ -157,9 +170,11 @@ class LiveAvatarModelLoaderFiles(io.ComfyNode):
                 io.Combo.Input("wav2vec", options=mf.files("audio_encoders"),
                                tooltip="wav2vec2 large English from models/audio_encoders "
                                        "(wav2vec2_large_english_fp16.safetensors)."),
-                io.Combo.Input("tokenizer", options=[mf.AUTO] + mf.tokenizer_folders(), default=mf.AUTO,
-                               tooltip="umT5 tokenizer folder (google/umt5-xxl, e.g. inside the official "
-                                       "checkpoint folder in models/liveavatar). auto: the first one found."),
+                io.Combo.Input("tokenizer", options=[mf.AUTO, EMBEDDED_TOKENIZER] + mf.tokenizer_folders(),
+                               default=mf.AUTO,
+                               tooltip="umT5 tokenizer: a google/umt5-xxl folder (e.g. inside the official "
+                                       "checkpoint folder in models/liveavatar), or the one ComfyUI's umT5 "
+                                       "files carry inside. auto: the first folder found, else the file's own."),
                 io.Combo.Input("lora", options=[mf.NONE] + mf.files("loras"), default=mf.NONE,
                                tooltip="Live Avatar LoRA (liveavatar.safetensors) from models/loras; "
                                        "none for the base model."),
@@ -184,15 +199,18 @@ class LiveAvatarModelLoaderFiles(io.ComfyNode):
             paths[name] = path
         if tokenizer == mf.AUTO:
             found = mf.tokenizer_folders()
-            if not found:
-                raise LiveAvatarInputError(cls.NAME, "tokenizer", "no umT5 tokenizer folder found; put "
-                                           "google/umt5-xxl (tokenizer_config.json, spiece.model) under "
-                                           "models/liveavatar or models/text_encoders")
-            tokenizer = found[0]
-        tok_path = mf.tokenizer_path(tokenizer)
-        if tok_path is None:
-            raise LiveAvatarInputError(cls.NAME, "tokenizer", f"{tokenizer!r} is not a tokenizer folder")
-        paths["tokenizer_dir"] = tok_path
+            tokenizer = found[0] if found else EMBEDDED_TOKENIZER
+        if tokenizer == EMBEDDED_TOKENIZER:
+            if not has_embedded_tokenizer(paths["t5"]):
+                raise LiveAvatarInputError(cls.NAME, "tokenizer", f"{t5!r} carries no tokenizer (spiece_model) and no "
+                                           "umT5 tokenizer folder was found; put google/umt5-xxl "
+                                           "(tokenizer_config.json, spiece.model) under models/liveavatar or "
+                                           "models/text_encoders, or use ComfyUI's umT5 file")
+        else:
+            tok_path = mf.tokenizer_path(tokenizer)
+            if tok_path is None:
+                raise LiveAvatarInputError(cls.NAME, "tokenizer", f"{tokenizer!r} is not a tokenizer folder")
+            paths["tokenizer_dir"] = tok_path
         lora_path = None
         if lora != mf.NONE:
             lora_path = mf.file_path("loras", lora)
@@ -202,4 +220,5 @@ class LiveAvatarModelLoaderFiles(io.ComfyNode):
                      compile, cls.NAME)
 
 
-__all__ = ["LiveAvatarModelLoader", "LiveAvatarModelLoaderFiles", "attention_backends"]
+__all__ = ["LiveAvatarModelLoader", "LiveAvatarModelLoaderFiles", "attention_backends", "EMBEDDED_TOKENIZER",
+           "has_embedded_tokenizer"]

@@ -432,27 +432,76 @@ def test_key_functions_and_layout_names():
     assert detect_layout({"foo": torch.zeros(1)}) == "unknown"
 
 
+def _tiny_spiece_model() -> bytes:
+    """A small SentencePiece model trained here (T5 ids: pad 0, eos 1, unk 2)."""
+    import io
+
+    import sentencepiece as spm
+
+    corpus = ["a woman talks to the camera in a bright studio", "the man is smiling and speaking slowly",
+              "news reporter in front of a blue background", "close up portrait, soft warm light!"] * 50
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=40, pad_id=0,
+                                   eos_id=1, unk_id=2, bos_id=-1, model_type="unigram", minloglevel=2)
+    return buf.getvalue()
+
+
+def test_sentencepiece_tokenizer_pads_truncates_keeps_eos():
+    import sentencepiece as spm
+
+    from liveavatar.models.text_encoder import SentencePieceTokenizer, tokenize
+
+    blob = _tiny_spiece_model()
+    tok, sp = SentencePieceTokenizer(blob), spm.SentencePieceProcessor(model_proto=blob)
+    ids, mask = tokenize(tok, "  A woman   talks &amp; smiles ", 64)
+    want = sp.encode("A woman talks & smiles") + [1]  # cleaned as the reference cleans
+    assert len(want) < 64 and ids[0, :len(want)].tolist() == want and ids[0, len(want):].eq(0).all()
+    assert mask[0].tolist() == [1] * len(want) + [0] * (64 - len(want))
+    ids, mask = tokenize(tok, "news reporter " * 20, 8)  # truncated: 7 pieces + EOS
+    assert ids[0].tolist() == sp.encode(("news reporter " * 20).strip())[:7] + [1] and mask.all()
+
+
 @needs_dit
-def test_load_components_from_comfy_files(tiny, tmp_path):
+@pytest.mark.parametrize("tokenizer", ["folder", "embedded", "missing"])
+def test_load_components_from_comfy_files(tiny, tmp_path, tokenizer):
+    """ComfyUI-style single files. The umT5 file may carry its tokenizer (`spiece_model`, as
+    ComfyUI's do): then no tokenizer folder is needed; without either, the error says so."""
     from liveavatar.loading.official import load_components_from_files
-    from liveavatar.models.text_encoder import convert_t5_state_dict
+    from liveavatar.models.text_encoder import SentencePieceTokenizer, convert_t5_state_dict
 
     official = open_tensor_source(tiny)
     save_file({"model.diffusion_model." + k: official.get(k) for k in official.keys()}, str(tmp_path / "dit.safetensors"))
     t5 = convert_t5_state_dict(dict(load_pth_state_dict(tiny / OFFICIAL_FILES.t5)))
     t5.pop("encoder.embed_tokens.weight", None)
+    blob = _tiny_spiece_model()
+    if tokenizer == "embedded":
+        t5["spiece_model"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     save_file({k: v.contiguous() for k, v in t5.items()}, str(tmp_path / "t5.safetensors"))
-    parts = load_components_from_files(
-        dit=tmp_path / "dit.safetensors", t5=tmp_path / "t5.safetensors", vae=tiny / OFFICIAL_FILES.vae,
-        wav2vec=tiny / OFFICIAL_FILES.wav2vec_dir, tokenizer_dir=tiny / OFFICIAL_FILES.tokenizer_dir,
-        lora=tiny / OFFICIAL_FILES.lora, config=tiny / OFFICIAL_FILES.config, device="cpu", dtype=torch.float32)
+    kwargs = dict(dit=tmp_path / "dit.safetensors", t5=tmp_path / "t5.safetensors", vae=tiny / OFFICIAL_FILES.vae,
+                  wav2vec=tiny / OFFICIAL_FILES.wav2vec_dir, lora=tiny / OFFICIAL_FILES.lora,
+                  config=tiny / OFFICIAL_FILES.config, device="cpu", dtype=torch.float32,
+                  tokenizer_dir=tiny / OFFICIAL_FILES.tokenizer_dir if tokenizer == "folder" else None)
+    if tokenizer == "missing":
+        with pytest.raises(CheckpointError, match="no embedded tokenizer.*tokenizer_dir"):
+            load_components_from_files(**kwargs)
+        return
+    parts = load_components_from_files(**kwargs)
+    text = parts["text_encoder"]
+    if tokenizer == "embedded":
+        import sentencepiece as spm
+
+        assert isinstance(text.tokenizer, SentencePieceTokenizer)
+        ids = spm.SentencePieceProcessor(model_proto=blob).encode("a woman talks") + [1]
+        ids_t = torch.tensor([ids + [0] * (text.cfg.text_len - len(ids))])
+        mask = (torch.arange(text.cfg.text_len) < len(ids)).long()[None]
+        assert torch.equal(text.encode("a woman talks"), text.encode_ids(ids_t, mask))
+        return
     from liveavatar.loading.official import load_dit
 
     ref = load_dit(find_official_checkpoint(tiny), "cpu", torch.float32)
     got = parts["dit"].state_dict()
     for key, value in ref.state_dict().items():
         assert torch.equal(got[key], value), key
-
 
 
 def test_infer_14b_config_from_shapes_alone(fixtures_dir):

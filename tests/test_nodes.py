@@ -221,3 +221,27 @@ def test_sampler_rejects_wrong_sockets(env, model, conditioning):
         run(env["nodes"]["LiveAvatarSampler"],
             model=model, text=conditioning["text"], audio=conditioning["audio"].args[0],
             reference=torch.zeros(1, 64, 64, 3), seed=0, steps=4, num_clip=0)
+
+
+def test_files_loader_tokenizer_from_the_umt5_file(env, tmp_path):
+    """A umT5 file without the embedded SentencePiece model and no tokenizer folder: the error names
+    the `tokenizer` input before anything is loaded; with `spiece_model` inside, the check passes."""
+    from safetensors.torch import save_file
+
+    loader, errors = env["nodes"]["LiveAvatarModelLoaderFiles"], pack_submodule("nodes.errors")
+    names = {}
+    for folder in ("diffusion_models", "text_encoders", "vae", "audio_encoders"):
+        (tmp_path / folder).mkdir()
+        names[folder] = f"la_test_{folder}.safetensors"
+        save_file({"x": torch.zeros(1)}, str(tmp_path / folder / names[folder]))
+        env["fp"].add_model_folder_path(folder, str(tmp_path / folder))
+    kw = dict(dit=names["diffusion_models"], t5=names["text_encoders"], vae=names["vae"],
+              wav2vec=names["audio_encoders"], tokenizer=pack_submodule("nodes.loader").EMBEDDED_TOKENIZER,
+              lora="none", lora_strength=1.0, precision="fp32", attention="sdpa", devices="cpu",
+              gpu_mode="single", compile=False)
+    with pytest.raises(errors.LiveAvatarInputError, match="'tokenizer'.*spiece_model"):
+        run(loader, **kw)
+    has = pack_submodule("nodes.loader").has_embedded_tokenizer
+    assert not has(str(tmp_path / "text_encoders" / names["text_encoders"]))
+    save_file({"spiece_model": torch.zeros(4, dtype=torch.uint8)}, str(tmp_path / "with_tok.safetensors"))
+    assert has(str(tmp_path / "with_tok.safetensors"))

@@ -119,6 +119,13 @@ _T5_LAYER1 = {
 }
 
 
+def embedded_tokenizer_blob(source: TensorSource) -> torch.Tensor | None:
+    """The SentencePiece model a ComfyUI umT5 file carries as `spiece_model` (uint8), or None.
+    `source`: the file's source as opened, or its renamed view from `open_single_file`."""
+    base = getattr(source, "base", source)
+    return base.get("spiece_model") if "spiece_model" in base.keys() else None
+
+
 def comfy_t5_to_official(key: str) -> str | None:
     """ComfyUI / HF umT5 encoder key -> official Wan T5 name.
 

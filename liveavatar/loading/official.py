@@ -265,7 +265,8 @@ def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Pa
     Layouts are detected from the keys (see `comfy_layout`). `config`: a DiT config.json; without
     it the DiT config is inferred from the shapes (`dit_overrides` for what shapes cannot tell).
     `wav2vec` may be an HF folder or a single safetensors file. `tokenizer_dir` is the umT5
-    tokenizer folder (google/umt5-xxl).
+    tokenizer folder (google/umt5-xxl); None uses the SentencePiece model embedded in the umT5
+    file (`spiece_model`, as ComfyUI's umT5 files carry it).
     """
     from ..models.text_encoder import TextEncoder
     from ..models.vae import WanVAE
@@ -288,8 +289,16 @@ def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Pa
         w2v_cfg, w2v_pre = wav2vec2_config_from_keys(w2v_src)
     check_consistency(cfg, t5_cfg.dim, w2v_cfg.get("hidden_size"), int(w2v_cfg.get("num_hidden_layers", 0)) + 1,
                       str(_absolute(dit)))
+    embedded = None
     if tokenizer_dir is None:
-        raise CheckpointError(f"{_absolute(t5)}: pass tokenizer_dir (the google/umt5-xxl tokenizer folder)")
+        from ..models.text_encoder import tokenizer_from_spiece_tensor
+        from .comfy_layout import embedded_tokenizer_blob
+
+        blob = embedded_tokenizer_blob(t5_src)
+        if blob is None:
+            raise CheckpointError(f"{_absolute(t5)}: this umT5 file has no embedded tokenizer (spiece_model); "
+                                  "pass tokenizer_dir (the google/umt5-xxl tokenizer folder)")
+        embedded = tokenizer_from_spiece_tensor(blob)
 
     if w2v_src is None:
         audio = AudioFeatureExtractor.from_pretrained(w2v_path, device=device, dtype=dtype)
@@ -297,7 +306,9 @@ def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Pa
         w2v_sd = {k: w2v_src.get(k) for k in w2v_src.keys()}
         audio = AudioFeatureExtractor.from_state_dict(w2v_sd, w2v_cfg, w2v_pre, device=device, dtype=dtype)
     t5_sd = {k: t5_src.get(k, device="cpu", dtype=dtype) for k in t5_src.keys()}  # parked on the CPU
-    text = TextEncoder.from_official_state_dict(t5_sd, t5_cfg, _absolute(tokenizer_dir), device="cpu", dtype=dtype)
+    text = TextEncoder.from_official_state_dict(
+        t5_sd, t5_cfg, None if embedded is not None else _absolute(tokenizer_dir), device="cpu", dtype=dtype,
+        tokenizer=embedded)
     del t5_sd
     vae_src, _ = open_single_file(_absolute(vae), "vae")
     vae_sd = {k: vae_src.get(k) for k in vae_src.keys()}

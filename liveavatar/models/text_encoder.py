@@ -169,6 +169,42 @@ def load_tokenizer(tokenizer_dir: str | Path):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
 
 
+class SentencePieceTokenizer:
+    """The umT5 SentencePiece model as a callable with the slice of the transformers tokenizer
+    interface `tokenize` uses (ids + EOS, right padding with id 0, truncation keeping the EOS).
+
+    ComfyUI's umT5 files carry this model as a uint8 tensor `spiece_model` (ComfyUI tokenises
+    with it too), so a ComfyUI user needs no separate google/umt5-xxl tokenizer folder.
+    """
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else 1
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
+
+    def __call__(self, texts, padding: str = "max_length", truncation: bool = True, max_length: int = 512,
+                 add_special_tokens: bool = True, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        if padding != "max_length" or return_tensors != "pt":
+            raise ValueError("SentencePieceTokenizer: only padding='max_length', return_tensors='pt'")
+        rows, masks = [], []
+        for text in ([texts] if isinstance(texts, str) else texts):
+            ids = list(self.sp.encode(text))
+            if truncation:
+                ids = ids[: max_length - int(add_special_tokens)]
+            ids += [self.eos_id] if add_special_tokens else []
+            n = len(ids)
+            rows.append(ids + [self.pad_id] * (max_length - n))
+            masks.append([1] * n + [0] * (max_length - n))
+        return {"input_ids": torch.tensor(rows, dtype=torch.long), "attention_mask": torch.tensor(masks, dtype=torch.long)}
+
+
+def tokenizer_from_spiece_tensor(blob: torch.Tensor) -> SentencePieceTokenizer:
+    """A tokenizer from the `spiece_model` tensor of a ComfyUI umT5 file (uint8 bytes)."""
+    return SentencePieceTokenizer(blob.detach().cpu().to(torch.uint8).numpy().tobytes())
+
+
 _TINY_WORDS = (
     "a an the and or of in on at to with for from by is are was be being this that it its as "
     "man woman person girl boy he she they his her their face head eyes mouth lips smile hair "
@@ -250,9 +286,11 @@ class TextEncoder:
         device="cpu",
         dtype=torch.float32,
         attn_implementation: str = "eager",
+        tokenizer=None,
     ) -> "TextEncoder":
         """Build from official-name weights; strict names and shapes. `attn_implementation`
-        "eager" reproduces the reference exactly, "sdpa" to ~2e-6 in fp32."""
+        "eager" reproduces the reference exactly, "sdpa" to ~2e-6 in fp32. The tokenizer comes
+        from `tokenizer_dir`, or is given ready (`tokenizer`, e.g. `tokenizer_from_spiece_tensor`)."""
         from transformers import UMT5EncoderModel
 
         converted = convert_t5_state_dict(sd)
@@ -286,7 +324,8 @@ class TextEncoder:
             tensors[k] = cast[id(v)]
         model.load_state_dict(tensors, strict=True, assign=True)
         model.encoder.embed_tokens = model.shared
-        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+        if tokenizer is None and tokenizer_dir is not None:
+            tokenizer = load_tokenizer(tokenizer_dir)
         return cls(model, cfg, tokenizer=tokenizer, device=device, dtype=dtype)
 
     @classmethod
@@ -328,5 +367,6 @@ class TextEncoder:
 
 __all__ = [
     "T5KeyError", "convert_t5_state_dict", "load_official_t5_file", "umt5_config", "clean_prompt",
-    "load_tokenizer", "make_tiny_tokenizer", "tokenize", "TextEncoder",
+    "load_tokenizer", "make_tiny_tokenizer", "tokenize", "TextEncoder", "SentencePieceTokenizer",
+    "tokenizer_from_spiece_tensor",
 ]
