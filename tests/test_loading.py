@@ -532,3 +532,38 @@ def test_wav2vec2_large_xlsr_config_from_shapes():
     for key, value in real.items():
         assert config[key] == value, key
     assert pre["do_normalize"] and pre["sampling_rate"] == 16000
+
+
+@needs_dit
+@pytest.mark.parametrize("scaling", ["tensor", "row"])
+def test_fp8_while_loading_equals_convert_after(tiny, scaling):
+    """fp8 linears made layer by layer during the load (LoRA merged first) hold exactly what
+    loading bf16, merging the LoRA and converting afterwards gives; the excluded layers stay bf16."""
+    from liveavatar.loading.official import build_dit_from_source, load_dit
+    from liveavatar.models.fp8 import FP8Linear, convert_to_fp8
+
+    ckpt = find_official_checkpoint(tiny)
+    after = load_dit(ckpt, "cpu", torch.bfloat16)
+    convert_to_fp8(after, allow_cpu=True, scaling=scaling)
+    during = build_dit_from_source(ckpt.dit, ckpt.config, "cpu", torch.bfloat16, ckpt.lora_path, 1.0,
+                                   fp8=scaling, fp8_allow_cpu=True)
+    a, b = after.state_dict(), during.state_dict()
+    assert sorted(a) == sorted(b)
+    for key in a:
+        x, y = a[key], b[key]
+        if x.dtype == torch.float8_e4m3fn:
+            x, y = x.view(torch.uint8), y.view(torch.uint8)
+        assert x.dtype == y.dtype and torch.equal(x, y), key
+    kinds = {n: type(m).__name__ for n, m in during.named_modules() if isinstance(m, (nn.Linear, FP8Linear))}
+    assert kinds == {n: type(m).__name__ for n, m in after.named_modules() if isinstance(m, (nn.Linear, FP8Linear))}
+    assert kinds["blocks.0.self_attn.q"] == "FP8Linear" and kinds["head.head"] == "Linear"
+    assert during.blocks[0].self_attn.q.scaling == scaling
+
+
+def test_fp8_on_cpu_is_refused_before_reading_files(tmp_path):
+    from liveavatar.pipeline.model import LiveAvatar
+
+    with pytest.raises(ValueError, match="fp8: needs a CUDA GPU"):
+        LiveAvatar.from_checkpoint(tmp_path / "no-such-folder", device="cpu", fp8=True)
+    with pytest.raises(ValueError, match="fp8: 'block'"):
+        LiveAvatar.from_checkpoint(tmp_path / "no-such-folder", device="cpu", fp8="block")

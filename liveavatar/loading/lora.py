@@ -106,7 +106,65 @@ def _metadata_alpha(source: TensorSource) -> float | None:
     return None
 
 
-def merge_lora(
+class LoraPlan:
+    """A LoRA file resolved against a model's Linear layers (see `plan_lora`): which file keys go
+    to which layer, at which scale. `apply(name, linear)` merges one layer; `finish()` logs what
+    was left over and returns the report. The model may still be on the meta device while
+    planning (only shapes are read), so layers can be merged one by one as they are loaded."""
+
+    def __init__(self, source: TensorSource, usable: dict[str, dict[str, str]], scales: dict[str, float],
+                 report: MergeReport, targets: set[str]):
+        self.source = source
+        self.layers = usable
+        self.scales = scales
+        self.report = report
+        self._targets = targets
+        self._done: set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.layers
+
+    @torch.no_grad()
+    def apply(self, name: str, linear: nn.Module) -> None:
+        """weight += scale * B @ A for layer `name` (float32 product, one rounding to the weight dtype)."""
+        if name in self._done:
+            raise RuntimeError(f"LoRA: layer {name} merged twice")
+        weight = linear.weight
+        if weight.is_meta:
+            raise CheckpointError(f"{self.source.describe()}: {name}: weight is on the meta device "
+                                  "(load the base weights first)")
+        kinds, scale = self.layers[name], self.scales[name]
+        if scale != 0.0:
+            a = self.source.get(kinds["A"], device=weight.device, dtype=torch.float32)
+            b = self.source.get(kinds["B"], device=weight.device, dtype=torch.float32)
+            delta = b @ a
+            delta.mul_(scale)
+            weight.add_(delta)  # computed in float32, rounded once to the weight dtype
+            del a, b, delta
+        self._done.add(name)
+        self.report.matched += 1
+        if name not in self._targets:
+            self.report.extra_layers.append(name)
+
+    def finish(self) -> MergeReport:
+        """The report (warnings logged for unused keys, targets without LoRA, non-target layers)."""
+        report, source = self.report, self.source
+        left = sorted(set(self.layers) - self._done)
+        if left:
+            raise CheckpointError(f"{source.describe()}: LoRA layers never merged: {format_keys(left)}")
+        if report.unmatched_keys or report.missing_targets:
+            log.warning(
+                "%s: LoRA merged into %d layers (%d targets); %d keys unused %s; %d targets without LoRA %s",
+                source.describe(), report.matched, report.targets, len(report.unmatched_keys),
+                format_keys(report.unmatched_keys), len(report.missing_targets), format_keys(report.missing_targets),
+            )
+        if report.extra_layers:
+            log.warning("%s: LoRA also merged into %d non-target layers %s", source.describe(),
+                        len(report.extra_layers), format_keys(report.extra_layers))
+        return report
+
+
+def plan_lora(
     model: nn.Module,
     lora_source: TensorSource | Mapping[str, torch.Tensor] | str | Path,
     *,
@@ -114,20 +172,10 @@ def merge_lora(
     rank: int | None = None,
     alpha: float | None = None,
     config: LoRAConfig | None = None,
-) -> MergeReport:
-    """Add `strength * alpha / r * B @ A` to the weight of every Linear layer the file names.
-
-    Scale: `alpha` (argument) > the file's per-layer `.alpha` tensors > a `lora_alpha` entry of
-    the safetensors metadata > the config's ratio (`config.alpha / config.rank` = 0.5 for Live
-    Avatar; a file without alpha keeps that ratio whatever its rank). `r` is the rank of the
-    file's matrices unless `rank` is given. `strength=1` reproduces the reference merge;
-    `strength=0` leaves the model unchanged.
-
-    The product is computed in float32 on the weight's device, added, and the sum rounded once to
-    the weight's dtype. Raises `CheckpointError` when no key matches a layer or a LoRA matrix does
-    not fit its layer (checked for every layer before any weight changes); warns when only part
-    of the file or of the targets is used.
-    """
+) -> LoraPlan:
+    """Resolve a LoRA file against `model` (scales as `merge_lora` documents), without touching
+    any weight. Raises `CheckpointError` when no key matches a layer or a LoRA matrix does not fit
+    its layer (every layer is checked first)."""
     config = config or LoRAConfig()
     source = as_source(lora_source)
     linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
@@ -161,7 +209,6 @@ def merge_lora(
             f"'blocks.0.self_attn.q.lora_A.default.weight'). Is this a LoRA for this model?"
         )
 
-    # Check every layer before touching any weight.
     bad: list[str] = []
     for module, kinds in usable.items():
         weight = linears[module].weight
@@ -170,52 +217,62 @@ def merge_lora(
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != in_f or b_shape[0] != out_f \
                 or a_shape[0] != b_shape[1]:
             bad.append(f"{module}: A {list(a_shape)}, B {list(b_shape)} vs weight {list(weight.shape)}")
-        elif weight.is_meta:
-            bad.append(f"{module}: weight is on the meta device (load the base weights first)")
     if bad:
         raise CheckpointError(f"{source.describe()}: LoRA matrices do not fit the model: {format_keys(sorted(bad))}")
 
     file_alpha = _metadata_alpha(source)
     report = MergeReport(matched=0, targets=len(targets))
-    with torch.no_grad():
-        for module, kinds in usable.items():
-            weight = linears[module].weight
-            r_file = source.shape(kinds["A"])[0]
-            r = rank if rank is not None else r_file
-            if alpha is not None:
-                layer_alpha = float(alpha)
-            elif "alpha" in kinds:
-                layer_alpha = float(source.get(kinds["alpha"], dtype=torch.float32).reshape(-1)[0])
-            elif file_alpha is not None:
-                layer_alpha = file_alpha
-            else:
-                layer_alpha = config.alpha / config.rank * r
-            scale = strength * layer_alpha / r
-            if report.matched == 0:
-                report.scale, report.rank = scale, r_file
-            if scale != 0.0:
-                a = source.get(kinds["A"], device=weight.device, dtype=torch.float32)
-                b = source.get(kinds["B"], device=weight.device, dtype=torch.float32)
-                delta = b @ a
-                delta.mul_(scale)
-                weight.add_(delta)  # computed in float32, rounded once to the weight dtype
-                del a, b, delta
-            report.matched += 1
-            if module not in targets:
-                report.extra_layers.append(module)
-
+    scales: dict[str, float] = {}
+    for module, kinds in usable.items():
+        r_file = source.shape(kinds["A"])[0]
+        r = rank if rank is not None else r_file
+        if alpha is not None:
+            layer_alpha = float(alpha)
+        elif "alpha" in kinds:
+            layer_alpha = float(source.get(kinds["alpha"], dtype=torch.float32).reshape(-1)[0])
+        elif file_alpha is not None:
+            layer_alpha = file_alpha
+        else:
+            layer_alpha = config.alpha / config.rank * r
+        scales[module] = strength * layer_alpha / r
+        if len(scales) == 1:
+            report.scale, report.rank = scales[module], r_file
     report.unmatched_keys = sorted(unmatched)
     report.missing_targets = sorted(targets - set(usable))
-    if report.unmatched_keys or report.missing_targets:
-        log.warning(
-            "%s: LoRA merged into %d layers (%d targets); %d keys unused %s; %d targets without LoRA %s",
-            source.describe(), report.matched, report.targets, len(report.unmatched_keys),
-            format_keys(report.unmatched_keys), len(report.missing_targets), format_keys(report.missing_targets),
-        )
-    if report.extra_layers:
-        log.warning("%s: LoRA also merged into %d non-target layers %s", source.describe(),
-                    len(report.extra_layers), format_keys(report.extra_layers))
-    return report
+    return LoraPlan(source, usable, scales, report, targets)
 
 
-__all__ = ["normalize_lora_key", "merge_lora", "MergeReport", "peft_target_names"]
+def merge_lora(
+    model: nn.Module,
+    lora_source: TensorSource | Mapping[str, torch.Tensor] | str | Path,
+    *,
+    strength: float = 1.0,
+    rank: int | None = None,
+    alpha: float | None = None,
+    config: LoRAConfig | None = None,
+) -> MergeReport:
+    """Add `strength * alpha / r * B @ A` to the weight of every Linear layer the file names.
+
+    Scale: `alpha` (argument) > the file's per-layer `.alpha` tensors > a `lora_alpha` entry of
+    the safetensors metadata > the config's ratio (`config.alpha / config.rank` = 0.5 for Live
+    Avatar; a file without alpha keeps that ratio whatever its rank). `r` is the rank of the
+    file's matrices unless `rank` is given. `strength=1` reproduces the reference merge;
+    `strength=0` leaves the model unchanged.
+
+    The product is computed in float32 on the weight's device, added, and the sum rounded once to
+    the weight's dtype. Raises `CheckpointError` when no key matches a layer or a LoRA matrix does
+    not fit its layer (checked for every layer before any weight changes); warns when only part
+    of the file or of the targets is used.
+    """
+    plan = plan_lora(model, lora_source, strength=strength, rank=rank, alpha=alpha, config=config)
+    linears = dict(model.named_modules())
+    meta = sorted(name for name in plan.layers if linears[name].weight.is_meta)
+    if meta:
+        raise CheckpointError(f"{plan.source.describe()}: LoRA matrices do not fit the model: "
+                              f"{format_keys([f'{n}: weight is on the meta device (load the base weights first)' for n in meta])}")
+    for name in plan.layers:
+        plan.apply(name, linears[name])
+    return plan.finish()
+
+
+__all__ = ["normalize_lora_key", "merge_lora", "plan_lora", "LoraPlan", "MergeReport", "peft_target_names"]

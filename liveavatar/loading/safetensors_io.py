@@ -395,6 +395,7 @@ def load_into_module(
     key_map: Callable[[str], str | None] | None = None,
     strict: bool = True,
     keep_fp32: Callable[[str], bool] | None = None,
+    on_assigned: Callable[[str], None] | None = None,
 ) -> None:
     """Fill `module`'s parameters and persistent buffers from `source`, one tensor at a time.
 
@@ -409,6 +410,10 @@ def load_into_module(
 
     A module may define `init_non_persistent_buffers(device)`; it is called afterwards to rebuild
     buffers that are not in the state dict (e.g. RoPE tables), which would otherwise stay meta.
+
+    `on_assigned(name)` is called after each tensor is in place (state-dict order, so a layer's
+    weight and bias arrive together): the caller may transform a finished submodule right away
+    (LoRA merge, fp8 conversion), which keeps the peak memory at the final size plus one layer.
     """
     source = as_source(source)
     device = torch.device(device)
@@ -475,6 +480,8 @@ def load_into_module(
                 continue
             done[id(old)] = new
             _assign(module, name, new)
+            if on_assigned is not None:
+                on_assigned(name)
 
     init = getattr(module, "init_non_persistent_buffers", None)
     if callable(init):

@@ -221,6 +221,25 @@ def _excluded(name: str, exclude: Iterable[str]) -> bool:
     return any(e in name for e in exclude)
 
 
+def fp8_verdict(name: str, linear: nn.Module, exclude: Iterable[str] = REFERENCE_EXCLUDE) -> str:
+    """What `convert_to_fp8` does with Linear `name`: "convert", "excluded" (name matches
+    `exclude`) or "skipped" (in/out features not multiples of 16)."""
+    if _excluded(name, tuple(exclude)):
+        return "excluded"
+    if linear.in_features % 16 or linear.out_features % 16:
+        return "skipped"
+    return "convert"
+
+
+def fp8_emulation_needed(device: torch.device, scaling: str, allow_cpu: bool = False) -> bool:
+    """Whether fp8 linears on `device` must use the float32 emulation (CPU builds without
+    `_scaled_mm`, tests); raises FP8Unsupported where fp8 cannot run at all."""
+    if device.type == "cpu" and allow_cpu:
+        return not _cpu_scaled_mm_works(scaling)
+    check_fp8_support(device)
+    return False
+
+
 @torch.no_grad()
 def convert_to_fp8(model: nn.Module, exclude: Iterable[str] = REFERENCE_EXCLUDE, *,
                    allow_cpu: bool = False, emulate: bool | None = None, scaling: str = DEFAULT_SCALING) -> dict:
@@ -242,11 +261,8 @@ def convert_to_fp8(model: nn.Module, exclude: Iterable[str] = REFERENCE_EXCLUDE,
         return {"converted": 0, "excluded": [], "skipped": [], "bytes_before": 0, "bytes_after": 0}
     if device.type == "meta":
         raise FP8Unsupported("fp8: the model's weights are on the meta device; load or materialise them first")
-    if device.type == "cpu" and allow_cpu:
-        use_emulation = (not _cpu_scaled_mm_works(scaling)) if emulate is None else bool(emulate)
-    else:
-        check_fp8_support(device)
-        use_emulation = bool(emulate)
+    needed = fp8_emulation_needed(device, scaling, allow_cpu)
+    use_emulation = needed if emulate is None else bool(emulate)
     summary = {"converted": 0, "excluded": [], "skipped": [], "bytes_before": 0, "bytes_after": 0}
     targets: list[tuple[nn.Module, str, str, nn.Linear]] = []
     for name, module in model.named_modules():
@@ -254,12 +270,11 @@ def convert_to_fp8(model: nn.Module, exclude: Iterable[str] = REFERENCE_EXCLUDE,
             if not isinstance(child, nn.Linear):
                 continue
             full = f"{name}.{child_name}" if name else child_name
-            if _excluded(full, exclude):
-                summary["excluded"].append(full)
-            elif child.in_features % 16 or child.out_features % 16:
-                summary["skipped"].append(full)
-            else:
+            verdict = fp8_verdict(full, child, exclude)
+            if verdict == "convert":
                 targets.append((module, child_name, full, child))
+            else:
+                summary[verdict].append(full)
     targets.reverse()
     while targets:  # pop as we go so each bf16 weight is freed right after its conversion
         parent, child_name, full, lin = targets.pop()
@@ -279,4 +294,4 @@ def convert_to_fp8(model: nn.Module, exclude: Iterable[str] = REFERENCE_EXCLUDE,
 
 
 __all__ = ["FP8Linear", "FP8Unsupported", "REFERENCE_EXCLUDE", "FP8_MAX", "convert_to_fp8",
-           "check_fp8_support", "quantize_per_tensor", "quantize_per_row", "quantize", "SCALINGS", "DEFAULT_SCALING", "dequantize", "emulated_scaled_mm"]
+           "check_fp8_support", "fp8_verdict", "fp8_emulation_needed", "quantize_per_tensor", "quantize_per_row", "quantize", "SCALINGS", "DEFAULT_SCALING", "dequantize", "emulated_scaled_mm"]

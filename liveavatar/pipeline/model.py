@@ -15,6 +15,7 @@ import torch
 
 from liveavatar.config import DEFAULT_STREAM, StreamConfig
 from liveavatar.pipeline.conditioning import AudioConditioning, DecodedBlock, ImageConditioning, ReferenceLatents
+from liveavatar.pipeline.speed import fp8_scaling_for
 
 log = logging.getLogger("liveavatar")
 
@@ -52,6 +53,19 @@ class LoadOptions:
     t5_device: str = "same"  # "same" (run on device, then park on CPU) or "cpu"
 
 
+def _check_load_fits(opts: LoadOptions, config) -> None:
+    """Refuse early when the DiT weights cannot even be loaded on the GPU (fp8: converted layer by
+    layer while loading, so the peak is the fp8 size plus one bf16 layer)."""
+    if opts.device.type != "cuda":
+        return
+    from liveavatar.pipeline.memory import GIB, MemoryEstimate, check_fits, dit_param_counts
+
+    total, linear = dit_param_counts(config)
+    elt = torch.tensor([], dtype=opts.dtype).element_size()
+    weights = (linear + (total - linear) * elt) if opts.fp8 else total * elt
+    check_fits(opts.device, MemoryEstimate(weights, 0, 0, 0, int(0.3 * GIB), int(GIB)), "loading the DiT weights")
+
+
 class LiveAvatar:
     """Loaded Live Avatar components on one device. Use `from_checkpoint` or `from_files`."""
 
@@ -77,19 +91,15 @@ class LiveAvatar:
 
         opts = LoadOptions(device=resolve_device(device), dtype=resolve_dtype(dtype), attn=attn,
                            fp8=fp8, compile=compile)
+        fp8_scaling_for(fp8, opts.device)  # before any file is read
         ckpt = find_official_checkpoint(ckpt_dir, lora=lora)
         if ckpt.lora_path is None:
             log.warning("no Live Avatar LoRA found beside %s: running the BASE Wan2.2-S2V weights, which are not "
                         "distilled for %s-step streaming (expect poor video); pass --lora liveavatar.safetensors",
                         ckpt.root, "4")
-        if opts.device.type == "cuda":
-            from liveavatar.pipeline.memory import GIB, MemoryEstimate, check_fits, dit_param_counts
-
-            total, linear = dit_param_counts(ckpt.config)
-            elt = torch.tensor([], dtype=opts.dtype).element_size()
-            check_fits(opts.device, MemoryEstimate(total * elt, 0, 0, 0, int(0.3 * GIB), int(GIB)),
-                       "loading the DiT weights")
-        parts = load_components(ckpt, device=opts.device, dtype=opts.dtype, lora_strength=lora_strength)
+        _check_load_fits(opts, ckpt.config)
+        parts = load_components(ckpt, device=opts.device, dtype=opts.dtype, lora_strength=lora_strength,
+                                fp8=opts.fp8)
         model = cls(parts["dit"], parts["vae"], parts["text_encoder"], parts["audio_encoder"], opts,
                     stream=stream, source=str(ckpt.root))
         model._apply_speed_options()
@@ -107,10 +117,11 @@ class LiveAvatar:
 
         opts = LoadOptions(device=resolve_device(device), dtype=resolve_dtype(dtype), attn=attn,
                            fp8=fp8, compile=compile)
+        fp8_scaling_for(fp8, opts.device)  # before any file is read
         parts = load_components_from_files(dit=dit, t5=t5, vae=vae, wav2vec=wav2vec,
                                            tokenizer_dir=tokenizer_dir, lora=lora,
                                            lora_strength=lora_strength, config=config,
-                                           device=opts.device, dtype=opts.dtype)
+                                           device=opts.device, dtype=opts.dtype, fp8=opts.fp8)
         model = cls(parts["dit"], parts["vae"], parts["text_encoder"], parts["audio_encoder"], opts,
                     stream=stream, source=str(dit))
         model._apply_speed_options()

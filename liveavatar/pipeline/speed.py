@@ -15,6 +15,24 @@ from liveavatar.models.attention import BACKENDS as ATTENTION_BACKENDS
 CUDA_GRAPHS_WITH_COMPILE = False  # measured on H100: 16.53 vs 16.65 FPS without (no gain)
 
 
+def fp8_scaling_for(fp8: bool | str, device: torch.device | None) -> str | None:
+    """The fp8 scaling a load option asks for (None: fp8 off), checked before any weight is read.
+
+    Raises ValueError naming `fp8` for an unknown scaling or a CPU device, and
+    `fp8.FP8Unsupported` for a GPU without fp8 matmuls (pre-sm89)."""
+    if not fp8:
+        return None
+    from liveavatar.models.fp8 import DEFAULT_SCALING, SCALINGS, check_fp8_support
+
+    scaling = DEFAULT_SCALING if fp8 is True else fp8
+    if scaling not in SCALINGS:
+        raise ValueError(f"fp8: {fp8!r} is not True or one of the scalings {SCALINGS}")
+    if device is None or device.type != "cuda":
+        raise ValueError("fp8: needs a CUDA GPU with fp8 support (sm89+: Ada, Hopper); use dtype bf16 on CPU")
+    check_fp8_support(device)
+    return scaling
+
+
 def apply_speed_options(dit, *, attn: str = "sdpa", fp8: bool | str = False, compile: bool = False,
                         device: torch.device | None = None, cuda_graphs: bool | None = None) -> None:
     """Configure `dit` in place. Raises ValueError naming the option when it cannot apply.
@@ -27,17 +45,12 @@ def apply_speed_options(dit, *, attn: str = "sdpa", fp8: bool | str = False, com
     if attn not in ATTENTION_BACKENDS:
         raise ValueError(f"attn: {attn!r} is not one of {ATTENTION_BACKENDS}")
     dit.attn_backend = attn
-    if fp8:
-        from liveavatar.models.fp8 import DEFAULT_SCALING, SCALINGS
+    scaling = fp8_scaling_for(fp8, device)
+    if scaling is not None:
+        from liveavatar.models.fp8 import FP8Linear, convert_to_fp8
 
-        scaling = DEFAULT_SCALING if fp8 is True else fp8
-        if scaling not in SCALINGS:
-            raise ValueError(f"fp8: {fp8!r} is not True or one of the scalings {SCALINGS}")
-        if device is None or device.type != "cuda":
-            raise ValueError("fp8: needs a CUDA GPU with fp8 support (sm89+: Ada, Hopper); use dtype bf16 on CPU")
-        from liveavatar.models.fp8 import convert_to_fp8
-
-        convert_to_fp8(dit, scaling=scaling)
+        if not any(isinstance(m, FP8Linear) for m in dit.modules()):  # not already converted while loading
+            convert_to_fp8(dit, scaling=scaling)
     if compile:
         if device is None or device.type != "cuda":
             log.warning("compile: ignored on CPU")
