@@ -232,3 +232,27 @@ def test_overlapped_decode_matches_serial_on_cuda(tiny):
         inf = list(m.generate(*args, seed=4, overlap_decode=True))
     assert max(int((a.frames.int() - b.frames.int()).abs().max()) for a, b in zip(inf, serial)) <= 1
     assert not _dit_threads()
+
+
+def test_fp8_while_loading_keeps_the_load_peak_near_the_fp8_size(tmp_path):
+    """A DiT of 12 x 2048-wide layers (bf16 file): loading with fp8 converts layer by layer, so the
+    GPU peak stays well under the bf16 weight size, and the result equals convert-after-load."""
+    from liveavatar.config import DiTConfig
+    from liveavatar.loading.official import build_dit_from_source, find_official_checkpoint
+    from liveavatar.loading.tiny import make_tiny_checkpoint
+    from liveavatar.pipeline.memory import dit_param_counts
+
+    cfg = DiTConfig(dim=2048, num_heads=16, num_layers=12, ffn_dim=8192, freq_dim=256, audio_dim=64,
+                    text_dim=128, audio_inject_layers=(0, 6), audio_num_layers=5)
+    ckpt = find_official_checkpoint(make_tiny_checkpoint(tmp_path / "ck", dit=cfg, dtype=torch.bfloat16))
+    total, linear = dit_param_counts(ckpt.config)
+    dev = torch.device("cuda:0")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    model = build_dit_from_source(ckpt.dit, ckpt.config, dev, torch.bfloat16, ckpt.lora_path, fp8=True)
+    peak = torch.cuda.max_memory_allocated(dev) - base
+    bf16_bytes, fp8_bytes = 2 * total, linear + 2 * (total - linear)
+    print(f"fp8 load peak {peak / 2**20:.0f} MiB; fp8 size {fp8_bytes / 2**20:.0f} MiB, bf16 {bf16_bytes / 2**20:.0f} MiB")
+    assert peak < fp8_bytes + 0.25 * (bf16_bytes - fp8_bytes)
+    assert type(model.blocks[0].self_attn.q).__name__ == "FP8Linear"

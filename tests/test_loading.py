@@ -567,3 +567,35 @@ def test_fp8_on_cpu_is_refused_before_reading_files(tmp_path):
         LiveAvatar.from_checkpoint(tmp_path / "no-such-folder", device="cpu", fp8=True)
     with pytest.raises(ValueError, match="fp8: 'block'"):
         LiveAvatar.from_checkpoint(tmp_path / "no-such-folder", device="cpu", fp8="block")
+
+
+def test_load_into_module_frees_what_on_assigned_replaces():
+    """A layer transformed in `on_assigned` (as the fp8-while-loading path does) leaves no loaded
+    tensor behind in the loader: its weight is freed at once (weakref dead), tied tensors still tie."""
+    import gc
+    import weakref
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+            self.emb = nn.Embedding(8, 8)
+            self.out = nn.Linear(8, 8, bias=False)
+            self.out.weight = self.emb.weight  # tied
+
+    src = {k: torch.randn(v.shape) for k, v in Net().state_dict().items()}
+    with torch.device("meta"):
+        net = Net()
+    refs: dict[str, weakref.ref] = {}
+
+    def replace(name: str) -> None:
+        if name == "a.bias":  # layer `a` complete: swap it for a fresh module, keep a weakref to its weight
+            refs["a"] = weakref.ref(net.a.weight)
+            net.a = nn.Identity()
+            gc.collect()
+            assert refs["a"]() is None, "the loader still holds the replaced weight"
+
+    load_into_module(net, src, strict=True, on_assigned=replace)
+    assert "a" in refs and isinstance(net.a, nn.Identity)
+    assert torch.equal(net.b.weight, src["b.weight"]) and net.out.weight.data_ptr() == net.emb.weight.data_ptr()

@@ -198,9 +198,9 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
             plan.apply(name, linear)
         if scaling and fp8_verdict(name, linear) == "convert":
             parent, _, child = name.rpartition(".")
-            setattr(modules[parent] if parent else model, child,
-                    FP8Linear.from_linear(linear, emulate=emulate, scaling=scaling))
-            del linear
+            modules[name] = FP8Linear.from_linear(linear, emulate=emulate, scaling=scaling)
+            setattr(modules[parent] if parent else model, child, modules[name])
+            del linear  # no reference to the bf16 layer is left: its weight is freed now
 
     keep = getattr(model, "keep_fp32", None)
     try:

@@ -460,7 +460,12 @@ def load_into_module(
     if unexpected:
         log.warning("%s: %d unexpected keys ignored: %s", source.describe(), len(unexpected), format_keys(unexpected))
 
-    done: dict[int, torch.Tensor] = {}  # tied tensors: id(original) -> loaded tensor
+    # tied tensors (one tensor under several names): id(original) -> loaded tensor. Only those are
+    # kept here, so a tensor the caller transforms in `on_assigned` (e.g. to fp8) can be freed.
+    counts: dict[int, int] = {}
+    for t in expected.values():
+        counts[id(t)] = counts.get(id(t), 0) + 1
+    done: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for name, old in expected.items():
             if id(old) in done:
@@ -478,8 +483,10 @@ def load_into_module(
                 new = torch.zeros(old.shape, dtype=dtype or old.dtype, device=device)
             else:
                 continue
-            done[id(old)] = new
+            if counts[id(old)] > 1:
+                done[id(old)] = new
             _assign(module, name, new)
+            del new
             if on_assigned is not None:
                 on_assigned(name)
 
