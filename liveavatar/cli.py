@@ -58,6 +58,9 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "(one scale per token and per output channel: robust to outlier tokens)")
     p.add_argument("--attn", default="sdpa", help="attention backend: sdpa, flash, cudnn, efficient, math")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
+    p.add_argument("--kv-offload", choices=("auto", "on", "off"), default="auto",
+                   help="keep the denoising steps' KV caches in host memory, one on the GPU at a time: "
+                        "auto (only when they do not fit), on, off")
     p.add_argument("--out", default=None if req else str(REPO / "output" / "demo.mp4"), required=req,
                    help="output .mp4 path")
 
@@ -138,8 +141,9 @@ def run_generate(args: argparse.Namespace) -> dict:
     fps = 25
     try:
         with VideoWriter(out, img.width, img.height, fps=fps, audio_rate=audio.sample_rate) as writer:
+            kv_offload = {"auto": None, "on": True, "off": False}[args.kv_offload]
             for blk in model.generate(ctx, aud, img, seed=args.seed, steps=args.steps,
-                                      num_clip=args.num_clip, pose_cond=pose):
+                                      num_clip=args.num_clip, pose_cond=pose, kv_offload=kv_offload):
                 if first is None:
                     first = time.perf_counter() - t1
                 writer.write_frames(blk.frames)

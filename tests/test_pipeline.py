@@ -100,3 +100,37 @@ def test_audio_from_precomputed_states_matches_own_path(model, job):
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9
     with pytest.raises(ValueError, match="hidden states"):
         model.audio_conditioning_from_states(states[:-1], job["audio"])
+
+
+def test_kv_offload_gives_the_same_frames(model, job):
+    """Step caches in host memory paged through one shared buffer (5 blocks: the ring wraps and
+    the sink is refreshed at clip 1): bitwise the frames of resident caches, a quarter of the
+    cache rows on the device."""
+    from liveavatar.pipeline.generate import make_runner
+
+    resident = run(model, job, seed=3)
+    offloaded = run(model, job, seed=3, kv_offload=True)
+    assert len(offloaded) == len(resident) == 5
+    assert all(torch.equal(a.frames, b.frames) for a, b in zip(resident, offloaded))
+    on = make_runner(model, job["ctx"], job["img"], seed=3, steps=4, kv_offload=True)
+    off = make_runner(model, job["ctx"], job["img"], seed=3, steps=4, kv_offload=False)
+    per_cache = next(iter(off.caches.values())).nbytes
+    assert on.host_cache_bytes() == 4 * per_cache and off.host_cache_bytes() == 0
+    assert on.cache_bytes() == off.cache_bytes() - 3 * per_cache
+
+
+def test_kv_offload_refuses_a_cache_used_without_paging(model, job):
+    from liveavatar.pipeline.generate import make_runner
+    from liveavatar.pipeline.plan import make_plan
+    from liveavatar.pipeline.sampler import BlockInputs
+
+    r = make_runner(model, job["ctx"], job["img"], seed=3, steps=4, kv_offload=True)
+    r.prefill(job["ref"].ref, job["ref"].motion)
+    block = make_plan(job["aud"].num_frames, model.stream, lead_in_frames=3).blocks[0]
+    x = torch.zeros(16, 3, *job["img"].latent_hw)
+    r.run(x, block, BlockInputs(audio=job["aud"].block_features(block)))  # pages in and out
+    cache = r.caches[1]
+    assert r.working.owner is r.caches[3]  # the last step's rows are in the buffer now
+    with pytest.raises(RuntimeError, match="page_in"):
+        model.dit.forward_block(x, 500.0, r.text, job["aud"].block_features(block), None, cache, r.sink,
+                                start_frame=3, sink_offset=0)

@@ -39,7 +39,7 @@ from .audio_injector import AudioInjector
 from .causal_audio import CausalAudioEncoder
 from .dit_blocks import DiTBlock, Head, fp32_linear
 from .framepack import FramePackMotioner
-from .kv_cache import SinkCache, StepKVCache
+from .kv_cache import KVWorkingBuffer, SinkCache, StepKVCache
 from .graphs import BlockGraphs
 from .rope import RopeFactors, grid_positions, rope_factors
 
@@ -189,18 +189,26 @@ class CausalS2VDiT(nn.Module):
         return need <= free
 
     def new_step_cache(self, latent_hw: tuple[int, int], device=None, dtype=None,
-                       sink_slot: bool = False) -> StepKVCache:
+                       sink_slot: bool = False, working=None) -> StepKVCache:
         """Empty per-step cache: ring of one clip (`latent_frames_per_clip * fsl` tokens).
 
         `sink_slot=True` adds `sink_tokens` rows holding the rotated sink, so that steady-state
         calls attend to one contiguous slice instead of rotating and concatenating the sink in
         every layer (same numbers; see kv_cache.py). Costs 2.5 fsl more rows per step cache.
+        `working`: a `KVWorkingBuffer` (see `new_working_buffer`) makes an offloaded cache.
         """
         c = self.cfg
         ring = self.stream.latent_frames_per_clip * self.frame_seqlen(latent_hw)
         slot = self.sink_tokens(latent_hw) if sink_slot else 0
         return StepKVCache(c.num_layers, ring, slot, c.num_heads, c.head_dim,
-                           tuple(latent_hw), device or self.device, dtype or self.dtype)
+                           tuple(latent_hw), device or self.device, dtype or self.dtype, working=working)
+
+    def new_working_buffer(self, latent_hw: tuple[int, int], device=None, dtype=None) -> KVWorkingBuffer:
+        """The device buffer offloaded step caches share (one step cache without sink slot)."""
+        c = self.cfg
+        ring = self.stream.latent_frames_per_clip * self.frame_seqlen(latent_hw)
+        return KVWorkingBuffer(torch.zeros(c.num_layers, 2, 1, ring, c.num_heads, c.head_dim,
+                                           device=device or self.device, dtype=dtype or self.dtype))
 
     # ----------------------------------------------------------------------------- conditioning
 

@@ -16,6 +16,12 @@ attends to `[ring rows of the window] ++ [sink rows]`, the reference's key order
 - Without the slot (`sink_capacity=0`): the sink keys are rotated and concatenated in every
   layer of every call (transient memory only), as the reference does.
 Both give identical numbers.
+
+Offload (`working=KVWorkingBuffer`): a step cache keeps its rows in host memory (pinned on
+CUDA) and shares one device buffer with the other step caches of its runner. `page_in()` before
+its call copies the filled rows in, `page_out()` after it copies the block's new rows back
+(ordered on the same CUDA stream, so the next page-in cannot overtake them). One step cache on
+the GPU instead of all of them; the same numbers (no sink slot in this mode).
 """
 
 from __future__ import annotations
@@ -112,17 +118,53 @@ class StreamWindow:
     refresh_values: bool  # sink slot values must be copied in every layer
 
 
+class KVWorkingBuffer:
+    """The device rows shared by offloaded step caches (`tensor`: one step cache's shape) and
+    which cache's rows it holds now (`owner`)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.owner: "StepKVCache | None" = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+
+def _host_zeros(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    if pin:
+        try:
+            return torch.zeros(shape, dtype=dtype, pin_memory=True)
+        except RuntimeError:  # pinning refused (limits): pageable memory, slower copies
+            pass
+    return torch.zeros(shape, dtype=dtype)
+
+
 class StepKVCache:
     """Per-denoising-step ring buffer of block keys/values (+ the rotated sink slot if `sink_capacity`).
 
     kv: `[layers, 2, 1, ring + sink_capacity, heads, head_dim]`; `ring` = one clip of tokens.
     `length`: ring rows written so far (the fill level, at most `ring`).
+    `working`: offload mode (module docstring): `kv` is the shared device buffer, `host` the rows.
     """
 
     def __init__(self, num_layers: int, ring: int, sink_capacity: int, num_heads: int, head_dim: int,
-                 latent_hw: tuple[int, int], device: torch.device | str, dtype: torch.dtype):
-        self.kv = torch.zeros(num_layers, 2, 1, ring + sink_capacity, num_heads, head_dim,
-                              device=device, dtype=dtype)
+                 latent_hw: tuple[int, int], device: torch.device | str, dtype: torch.dtype,
+                 working: KVWorkingBuffer | None = None):
+        shape = (num_layers, 2, 1, ring + sink_capacity, num_heads, head_dim)
+        self.working = working
+        self.host: torch.Tensor | None = None
+        if working is None:
+            self.kv = torch.zeros(shape, device=device, dtype=dtype)
+        else:
+            if sink_capacity:
+                raise ValueError("StepKVCache: an offloaded cache has no sink slot (sink_capacity must be 0)")
+            if tuple(working.tensor.shape) != shape or working.tensor.dtype != dtype:
+                raise ValueError(f"StepKVCache: working buffer {tuple(working.tensor.shape)} {working.tensor.dtype} "
+                                 f"does not match {shape} {dtype}")
+            self.kv = working.tensor
+            self.host = _host_zeros(shape, dtype, pin=working.tensor.is_cuda)
+        self._last: StreamWindow | None = None
         self.ring = ring
         self.latent_hw = tuple(latent_hw)
         self.length = 0
@@ -140,14 +182,42 @@ class StepKVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        """Device bytes of this cache alone (0 when offloaded: the shared buffer is the runner's)."""
+        return 0 if self.working is not None else self.kv.numel() * self.kv.element_size()
+
+    @property
+    def host_nbytes(self) -> int:
+        return 0 if self.host is None else self.host.numel() * self.host.element_size()
 
     def reset(self) -> None:
         """Empty the cache (new job). Rows are zeroed, as a fresh reference cache."""
-        self.kv.zero_()
+        if self.host is not None:
+            self.host.zero_()
+            if self.working.owner is self:
+                self.working.owner = None
+        else:
+            self.kv.zero_()
         self.length = 0
+        self._last = None
         self._sink_key = None
         self._sink_val = None
+
+    def page_in(self) -> None:
+        """Offload mode: bring this cache's filled rows into the shared device buffer (no-op
+        when resident, or when the buffer already holds them)."""
+        if self.host is None or self.working.owner is self:
+            return
+        if self.length:
+            self.kv[:, :, :, : self.length].copy_(self.host[:, :, :, : self.length], non_blocking=True)
+        self.working.owner = self
+
+    def page_out(self) -> None:
+        """Offload mode: copy the rows the last call wrote back to host memory."""
+        if self.host is None or self._last is None:
+            return
+        a, b = self._last.offset, self._last.offset + self._last.tokens
+        self.host[:, :, :, a:b].copy_(self.kv[:, :, :, a:b], non_blocking=True)
+        self._last = None
 
     def ring_rows(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of ring rows [start, stop) of a layer, each `[1, n, heads, head_dim]`."""
@@ -179,6 +249,9 @@ class StepKVCache:
 
     def commit(self, plan: StreamWindow, sink: SinkCache, ref_t: int) -> None:
         """Record a finished block call (fill level, which sink the slot now holds)."""
+        if self.working is not None and self.working.owner is not self:
+            raise RuntimeError("StepKVCache: offloaded cache used without page_in() (the StepRunner pages)")
+        self._last = plan
         self.length = max(self.length, plan.window)
         if self.sink_slot:
             self._sink_key = (sink.uid, sink.version, ref_t)
@@ -230,4 +303,4 @@ class StepKVCache:
         return attend
 
 
-__all__ = ["SinkCache", "StepKVCache", "StreamWindow"]
+__all__ = ["SinkCache", "StepKVCache", "StreamWindow", "KVWorkingBuffer"]

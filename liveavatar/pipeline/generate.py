@@ -53,15 +53,16 @@ class BlockDecoder:
 
 
 def make_runner(model, context: torch.Tensor, image: ImageConditioning, *, seed: int, steps: int,
-                owned: list[int] | None = None) -> StepRunner:
-    """A StepRunner on the model's device owning `owned` steps (all by default)."""
+                owned: list[int] | None = None, kv_offload: bool | None = None) -> StepRunner:
+    """A StepRunner on the model's device owning `owned` steps (all by default); `kv_offload`
+    as `StepRunner` (None: only when the caches do not fit)."""
     stream = model.stream
     schedule = make_schedule(steps, stream)
     owned = list(range(steps)) if owned is None else owned
     with torch.no_grad():
         text = model.dit.encode_text(context.to(model.device, model.dtype))
     return StepRunner(model.dit, text, image.latent_hw, schedule, owned, stream, seed,
-                      device=model.device, dtype=model.dtype)
+                      device=model.device, dtype=model.dtype, kv_offload=kv_offload)
 
 
 def _check(cancel: Callable[[], bool] | None) -> None:
@@ -75,7 +76,7 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
              progress: Callable[[dict], None] | None = None,
              cancel: Callable[[], bool] | None = None,
              reference: ReferenceLatents | None = None,
-             overlap_decode: bool | None = None) -> Iterator[DecodedBlock]:
+             overlap_decode: bool | None = None, kv_offload: bool | None = None) -> Iterator[DecodedBlock]:
     """Yield every decoded block of the avatar video, in order, as soon as it is decoded.
 
     context: umT5 context [L, text_dim]. audio / image: from `model.encode_audio` /
@@ -88,6 +89,9 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
     overlap_decode: decode block b on a side CUDA stream while the DiT runs block b+1 in a
     producer thread (`overlap.py`); None = `OVERLAP_DEFAULT_CUDA` on CUDA (off for now: +2.3 % on
     H100), off elsewhere; True on a CPU model is an error. Timings per block: {"dit", "decode"} seconds (GPU event spans when overlapped).
+    kv_offload: keep the step KV caches in host memory, one on the GPU at a time (True), never
+    (False), or None: only when all of them do not fit the GPU (then logged; slower: each step
+    pages one clip of keys/values in, e.g. 9.7 GiB at 704x384).
     """
     stream = model.stream
     plan: JobPlan = make_plan(audio.num_frames, stream, num_clip=num_clip, lead_in_frames=audio.lead_in_frames)
@@ -101,13 +105,9 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
              plan.num_blocks, steps, seed)
     _check(cancel)
     if cuda:
-        from liveavatar.pipeline.memory import check_fits, estimate_memory
-
-        est = estimate_memory(model.dit.cfg, image.width, image.height, steps_owned=steps, dtype=model.dtype,
-                              stream=stream, param_counts=(0, 0))  # weights are already resident
-        check_fits(model.device, est, f"generating at {image.width}x{image.height} with {steps} step caches")
+        kv_offload = _check_memory(model, image, steps, kv_offload)
     ref = reference or model.encode_reference(image)
-    runner = make_runner(model, context, image, seed=seed, steps=steps)
+    runner = make_runner(model, context, image, seed=seed, steps=steps, kv_offload=kv_offload)
     runner.prefill(ref.ref, ref.motion)
 
     def dit_blocks(stopped: Callable[[], bool] | None = None) -> Iterator[tuple[BlockSpec, torch.Tensor]]:
@@ -146,6 +146,38 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
         t2 = time.perf_counter()
         yield emit(block, frames, {"dit": t1 - t0, "decode": t2 - t1})
         t0 = time.perf_counter()
+
+
+def _check_memory(model, image: ImageConditioning, steps: int, kv_offload: bool | None) -> bool | None:
+    """Preflight on CUDA before any cache exists: raise MemoryError with the numbers and remedies,
+    or decide the KV offload when the step caches only fit one at a time (kv_offload None)."""
+    from liveavatar.pipeline.memory import (GIB, available_host_bytes, check_fits, estimate_memory,
+                                            host_cache_bytes)
+
+    cfg, stream, w, h = model.dit.cfg, model.stream, image.width, image.height
+    what = f"generating at {w}x{h} with {steps} step caches"
+
+    def est(offload: bool):  # weights are already resident
+        return estimate_memory(cfg, w, h, steps_owned=steps, dtype=model.dtype, stream=stream,
+                               param_counts=(0, 0), kv_offload=offload)
+
+    if not kv_offload:
+        try:
+            check_fits(model.device, est(False), what)
+            return False
+        except MemoryError:
+            if kv_offload is False or steps < 2:
+                raise
+    check_fits(model.device, est(True), what + " (KV caches offloaded to host memory, one on the GPU)")
+    host = host_cache_bytes(cfg, w, h, steps, model.dtype, stream)
+    avail = available_host_bytes()
+    if avail is not None and host > avail:
+        raise MemoryError(f"KV cache offload needs {host / GIB:.1f} GiB of host memory for {steps} step caches at "
+                          f"{w}x{h}, {avail / GIB:.1f} GiB are available. Remedies: a smaller size (384*256), "
+                          "fp8 weights so the caches fit the GPU, or more GPUs in 'tpp' mode.")
+    log.info("KV caches offloaded to host memory (%.1f GiB; one step's %.1f GiB on the GPU at a time): "
+             "slower, but fits", host / GIB, host / steps / GIB)
+    return True
 
 
 def _dit_blocks(runner: StepRunner, plan: JobPlan, ref: ReferenceLatents, audio: AudioConditioning,

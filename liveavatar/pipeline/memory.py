@@ -53,11 +53,13 @@ class MemoryEstimate:
 def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int = 4,
                     dtype: torch.dtype = torch.bfloat16, fp8: bool = False, decode_here: bool = True,
                     stream: StreamConfig = DEFAULT_STREAM, param_counts: tuple[int, int] | None = None,
-                    sink_slot: bool = False) -> MemoryEstimate:
+                    sink_slot: bool = False, kv_offload: bool = False) -> MemoryEstimate:
     """Resident GPU bytes of one rank that owns `steps_owned` denoising steps at W x H.
 
     sink_slot: the step caches also reserve rows for the rotated sink (a speed option the
     sampler turns on only when it fits; +2.5 * fsl tokens per step cache).
+    kv_offload: the step caches live in host memory and share one device buffer (one cache's
+    rows on the GPU; see `host_cache_bytes` for the host side).
     """
     elt = torch.tensor([], dtype=dtype).element_size()
     total, linear = param_counts or dit_param_counts(cfg)
@@ -66,7 +68,8 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
     clip_tokens = stream.latent_frames_per_clip * fsl
     kv = cfg.num_layers * 2 * cfg.dim * elt  # bytes per cached token over all layers (k + v)
     sink_tokens = fsl + fsl + fsl // 4 + fsl // 4
-    step_caches = steps_owned * (clip_tokens + (sink_tokens if sink_slot else 0)) * kv
+    resident = min(steps_owned, 1) if kv_offload else steps_owned
+    step_caches = resident * (clip_tokens + (0 if kv_offload or not sink_slot else sink_tokens)) * kv
     sink_cache = sink_tokens * kv if steps_owned else 0
     text_state = cfg.num_layers * 2 * cfg.text_len * cfg.dim * elt if steps_owned else 0
     vae = int(0.3 * GIB) if decode_here else 0
@@ -76,6 +79,24 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
     if decode_here:
         working += int(stream.frames_per_block * height * width * 96 * 2 * 4)
     return MemoryEstimate(weights, step_caches, sink_cache, text_state, vae, int(working + 0.5 * GIB))
+
+
+def host_cache_bytes(cfg: DiTConfig, width: int, height: int, steps_owned: int,
+                     dtype: torch.dtype = torch.bfloat16, stream: StreamConfig = DEFAULT_STREAM) -> int:
+    """Host (CPU) bytes of `steps_owned` offloaded step caches at W x H."""
+    elt = torch.tensor([], dtype=dtype).element_size()
+    fsl = (height // 16) * (width // 16)
+    return steps_owned * stream.latent_frames_per_clip * fsl * cfg.num_layers * 2 * cfg.dim * elt
+
+
+def available_host_bytes() -> int | None:
+    """Physical memory available to new allocations (Linux sysconf), or None where unknown."""
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def check_fits(device: torch.device, est: MemoryEstimate, what: str = "this job") -> None:

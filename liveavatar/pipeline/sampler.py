@@ -37,11 +37,13 @@ class StepRunner:
     dit: a `CausalS2VDiT` (already on its device / dtype).
     text: the DiT's encoded text state for this job (`dit.encode_text(context)`).
     latent_hw: (h, w) of the latent grid (pixels / 8).
+    kv_offload: keep the step caches in host memory with one shared device buffer (True), never
+    (False), or only when they do not fit the GPU (None; see `_offload_wanted`).
     """
 
     def __init__(self, dit, text, latent_hw: tuple[int, int], schedule: FlowMatchSchedule,
                  steps: Sequence[int], stream: StreamConfig, seed: int,
-                 device: torch.device | str, dtype: torch.dtype):
+                 device: torch.device | str, dtype: torch.dtype, kv_offload: bool | None = None):
         self.dit = dit
         self.text = text
         self.latent_hw = latent_hw
@@ -52,18 +54,44 @@ class StepRunner:
         self.device = torch.device(device)
         self.dtype = dtype
         self.sink = dit.new_sink_cache(latent_hw, device=self.device, dtype=dtype)
+        self.kv_offload = self._offload_wanted(kv_offload)
+        self.working = None
+        if self.kv_offload:  # one device buffer, the step caches' rows in host memory
+            self.working = dit.new_working_buffer(latent_hw, device=self.device, dtype=dtype)
+            self.caches = {s: dit.new_step_cache(latent_hw, device=self.device, dtype=dtype, working=self.working)
+                           for s in self.steps}
+            return
         # sink slot (no per-layer concatenation of [window, sink]) when all caches fit with it
         slot = bool(getattr(dit, "sink_slot_fits", None)
                     and dit.sink_slot_fits(latent_hw, len(self.steps), self.device, dtype))
         self.caches = {s: dit.new_step_cache(latent_hw, device=self.device, dtype=dtype, sink_slot=slot)
                        for s in self.steps}
 
+    def _offload_wanted(self, kv_offload: bool | None) -> bool:
+        """kv_offload True / False, or None: offload only on CUDA when this runner owns several
+        steps and their caches do not fit the free memory (keeping 2 GiB for activations)."""
+        if kv_offload is not None:
+            return bool(kv_offload)
+        if self.device.type != "cuda" or len(self.steps) < 2:
+            return False
+        cfg = self.dit.cfg
+        fsl = self.dit.frame_seqlen(self.latent_hw)
+        elt = torch.tensor([], dtype=self.dtype).element_size()
+        one = cfg.num_layers * 2 * self.stream.latent_frames_per_clip * fsl * cfg.dim * elt
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return len(self.steps) * one + (2 << 30) > free
+
     @property
     def num_steps(self) -> int:
         return len(self.schedule.timesteps)
 
     def cache_bytes(self) -> int:
-        return self.sink.nbytes + sum(c.nbytes for c in self.caches.values())
+        """Device bytes of the caches (the shared working buffer counted once when offloaded)."""
+        working = self.working.nbytes if self.working is not None else 0
+        return self.sink.nbytes + working + sum(c.nbytes for c in self.caches.values())
+
+    def host_cache_bytes(self) -> int:
+        return sum(c.host_nbytes for c in self.caches.values())
 
     def prefill(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor) -> None:
         """(Re)build the sink from the reference latent [1,16,1,h,w] and motion latents [1,16,T,h,w]."""
@@ -87,10 +115,13 @@ class StepRunner:
         audio_tokens = self.dit.encode_audio(audio)  # once per block, shared by every step
         for s in self.steps:
             t = float(self.schedule.timesteps[s])
+            cache = self.caches[s]
+            cache.page_in()  # offload mode: this step's rows into the shared buffer
             v = self.dit.forward_block(
-                x.to(self.dtype), t, self.text, audio, cond, self.caches[s], self.sink,
+                x.to(self.dtype), t, self.text, audio, cond, cache, self.sink,
                 start_frame=block.start_frame, sink_offset=offsets[s], audio=audio_tokens,
             )
+            cache.page_out()
             x = euler_step(x, v.float(), float(sig[s]), float(sig[s + 1]))
             if on_step is not None:
                 on_step(s)
