@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _rollout(dtype: torch.dtype, blocks: int = 2, device: str = "cuda", prepare=None) -> torch.Tensor:
+def _rollout(dtype: torch.dtype, blocks: int = 2, device: str = "cuda", prepare=None,
+             kv_offload: bool | None = None) -> torch.Tensor:
     from liveavatar.config import DiTConfig
     from liveavatar.loading.tiny import dit_key_shapes, draw_state_dict
     from liveavatar.models.dit import CausalS2VDiT
@@ -47,7 +48,8 @@ def _rollout(dtype: torch.dtype, blocks: int = 2, device: str = "cuda", prepare=
     motion = torch.randn(1, 16, 19, *hw, generator=g)
     with torch.no_grad():
         text = model.encode_text(ctx.to(device, dtype))
-        runner = StepRunner(model, text, hw, make_schedule(4, S), range(4), S, 0, device, dtype)
+        runner = StepRunner(model, text, hw, make_schedule(4, S), range(4), S, 0, device, dtype,
+                            kv_offload=kv_offload)
         runner.prefill(ref, motion)
         outs = []
         for block in make_plan(blocks * 12 - 3, S).blocks:
@@ -91,6 +93,14 @@ def test_cuda_graphs_replay_bitwise_equal():
     assert g.disabled_reason is None
     assert g.captures >= 4 and g.replays >= 4 * 3
     assert torch.equal(replayed, plain)
+
+
+def test_kv_offload_pinned_paging_bitwise_equal():
+    """Offloaded step caches (pinned host rows, non-blocking copies on the compute stream) give the
+    frames of resident caches over 6 blocks (the ring wraps)."""
+    resident = _rollout(torch.bfloat16, blocks=6, kv_offload=False)
+    offloaded = _rollout(torch.bfloat16, blocks=6, kv_offload=True)
+    assert torch.equal(offloaded, resident)
 
 
 @pytest.fixture(scope="module")
