@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true", help="end_to_end: also encode an mp4 (needs PyAV)")
     p.add_argument("--overlap", action="store_true",
                    help="end_to_end: overlap each block's decode with the next DiT block (CUDA only)")
+    p.add_argument("--kv-offload", choices=("auto", "on", "off"), default="auto",
+                   help="step KV caches in host RAM, one on the GPU at a time (default: only if they do not fit)")
     p.add_argument("--no-compile-vae", action="store_true",
                    help="end_to_end with --compile: keep the VAE decoder eager (default: compiled, as the pipeline)")
     p.add_argument("--no-overlap", action="store_true",
@@ -280,6 +282,7 @@ def bench(args) -> dict:
         out["fps_from_last_warmup_block"] = from_warmup
     if "cache_gib" in res:
         out["cache_gib"] = res["cache_gib"]
+    out["kv_offload"] = res.get("kv_offload", args.kv_offload_opt if hasattr(args, "kv_offload_opt") else None)
     if "decode_ms" in res:
         out["dit_ms"] = benchlib.median(res["dit_ms"])
         out["decode_ms"] = benchlib.median(res["decode_ms"])
@@ -339,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     args.argv = argv  # a worker-group bench hands the same command line to every rank
+    args.kv_offload_opt = {"auto": None, "on": True, "off": False}[args.kv_offload]
     try:
         result = bench(args)
         code = 0
