@@ -7,7 +7,8 @@ import json
 import torch
 
 from liveavatar.config import DiTConfig, LoRAConfig
-from liveavatar.models.dit import CausalS2VDiT, lora_target_names
+from liveavatar.loading.lora import peft_target_names
+from liveavatar.models.dit import CausalS2VDiT
 
 
 def read_tsv(path) -> list[tuple[str, tuple[int, ...]]]:
@@ -52,7 +53,7 @@ def test_14b_lora_targets(fixtures_dir):
     model = meta_model(fixtures_dir / "s2v14b_config.json")
     spec = json.loads((fixtures_dir / "s2v14b_lora_targets.json").read_text())
     assert tuple(spec["target_modules_string"].split(",")) == LoRAConfig().targets
-    names = lora_target_names(model)
+    names = peft_target_names(model)
     assert len(names) == spec["num_wrapped_linears"] == 448
     assert sorted(names) == sorted(spec["wrapped_modules"])
 

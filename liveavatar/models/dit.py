@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DEFAULT_STREAM, ConfigError, DiTConfig, LoRAConfig, StreamConfig
+from ..config import DEFAULT_STREAM, ConfigError, DiTConfig, StreamConfig
 from .attention import BACKENDS
 from .audio_injector import AudioInjector
 from .causal_audio import CausalAudioEncoder
@@ -474,15 +474,4 @@ class CausalS2VDiT(nn.Module):
         return u.reshape(co, nf * pt, hp * ph, wp * pw)
 
 
-def lora_target_names(model: nn.Module, targets: tuple[str, ...] = LoRAConfig().targets) -> list[str]:
-    """Names of the Linear modules a peft LoRA with `target_modules=targets` wraps.
-
-    peft's rule: a module matches when its full name equals a target or ends with "." + target.
-    For the 14B this is 448 layers (blocks' attention q/k/v/o and ffn.0/ffn.2, and the audio
-    injector's q/k/v/o).
-    """
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
-
-
-__all__ = ["CausalS2VDiT", "TextState", "lora_target_names", "sinusoidal_embedding"]
+__all__ = ["CausalS2VDiT", "TextState", "sinusoidal_embedding"]
