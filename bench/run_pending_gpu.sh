@@ -17,4 +17,5 @@ OUT=$OUT LIST_BUDGET_S=${LIST_BUDGET_S:-330} bash bench/run_list.sh \
   "fp8c|100|--fp8 --compile" \
   "e2e_fp8c|190|--fp8 --compile --scope end_to_end" \
   "fp8c_kv_offload|100|--fp8 --compile --kv-offload on" \
+  "fp8c_kv_prefetch|100|--fp8 --compile --kv-offload on --kv-prefetch" \
   "bf16c|100|--compile"

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end_to_end: overlap each block's decode with the next DiT block (CUDA only)")
     p.add_argument("--kv-offload", choices=("auto", "on", "off"), default="auto",
                    help="step KV caches in host RAM, one on the GPU at a time (default: only if they do not fit)")
+    p.add_argument("--kv-prefetch", action="store_true",
+                   help="with KV offload: a second GPU buffer, the next step's page-in overlaps compute")
     p.add_argument("--no-compile-vae", action="store_true",
                    help="end_to_end with --compile: keep the VAE decoder eager (default: compiled, as the pipeline)")
     p.add_argument("--no-overlap", action="store_true",
@@ -283,6 +285,7 @@ def bench(args) -> dict:
     if "cache_gib" in res:
         out["cache_gib"] = res["cache_gib"]
     out["kv_offload"] = res.get("kv_offload", args.kv_offload_opt if hasattr(args, "kv_offload_opt") else None)
+    out["kv_prefetch"] = res.get("kv_prefetch")
     if "decode_ms" in res:
         out["dit_ms"] = benchlib.median(res["dit_ms"])
         out["decode_ms"] = benchlib.median(res["decode_ms"])

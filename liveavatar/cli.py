@@ -61,6 +61,9 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--kv-offload", choices=("auto", "on", "off"), default="auto",
                    help="keep the denoising steps' KV caches in host memory, one on the GPU at a time: "
                         "auto (only when they do not fit), on, off")
+    p.add_argument("--kv-prefetch", action="store_true",
+                   help="with KV offload: page the next step's cache in while this one computes (one more "
+                        "cache-sized GPU buffer)")
     p.add_argument("--out", default=None if req else str(REPO / "output" / "demo.mp4"), required=req,
                    help="output .mp4 path")
 
@@ -143,7 +146,8 @@ def run_generate(args: argparse.Namespace) -> dict:
         with VideoWriter(out, img.width, img.height, fps=fps, audio_rate=audio.sample_rate) as writer:
             kv_offload = {"auto": None, "on": True, "off": False}[args.kv_offload]
             for blk in model.generate(ctx, aud, img, seed=args.seed, steps=args.steps,
-                                      num_clip=args.num_clip, pose_cond=pose, kv_offload=kv_offload):
+                                      num_clip=args.num_clip, pose_cond=pose, kv_offload=kv_offload,
+                                      kv_prefetch=args.kv_prefetch):
                 if first is None:
                     first = time.perf_counter() - t1
                 writer.write_frames(blk.frames)

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _rollout(dtype: torch.dtype, blocks: int = 2, device: str = "cuda", prepare=None,
-             kv_offload: bool | None = None) -> torch.Tensor:
+             kv_offload: bool | None = None, kv_prefetch: bool = False, steps: int = 4) -> torch.Tensor:
     from liveavatar.config import DiTConfig
     from liveavatar.loading.tiny import dit_key_shapes, draw_state_dict
     from liveavatar.models.dit import CausalS2VDiT
@@ -48,8 +48,9 @@ def _rollout(dtype: torch.dtype, blocks: int = 2, device: str = "cuda", prepare=
     motion = torch.randn(1, 16, 19, *hw, generator=g)
     with torch.no_grad():
         text = model.encode_text(ctx.to(device, dtype))
-        runner = StepRunner(model, text, hw, make_schedule(4, S), range(4), S, 0, device, dtype,
-                            kv_offload=kv_offload)
+        runner = StepRunner(model, text, hw, make_schedule(steps, S), range(steps), S, 0, device, dtype,
+                            kv_offload=kv_offload, kv_prefetch=kv_prefetch)
+        assert runner.kv_prefetch == (kv_prefetch and device == "cuda" and bool(kv_offload))
         runner.prefill(ref, motion)
         outs = []
         for block in make_plan(blocks * 12 - 3, S).blocks:
@@ -95,12 +96,14 @@ def test_cuda_graphs_replay_bitwise_equal():
     assert torch.equal(replayed, plain)
 
 
-def test_kv_offload_pinned_paging_bitwise_equal():
-    """Offloaded step caches (pinned host rows, non-blocking copies on the compute stream) give the
-    frames of resident caches over 6 blocks (the ring wraps)."""
-    resident = _rollout(torch.bfloat16, blocks=6, kv_offload=False)
-    offloaded = _rollout(torch.bfloat16, blocks=6, kv_offload=True)
-    assert torch.equal(offloaded, resident)
+@pytest.mark.parametrize("steps", [4, 3])
+def test_kv_offload_pinned_paging_bitwise_equal(steps):
+    """Offloaded step caches (pinned host rows, non-blocking copies) give the frames of resident
+    caches over 6 blocks (the ring wraps), paged on the compute stream and with the prefetch on a
+    copy stream (4 steps: buffers alternate; 3 steps: the block boundary reuses a buffer)."""
+    resident = _rollout(torch.bfloat16, blocks=6, kv_offload=False, steps=steps)
+    assert torch.equal(_rollout(torch.bfloat16, blocks=6, kv_offload=True, steps=steps), resident)
+    assert torch.equal(_rollout(torch.bfloat16, blocks=6, kv_offload=True, kv_prefetch=True, steps=steps), resident)
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,11 @@ attends to `[ring rows of the window] ++ [sink rows]`, the reference's key order
 Both give identical numbers.
 
 Offload (`working=KVWorkingBuffer`): a step cache keeps its rows in host memory (pinned on
-CUDA) and shares one device buffer with the other step caches of its runner. `page_in()` before
-its call copies the filled rows in, `page_out()` after it copies the block's new rows back
-(ordered on the same CUDA stream, so the next page-in cannot overtake them). One step cache on
-the GPU instead of all of them; the same numbers (no sink slot in this mode).
+CUDA) and shares a device buffer with other step caches of its runner. `page_in()` before its
+call copies the filled rows in, `page_out()` after it copies the block's new rows back. With two
+buffers the next step's page-in runs on a copy stream while this step computes (`page_in(stream)`
++ `wait_ready()`, ordered by CUDA events). One or two step caches on the GPU instead of all of
+them; the same numbers (no sink slot in this mode).
 """
 
 from __future__ import annotations
@@ -120,15 +121,27 @@ class StreamWindow:
 
 class KVWorkingBuffer:
     """The device rows shared by offloaded step caches (`tensor`: one step cache's shape) and
-    which cache's rows it holds now (`owner`)."""
+    which cache's rows it holds now (`owner`). CUDA events order an asynchronous page-in on a copy
+    stream: `ready` (the rows are in), `released` (its previous user is done with it)."""
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
         self.owner: "StepKVCache | None" = None
+        self.ready = None  # torch.cuda.Event | None
+        self.released = None  # torch.cuda.Event | None
 
     @property
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
+
+
+def _copy_rows(dst: torch.Tensor, src: torch.Tensor, a: int, b: int) -> None:
+    """dst[..., a:b, :, :] = src[..., a:b, :, :] for `[layers, 2, 1, rows, H, D]` tensors on two
+    devices, as one contiguous copy per (layer, k/v): a row range of the whole tensor is strided,
+    and a strided host-device copy would stage the rows through a temporary host tensor."""
+    d, s_ = dst.flatten(0, 2), src.flatten(0, 2)
+    for i in range(d.shape[0]):
+        d[i, a:b].copy_(s_[i, a:b], non_blocking=True)
 
 
 def _host_zeros(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
@@ -165,6 +178,7 @@ class StepKVCache:
             self.kv = working.tensor
             self.host = _host_zeros(shape, dtype, pin=working.tensor.is_cuda)
         self._last: StreamWindow | None = None
+        self._out_event = None  # torch.cuda.Event of the last page_out (offload on CUDA)
         self.ring = ring
         self.latent_hw = tuple(latent_hw)
         self.length = 0
@@ -192,6 +206,9 @@ class StepKVCache:
     def reset(self) -> None:
         """Empty the cache (new job). Rows are zeroed, as a fresh reference cache."""
         if self.host is not None:
+            if self._out_event is not None:  # a pending page-out must not land after the zeroing
+                self._out_event.synchronize()
+                self._out_event = None
             self.host.zero_()
             if self.working.owner is self:
                 self.working.owner = None
@@ -202,22 +219,51 @@ class StepKVCache:
         self._sink_key = None
         self._sink_val = None
 
-    def page_in(self) -> None:
-        """Offload mode: bring this cache's filled rows into the shared device buffer (no-op
-        when resident, or when the buffer already holds them)."""
-        if self.host is None or self.working.owner is self:
+    def page_in(self, stream=None) -> None:
+        """Offload mode: bring this cache's filled rows into its device buffer (no-op when
+        resident, or when the buffer already holds them or they are on their way).
+
+        `stream`: a CUDA copy stream to do it asynchronously (prefetch); the compute stream then
+        calls `wait_ready()` before using the rows. None: on the current stream."""
+        w = self.working
+        if self.host is None or w.owner is self:
             return
-        if self.length:
-            self.kv[:, :, :, : self.length].copy_(self.host[:, :, :, : self.length], non_blocking=True)
-        self.working.owner = self
+        if stream is None:
+            if w.ready is not None:  # an earlier prefetch into this buffer may still be in flight
+                torch.cuda.current_stream(self.kv.device).wait_event(w.ready)
+                w.ready = None
+            if self.length:
+                _copy_rows(self.kv, self.host, 0, self.length)
+        else:
+            with torch.cuda.stream(stream):
+                if w.released is not None:  # the buffer's previous user: computed and paged out
+                    stream.wait_event(w.released)
+                if self._out_event is not None:  # this cache's own last page-out reached the host
+                    stream.wait_event(self._out_event)
+                if self.length:
+                    _copy_rows(self.kv, self.host, 0, self.length)
+                w.ready = torch.cuda.Event()
+                w.ready.record(stream)
+        w.owner = self
+
+    def wait_ready(self) -> None:
+        """Make the current stream wait for an asynchronous `page_in` of this cache."""
+        w = self.working
+        if w is not None and w.owner is self and w.ready is not None:
+            torch.cuda.current_stream(self.kv.device).wait_event(w.ready)
+            w.ready = None
 
     def page_out(self) -> None:
-        """Offload mode: copy the rows the last call wrote back to host memory."""
+        """Offload mode: copy the rows the last call wrote back to host memory (current stream)."""
         if self.host is None or self._last is None:
             return
         a, b = self._last.offset, self._last.offset + self._last.tokens
-        self.host[:, :, :, a:b].copy_(self.kv[:, :, :, a:b], non_blocking=True)
+        _copy_rows(self.host, self.kv, a, b)
         self._last = None
+        if self.kv.is_cuda:  # orders the next page-in of this cache and the buffer's next user
+            self._out_event = torch.cuda.Event()
+            self._out_event.record(torch.cuda.current_stream(self.kv.device))
+            self.working.released = self._out_event
 
     def ring_rows(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of ring rows [start, stop) of a layer, each `[1, n, heads, head_dim]`."""

@@ -53,16 +53,17 @@ class BlockDecoder:
 
 
 def make_runner(model, context: torch.Tensor, image: ImageConditioning, *, seed: int, steps: int,
-                owned: list[int] | None = None, kv_offload: bool | None = None) -> StepRunner:
-    """A StepRunner on the model's device owning `owned` steps (all by default); `kv_offload`
-    as `StepRunner` (None: only when the caches do not fit)."""
+                owned: list[int] | None = None, kv_offload: bool | None = None,
+                kv_prefetch: bool = False) -> StepRunner:
+    """A StepRunner on the model's device owning `owned` steps (all by default); `kv_offload`,
+    `kv_prefetch` as `StepRunner` (offload None: only when the caches do not fit)."""
     stream = model.stream
     schedule = make_schedule(steps, stream)
     owned = list(range(steps)) if owned is None else owned
     with torch.no_grad():
         text = model.dit.encode_text(context.to(model.device, model.dtype))
     return StepRunner(model.dit, text, image.latent_hw, schedule, owned, stream, seed,
-                      device=model.device, dtype=model.dtype, kv_offload=kv_offload)
+                      device=model.device, dtype=model.dtype, kv_offload=kv_offload, kv_prefetch=kv_prefetch)
 
 
 def _check(cancel: Callable[[], bool] | None) -> None:
@@ -76,7 +77,8 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
              progress: Callable[[dict], None] | None = None,
              cancel: Callable[[], bool] | None = None,
              reference: ReferenceLatents | None = None,
-             overlap_decode: bool | None = None, kv_offload: bool | None = None) -> Iterator[DecodedBlock]:
+             overlap_decode: bool | None = None, kv_offload: bool | None = None,
+             kv_prefetch: bool = False) -> Iterator[DecodedBlock]:
     """Yield every decoded block of the avatar video, in order, as soon as it is decoded.
 
     context: umT5 context [L, text_dim]. audio / image: from `model.encode_audio` /
@@ -91,7 +93,9 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
     H100), off elsewhere; True on a CPU model is an error. Timings per block: {"dit", "decode"} seconds (GPU event spans when overlapped).
     kv_offload: keep the step KV caches in host memory, one on the GPU at a time (True), never
     (False), or None: only when all of them do not fit the GPU (then logged; slower: each step
-    pages one clip of keys/values in, e.g. 9.7 GiB at 704x384).
+    pages one clip of keys/values in, e.g. 9.7 GiB at 704x384). kv_prefetch: with offload, a
+    second device buffer so that the next step's page-in overlaps this step's compute (opt-in
+    until measured on a GPU; dropped with a log line when the second buffer does not fit).
     """
     stream = model.stream
     plan: JobPlan = make_plan(audio.num_frames, stream, num_clip=num_clip, lead_in_frames=audio.lead_in_frames)
@@ -105,9 +109,10 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
              plan.num_blocks, steps, seed)
     _check(cancel)
     if cuda:
-        kv_offload = _check_memory(model, image, steps, kv_offload)
+        kv_offload, kv_prefetch = _check_memory(model, image, steps, kv_offload, kv_prefetch)
     ref = reference or model.encode_reference(image)
-    runner = make_runner(model, context, image, seed=seed, steps=steps, kv_offload=kv_offload)
+    runner = make_runner(model, context, image, seed=seed, steps=steps, kv_offload=kv_offload,
+                         kv_prefetch=kv_prefetch)
     runner.prefill(ref.ref, ref.motion)
 
     def dit_blocks(stopped: Callable[[], bool] | None = None) -> Iterator[tuple[BlockSpec, torch.Tensor]]:
@@ -148,9 +153,11 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
         t0 = time.perf_counter()
 
 
-def _check_memory(model, image: ImageConditioning, steps: int, kv_offload: bool | None) -> bool | None:
+def _check_memory(model, image: ImageConditioning, steps: int, kv_offload: bool | None,
+                  kv_prefetch: bool = False) -> tuple[bool, bool]:
     """Preflight on CUDA before any cache exists: raise MemoryError with the numbers and remedies,
-    or decide the KV offload when the step caches only fit one at a time (kv_offload None)."""
+    or decide the KV offload (kv_offload None: when the step caches only fit one at a time) and
+    whether its prefetch buffer fits. Returns (kv_offload, kv_prefetch)."""
     from liveavatar.pipeline.memory import (GIB, available_host_bytes, check_fits, estimate_memory,
                                             host_cache_bytes)
 
@@ -164,20 +171,26 @@ def _check_memory(model, image: ImageConditioning, steps: int, kv_offload: bool 
     if not kv_offload:
         try:
             check_fits(model.device, est(False), what)
-            return False
+            return False, False
         except MemoryError:
             if kv_offload is False or steps < 2:
                 raise
-    check_fits(model.device, est(True), what + " (KV caches offloaded to host memory, one on the GPU)")
+    offloaded = est(True)
+    check_fits(model.device, offloaded, what + " (KV caches offloaded to host memory, one on the GPU)")
     host = host_cache_bytes(cfg, w, h, steps, model.dtype, stream)
     avail = available_host_bytes()
     if avail is not None and host > avail:
         raise MemoryError(f"KV cache offload needs {host / GIB:.1f} GiB of host memory for {steps} step caches at "
                           f"{w}x{h}, {avail / GIB:.1f} GiB are available. Remedies: a smaller size (384*256), "
                           "fp8 weights so the caches fit the GPU, or more GPUs in 'tpp' mode.")
-    log.info("KV caches offloaded to host memory (%.1f GiB; one step's %.1f GiB on the GPU at a time): "
-             "slower, but fits", host / GIB, host / steps / GIB)
-    return True
+    if kv_prefetch:
+        free, _ = torch.cuda.mem_get_info(model.device)
+        if offloaded.total + offloaded.step_caches > free:
+            log.info("KV prefetch off: its second %.1f GiB buffer does not fit", offloaded.step_caches / GIB)
+            kv_prefetch = False
+    log.info("KV caches offloaded to host memory (%.1f GiB; %d step cache(s) of %.1f GiB on the GPU): "
+             "slower, but fits", host / GIB, 2 if kv_prefetch else 1, host / steps / GIB)
+    return True, kv_prefetch
 
 
 def _dit_blocks(runner: StepRunner, plan: JobPlan, ref: ReferenceLatents, audio: AudioConditioning,

@@ -39,11 +39,14 @@ class StepRunner:
     latent_hw: (h, w) of the latent grid (pixels / 8).
     kv_offload: keep the step caches in host memory with one shared device buffer (True), never
     (False), or only when they do not fit the GPU (None; see `_offload_wanted`).
+    kv_prefetch: with offload on CUDA, two device buffers: the next step's rows are copied in on
+    a side stream while this step computes.
     """
 
     def __init__(self, dit, text, latent_hw: tuple[int, int], schedule: FlowMatchSchedule,
                  steps: Sequence[int], stream: StreamConfig, seed: int,
-                 device: torch.device | str, dtype: torch.dtype, kv_offload: bool | None = None):
+                 device: torch.device | str, dtype: torch.dtype, kv_offload: bool | None = None,
+                 kv_prefetch: bool = False):
         self.dit = dit
         self.text = text
         self.latent_hw = latent_hw
@@ -55,11 +58,19 @@ class StepRunner:
         self.dtype = dtype
         self.sink = dit.new_sink_cache(latent_hw, device=self.device, dtype=dtype)
         self.kv_offload = self._offload_wanted(kv_offload)
+        self.kv_prefetch = bool(kv_prefetch and self.kv_offload and self.device.type == "cuda" and len(self.steps) > 1)
         self.working = None
-        if self.kv_offload:  # one device buffer, the step caches' rows in host memory
-            self.working = dit.new_working_buffer(latent_hw, device=self.device, dtype=dtype)
-            self.caches = {s: dit.new_step_cache(latent_hw, device=self.device, dtype=dtype, working=self.working)
-                           for s in self.steps}
+        self.buffers: list = []
+        self.copy_stream = None
+        if self.kv_offload:  # device buffer(s), the step caches' rows in host memory
+            self.buffers = [dit.new_working_buffer(latent_hw, device=self.device, dtype=dtype)
+                            for _ in range(2 if self.kv_prefetch else 1)]
+            self.working = self.buffers[0]
+            if self.kv_prefetch:
+                self.copy_stream = torch.cuda.Stream(self.device)
+            self.caches = {s: dit.new_step_cache(latent_hw, device=self.device, dtype=dtype,
+                                                 working=self.buffers[i % len(self.buffers)])
+                           for i, s in enumerate(self.steps)}
             return
         # sink slot (no per-layer concatenation of [window, sink]) when all caches fit with it
         slot = bool(getattr(dit, "sink_slot_fits", None)
@@ -87,7 +98,7 @@ class StepRunner:
 
     def cache_bytes(self) -> int:
         """Device bytes of the caches (the shared working buffer counted once when offloaded)."""
-        working = self.working.nbytes if self.working is not None else 0
+        working = sum(b.nbytes for b in self.buffers)
         return self.sink.nbytes + working + sum(c.nbytes for c in self.caches.values())
 
     def host_cache_bytes(self) -> int:
@@ -113,10 +124,15 @@ class StepRunner:
         x = x.to(self.device, torch.float32)
         sig = self.schedule.sigmas
         audio_tokens = self.dit.encode_audio(audio)  # once per block, shared by every step
-        for s in self.steps:
+        caches = [self.caches[s] for s in self.steps]
+        for i, s in enumerate(self.steps):
             t = float(self.schedule.timesteps[s])
-            cache = self.caches[s]
-            cache.page_in()  # offload mode: this step's rows into the shared buffer
+            cache = caches[i]
+            cache.page_in(self.copy_stream)  # offload: this step's rows in (no-op if prefetched)
+            cache.wait_ready()
+            nxt = caches[(i + 1) % len(caches)]  # the next step, or the first one of the next block
+            if self.copy_stream is not None and nxt.working is not cache.working:
+                nxt.page_in(self.copy_stream)  # overlaps this step's compute
             v = self.dit.forward_block(
                 x.to(self.dtype), t, self.text, audio, cond, cache, self.sink,
                 start_frame=block.start_frame, sink_offset=offsets[s], audio=audio_tokens,
