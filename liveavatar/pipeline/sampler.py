@@ -68,6 +68,8 @@ class StepRunner:
             self.working = self.buffers[0]
             if self.kv_prefetch:
                 self.copy_stream = torch.cuda.Stream(self.device)
+                for buf in self.buffers:  # freed (e.g. after a cancel) only once its copies are done
+                    buf.tensor.record_stream(self.copy_stream)
             self.caches = {s: dit.new_step_cache(latent_hw, device=self.device, dtype=dtype,
                                                  working=self.buffers[i % len(self.buffers)])
                            for i, s in enumerate(self.steps)}
