@@ -109,6 +109,7 @@ def check_fits(device: torch.device, est: MemoryEstimate, what: str = "this job"
     raise MemoryError(
         f"{what} needs about {est.total / GIB:.1f} GiB on {device} ({est.table()}), but only "
         f"{free / GIB:.1f} of {total / GIB:.1f} GiB are free. Remedies: fp8 weights (halves the DiT), "
+        f"KV caches in host RAM (--kv-offload on; automatic unless turned off), "
         f"a smaller size (e.g. 688*368 or 384*256), fewer denoising steps (3), or more GPUs in 'tpp' mode "
         f"(each GPU then holds only its own steps' caches)."
     )
