@@ -134,3 +134,30 @@ def test_kv_offload_refuses_a_cache_used_without_paging(model, job):
     with pytest.raises(RuntimeError, match="page_in"):
         model.dit.forward_block(x, 500.0, r.text, job["aud"].block_features(block), None, cache, r.sink,
                                 start_frame=3, sink_offset=0)
+
+
+def test_kv_offload_decision_from_the_numbers():
+    """The preflight's choice (`memory.plan_kv_offload`) on the 14B estimate at 704x384, for a
+    48 GB, an 80 GB and a 24 GB card (fp8 weights resident: 15.5 GiB of the free memory gone)."""
+    from liveavatar.config import DiTConfig
+    from liveavatar.pipeline.memory import GIB, estimate_memory, host_cache_bytes, plan_kv_offload
+
+    cfg = DiTConfig()
+    res, off = (estimate_memory(cfg, 704, 384, steps_owned=4, param_counts=(0, 0), kv_offload=o) for o in (False, True))
+    host = host_cache_bytes(cfg, 704, 384, 4)
+    assert round(host / GIB, 1) == 38.7 and off.step_caches * 4 == res.step_caches
+
+    def plan(free_gib, kv_offload=None, prefetch=False, ram=None):
+        return plan_kv_offload(res, off, host, free=int(free_gib * GIB), total=int(80 * GIB), host_available=ram,
+                               steps=4, kv_offload=kv_offload, kv_prefetch=prefetch, what="test")
+
+    assert plan(80 - 15.5) == (False, False)  # H100 with fp8 weights: everything resident
+    assert plan(47.5 - 15.5) == (True, False)  # 48 GB card: offloaded automatically
+    assert plan(47.5 - 15.5, prefetch=True) == (True, True)  # ... and the second buffer fits too
+    assert plan(80 - 15.5, kv_offload=True, prefetch=True) == (True, True)  # asked for
+    with pytest.raises(MemoryError, match="kv-offload"):
+        plan(47.5 - 15.5, kv_offload=False)
+    with pytest.raises(MemoryError, match="offloaded to host memory"):
+        plan(23.5 - 15.5)  # 24 GB: not even one step cache of 704x384
+    with pytest.raises(MemoryError, match="host memory, 16.0 GiB"):
+        plan(47.5 - 15.5, ram=16 * GIB)

@@ -155,42 +155,26 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
 
 def _check_memory(model, image: ImageConditioning, steps: int, kv_offload: bool | None,
                   kv_prefetch: bool = False) -> tuple[bool, bool]:
-    """Preflight on CUDA before any cache exists: raise MemoryError with the numbers and remedies,
-    or decide the KV offload (kv_offload None: when the step caches only fit one at a time) and
-    whether its prefetch buffer fits. Returns (kv_offload, kv_prefetch)."""
-    from liveavatar.pipeline.memory import (GIB, available_host_bytes, check_fits, estimate_memory,
-                                            host_cache_bytes)
+    """Preflight on CUDA before any cache exists (`memory.plan_kv_offload`): raise MemoryError
+    with the numbers and remedies, or decide the KV offload and its prefetch."""
+    from liveavatar.pipeline.memory import (GIB, available_host_bytes, estimate_memory, host_cache_bytes,
+                                            plan_kv_offload)
 
     cfg, stream, w, h = model.dit.cfg, model.stream, image.width, image.height
-    what = f"generating at {w}x{h} with {steps} step caches"
-
-    def est(offload: bool):  # weights are already resident
-        return estimate_memory(cfg, w, h, steps_owned=steps, dtype=model.dtype, stream=stream,
-                               param_counts=(0, 0), kv_offload=offload)
-
-    if not kv_offload:
-        try:
-            check_fits(model.device, est(False), what)
-            return False, False
-        except MemoryError:
-            if kv_offload is False or steps < 2:
-                raise
-    offloaded = est(True)
-    check_fits(model.device, offloaded, what + " (KV caches offloaded to host memory, one on the GPU)")
+    ests = [estimate_memory(cfg, w, h, steps_owned=steps, dtype=model.dtype, stream=stream,
+                            param_counts=(0, 0), kv_offload=off) for off in (False, True)]  # weights resident
     host = host_cache_bytes(cfg, w, h, steps, model.dtype, stream)
-    avail = available_host_bytes()
-    if avail is not None and host > avail:
-        raise MemoryError(f"KV cache offload needs {host / GIB:.1f} GiB of host memory for {steps} step caches at "
-                          f"{w}x{h}, {avail / GIB:.1f} GiB are available. Remedies: a smaller size (384*256), "
-                          "fp8 weights so the caches fit the GPU, or more GPUs in 'tpp' mode.")
-    if kv_prefetch:
-        free, _ = torch.cuda.mem_get_info(model.device)
-        if offloaded.total + offloaded.step_caches > free:
-            log.info("KV prefetch off: its second %.1f GiB buffer does not fit", offloaded.step_caches / GIB)
-            kv_prefetch = False
-    log.info("KV caches offloaded to host memory (%.1f GiB; %d step cache(s) of %.1f GiB on the GPU): "
-             "slower, but fits", host / GIB, 2 if kv_prefetch else 1, host / steps / GIB)
-    return True, kv_prefetch
+    free, total = torch.cuda.mem_get_info(model.device)
+    offload, prefetch = plan_kv_offload(ests[0], ests[1], host, free=free, total=total,
+                                        host_available=available_host_bytes(), steps=steps,
+                                        kv_offload=kv_offload, kv_prefetch=kv_prefetch, device=model.device,
+                                        what=f"generating at {w}x{h} with {steps} step caches")
+    if offload:
+        if kv_prefetch and not prefetch:
+            log.info("KV prefetch off: its second %.1f GiB buffer does not fit", ests[1].step_caches / GIB)
+        log.info("KV caches offloaded to host memory (%.1f GiB; %d step cache(s) of %.1f GiB on the GPU): "
+                 "slower, but fits", host / GIB, 2 if prefetch else 1, host / steps / GIB)
+    return offload, prefetch
 
 
 def _dit_blocks(runner: StepRunner, plan: JobPlan, ref: ReferenceLatents, audio: AudioConditioning,

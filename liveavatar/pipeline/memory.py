@@ -99,17 +99,45 @@ def available_host_bytes() -> int | None:
         return None
 
 
-def check_fits(device: torch.device, est: MemoryEstimate, what: str = "this job") -> None:
-    """Raise MemoryError with the numbers and the remedies when `est` exceeds free GPU memory."""
-    if device.type != "cuda":
-        return
-    free, total = torch.cuda.mem_get_info(device)
-    if est.total <= free:
-        return
-    raise MemoryError(
+def memory_error(est: MemoryEstimate, free: int, total: int, device: object, what: str) -> MemoryError:
+    """The MemoryError of a job that needs `est` where `free` of `total` bytes are free."""
+    return MemoryError(
         f"{what} needs about {est.total / GIB:.1f} GiB on {device} ({est.table()}), but only "
         f"{free / GIB:.1f} of {total / GIB:.1f} GiB are free. Remedies: fp8 weights (halves the DiT), "
         f"KV caches in host RAM (--kv-offload on; automatic unless turned off), "
         f"a smaller size (e.g. 688*368 or 384*256), fewer denoising steps (3), or more GPUs in 'tpp' mode "
         f"(each GPU then holds only its own steps' caches)."
     )
+
+
+def check_fits(device: torch.device, est: MemoryEstimate, what: str = "this job") -> None:
+    """Raise MemoryError with the numbers and the remedies when `est` exceeds free GPU memory."""
+    if device.type != "cuda":
+        return
+    free, total = torch.cuda.mem_get_info(device)
+    if est.total > free:
+        raise memory_error(est, free, total, device, what)
+
+
+def plan_kv_offload(resident: MemoryEstimate, offloaded: MemoryEstimate, host_need: int, *, free: int,
+                    total: int, host_available: int | None, steps: int, kv_offload: bool | None,
+                    kv_prefetch: bool, device: object = "cuda", what: str = "this job") -> tuple[bool, bool]:
+    """Whether the step KV caches go to host memory, and whether the prefetch buffer fits.
+
+    resident / offloaded: `estimate_memory` without / with `kv_offload`; host_need: bytes of the
+    offloaded caches (`host_cache_bytes`); free / total: GPU bytes; host_available: free RAM
+    (None: unknown). kv_offload None = only when the resident caches do not fit. Returns
+    (kv_offload, kv_prefetch); raises MemoryError (numbers and remedies) when nothing fits.
+    """
+    if not kv_offload:
+        if resident.total <= free:
+            return False, False
+        if kv_offload is False or steps < 2:
+            raise memory_error(resident, free, total, device, what)
+    if offloaded.total > free:
+        raise memory_error(offloaded, free, total, device, what + " (KV caches offloaded to host memory)")
+    if host_available is not None and host_need > host_available:
+        raise MemoryError(f"{what}: the KV cache offload needs {host_need / GIB:.1f} GiB of host memory, "
+                          f"{host_available / GIB:.1f} GiB are available. Remedies: a smaller size (384*256), fp8 "
+                          "weights so the caches fit the GPU, or more GPUs in 'tpp' mode.")
+    return True, bool(kv_prefetch and offloaded.total + offloaded.step_caches <= free)
