@@ -82,17 +82,19 @@ def test_killed_worker_is_reported_and_nothing_is_left(tiny):
                       pg_timeout_s=60.0)
     before = _gpu_pids()
     group = WorkerGroup(cfg).start()
-    workers = set(group.pids.values())
-    handle = group.submit(make_job(img, long_audio, "hi", size="128*64", seed=1))
-    t0 = time.time()
-    with pytest.raises(WorkerError) as err:
-        for i, _ in enumerate(handle.frames()):
-            if i == 1:
-                os.kill(group.pids[1], signal.SIGKILL)
-    print(f"error after {time.time() - t0:.1f} s: {err.value}")
-    assert err.value.rank == 1 and "SIGKILL" in str(err.value)
-    assert time.time() - t0 < 60, "the controller waited for the NCCL timeout instead of the dead rank"
-    group.close()
+    try:
+        workers = set(group.pids.values())
+        handle = group.submit(make_job(img, long_audio, "hi", size="128*64", seed=1))
+        t0 = time.time()
+        with pytest.raises(WorkerError) as err:
+            for i, _ in enumerate(handle.frames()):
+                if i == 1:
+                    os.kill(group.pids[1], signal.SIGKILL)
+        print(f"error after {time.time() - t0:.1f} s: {err.value}")
+        assert err.value.rank == 1 and "SIGKILL" in str(err.value)
+        assert time.time() - t0 < 60, "the controller waited for the NCCL timeout instead of the dead rank"
+    finally:
+        group.close()
     deadline = time.time() + 30
     while (_gpu_pids() - before) & workers and time.time() < deadline:
         time.sleep(0.5)
