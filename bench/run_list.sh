@@ -10,26 +10,19 @@ J="$OUT/list.jsonl"; : > "$J"
 BUDGET=${LIST_BUDGET_S:-540}; START=$SECONDS
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}
 PY=${PYTHON:-python3}
+# shellcheck source=bench/capped_run.sh
+source "$(dirname "$0")/capped_run.sh"
 COMMON=(--size "${LIST_SIZE:-704*384}" --steps 4 --blocks "${LIST_BLOCKS:-6}" --warmup "${LIST_WARMUP:-6}" --seed 0
         --peak-tflops "${LIST_PEAK:-738}")
 for spec in "$@"; do
   IFS='|' read -r name cap args <<< "$spec"
-  rem=$((BUDGET - (SECONDS - START)))
-  if [ "$rem" -lt 40 ]; then echo "SKIP $name (${rem}s left)"; continue; fi
-  [ "$cap" -gt "$rem" ] && cap=$rem
   read -r -a A <<< "$args"
   if [ "$args" = REF ]; then
     CMD=("$PY" bench/ref_harness.py --ref-dir third_party/LiveAvatar "${COMMON[@]}")
   else
     CMD=("$PY" -m liveavatar.bench --random-weights "${COMMON[@]}" "${A[@]}")
   fi
-  echo "[$((SECONDS - START))s] RUN $name cap ${cap}s: ${A[*]}"
-  LIVEAVATAR_BENCH_TIME_LIMIT=$((cap - 25)) timeout -k 10 "$cap" "${CMD[@]}" > "$OUT/$name.out" 2> "$OUT/$name.err"
-  rc=$?
-  line=$(grep '^{' "$OUT/$name.out" | tail -1)
-  [ -z "$line" ] && line="{\"impl\": \"?\", \"error\": \"exit $rc, no JSON\"}"
-  echo "$line" | "$PY" -c "import json,sys; d=json.loads(sys.stdin.read()); d['run']='$name'; d['bench_args']='$args'; print(json.dumps(d))" >> "$J"
-  echo "[$((SECONDS - START))s] END $name rc=$rc"; [ "$rc" -ne 0 ] && tail -5 "$OUT/$name.err"
+  BENCH_ARGS_NOTE=$args capped_run "$name" "$cap" "${CMD[@]}"
 done
 "$PY" - "$J" <<'PYEOF'
 import json, sys

@@ -16,20 +16,9 @@ read -r -a OEXTRA <<< "${SPEED_OURS_EXTRA:-}"
 COMMON=(--size "${SPEED_SIZE:-704*384}" --steps 4 --blocks "${SPEED_BLOCKS:-6}" --warmup "${SPEED_WARMUP:-4}" --seed 0
         --peak-tflops "${SPEED_PEAK:-738}" "${EXTRA[@]}")
 OURS=("$PY" -m liveavatar.bench --random-weights "${COMMON[@]}" "${OEXTRA[@]}")
-run() {  # run NAME CAP CMD...
-  local name=$1 cap=$2; shift 2
-  local rem=$((BUDGET - (SECONDS - START)))
-  if [ "$rem" -lt 40 ]; then echo "SKIP $name (${rem}s left)"; return 1; fi
-  [ "$cap" -gt "$rem" ] && cap=$rem
-  echo "[$((SECONDS - START))s] RUN $name cap ${cap}s"
-  LIVEAVATAR_BENCH_TIME_LIMIT=$((cap - 25)) timeout -k 10 "$cap" "$@" > "$OUT/$name.out" 2> "$OUT/$name.err"
-  local rc=$? line
-  line=$(grep '^{' "$OUT/$name.out" | tail -1)
-  [ -z "$line" ] && line="{\"impl\": \"?\", \"error\": \"exit $rc, no JSON\"}"
-  echo "$line" | "$PY" -c "import json,sys; d=json.loads(sys.stdin.read()); d['run']='$name'; print(json.dumps(d))" >> "$J"
-  echo "[$((SECONDS - START))s] END $name rc=$rc"; [ "$rc" -ne 0 ] && tail -5 "$OUT/$name.err"
-  return 0
-}
+# shellcheck source=bench/capped_run.sh
+source "$(dirname "$0")/capped_run.sh"
+run() { capped_run "$@"; }  # run NAME CAP CMD...
 PROF=(); [ "${SPEED_PROFILE:-0}" = 1 ] && PROF=(--profile "$OUT")
 rm -f /tmp/lat_bf16.pt
 run ours_bf16 80 "${OURS[@]}" --save-latents /tmp/lat_bf16.pt
