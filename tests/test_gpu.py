@@ -8,13 +8,11 @@
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,8 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_support import gpu_pids, inprocess_blocks, max_pixel_difference, tiny_job, wait_gone_from_gpu  # noqa: E402
 
 
 def _rollout(dtype: torch.dtype, blocks: int = 2, device: str = "cuda", prepare=None,
@@ -108,33 +108,15 @@ def test_kv_offload_pinned_paging_bitwise_equal(steps):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from liveavatar.loading.tiny import make_tiny_checkpoint
-    from liveavatar.media.audio import audio_from_waveform
-    from PIL import Image
-
-    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=1)
-    t = torch.arange(int(1.5 * 16000)) / 16000
-    audio = audio_from_waveform((0.3 * torch.sin(2 * math.pi * 200 * t))[None], 16000)
-    return ckpt, audio, Image.new("RGB", (128, 64), (170, 120, 100))
-
-
-def _gpu_pids() -> set[int]:
-    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout
-    return {int(x) for x in out.split() if x.strip().isdigit()}
+    return tiny_job(tmp_path_factory.mktemp("ckpt"), 1.5)
 
 
 def test_group_matches_inprocess_and_frees_memory(tiny):
-    from liveavatar.pipeline import LiveAvatar
     from parallel import open_worker_group
 
     ckpt, audio, img = tiny
-    local = LiveAvatar.from_checkpoint(ckpt, device="cuda:0", dtype="fp32")
-    want = list(local.generate(local.encode_prompt("hi"), local.encode_audio(audio),
-                               local.prepare_image(img, "128*64"), seed=4))
-    del local
-    torch.cuda.empty_cache()
-    before = _gpu_pids()
+    want = inprocess_blocks(ckpt, audio, img, seed=4)
+    before = gpu_pids()
     group = open_worker_group("checkpoint", ["cuda:0"], mode="single", ckpt_dir=str(ckpt), dtype="fp32")
     # an interrupted job first: the group stops within a block and takes the next job
     from liveavatar.pipeline import GenerationCancelled
@@ -146,16 +128,13 @@ def test_group_matches_inprocess_and_frees_memory(tiny):
             seen.append(blk)
     got = list(group.generate(group.encode_prompt("hi"), group.encode_audio(audio),
                               group.prepare_image(img, "128*64"), seed=4))
-    workers = _gpu_pids() - before
+    workers = gpu_pids() - before
     group.close()
     assert [b.index for b in got] == [b.index for b in want]
-    worst = max(int((g.frames.int() - w.frames.int()).abs().max()) for g, w in zip(got, want))
+    worst = max_pixel_difference(got, want)
     print(f"one-rank group vs in-process on CUDA: max pixel difference {worst}")
     assert worst <= 1
-    deadline = time.time() + 20
-    while _gpu_pids() & workers and time.time() < deadline:
-        time.sleep(0.5)
-    assert not (_gpu_pids() & workers), "worker processes still hold GPU memory after close()"
+    assert not wait_gone_from_gpu(workers, 20), "worker processes still hold GPU memory after close()"
 
 
 def test_killed_controller_frees_gpu(tiny, tmp_path):
@@ -174,18 +153,15 @@ def test_killed_controller_frees_gpu(tiny, tmp_path):
                                          g.prepare_image(Image.new("RGB", (64, 64)), "64*64"), seed=1)):
             print("block", i, flush=True)
     """))
-    before = _gpu_pids()
+    before = gpu_pids()
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert line.startswith("block"), "controller produced no block"
-    workers = _gpu_pids() - before - {proc.pid}
+    workers = gpu_pids() - before - {proc.pid}
     assert workers, "no worker process on the GPU"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    deadline = time.time() + 30
-    while _gpu_pids() & workers and time.time() < deadline:
-        time.sleep(0.5)
-    assert not (_gpu_pids() & workers), "orphaned workers keep GPU memory after the controller died"
+    assert not wait_gone_from_gpu(workers, 30), "orphaned workers keep GPU memory after the controller died"
 
 
 def test_cli_generate_on_cuda(tiny, tmp_path):

@@ -24,37 +24,21 @@ import torch
 N = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = pytest.mark.skipif(N < 2, reason="needs 2+ CUDA GPUs")
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_support import gpu_pids, inprocess_blocks, max_pixel_difference, tiny_job, wait_gone_from_gpu  # noqa: E402
 DEVICES = [f"cuda:{i}" for i in range(min(N, 5))]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from liveavatar.loading.tiny import make_tiny_checkpoint
-    from liveavatar.media.audio import audio_from_waveform
-    from PIL import Image
-
-    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=1)
-    t = torch.arange(int(2.5 * 16000)) / 16000
-    audio = audio_from_waveform((0.3 * torch.sin(2 * math.pi * 200 * t))[None], 16000)  # 2 clips
-    return ckpt, audio, Image.new("RGB", (128, 64), (170, 120, 100))
-
-
-def _gpu_pids() -> set[int]:
-    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout
-    return {int(x) for x in out.split() if x.strip().isdigit()}
+    return tiny_job(tmp_path_factory.mktemp("ckpt"), 2.5)  # 2 clips
 
 
 def test_tpp_on_gpus_equals_one_gpu(tiny):
-    from liveavatar.pipeline import LiveAvatar
     from parallel import open_worker_group
 
     ckpt, audio, img = tiny
-    local = LiveAvatar.from_checkpoint(ckpt, device="cuda:0", dtype="fp32")
-    want = list(local.generate(local.encode_prompt("hi"), local.encode_audio(audio),
-                               local.prepare_image(img, "128*64"), seed=4))
-    del local
-    torch.cuda.empty_cache()
+    want = inprocess_blocks(ckpt, audio, img, seed=4)
     group = open_worker_group("checkpoint", DEVICES, mode="tpp", ckpt_dir=str(ckpt), dtype="fp32")
     try:
         got = list(group.generate(group.encode_prompt("hi"), group.encode_audio(audio),
@@ -62,7 +46,7 @@ def test_tpp_on_gpus_equals_one_gpu(tiny):
     finally:
         group.close()
     assert [b.index for b in got] == [b.index for b in want]
-    worst = max(int((g.frames.int() - w.frames.int()).abs().max()) for g, w in zip(got, want))
+    worst = max_pixel_difference(got, want)
     print(f"TPP on {len(DEVICES)} GPUs vs one GPU: max pixel difference {worst}")
     assert worst <= 1
 
@@ -80,7 +64,7 @@ def test_killed_worker_is_reported_and_nothing_is_left(tiny):
     sched = schedule.tpp(4, min(len(DEVICES), 4), separate_decode=len(DEVICES) > 4, devices=DEVICES)
     cfg = GroupConfig(sched, "parallel.engine:LiveAvatarEngine", {"ckpt_dir": str(ckpt), "dtype": "fp32"},
                       pg_timeout_s=60.0)
-    before = _gpu_pids()
+    before = gpu_pids()
     group = WorkerGroup(cfg).start()
     try:
         workers = set(group.pids.values())
@@ -95,10 +79,7 @@ def test_killed_worker_is_reported_and_nothing_is_left(tiny):
         assert time.time() - t0 < 60, "the controller waited for the NCCL timeout instead of the dead rank"
     finally:
         group.close()
-    deadline = time.time() + 30
-    while (_gpu_pids() - before) & workers and time.time() < deadline:
-        time.sleep(0.5)
-    assert not ((_gpu_pids() - before) & workers), "worker processes keep GPU memory after a rank died"
+    assert not wait_gone_from_gpu(workers - before, 30), "worker processes keep GPU memory after a rank died"
 
 
 def test_group_bench_on_gpus():
