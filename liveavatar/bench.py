@@ -284,7 +284,7 @@ def bench(args) -> dict:
         out["fps_from_last_warmup_block"] = from_warmup
     if "cache_gib" in res:
         out["cache_gib"] = res["cache_gib"]
-    out["kv_offload"] = res.get("kv_offload", args.kv_offload_opt if hasattr(args, "kv_offload_opt") else None)
+    out["kv_offload"] = res.get("kv_offload", getattr(args, "kv_offload_opt", None))
     out["kv_prefetch"] = res.get("kv_prefetch")
     if "decode_ms" in res:
         out["dit_ms"] = benchlib.median(res["dit_ms"])

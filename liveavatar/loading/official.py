@@ -183,8 +183,9 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
     modules = dict(model.named_modules())
     lora_source = open_tensor_source(lora_path) if lora_path is not None else None
     plan = plan_lora(model, lora_source, strength=lora_strength) if lora_source is not None else None
-    watched = {name for name, m in modules.items() if isinstance(m, torch.nn.Linear)
-               and ((plan is not None and name in plan) or (scaling and fp8_verdict(name, m) == "convert"))}
+    to_fp8 = {name for name, m in modules.items()
+              if scaling and isinstance(m, torch.nn.Linear) and fp8_verdict(name, m) == "convert"}
+    watched = to_fp8 | (set(plan.layers) if plan is not None else set())
 
     def finish_layer(tensor_name: str) -> None:
         name = tensor_name.rpartition(".")[0]
@@ -196,7 +197,7 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
         watched.discard(name)
         if plan is not None and name in plan:
             plan.apply(name, linear)
-        if scaling and fp8_verdict(name, linear) == "convert":
+        if name in to_fp8:
             parent, _, child = name.rpartition(".")
             modules[name] = FP8Linear.from_linear(linear, emulate=emulate, scaling=scaling)
             setattr(modules[parent] if parent else model, child, modules[name])

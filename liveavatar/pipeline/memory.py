@@ -32,6 +32,14 @@ def dit_param_counts(cfg: DiTConfig) -> tuple[int, int]:
     return total, linear
 
 
+def dit_weight_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool,
+                     param_counts: tuple[int, int] | None = None) -> int:
+    """Bytes of the DiT weights in `dtype`, with 1 byte per fp8-eligible linear weight when `fp8`."""
+    elt = torch.tensor([], dtype=dtype).element_size()
+    total, linear = param_counts or dit_param_counts(cfg)
+    return (total - linear) * elt + linear * (1 if fp8 else elt)
+
+
 @dataclass
 class MemoryEstimate:
     weights: int
@@ -62,8 +70,7 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
     rows on the GPU; see `host_cache_bytes` for the host side).
     """
     elt = torch.tensor([], dtype=dtype).element_size()
-    total, linear = param_counts or dit_param_counts(cfg)
-    weights = (total - linear) * elt + linear * (1 if fp8 else elt) if steps_owned else 0
+    weights = dit_weight_bytes(cfg, dtype, fp8, param_counts) if steps_owned else 0
     fsl = (height // 16) * (width // 16)
     clip_tokens = stream.latent_frames_per_clip * fsl
     kv = cfg.num_layers * 2 * cfg.dim * elt  # bytes per cached token over all layers (k + v)

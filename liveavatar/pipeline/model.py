@@ -58,11 +58,9 @@ def _check_load_fits(opts: LoadOptions, config) -> None:
     layer while loading, so the peak is the fp8 size plus one bf16 layer)."""
     if opts.device.type != "cuda":
         return
-    from liveavatar.pipeline.memory import GIB, MemoryEstimate, check_fits, dit_param_counts
+    from liveavatar.pipeline.memory import GIB, MemoryEstimate, check_fits, dit_weight_bytes
 
-    total, linear = dit_param_counts(config)
-    elt = torch.tensor([], dtype=opts.dtype).element_size()
-    weights = (linear + (total - linear) * elt) if opts.fp8 else total * elt
+    weights = dit_weight_bytes(config, opts.dtype, bool(opts.fp8))
     check_fits(opts.device, MemoryEstimate(weights, 0, 0, 0, int(0.3 * GIB), int(GIB)), "loading the DiT weights")
 
 

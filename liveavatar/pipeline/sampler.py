@@ -87,12 +87,12 @@ class StepRunner:
             return bool(kv_offload)
         if self.device.type != "cuda" or len(self.steps) < 2:
             return False
-        cfg = self.dit.cfg
-        fsl = self.dit.frame_seqlen(self.latent_hw)
-        elt = torch.tensor([], dtype=self.dtype).element_size()
-        one = cfg.num_layers * 2 * self.stream.latent_frames_per_clip * fsl * cfg.dim * elt
+        from liveavatar.pipeline.memory import host_cache_bytes
+
+        h, w = self.latent_hw
+        caches = host_cache_bytes(self.dit.cfg, w * 8, h * 8, len(self.steps), self.dtype, self.stream)
         free, _ = torch.cuda.mem_get_info(self.device)
-        return len(self.steps) * one + (2 << 30) > free
+        return caches + (2 << 30) > free
 
     @property
     def num_steps(self) -> int:
