@@ -151,13 +151,50 @@ class LinkGroups:
     sink: Any  # group of the DiT ranks (None when there is a single DiT rank)
 
 
-def make_link_groups(world_size: int, num_dit_ranks: int) -> LinkGroups:
-    """Collective: every rank must call this with the same arguments."""
+def make_link_groups(world_size: int, num_dit_ranks: int, rank: int | None = None,
+                     device: torch.device | None = None) -> LinkGroups:
+    """Collective: every rank must call this with the same arguments.
+
+    With `rank` and `device`, every link also carries one tiny message here (`warm_links`), so
+    that no communicator is first created inside a job.
+    """
     import torch.distributed as dist
 
     forward = {k: dist.new_group([k, k + 1]) for k in range(world_size - 1)}
     sink = dist.new_group(list(range(num_dit_ranks))) if num_dit_ranks > 1 else None
-    return LinkGroups(forward, sink)
+    groups = LinkGroups(forward, sink)
+    if rank is not None and device is not None:
+        warm_links(groups, rank, num_dit_ranks, device)
+    return groups
+
+
+def warm_links(groups: LinkGroups, rank: int, num_dit_ranks: int, device: torch.device) -> None:
+    """Send one tiny message over every link, in the same order on every rank.
+
+    NCCL creates the communicator of a sending/receiving pair at its first send or receive, and
+    that creation blocks the calling rank until its peer joins. In a job, rank 0 pre-posts its
+    receive of the shared sink (from the last DiT rank) while the last DiT rank waits for its
+    first block from upstream: each would wait inside a different communicator's creation,
+    forever. Done here first (forward links in pipeline order, then the sink pairs), no
+    creation happens inside a job.
+    """
+    import torch.distributed as dist
+
+    token = torch.zeros(1, device=device)
+    for k in sorted(groups.forward):
+        if rank == k:
+            dist.send(token, k + 1, group=groups.forward[k])
+        elif rank == k + 1:
+            dist.recv(token, k, group=groups.forward[k])
+    if groups.sink is not None:
+        last = num_dit_ranks - 1
+        for dst in range(last):
+            if rank == last:
+                dist.send(token, dst, group=groups.sink)
+            elif rank == dst:
+                dist.recv(token, last, group=groups.sink)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class Links:
@@ -340,5 +377,5 @@ def run_inprocess(engine: Engine, job: Mapping[str, Any], role: Role,
         engine.end_job()
 
 
-__all__ = ["JobPlan", "BlockFrames", "RankStats", "Engine", "LinkGroups", "make_link_groups", "Links",
+__all__ = ["JobPlan", "BlockFrames", "RankStats", "Engine", "LinkGroups", "make_link_groups", "warm_links", "Links",
            "run_rank", "run_inprocess", "DATA", "STOP"]

@@ -181,7 +181,8 @@ class Worker:
         info["smoke_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
         from parallel.tpp import make_link_groups
 
-        self.link_groups = make_link_groups(self.world_size, int(params["num_dit_ranks"]))
+        self.link_groups = make_link_groups(self.world_size, int(params["num_dit_ranks"]),
+                                            rank=self.rank, device=device)
         self.chan.send(("ready", self.rank, info))
 
     def _load(self, spec: str, config: dict, role: Any, sys_path: list[str]) -> None:
