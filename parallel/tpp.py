@@ -6,8 +6,8 @@ DiT rank 0 (`engine.initial_latents`), go through each DiT rank's own steps (`en
 which checks the cancel flag between steps) and end at the decode rank
 (`engine.decode`), which yields the frames of that block.
 
-Point-to-point protocol (torch.distributed isend/irecv, one process group per link, see
-`LinkGroups`; every message is a header `int64[2]` = (kind, block index) followed by a payload of
+Point-to-point protocol (torch.distributed isend/irecv over gloo, through host memory, one
+process group per link, see `LinkGroups`; every message is a header `int64[2]` = (kind, block index) followed by a payload of
 `plan.latent_shape`):
 
 - stream (tag 1/2): rank k -> k+1, then last DiT rank -> decode rank. Exactly one message per
@@ -139,48 +139,41 @@ class _Recv:
 class LinkGroups:
     """Process groups that carry the p2p traffic: one per pipeline link and one for the sink.
 
-    NCCL runs the operations of one communicator in issue order on one stream. With every
-    message on the default group, a rank's pre-posted receive would hold back its own send to
-    the next rank (one block of extra latency per stage) and the backward sink message could
-    deadlock against the forward stream. A group per link (k -> k+1) and a separate sink group
-    keep each stream one-directional. Create them with `make_link_groups` on every rank, in the
-    same order, right after the process group is initialised.
+    They are gloo groups, so latents cross between ranks through host memory even when the ranks
+    compute on GPUs under NCCL. A pending NCCL receive is a kernel spinning on the receiver's GPU
+    (and a pending send one on the sender's); with CUDA's lazy module loading, a rank that
+    launches a kernel for the first time (first block, first decode, a new clip) can wait for its
+    GPU to drain, which a receive that depends on that same rank's progress never lets happen.
+    On 2 H100s that hung the first job. A block's latents are under 1 MB, so the host copy costs
+    about a millisecond against hundreds of milliseconds of compute, and no GPU ever waits on a
+    peer. A group per link (k -> k+1) and a separate sink group keep each message stream
+    one-directional. Create them with `make_link_groups` on every rank, in the same order, right
+    after the process group is initialised.
     """
 
     forward: dict[int, Any]  # sender rank k -> group {k, k+1}
     sink: Any  # group of the DiT ranks (None when there is a single DiT rank)
 
 
-def make_link_groups(world_size: int, num_dit_ranks: int, rank: int | None = None,
-                     device: torch.device | None = None) -> LinkGroups:
-    """Collective: every rank must call this with the same arguments.
-
-    With `rank` and `device`, every link also carries one tiny message here (`warm_links`), so
-    that no communicator is first created inside a job.
-    """
+def make_link_groups(world_size: int, num_dit_ranks: int, rank: int | None = None) -> LinkGroups:
+    """Collective: every rank must call this with the same arguments. With `rank`, every link
+    also carries one message here (`warm_links`), so a broken link fails at start, not in a job."""
     import torch.distributed as dist
 
-    forward = {k: dist.new_group([k, k + 1]) for k in range(world_size - 1)}
-    sink = dist.new_group(list(range(num_dit_ranks))) if num_dit_ranks > 1 else None
+    forward = {k: dist.new_group([k, k + 1], backend="gloo") for k in range(world_size - 1)}
+    sink = dist.new_group(list(range(num_dit_ranks)), backend="gloo") if num_dit_ranks > 1 else None
     groups = LinkGroups(forward, sink)
-    if rank is not None and device is not None:
-        warm_links(groups, rank, num_dit_ranks, device)
+    if rank is not None:
+        warm_links(groups, rank, num_dit_ranks)
     return groups
 
 
-def warm_links(groups: LinkGroups, rank: int, num_dit_ranks: int, device: torch.device) -> None:
-    """Send one tiny message over every link, in the same order on every rank.
-
-    NCCL creates the communicator of a sending/receiving pair at its first send or receive, and
-    that creation blocks the calling rank until its peer joins. In a job, rank 0 pre-posts its
-    receive of the shared sink (from the last DiT rank) while the last DiT rank waits for its
-    first block from upstream: each would wait inside a different communicator's creation,
-    forever. Done here first (forward links in pipeline order, then the sink pairs), no
-    creation happens inside a job.
-    """
+def warm_links(groups: LinkGroups, rank: int, num_dit_ranks: int) -> None:
+    """Send one tiny message over every link, in the same order on every rank (forward links in
+    pipeline order, then the sink pairs), so that each link is known to work before any job."""
     import torch.distributed as dist
 
-    token = torch.zeros(1, device=device)
+    token = torch.zeros(1)
     for k in sorted(groups.forward):
         if rank == k:
             dist.send(token, k + 1, group=groups.forward[k])
@@ -193,12 +186,14 @@ def warm_links(groups: LinkGroups, rank: int, num_dit_ranks: int, device: torch.
                 dist.send(token, dst, group=groups.sink)
             elif rank == dst:
                 dist.recv(token, last, group=groups.sink)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Links:
-    """Non-blocking point-to-point messages over `LinkGroups`, with wait accounting."""
+    """Non-blocking point-to-point messages over `LinkGroups`, with wait accounting.
+
+    `device`: where message tensors live, the CPU for gloo links (`LinkGroups`); received
+    payloads are handed to the engine there, and the engine moves them to its own device.
+    """
 
     def __init__(self, plan: JobPlan, device: torch.device, stats: RankStats, rank: int,
                  groups: LinkGroups | None = None, max_inflight: int = 4) -> None:
@@ -255,8 +250,9 @@ class Links:
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for this rank's compute stream (not the whole device: nothing else may wait on it)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def run_rank(engine: Engine, role: Role, plan: JobPlan, cancelled: Callable[[], bool],

@@ -181,8 +181,7 @@ class Worker:
         info["smoke_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
         from parallel.tpp import make_link_groups
 
-        self.link_groups = make_link_groups(self.world_size, int(params["num_dit_ranks"]),
-                                            rank=self.rank, device=device)
+        self.link_groups = make_link_groups(self.world_size, int(params["num_dit_ranks"]), rank=self.rank)
         self.chan.send(("ready", self.rank, info))
 
     def _load(self, spec: str, config: dict, role: Any, sys_path: list[str]) -> None:
@@ -225,7 +224,7 @@ class Worker:
                 self.chan.send(("done", job_id, self.rank, False, {"prepare_failed": True}))
             return
         stats = RankStats(self.rank)
-        links = (Links(plan, torch.device(self.device), stats, self.rank, self.link_groups)
+        links = (Links(plan, torch.device("cpu"), stats, self.rank, self.link_groups)  # gloo links
                  if self.world_size > 1 else None)
 
         def cancelled() -> bool:

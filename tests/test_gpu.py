@@ -236,6 +236,7 @@ def test_fp8_while_loading_keeps_the_load_peak_near_the_fp8_size(tmp_path):
     ckpt = find_official_checkpoint(make_tiny_checkpoint(tmp_path / "ck", dit=cfg, dtype=torch.bfloat16))
     total, linear = dit_param_counts(ckpt.config)
     dev = torch.device("cuda:0")
+    torch.empty(1, device=dev)  # the allocator's stats exist once the device is in use
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     base = torch.cuda.memory_allocated(dev)
