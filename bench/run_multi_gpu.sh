@@ -4,7 +4,7 @@
 #   2. the worker-group benchmark at 704*384, fp8 + compile, TPP over every GPU (end to end)
 #   3. tests/test_gpu.py on GPU 0 while GPU 1 times the single-GPU fp8 + compile DiT (same call)
 # A step still running 20 s before its time limit gets its worker processes' stacks dumped
-# (SIGUSR1 -> faulthandler) and the group logs copied to $OUT/<step>-logs/.
+# (SIGUSR1 -> faulthandler) and the group logs packed into $OUT/<step>-logs.tgz.
 # Run on the device with carry [".whl"]:  bash bench/run_multi_gpu.sh   (writes $OUT/*.log, *.jsonl)
 #   MULTI_STEPS="tests group gpu_tests" picks steps; MULTI_TEST_ARGS / GPU_TEST_ARGS add pytest args
 #   (e.g. -k tpp) to tests/test_gpu_multi.py / tests/test_gpu.py; GPU1_LIST: the rows timed on GPU 1
@@ -29,8 +29,8 @@ watched() {
     if [ "$t" -eq $((limit - 20)) ]; then
       echo "[$SECONDS s] $name still running: dumping worker stacks"
       pkill -USR1 -f "parallel.worker" ; sleep 3
-      mkdir -p "$OUT/$name-logs"; cp -r /tmp/liveavatar-group-* "$OUT/$name-logs/" 2>/dev/null
-      nvidia-smi --query-compute-apps=pid,used_memory --format=csv > "$OUT/$name-logs/gpu_apps.csv"
+      nvidia-smi --query-compute-apps=pid,used_memory --format=csv > /tmp/gpu_apps_$name.csv
+      tar czf "$OUT/$name-logs.tgz" /tmp/liveavatar-group-* /tmp/gpu_apps_$name.csv 2>/dev/null
     fi
   done
   wait "$pid"; echo "[$SECONDS s] $name rc=$?"
