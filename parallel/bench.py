@@ -68,11 +68,13 @@ def run_group_bench(args: argparse.Namespace, argv: list[str]) -> dict:
     ranks = sorted(result.stats) if result else []
     stats = {r: result.stats[r] for r in ranks}
     dit_ranks = [r for r in ranks if r < sched.num_dit_ranks]
-    step_ms = []
+    step_ms = []  # per DiT rank: median compute of a timed block / steps it owns
     for r in dit_ranks:
         owned = len(sched.role(r).steps) or 1
-        blocks = stats[r].get("blocks") or 1
-        step_ms.append(stats[r].get("compute_s", 0.0) * 1000.0 / (blocks * owned))
+        per_block = stats[r].get("block_compute_s") or []
+        timed_blocks = per_block[run.warmup:] or per_block[-1:]
+        if timed_blocks:
+            step_ms.append(statistics.median(timed_blocks) * 1000.0 / owned)
     out = {
         "impl": "ours",
         "device": benchlib.device_name(torch.device(devices[0])) if devices[0].startswith("cuda") else "cpu",

@@ -78,6 +78,7 @@ class RankStats:
     send_wait_s: float = 0.0
     blocks: int = 0
     wall_s: float = 0.0
+    block_compute_s: list = field(default_factory=list)  # DiT compute of each block, in order
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -323,6 +324,7 @@ def run_rank(engine: Engine, role: Role, plan: JobPlan, cancelled: Callable[[], 
             x = engine.run_steps(clip, block, x, role.steps, cancelled)
             _sync(device)  # so that compute and wait times are measured apart
             stats.compute_s += time.perf_counter() - t0
+            stats.block_compute_s.append(time.perf_counter() - t0)
             if x is None or cancelled():
                 stop_downstream()
                 i += 1
