@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end_to_end: overlap each block's decode with the next DiT block (CUDA only)")
     p.add_argument("--kv-offload", choices=("auto", "on", "off"), default="auto",
                    help="step KV caches in host RAM, one on the GPU at a time (default: only if they do not fit)")
-    p.add_argument("--kv-prefetch", action="store_true",
-                   help="with KV offload: a second GPU buffer, the next step's page-in overlaps compute")
+    p.add_argument("--kv-prefetch", choices=("auto", "on", "off"), nargs="?", const="on", default="auto",
+                   help="with KV offload: a second GPU buffer, the next step's page-in overlaps compute "
+                        "(auto: as the pipeline, whenever it fits; scope dit: on)")
     p.add_argument("--no-compile-vae", action="store_true",
                    help="end_to_end with --compile: keep the VAE decoder eager (default: compiled, as the pipeline)")
     p.add_argument("--no-overlap", action="store_true",

@@ -61,9 +61,9 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--kv-offload", choices=("auto", "on", "off"), default="auto",
                    help="keep the denoising steps' KV caches in host memory, one on the GPU at a time: "
                         "auto (only when they do not fit), on, off")
-    p.add_argument("--kv-prefetch", action="store_true",
+    p.add_argument("--kv-prefetch", choices=("auto", "on", "off"), nargs="?", const="on", default="auto",
                    help="with KV offload: page the next step's cache in while this one computes (one more "
-                        "cache-sized GPU buffer)")
+                        "cache-sized GPU buffer): auto (whenever that buffer fits), on, off")
     p.add_argument("--out", default=None if req else str(REPO / "output" / "demo.mp4"), required=req,
                    help="output .mp4 path")
 
@@ -147,7 +147,7 @@ def run_generate(args: argparse.Namespace) -> dict:
             kv_offload = {"auto": None, "on": True, "off": False}[args.kv_offload]
             for blk in model.generate(ctx, aud, img, seed=args.seed, steps=args.steps,
                                       num_clip=args.num_clip, pose_cond=pose, kv_offload=kv_offload,
-                                      kv_prefetch=args.kv_prefetch):
+                                      kv_prefetch={"auto": None, "on": True, "off": False}[args.kv_prefetch]):
                 if first is None:
                     first = time.perf_counter() - t1
                 writer.write_frames(blk.frames)

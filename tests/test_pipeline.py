@@ -155,6 +155,9 @@ def test_kv_offload_decision_from_the_numbers():
     assert plan(47.5 - 15.5) == (True, False)  # 48 GB card: offloaded automatically
     assert plan(47.5 - 15.5, prefetch=True) == (True, True)  # ... and the second buffer fits too
     assert plan(80 - 15.5, kv_offload=True, prefetch=True) == (True, True)  # asked for
+    assert plan(47.5 - 15.5, prefetch=None) == (True, True)  # the default: prefetch whenever it fits
+    tight = (off.total + off.step_caches / 2) / GIB  # one step-cache buffer fits, two do not
+    assert plan(tight, prefetch=None) == (True, False) and plan(tight, prefetch=True) == (True, False)
     with pytest.raises(MemoryError, match="kv-offload"):
         plan(47.5 - 15.5, kv_offload=False)
     with pytest.raises(MemoryError, match="offloaded to host memory"):

@@ -78,7 +78,7 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
              cancel: Callable[[], bool] | None = None,
              reference: ReferenceLatents | None = None,
              overlap_decode: bool | None = None, kv_offload: bool | None = None,
-             kv_prefetch: bool = False) -> Iterator[DecodedBlock]:
+             kv_prefetch: bool | None = None) -> Iterator[DecodedBlock]:
     """Yield every decoded block of the avatar video, in order, as soon as it is decoded.
 
     context: umT5 context [L, text_dim]. audio / image: from `model.encode_audio` /
@@ -94,8 +94,9 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
     kv_offload: keep the step KV caches in host memory, one on the GPU at a time (True), never
     (False), or None: only when all of them do not fit the GPU (then logged; slower: each step
     pages one clip of keys/values in, e.g. 9.7 GiB at 704x384). kv_prefetch: with offload, a
-    second device buffer so that the next step's page-in overlaps this step's compute (opt-in
-    until measured on a GPU; dropped with a log line when the second buffer does not fit).
+    second device buffer so that the next step's page-in overlaps this step's compute; None (the
+    default): whenever that buffer fits (704x384 fp8 on an H100: 9.1 instead of 6.9 FPS for
+    +7.2 GiB), True: asked for (a log line when it does not fit), False: never.
     """
     stream = model.stream
     plan: JobPlan = make_plan(audio.num_frames, stream, num_clip=num_clip, lead_in_frames=audio.lead_in_frames)
@@ -154,7 +155,7 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
 
 
 def _check_memory(model, image: ImageConditioning, steps: int, kv_offload: bool | None,
-                  kv_prefetch: bool = False) -> tuple[bool, bool]:
+                  kv_prefetch: bool | None = None) -> tuple[bool, bool]:
     """Preflight on CUDA before any cache exists (`memory.plan_kv_offload`): raise MemoryError
     with the numbers and remedies, or decide the KV offload and its prefetch."""
     from liveavatar.pipeline.memory import (GIB, available_host_bytes, estimate_memory, host_cache_bytes,

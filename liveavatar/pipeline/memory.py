@@ -128,13 +128,15 @@ def check_fits(device: torch.device, est: MemoryEstimate, what: str = "this job"
 
 def plan_kv_offload(resident: MemoryEstimate, offloaded: MemoryEstimate, host_need: int, *, free: int,
                     total: int, host_available: int | None, steps: int, kv_offload: bool | None,
-                    kv_prefetch: bool, device: object = "cuda", what: str = "this job") -> tuple[bool, bool]:
+                    kv_prefetch: bool | None, device: object = "cuda", what: str = "this job") -> tuple[bool, bool]:
     """Whether the step KV caches go to host memory, and whether the prefetch buffer fits.
 
     resident / offloaded: `estimate_memory` without / with `kv_offload`; host_need: bytes of the
     offloaded caches (`host_cache_bytes`); free / total: GPU bytes; host_available: free RAM
-    (None: unknown). kv_offload None = only when the resident caches do not fit. Returns
-    (kv_offload, kv_prefetch); raises MemoryError (numbers and remedies) when nothing fits.
+    (None: unknown). kv_offload None = only when the resident caches do not fit. kv_prefetch
+    None = with the offload whenever its second step-cache buffer fits too (True: the same, asked
+    for; False: never). Returns (kv_offload, kv_prefetch); raises MemoryError (numbers and
+    remedies) when nothing fits.
     """
     if not kv_offload:
         if resident.total <= free:
@@ -147,4 +149,4 @@ def plan_kv_offload(resident: MemoryEstimate, offloaded: MemoryEstimate, host_ne
         raise MemoryError(f"{what}: the KV cache offload needs {host_need / GIB:.1f} GiB of host memory, "
                           f"{host_available / GIB:.1f} GiB are available. Remedies: a smaller size (384*256), fp8 "
                           "weights so the caches fit the GPU, or more GPUs in 'tpp' mode.")
-    return True, bool(kv_prefetch and offloaded.total + offloaded.step_caches <= free)
+    return True, bool(kv_prefetch is not False and offloaded.total + offloaded.step_caches <= free)
