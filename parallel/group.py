@@ -18,8 +18,10 @@ Launch modes:
 
 Faults: a worker that exits, closes its channel or misses heartbeats for `heartbeat_timeout_s`
 ends the current job with `WorkerError` (rank, detail, its last traceback from the log) and the
-group is torn down; `GroupManager` starts a fresh one for the next job. A job whose inputs fail
-`engine.prepare` raises `JobInputError` and leaves the group usable.
+group is torn down; `GroupManager` starts a fresh one for the next job. So does a job that
+yields no block for `block_timeout_s` (`first_block_timeout_s` for the first, compile included)
+while every rank is alive: the message says where each rank stands (from the stacks it dumps).
+A job whose inputs fail `engine.prepare` raises `JobInputError` and leaves the group usable.
 """
 
 from __future__ import annotations
@@ -103,6 +105,11 @@ class GroupConfig:
     load_timeout_s: float = 3600.0
     heartbeat_s: float = 1.0
     heartbeat_timeout_s: float = 15.0
+    # a job that yields no block for this long is stuck (ranks alive, heartbeats fine, e.g. in a
+    # GPU kernel or a collective): stacks dumped, job ended with WorkerError, group torn down.
+    # The first block includes torch.compile (a few minutes cold for the 14B + VAE).
+    first_block_timeout_s: float = 1800.0
+    block_timeout_s: float = 300.0
     env: Mapping[str, str] = field(default_factory=dict)  # extra worker env (NCCL_* ...)
     sys_path: tuple[str, ...] = ()  # extra import paths for the engine module
     log_dir: str | None = None  # per-rank logs (default: a fresh temp dir)
@@ -379,6 +386,19 @@ class WorkerGroup:
                             pass
                     self._reported.add(rank)
                     self._events.put(("hung", rank, f"sent no heartbeat for {now - t:.0f} s"))
+
+    def dump_stacks(self) -> None:
+        """Ask every live rank to write the stacks of all its threads to its log (SIGUSR1 ->
+        faulthandler); they land within a moment."""
+        if not hasattr(signal, "SIGUSR1"):
+            return
+        for rank in range(self.world_size):
+            pid = self.info.get(rank, {}).get("pid")
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGUSR1)
+                except OSError:
+                    pass
 
     def _lost(self, rank: int, detail: str) -> None:
         if rank in self._reported or self._stop.is_set():

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from parallel.group import (GroupConfig, GroupError, JobInputError, JobResult, WorkerError,
                             WorkerGroup)
-from parallel.procs import last_traceback, tail
+from parallel.procs import innermost_frames, last_traceback, tail
 from parallel.tpp import BlockFrames
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class JobHandle:
         self._done: dict[int, tuple[bool, dict]] = {}
         self._input_errors: list[tuple[int, str]] = []
         self._blocks = 0
-        self._t0 = time.monotonic()
+        self._t0 = self._last_progress = time.monotonic()
 
     def cancel(self) -> None:
         """Ask every rank to stop this job at its next block or step boundary (any thread)."""
@@ -73,9 +73,11 @@ class JobHandle:
         kind = msg[0]
         if kind == "frames" and msg[1] == self.job_id:
             self._blocks += 1
+            self._last_progress = time.monotonic()
             return BlockFrames(msg[2], msg[3], msg[4])
         if kind == "done" and msg[1] == self.job_id:
             self._done[msg[2]] = (msg[3], msg[4])
+            self._last_progress = time.monotonic()
         elif kind == "error":
             _, rank, phase, job_id, text, tb = msg
             if phase == "prepare" and job_id == self.job_id:
@@ -87,6 +89,29 @@ class JobHandle:
                 time.sleep(0.5)  # let faulthandler write the stacks (SIGUSR1) to the log
             raise self._fail(msg)
         return None
+
+    def _check_stalled(self) -> None:
+        """Raise WorkerError (group torn down) when no block arrived for the config's limit."""
+        cfg = self.group.config
+        limit = cfg.block_timeout_s if self._blocks else cfg.first_block_timeout_s
+        idle = time.monotonic() - self._last_progress
+        if not limit or idle <= limit:
+            return
+        g = self.group
+        g.dump_stacks()
+        time.sleep(1.0)  # faulthandler writes the stacks to the rank logs
+        where = []
+        for rank in range(g.world_size):
+            spot = innermost_frames(tail(g.log_path(rank), 20000))
+            where.append(f"rank {rank} in {spot or '(no stack in its log)'}")
+        g._break()
+        which = "the first block" if not self._blocks else f"a block after block {self._blocks}"
+        raise WorkerError(
+            f"job {self.job_id}: no progress for {idle:.0f} s while waiting for {which} (limit "
+            f"{limit:g} s; the ranks are alive but stuck, e.g. in a GPU kernel or a collective): "
+            + "; ".join(where) + f". Full stacks in {g.log_dir}. The group was stopped; the next "
+            "job starts a fresh one. If this GPU is just slow, raise GroupConfig.block_timeout_s "
+            "/ first_block_timeout_s.", -1, "")
 
     def frames(self, should_cancel: Callable[[], bool] | None = None) -> Iterator[BlockFrames]:
         """Yield BlockFrames as the decode rank finishes blocks; polls `should_cancel` ~10x/s.
@@ -103,6 +128,8 @@ class JobHandle:
                 out = self._handle(g._next_event(None))
                 if out is not None:
                     yield out
+                else:
+                    self._check_stalled()
             finished = True
         finally:
             if not finished and g.state == "ready":

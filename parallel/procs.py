@@ -68,6 +68,30 @@ def last_traceback(text: str) -> str:
     return text[-2000:]
 
 
+def innermost_frames(text: str, n: int = 3) -> str:
+    """From a faulthandler dump in a log: where the thread that took the signal ("Current
+    thread"; else the last thread dumped) stands, as "file:line in func; ...": its innermost
+    frame, then its next `n - 1` frames outside installed packages (torch, the stdlib), i.e. in
+    this pack or the engine. "" when the text holds no dump."""
+    i = text.rfind("Current thread")
+    if i < 0:
+        i = text.rfind("Thread 0x")
+    if i < 0:
+        return ""
+    frames: list[tuple[str, str]] = []  # (path, "name:line in func")
+    for line in text[i:].splitlines()[1:]:
+        line = line.strip()
+        if not line.startswith("File "):
+            break
+        path, _, rest = line[5:].partition(", line ")
+        path = path.strip('"')
+        frames.append((path, f"{Path(path).name}:{rest}"))
+    if not frames:
+        return ""
+    ours = [f for p, f in frames[1:] if "-packages" not in p and "/lib/python" not in p]
+    return "; ".join([frames[0][1], *ours[: n - 1]])
+
+
 def exit_text(code: int | None) -> str:
     if code is None:
         return "still running"

@@ -8,6 +8,7 @@ let the manager start a fresh one, which is itself part of what they check.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import tempfile
 import time
@@ -213,6 +214,30 @@ def test_topology_refused_before_spawning():
     with pytest.raises(GroupStartError, match=r"2 ranks on \['cuda:0', 'cuda:1'\] but 0 CUDA") as err:
         group.start()
     assert err.value.phase == "topology" and not group.procs and time.monotonic() - t0 < 5.0
+
+
+def test_stuck_rank_ends_the_job_with_where_it_stands(want):
+    """A rank that stays alive (heartbeats fine) but never finishes a block: after
+    `block_timeout_s` the job ends with the ranks' positions from their stack dumps, nothing is
+    left running, and the next job gets a fresh group."""
+    manager = GroupManager()
+    cfg = config(schedule.tpp(4, 2), block_timeout_s=3.0)
+    try:
+        gen = manager.run(cfg, {**SLOW, "hang_at": [1, 0, 2]})
+        next(gen)
+        pids = dict(manager.group.pids)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match=r"no progress for \d+ s") as err:
+            for _ in gen:
+                pass
+        text = str(err.value)
+        assert time.monotonic() - t0 < 30.0 and "limit 3 s" in text
+        assert re.search(r"rank 1 in test_parallel_toy\.py:\d+ in _maybe_fail; test_parallel_toy\.py:\d+ in run_steps", text), text
+        assert gone(pids.values())
+        blocks = list(manager.run(cfg, JOB))
+        assert torch.equal(video(blocks), want)
+    finally:
+        manager.close()
 
 
 def test_frozen_worker_detected_by_heartbeat(want):

@@ -13,6 +13,7 @@ makes scheduling mistakes visible in the output:
 
 Job keys: seed, num_clips, blocks_per_clip (4), height/width (latent, 4x6), step_sleep (s),
 fail_at [rank, clip, block] (raise there), crash_at [rank, clip, block] (abort the process),
+hang_at [rank, clip, block] (never return from there; the process stays alive),
 bad_input (refused in prepare), no_sink_refresh. Config keys: num_steps, channels, weight_seed,
 fail_load_rank, path.
 """
@@ -78,6 +79,9 @@ class ToyEngine:
             raise RuntimeError(f"toy failure on rank {self.role.rank} at clip {clip} block {block}")
         if self.job.get("crash_at") == where:
             os.abort()
+        if self.job.get("hang_at") == where:
+            while True:  # like a rank stuck in a GPU kernel: alive, heartbeats still going
+                time.sleep(0.05)
 
     def begin_clip(self, clip: int, first_block: torch.Tensor | None) -> None:
         self.clips_begun.append(clip)

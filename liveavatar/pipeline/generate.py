@@ -54,7 +54,7 @@ class BlockDecoder:
 
 def make_runner(model, context: torch.Tensor, image: ImageConditioning, *, seed: int, steps: int,
                 owned: list[int] | None = None, kv_offload: bool | None = None,
-                kv_prefetch: bool = False) -> StepRunner:
+                kv_prefetch: bool | None = None) -> StepRunner:
     """A StepRunner on the model's device owning `owned` steps (all by default); `kv_offload`,
     `kv_prefetch` as `StepRunner` (offload None: only when the caches do not fit)."""
     stream = model.stream

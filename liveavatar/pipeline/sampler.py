@@ -40,13 +40,13 @@ class StepRunner:
     kv_offload: keep the step caches in host memory with one shared device buffer (True), never
     (False), or only when they do not fit the GPU (None; see `_offload_wanted`).
     kv_prefetch: with offload on CUDA, two device buffers: the next step's rows are copied in on
-    a side stream while this step computes.
+    a side stream while this step computes (None: when the second buffer fits the free memory).
     """
 
     def __init__(self, dit, text, latent_hw: tuple[int, int], schedule: FlowMatchSchedule,
                  steps: Sequence[int], stream: StreamConfig, seed: int,
                  device: torch.device | str, dtype: torch.dtype, kv_offload: bool | None = None,
-                 kv_prefetch: bool = False):
+                 kv_prefetch: bool | None = None):
         self.dit = dit
         self.text = text
         self.latent_hw = latent_hw
@@ -58,7 +58,8 @@ class StepRunner:
         self.dtype = dtype
         self.sink = dit.new_sink_cache(latent_hw, device=self.device, dtype=dtype)
         self.kv_offload = self._offload_wanted(kv_offload)
-        self.kv_prefetch = bool(kv_prefetch and self.kv_offload and self.device.type == "cuda" and len(self.steps) > 1)
+        self.kv_prefetch = (self.kv_offload and self.device.type == "cuda" and len(self.steps) > 1
+                            and self._prefetch_wanted(kv_prefetch))
         self.working = None
         self.buffers: list = []
         self.copy_stream = None
@@ -93,6 +94,18 @@ class StepRunner:
         caches = host_cache_bytes(self.dit.cfg, w * 8, h * 8, len(self.steps), self.dtype, self.stream)
         free, _ = torch.cuda.mem_get_info(self.device)
         return caches + (2 << 30) > free
+
+    def _prefetch_wanted(self, kv_prefetch: bool | None) -> bool:
+        """kv_prefetch True / False, or None: when two step-cache buffers fit the free memory
+        (keeping 2 GiB for activations); called with the offload decided, before any buffer."""
+        if kv_prefetch is not None:
+            return bool(kv_prefetch)
+        from liveavatar.pipeline.memory import host_cache_bytes
+
+        h, w = self.latent_hw
+        one = host_cache_bytes(self.dit.cfg, w * 8, h * 8, 1, self.dtype, self.stream)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return 2 * one + (2 << 30) <= free
 
     @property
     def num_steps(self) -> int:
