@@ -113,8 +113,6 @@ def run_generate(args: argparse.Namespace) -> dict:
     audio = load_audio(Path(args.audio).expanduser())
     if args.pose_video is not None and not Path(args.pose_video).expanduser().is_file():
         raise UserError(f"--pose-video: no file at {Path(args.pose_video).expanduser().resolve()}")
-    if args.pose_video is not None and args.gpus:
-        raise UserError("--pose-video: not supported with --gpus yet; run on one GPU")
     resolve_device(args.device)
     resolve_dtype(args.dtype)
     find_official_checkpoint(Path(args.ckpt_dir).expanduser(), lora=args.lora)

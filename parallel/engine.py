@@ -15,7 +15,8 @@ Load config (GroupConfig.engine_config), one of:
 plus options: "lora_strength" (1.0), "dtype" ("bf16"), "fp8", "attn" ("sdpa"), "compile".
 
 Job (`make_job`): image (PIL image), audio (`Audio16k`), prompt, size, size_mode, seed, steps,
-num_clip, sink_refresh, pose_cond (optional [1, 16, F_latent, h, w]).
+num_clip, sink_refresh, pose_cond (optional [1, 16, F_latent, h, w]) or pose_video (a path: each
+DiT rank encodes it with its VAE, the same latents as `LiveAvatar.encode_pose`).
 Frames: each decoded block arrives as a `liveavatar.pipeline.DecodedBlock` (uint8 frames
 [n, H, W, 3] on the CPU + its audio), exactly what in-process `generate` yields.
 """
@@ -33,11 +34,14 @@ from parallel.tpp import JobPlan
 
 def make_job(image: Any, audio: Any, prompt: str, *, size: str = "704*384", size_mode: str = "area",
              seed: int = 42, steps: int = 4, num_clip: int | None = None, sink_refresh: bool = True,
-             pose_cond: torch.Tensor | None = None) -> dict:
-    """A job dict for `LiveAvatarEngine` (image: PIL image; audio: `Audio16k`)."""
+             pose_cond: torch.Tensor | None = None, pose_video: str | None = None) -> dict:
+    """A job dict for `LiveAvatarEngine` (image: PIL image; audio: `Audio16k`; pose: latents or a
+    video path, not both)."""
+    if pose_cond is not None and pose_video is not None:
+        raise ValueError("pose: give pose_cond (latents) or pose_video (a path), not both")
     return {"image": image, "audio": audio, "prompt": prompt, "size": size, "size_mode": size_mode,
             "seed": int(seed), "steps": int(steps), "num_clip": num_clip,
-            "sink_refresh": bool(sink_refresh), "pose_cond": pose_cond}
+            "sink_refresh": bool(sink_refresh), "pose_cond": pose_cond, "pose_video": pose_video}
 
 
 def memory_need(dit_config: Any, width: int, height: int, dtype: torch.dtype = torch.bfloat16,
@@ -121,6 +125,8 @@ class LiveAvatarEngine:
             self.audio = None
             num_frames, lead_in = num_video_frames(job["audio"], fps=stream.fps), 3
         self.plan = make_plan(num_frames, stream, num_clip=job.get("num_clip"), lead_in_frames=lead_in)
+        if role.is_dit and self.pose is None and job.get("pose_video"):
+            self.pose = m.encode_pose(job["pose_video"], self.image, num_frames, lead_in_frames=lead_in)
         if role.is_dit:
             context = m.encode_prompt(job.get("prompt", ""))
             self.runner = make_runner(m, context, self.image, seed=self.seed, steps=self.steps,

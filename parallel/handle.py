@@ -41,6 +41,13 @@ class ImageRef:
     height: int
 
 
+@dataclass
+class PoseRef:
+    """A pose video to be encoded on each DiT rank (with its own VAE, as `LiveAvatar.encode_pose`)."""
+
+    path: str
+
+
 def schedule_for(mode: str, devices: list[str], steps: int, need: Any) -> Any:
     """The Schedule for a user's gpu mode: auto (memory-driven), single, or tpp (K = min(devices,
     steps) DiT ranks, plus a decode rank when a device is left over)."""
@@ -117,6 +124,16 @@ class GroupModel:
         w, h = resolve_output_size(image.size, size, mode=size_mode)
         return ImageRef(image, size, size_mode, w, h)
 
+    def encode_pose(self, path: Any, image: ImageRef, num_frames: int) -> PoseRef:
+        """The pose video for `generate(pose_cond=...)`: every DiT rank encodes it when the job
+        starts (same latents as `LiveAvatar.encode_pose`; nothing big crosses the channel)."""
+        from pathlib import Path
+
+        p = Path(path).expanduser().resolve()
+        if not p.is_file():
+            raise ValueError(f"pose video: no file at {p}")
+        return PoseRef(str(p))
+
     def generate(self, context: Any, audio: AudioRef, image: ImageRef, *, seed: int = 0, steps: int = 4,
                  num_clip: int | None = None, progress: Callable[[dict], None] | None = None,
                  cancel: Callable[[], bool] | None = None, sink_refresh: bool = True,
@@ -126,9 +143,10 @@ class GroupModel:
         prompt = context.prompt if isinstance(context, PromptRef) else context
         if not isinstance(prompt, str):
             raise ValueError("text: worker groups need the prompt text, not precomputed embeddings")
+        pose_video = pose_cond.path if isinstance(pose_cond, PoseRef) else None
         job = make_job(image.image, audio.audio, prompt, size=image.size, size_mode=image.size_mode,
                        seed=seed, steps=steps, num_clip=num_clip, sink_refresh=sink_refresh,
-                       pose_cond=pose_cond)
+                       pose_cond=None if pose_video else pose_cond, pose_video=pose_video)
         from liveavatar.pipeline.conditioning import GenerationCancelled
 
         cfg = self._config(steps, image.width, image.height)

@@ -76,3 +76,45 @@ def test_group_frames_equal_inprocess(setup, sched):
         assert g.first_frame == w.first_frame and g.total_blocks == w.total_blocks
         assert torch.equal(g.frames, w.frames), f"block {w.index}: frames differ"
         assert torch.equal(g.audio, w.audio)
+
+
+def test_group_with_pose_video_equals_inprocess(setup, tmp_path):
+    """A pose video given as a path: each DiT rank encodes it itself, and the frames equal
+    in-process generation with `LiveAvatar.encode_pose` latents (and differ from no pose)."""
+    from liveavatar.media.video_writer import VideoWriter
+    from liveavatar.pipeline.model import LiveAvatar
+    from parallel.handle import GroupModel, PoseRef
+
+    ckpt, job, no_pose = setup
+    pose_path = tmp_path / "pose.mp4"
+    with VideoWriter(pose_path, 64, 64, fps=25, audio_rate=None, crf=0) as vw:
+        for i in range(70):
+            vw.write_frames(np.full((1, 64, 64, 3), (3 * i) % 256, np.uint8))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = LiveAvatar.from_checkpoint(ckpt, device="cpu", dtype="fp32")
+        img = model.prepare_image(job["image"], "64*64")
+        aud = model.encode_audio(job["audio"])
+        pose = model.encode_pose(pose_path, img, aud.num_frames)
+        want = [b.frames for b in model.generate(model.encode_prompt(job["prompt"]), aud, img, seed=3,
+                                                  steps=4, pose_cond=pose)]
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(want[1], no_pose[1].frames)  # the pose drives the frames
+    group = GroupModel({"ckpt_dir": str(ckpt), "dtype": "fp32"}, ["cpu", "cpu", "cpu"], "tpp",
+                       config_overrides={"env": {"OMP_NUM_THREADS": "1"}, "pg_timeout_s": 60.0})
+    try:
+        gimg = group.prepare_image(job["image"], "64*64")
+        gaud = group.encode_audio(job["audio"])
+        gpose = group.encode_pose(pose_path, gimg, gaud.num_frames)
+        assert isinstance(gpose, PoseRef)
+        got = [b.frames for b in group.generate(group.encode_prompt(job["prompt"]), gaud, gimg, seed=3,
+                                                steps=4, pose_cond=gpose)]
+    finally:
+        group.close()
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), f"block {i}: frames differ"
+    with pytest.raises(ValueError, match="pose video: no file"):
+        group.encode_pose(tmp_path / "missing.mp4", gimg, gaud.num_frames)
