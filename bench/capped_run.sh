@@ -1,4 +1,5 @@
 # Shared by bench/run_speed.sh and bench/run_list.sh (source it; needs OUT, J, BUDGET, START, PY).
+# print_runs FILE: one summary line per JSON line of FILE (what the device call prints).
 # capped_run NAME CAP CMD...: run CMD in its own process, capped at CAP seconds and at the budget
 # left (skipped below 40 s); its last JSON line, tagged with "run": NAME (and "bench_args":
 # $BENCH_ARGS_NOTE when set), is appended to $J. Returns 1 when skipped.
@@ -21,4 +22,18 @@ if sys.argv[2]:
 print(json.dumps(d))" "$name" "${BENCH_ARGS_NOTE:-}" >> "$J"
   echo "[$((SECONDS - START))s] END $name rc=$rc"; [ "$rc" -ne 0 ] && tail -5 "$OUT/$name.err"
   return 0
+}
+
+print_runs() {
+  "$PY" - "$1" <<'PYEOF'
+import json, sys
+r = lambda x, n=2: round(x, n) if isinstance(x, float) else x
+for l in open(sys.argv[1]):
+    d = json.loads(l)
+    v = d.get("vs_saved_latents") or {}
+    print(f"{d.get('run'):20s} fps {r(d.get('fps'))} block_ms {r(d.get('block_ms'), 1)} peak {d.get('peak_mem_gb')} "
+          f"cache {d.get('cache_gib')} compile_s {r(d.get('compile_s'), 1)} recomp {d.get('recompiles')}/{d.get('recompiles_timed')} "
+          f"graphs {d.get('graphs')} cuda_graphs {d.get('graph_captures')}/{d.get('graph_replays')} psnr {v.get('psnr_db')} "
+          f"rope {d.get('rope_dtype')} all {[round(x) for x in d.get('block_ms_all') or []]} err {str(d.get('error'))[:300]}")
+PYEOF
 }

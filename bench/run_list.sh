@@ -24,13 +24,4 @@ for spec in "$@"; do
   fi
   BENCH_ARGS_NOTE=$args capped_run "$name" "$cap" "${CMD[@]}"
 done
-"$PY" - "$J" <<'PYEOF'
-import json, sys
-for l in open(sys.argv[1]):
-    d = json.loads(l)
-    v = d.get("vs_saved_latents") or {}
-    print(f"{d.get('run'):20s} fps {d.get('fps') and round(d['fps'], 2)} block_ms {d.get('block_ms') and round(d['block_ms'], 1)} "
-          f"peak {d.get('peak_mem_gb')} compile_s {d.get('compile_s') and round(d['compile_s'], 1)} "
-          f"recomp {d.get('recompiles')}/{d.get('recompiles_timed')} graphs {d.get('graph_captures')}/{d.get('graph_replays')} "
-          f"psnr {v.get('psnr_db')} all {[round(x) for x in d.get('block_ms_all') or []]} err {str(d.get('error'))[:300]}")
-PYEOF
+print_runs "$J"

@@ -30,12 +30,4 @@ if [ "${SPEED_REF:-0}" = 1 ]; then
   run ref_bf16 100 "$PY" bench/ref_harness.py --ref-dir third_party/LiveAvatar "${COMMON[@]}"
 fi
 echo "[$((SECONDS - START))s] done"
-"$PY" - "$J" <<'PYEOF'
-import json, sys
-for l in open(sys.argv[1]):
-    d = json.loads(l)
-    v = d.get("vs_saved_latents") or {}
-    print(f"{d.get('run'):18s} fps {d.get('fps')} block_ms {d.get('block_ms')} peak {d.get('peak_mem_gb')} "
-          f"cache {d.get('cache_gib')} compile_s {d.get('compile_s')} recomp {d.get('recompiles')}/{d.get('recompiles_timed')} "
-          f"graphs {d.get('graphs')} psnr {v.get('psnr_db')} rope {d.get('rope_dtype')} err {str(d.get('error'))[:200]}")
-PYEOF
+print_runs "$J"

@@ -46,6 +46,7 @@ import torch
 
 from liveavatar import benchlib
 from liveavatar.bench_scopes import _Run, run_dit_scope, run_end_to_end
+from liveavatar.cli import AUTO_ON_OFF, auto_on_off
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true", help="end_to_end: also encode an mp4 (needs PyAV)")
     p.add_argument("--overlap", action="store_true",
                    help="end_to_end: overlap each block's decode with the next DiT block (CUDA only)")
-    p.add_argument("--kv-offload", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--kv-offload", choices=AUTO_ON_OFF, default="auto",
                    help="step KV caches in host RAM, one on the GPU at a time (default: only if they do not fit)")
-    p.add_argument("--kv-prefetch", choices=("auto", "on", "off"), nargs="?", const="on", default="auto",
+    p.add_argument("--kv-prefetch", choices=AUTO_ON_OFF, nargs="?", const="on", default="auto",
                    help="with KV offload: a second GPU buffer, the next step's page-in overlaps compute "
                         "(auto: as the pipeline, whenever it fits; scope dit: on)")
     p.add_argument("--no-compile-vae", action="store_true",
@@ -346,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     args.argv = argv  # a worker-group bench hands the same command line to every rank
-    args.kv_offload_opt = {"auto": None, "on": True, "off": False}[args.kv_offload]
+    args.kv_offload_opt = auto_on_off(args.kv_offload)
+    args.kv_prefetch_opt = auto_on_off(args.kv_prefetch)
     try:
         result = bench(args)
         code = 0

@@ -87,7 +87,7 @@ def run_dit_scope(args, cfg, dit, device, dtype, run: _Run) -> dict:
     t_start = time.perf_counter()
     runner = make_runner(model, run.context, image, seed=args.seed, steps=args.steps,
                          kv_offload=getattr(args, "kv_offload_opt", None),
-                         kv_prefetch=getattr(args, "kv_prefetch", "auto") != "off")
+                         kv_prefetch=getattr(args, "kv_prefetch_opt", None) is not False)  # auto: on
     runner.prefill(run.ref, run.motion)
     for b, block in enumerate(plan.blocks):
         if b == run.total_blocks:  # one extra block under the profiler (not timed)
@@ -189,7 +189,7 @@ def run_end_to_end(args, cfg, dit, device, dtype, run: _Run) -> dict:
     res_overlap = overlap if overlap is not None else (device.type == "cuda" and OVERLAP_DEFAULT_CUDA)
     for blk in model.generate(run.context, audio, image, seed=args.seed, steps=args.steps,
                               kv_offload=getattr(args, "kv_offload_opt", None),
-                              kv_prefetch={"auto": None, "on": True, "off": False}[getattr(args, "kv_prefetch", "auto")],
+                              kv_prefetch=getattr(args, "kv_prefetch_opt", None),
                               reference=ReferenceLatents(ref=run.ref, motion=run.motion), overlap_decode=overlap):
         if writer is not None:
             writer.write_frames(blk.frames)

@@ -18,6 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_IMAGE = REPO / "assets" / "avatar.png"
 DEMO_AUDIO = REPO / "assets" / "speech.wav"
 DEMO_PROMPT = "A friendly cartoon person talking to the camera, plain background."
+AUTO_ON_OFF = ("auto", "on", "off")  # the choices of --kv-offload / --kv-prefetch
+
+
+def auto_on_off(choice: str) -> bool | None:
+    """"auto" / "on" / "off" -> None / True / False (the pipeline's `kv_offload` / `kv_prefetch`)."""
+    return {"auto": None, "on": True, "off": False}[choice]
 
 
 class UserError(Exception):
@@ -58,10 +64,10 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "(one scale per token and per output channel: robust to outlier tokens)")
     p.add_argument("--attn", default="sdpa", help="attention backend: sdpa, flash, cudnn, efficient, math")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
-    p.add_argument("--kv-offload", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--kv-offload", choices=AUTO_ON_OFF, default="auto",
                    help="keep the denoising steps' KV caches in host memory, one on the GPU at a time: "
                         "auto (only when they do not fit), on, off")
-    p.add_argument("--kv-prefetch", choices=("auto", "on", "off"), nargs="?", const="on", default="auto",
+    p.add_argument("--kv-prefetch", choices=AUTO_ON_OFF, nargs="?", const="on", default="auto",
                    help="with KV offload: page the next step's cache in while this one computes (one more "
                         "cache-sized GPU buffer): auto (whenever that buffer fits), on, off")
     p.add_argument("--out", default=None if req else str(REPO / "output" / "demo.mp4"), required=req,
@@ -142,10 +148,10 @@ def run_generate(args: argparse.Namespace) -> dict:
     fps = 25
     try:
         with VideoWriter(out, img.width, img.height, fps=fps, audio_rate=audio.sample_rate) as writer:
-            kv_offload = {"auto": None, "on": True, "off": False}[args.kv_offload]
             for blk in model.generate(ctx, aud, img, seed=args.seed, steps=args.steps,
-                                      num_clip=args.num_clip, pose_cond=pose, kv_offload=kv_offload,
-                                      kv_prefetch={"auto": None, "on": True, "off": False}[args.kv_prefetch]):
+                                      num_clip=args.num_clip, pose_cond=pose,
+                                      kv_offload=auto_on_off(args.kv_offload),
+                                      kv_prefetch=auto_on_off(args.kv_prefetch)):
                 if first is None:
                     first = time.perf_counter() - t1
                 writer.write_frames(blk.frames)

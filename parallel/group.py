@@ -378,27 +378,24 @@ class WorkerGroup:
                     self._lost(rank, f"exited ({exit_text(proc.returncode)})")
             for rank, t in list(self._last_hb.items()):
                 if now - t > hb_timeout and rank not in self._reported:
-                    pid = self.info.get(rank, {}).get("pid")
-                    if pid and hasattr(signal, "SIGUSR1"):
-                        try:
-                            os.kill(pid, signal.SIGUSR1)  # faulthandler dumps its stacks to the log
-                        except OSError:
-                            pass
+                    self._dump_stacks(rank)
                     self._reported.add(rank)
                     self._events.put(("hung", rank, f"sent no heartbeat for {now - t:.0f} s"))
 
     def dump_stacks(self) -> None:
-        """Ask every live rank to write the stacks of all its threads to its log (SIGUSR1 ->
-        faulthandler); they land within a moment."""
-        if not hasattr(signal, "SIGUSR1"):
-            return
+        """Ask every live rank to write the stacks of all its threads to its log; they land
+        within a moment."""
         for rank in range(self.world_size):
-            pid = self.info.get(rank, {}).get("pid")
-            if pid:
-                try:
-                    os.kill(pid, signal.SIGUSR1)
-                except OSError:
-                    pass
+            self._dump_stacks(rank)
+
+    def _dump_stacks(self, rank: int) -> None:
+        """SIGUSR1 to one rank: its faulthandler writes every thread's stack to its log."""
+        pid = self.info.get(rank, {}).get("pid")
+        if pid and hasattr(signal, "SIGUSR1"):
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except OSError:
+                pass
 
     def _lost(self, rank: int, detail: str) -> None:
         if rank in self._reported or self._stop.is_set():

@@ -323,8 +323,9 @@ def run_rank(engine: Engine, role: Role, plan: JobPlan, cancelled: Callable[[], 
                 x = engine.initial_latents(clip, block)
             x = engine.run_steps(clip, block, x, role.steps, cancelled)
             _sync(device)  # so that compute and wait times are measured apart
-            stats.compute_s += time.perf_counter() - t0
-            stats.block_compute_s.append(time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            stats.compute_s += elapsed
+            stats.block_compute_s.append(elapsed)
             if x is None or cancelled():
                 stop_downstream()
                 i += 1

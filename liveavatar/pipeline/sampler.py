@@ -88,24 +88,26 @@ class StepRunner:
             return bool(kv_offload)
         if self.device.type != "cuda" or len(self.steps) < 2:
             return False
-        from liveavatar.pipeline.memory import host_cache_bytes
-
-        h, w = self.latent_hw
-        caches = host_cache_bytes(self.dit.cfg, w * 8, h * 8, len(self.steps), self.dtype, self.stream)
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return caches + (2 << 30) > free
+        return not self._fits(self._cache_bytes(len(self.steps)))
 
     def _prefetch_wanted(self, kv_prefetch: bool | None) -> bool:
         """kv_prefetch True / False, or None: when two step-cache buffers fit the free memory
         (keeping 2 GiB for activations); called with the offload decided, before any buffer."""
         if kv_prefetch is not None:
             return bool(kv_prefetch)
+        return self._fits(2 * self._cache_bytes(1))
+
+    def _cache_bytes(self, steps: int) -> int:
+        """Bytes of `steps` step caches at this runner's size (`memory.host_cache_bytes`)."""
         from liveavatar.pipeline.memory import host_cache_bytes
 
         h, w = self.latent_hw
-        one = host_cache_bytes(self.dit.cfg, w * 8, h * 8, 1, self.dtype, self.stream)
+        return host_cache_bytes(self.dit.cfg, w * 8, h * 8, steps, self.dtype, self.stream)
+
+    def _fits(self, nbytes: int) -> bool:
+        """`nbytes` fit the device's free memory with 2 GiB left for activations."""
         free, _ = torch.cuda.mem_get_info(self.device)
-        return 2 * one + (2 << 30) <= free
+        return nbytes + (2 << 30) <= free
 
     @property
     def num_steps(self) -> int:
