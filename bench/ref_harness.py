@@ -7,7 +7,7 @@ Run in its own process (the reference's package is also called `liveavatar`):
     python bench/ref_harness.py --ref-dir third_party/LiveAvatar --tiny --device cpu   # CPU check
 
 `--ref-dir` is a local, git-ignored copy of the official repository (bench/prepare_ref.sh makes
-one); nothing of it is committed. Prints one JSON line with the keys of `liveavatar bench`
+one); nothing of it is committed. Prints one JSON line with the keys of `python -m bench`
 plus "impl": "reference".
 
 What is reproduced from the official single-GPU pipeline (`causal_s2v_pipeline.py`):
@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT_TOKENS = 128  # prompt length before the model pads to text_len (same in liveavatar.bench)
+TEXT_TOKENS = 128  # prompt length before the model pads to text_len (same in bench/random_model.py)
 PROCESS_START = time.perf_counter()
 
 
@@ -62,7 +62,7 @@ def _load_by_path(name: str, path: Path) -> types.ModuleType:
     return mod
 
 
-benchlib = _load_by_path("_la_benchlib", REPO / "liveavatar" / "benchlib.py")
+benchlib = _load_by_path("_la_benchlib", REPO / "bench" / "benchlib.py")
 la_config = _load_by_path("_la_config", REPO / "liveavatar" / "config.py")
 
 

@@ -86,12 +86,11 @@ EOF
 read -r -a EXTRA <<< "${BENCH_EXTRA:-}"
 COMMON=(--size "$SIZE" --steps 4 --blocks "$BLOCKS" --warmup "$WARMUP" --seed 0 "${EXTRA[@]}")
 read -r -a OURS_EXTRA <<< "${BENCH_OURS_EXTRA:-}"  # dry run: "--allow-cpu-fp8"
-OURS=("$PY" -m liveavatar.bench --random-weights "${COMMON[@]}" "${OURS_EXTRA[@]}")
+OURS=("$PY" -m bench --random-weights "${COMMON[@]}" "${OURS_EXTRA[@]}")
 HARNESS=("$PY" bench/ref_harness.py --ref-dir "$REF_DIR" "${COMMON[@]}")
 
 PEAK=$("$PY" -c "
-import torch, sys; sys.path.insert(0, 'liveavatar')
-import benchlib; print(round(benchlib.matmul_peak_tflops(torch.device('cuda')), 1))" 2>>"$LOG" || echo "")
+import torch; from bench import benchlib; print(round(benchlib.matmul_peak_tflops(torch.device('cuda')), 1))" 2>>"$LOG" || echo "")
 log "bf16 matmul peak: ${PEAK:-?} TFLOP/s"
 PK=(); [ -n "$PEAK" ] && PK=(--peak-tflops "$PEAK")
 
@@ -102,7 +101,7 @@ run ours_bf16 120 "${OURS[@]}" "${PK[@]}" "${REFJ[@]}" --save-latents /tmp/lat_b
 CMP=(); [ -s /tmp/lat_bf16.pt ] && CMP=(--compare-latents /tmp/lat_bf16.pt)
 run ours_fp8 150 "${OURS[@]}" "${PK[@]}" "${REFJ[@]}" --fp8 "${CMP[@]}" --profile "$OUT"
 if [ ! -s /tmp/lat_bf16.pt ]; then  # bf16 at full size failed (e.g. OOM on 80 GB): PSNR at 384*256
-  SMALL=("$PY" -m liveavatar.bench --random-weights --size 384*256 --steps 4 --blocks 1 --warmup 2 --seed 0
+  SMALL=("$PY" -m bench --random-weights --size 384*256 --steps 4 --blocks 1 --warmup 2 --seed 0
          "${EXTRA[@]}" "${PK[@]}")
   run psnr_bf16_small 60 "${SMALL[@]}" --save-latents /tmp/lat_small.pt &&
     run psnr_fp8_small 60 "${SMALL[@]}" --fp8 --compare-latents /tmp/lat_small.pt

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run a list of `liveavatar.bench` variants in one device call, each in its own capped process.
+# Run a list of `python -m bench` variants in one device call, each in its own capped process.
 #   bash bench/run_list.sh "name|cap_s|bench args" ...
 # Common args (size, steps, blocks, warmup, seed, peak) come first; "REF" as bench args runs the
 # reference harness (bf16 eager) instead. JSON lines -> $OUT/list.jsonl, then a short table.
@@ -20,7 +20,7 @@ for spec in "$@"; do
   if [ "$args" = REF ]; then
     CMD=("$PY" bench/ref_harness.py --ref-dir third_party/LiveAvatar "${COMMON[@]}")
   else
-    CMD=("$PY" -m liveavatar.bench --random-weights "${COMMON[@]}" "${A[@]}")
+    CMD=("$PY" -m bench --random-weights "${COMMON[@]}" "${A[@]}")
   fi
   BENCH_ARGS_NOTE=$args capped_run "$name" "$cap" "${CMD[@]}"
 done

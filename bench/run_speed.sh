@@ -15,7 +15,7 @@ read -r -a EXTRA <<< "${SPEED_EXTRA:-}"
 read -r -a OEXTRA <<< "${SPEED_OURS_EXTRA:-}"
 COMMON=(--size "${SPEED_SIZE:-704*384}" --steps 4 --blocks "${SPEED_BLOCKS:-6}" --warmup "${SPEED_WARMUP:-4}" --seed 0
         --peak-tflops "${SPEED_PEAK:-738}" "${EXTRA[@]}")
-OURS=("$PY" -m liveavatar.bench --random-weights "${COMMON[@]}" "${OEXTRA[@]}")
+OURS=("$PY" -m bench --random-weights "${COMMON[@]}" "${OEXTRA[@]}")
 # shellcheck source=bench/capped_run.sh
 source "$(dirname "$0")/capped_run.sh"
 run() { capped_run "$@"; }  # run NAME CAP CMD...

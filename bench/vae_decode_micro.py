@@ -4,7 +4,7 @@ Random-weight Wan2.1 VAE (real shapes) on CUDA, 704*384 by default. Variants: as
 runs it (bf16), + cudnn.benchmark, + torch.compile of the decoder.
 Each variant: 2 warm-up blocks, then the median of 4 timed blocks (CUDA events). Optional
 --profile prints the top kernels of one baseline block. One JSON line per variant.
-    python bench/vae_decode_micro.py [--size 704*384] [--profile]
+    python -m bench.vae_decode_micro [--size 704*384] [--profile]     # from the repo root
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from liveavatar import benchlib
+from bench import benchlib
 from liveavatar.config import VAEConfig
 from liveavatar.models.vae import WanVAE, build_autoencoder
 from liveavatar.sizes import parse_size

@@ -1,4 +1,4 @@
-"""Command line: `python -m liveavatar {generate,make-tiny-checkpoint,demo,bench} ...`.
+"""Command line: `python -m liveavatar {generate,make-tiny-checkpoint,demo} ...`.
 
 User errors (bad size, missing file, wrong checkpoint...) exit with status 2 and one line
 `error: <cause>` on stderr, before any model is loaded.
@@ -86,8 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="tiny checkpoint + shipped example image and speech -> mp4")
     _add_generate_args(demo, demo=True)
     demo.set_defaults(device="cpu", dtype="fp32", size="256*128")
-    bench = sub.add_parser("bench", help="speed benchmark, prints one JSON line")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -195,10 +193,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":  # the benchmark has its own parser (python -m liveavatar bench --help)
-        from liveavatar.bench import main as bench_main
-
-        return bench_main(argv[1:])
+    if argv and argv[0] == "bench":  # the benchmarks live outside the library (bench/)
+        print("error: the benchmark is not part of the library; from the repository root run "
+              "`python -m bench " + " ".join(argv[1:]) + "` (bench/README.md)", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -220,10 +218,6 @@ def main(argv: list[str] | None = None) -> int:
             path = make_tiny_checkpoint(Path(args.dir).expanduser(), seed=args.seed, **kwargs)
             print(f"tiny checkpoint written to {Path(path).resolve()}")
             return 0
-        if args.command == "bench":
-            from liveavatar.bench import main as bench_main
-
-            return bench_main(args.rest)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -1,6 +1,6 @@
 """CPU checks of the speed benchmark plumbing and the fp8 linears (no GPU needed).
 
-- `python -m liveavatar.bench` runs the real StepRunner / generate() on a tiny random DiT and
+- `python -m bench` runs the real StepRunner / generate() on a tiny random DiT and
   prints one JSON line with every result key; usage and fp8-on-CPU errors are clean.
 - bench/ref_harness.py imports and runs the reference DiT (local copy, skipped when absent) and
   gives it exactly the weights our benchmark gives our DiT.
@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from liveavatar import benchlib
+from bench import benchlib
 from liveavatar.models import fp8 as fp8mod
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ TINY = ["--random-weights", "--tiny", "--device", "cpu", "--blocks", "1", "--war
 def fp32_run(tmp_path_factory):
     """One tiny fp32 bench run (shared): its JSON line and the saved latents of 2 blocks."""
     lat = tmp_path_factory.mktemp("bench") / "lat32.pt"
-    rc, out, err = _run(["-m", "liveavatar.bench", *TINY, "--save-latents", str(lat)])
+    rc, out, err = _run(["-m", "bench", *TINY, "--save-latents", str(lat)])
     assert rc == 0, err[-2000:]
     return out, lat
 
@@ -70,7 +70,7 @@ def test_bench_tiny_prints_one_json_line_with_all_keys(fp32_run):
 def test_fp8_bench_on_cpu_stays_close_to_fp32(fp32_run):
     """The tiny DiT with fp8 linears (CPU _scaled_mm or emulation) vs its fp32 run, same seed."""
     _, lat = fp32_run
-    rc, out, err = _run(["-m", "liveavatar.bench", *TINY, "--fp8", "--allow-cpu-fp8", "--compare-latents", str(lat)])
+    rc, out, err = _run(["-m", "bench", *TINY, "--fp8", "--allow-cpu-fp8", "--compare-latents", str(lat)])
     assert rc == 0, err[-2000:]
     cmp = out["vs_saved_latents"]
     assert cmp["blocks"] == 2 and cmp["psnr_db"] > 35 and cmp["rel_l2"] < 0.06, cmp
@@ -79,7 +79,7 @@ def test_fp8_bench_on_cpu_stays_close_to_fp32(fp32_run):
 def test_same_seed_is_bitwise_repeatable_and_profile_is_written(fp32_run, tmp_path):
     """A second run (one extra profiled block, so longer audio) reproduces the first 2 blocks."""
     _, lat = fp32_run
-    rc, out, err = _run(["-m", "liveavatar.bench", *TINY, "--compare-latents", str(lat), "--profile", str(tmp_path)])
+    rc, out, err = _run(["-m", "bench", *TINY, "--compare-latents", str(lat), "--profile", str(tmp_path)])
     assert rc == 0, err[-2000:]
     assert out["vs_saved_latents"]["rel_l2"] == 0.0
     assert Path(out["profile"]["table"]).read_text().count("aten::") > 5
@@ -87,7 +87,7 @@ def test_same_seed_is_bitwise_repeatable_and_profile_is_written(fp32_run, tmp_pa
 
 
 def test_bench_end_to_end_tiny_decodes_frames():
-    rc, out, err = _run(["-m", "liveavatar.bench", *TINY, "--scope", "end_to_end", "--size", "128*64"])
+    rc, out, err = _run(["-m", "bench", *TINY, "--scope", "end_to_end", "--size", "128*64"])
     assert rc == 0, err[-2000:]
     assert out["scope"] == "end_to_end" and out["size"] == "128*64"
     assert out["fps"] > 0 and out["decode_ms"] > 0 and out["dit_ms"] > 0
@@ -95,9 +95,11 @@ def test_bench_end_to_end_tiny_decodes_frames():
 
 
 def test_bench_usage_and_fp8_errors_are_clean():
-    rc, out, err = _run(["-m", "liveavatar.bench", "--tiny", "--device", "cpu"])
+    rc, out, err = _run(["-m", "bench", "--tiny", "--device", "cpu"])
     assert rc == 2 and out is None and "error: --random-weights" in err
-    rc, out, err = _run(["-m", "liveavatar.bench", *TINY, "--fp8"])
+    rc, out, err = _run(["-m", "liveavatar", "bench", *TINY])  # the library's CLI points at the package
+    assert rc == 2 and out is None and "python -m bench --random-weights --tiny" in err
+    rc, out, err = _run(["-m", "bench", *TINY, "--fp8"])
     assert rc == 3 and out is not None and "sm89" in out["error"] and out["fps"] is None
     assert all(k in out for k in benchlib.RESULT_KEYS)
 
@@ -136,7 +138,7 @@ def test_ref_harness_tiny_runs_and_prints_json(ref_dir):
 
 
 def test_reference_gets_exactly_our_random_weights(ref_dir):
-    from liveavatar.bench import bench_config, build_random_dit
+    from bench.random_model import bench_config, build_random_dit
 
     rc, ref_sums, err = _run(["bench/ref_harness.py", "--ref-dir", str(ref_dir), "--tiny", "--device", "cpu",
                               "--weights-checksum"])

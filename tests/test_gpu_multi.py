@@ -83,7 +83,7 @@ def test_killed_worker_is_reported_and_nothing_is_left(tiny):
 
 
 def test_group_bench_on_gpus():
-    res = subprocess.run([sys.executable, "-m", "liveavatar", "bench", "--random-weights", "--tiny",
+    res = subprocess.run([sys.executable, "-m", "bench", "--random-weights", "--tiny",
                           "--gpus", str(len(DEVICES)), "--blocks", "2", "--warmup", "4"],
                          capture_output=True, text=True, cwd=REPO, timeout=600)
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")][-1]

@@ -1,4 +1,4 @@
-"""Worker-group benchmark (`python -m liveavatar bench --devices cpu,cpu,cpu`): real worker
+"""Worker-group benchmark (`python -m bench --devices cpu,cpu,cpu`): real worker
 subprocesses over gloo running the TPP schedule with the bench's random tiny weights."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = [sys.executable, "-m", "liveavatar", "bench", "--random-weights", "--tiny"]
+BENCH = [sys.executable, "-m", "bench", "--random-weights", "--tiny"]
 
 
 def _run(*extra: str, timeout: float = 300) -> tuple[int, dict | None, str]:

@@ -1,7 +1,7 @@
-"""Worker-group benchmark: `python -m liveavatar bench --random-weights --gpus N [--gpu-mode tpp]`.
+"""Worker-group benchmark: `python -m bench --random-weights --gpus N [--gpu-mode tpp]`.
 
 Starts a worker group (NCCL on GPUs, gloo on CPU with `--devices cpu,cpu,...`) whose ranks run
-`parallel.bench_engine.RandomWeightsEngine`: the bench's seeded random weights on every rank, the
+`bench.group_engine.RandomWeightsEngine`: the bench's seeded random weights on every rank, the
 real TPP schedule (each DiT rank owns a step group, a spare device decodes) and the real frame
 path back to this process. Timing is what a user sees: the host clock between decoded blocks
 arriving here (scope `end_to_end`: DiT, hand-offs, VAE decode, uint8 frames through the control
@@ -15,6 +15,11 @@ import statistics
 import time
 
 import torch
+
+from bench import benchlib
+from bench.random_model import BenchRun, bench_config
+from parallel.group import GroupConfig, WorkerGroup
+from parallel.handle import schedule_for
 
 
 def group_devices(args: argparse.Namespace) -> list[str]:
@@ -33,20 +38,14 @@ def group_devices(args: argparse.Namespace) -> list[str]:
 
 def run_group_bench(args: argparse.Namespace, argv: list[str]) -> dict:
     """Benchmark a worker group; returns the JSON-ready result dict (keys of `benchlib.RESULT_KEYS`)."""
-    from liveavatar import benchlib
-    from liveavatar.bench import bench_config
-    from liveavatar.bench_scopes import _Run
-    from parallel.group import GroupConfig, WorkerGroup
-    from parallel.handle import schedule_for
-
     devices = group_devices(args)
     mode = args.gpu_mode or ("tpp" if len(devices) > 1 else "single")
     if mode == "auto":
         raise ValueError("--gpu-mode: pass tpp or single for a benchmark (auto depends on free memory)")
     sched = schedule_for(mode, devices, args.steps, None)
     cfg = bench_config(args)
-    run = _Run(args, cfg, torch.device("cpu"), torch.float32)  # only sizes and block counts are used here
-    config = GroupConfig(schedule=sched, engine="parallel.bench_engine:RandomWeightsEngine",
+    run = BenchRun(args, cfg, torch.device("cpu"), torch.float32)  # only sizes and block counts are used here
+    config = GroupConfig(schedule=sched, engine="bench.group_engine:RandomWeightsEngine",
                          engine_config={"bench_argv": list(argv)}, load_timeout_s=1800.0)
     t0 = time.perf_counter()
     arrivals: list[float] = []

@@ -1,12 +1,12 @@
-"""Random-weight engine for benchmarking worker groups (`python -m liveavatar bench --gpus N`).
+"""Random-weight engine for benchmarking worker groups (`python -m bench --gpus N`).
 
 Same per-step code as `parallel.engine.LiveAvatarEngine` (it subclasses it: begin_clip,
 initial_latents, run_steps and decode are inherited), but instead of loading a checkpoint and
 encoding a prompt, audio and image, every rank builds the full-size (or `--tiny`) DiT / VAE with
-the bench's seeded random weights and random conditioning (`liveavatar.bench`), so every rank
+the bench's seeded random weights and random conditioning (`bench.random_model`), so every rank
 holds identical values without any file. Each rank parses the same bench argv as the controller.
 
-Load config: {"bench_argv": [...]} (the `liveavatar.bench` command line).
+Load config: {"bench_argv": [...]} (the `python -m bench` command line).
 Job: {} (the block count, size, steps and seed come from the argv).
 """
 
@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import torch
 
+from bench.cli import build_parser
+from bench.random_model import BenchRun, apply_options, bench_config, build_random_dit, build_random_vae
 from parallel.engine import LiveAvatarEngine
 from parallel.schedule import Role
 from parallel.tpp import JobPlan
@@ -25,8 +27,6 @@ class RandomWeightsEngine(LiveAvatarEngine):
     """One rank of a benchmark group: random 14B (or tiny) weights, random conditioning."""
 
     def load(self, config: Mapping[str, Any], role: Role) -> None:
-        from liveavatar.bench import apply_options, bench_config, build_parser, build_random_dit
-        from liveavatar.bench_scopes import build_random_vae
         from liveavatar.pipeline.model import LiveAvatar, LoadOptions, resolve_dtype
 
         self.role = role
@@ -48,7 +48,6 @@ class RandomWeightsEngine(LiveAvatarEngine):
         self.runner = self.decoder = None
 
     def prepare(self, job: Mapping[str, Any]) -> JobPlan:
-        from liveavatar.bench_scopes import _Run
         from liveavatar.media.audio import Audio16k
         from liveavatar.pipeline.conditioning import AudioConditioning, ImageConditioning, ReferenceLatents
         from liveavatar.pipeline.generate import BlockDecoder, make_runner
@@ -56,7 +55,7 @@ class RandomWeightsEngine(LiveAvatarEngine):
 
         m, args = self.model, self.args
         stream = m.stream
-        run = _Run(args, self.cfg, m.device, m.opts.dtype)
+        run = BenchRun(args, self.cfg, m.device, m.opts.dtype)
         lead = 3
         self.steps, self.seed, self.sink_refresh, self.pose = args.steps, args.seed, True, None
         self.plan = make_plan(run.total_blocks * stream.frames_per_block - lead, stream, lead_in_frames=lead)

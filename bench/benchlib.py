@@ -1,4 +1,4 @@
-"""Benchmark helpers shared by `liveavatar.bench` (our DiT) and `bench/ref_harness.py` (the
+"""Benchmark helpers shared by `python -m bench` (our DiT) and `bench/ref_harness.py` (the
 reference DiT, run in its own process).
 
 This module imports only torch and the standard library, so the reference harness can load it

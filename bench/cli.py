@@ -1,9 +1,9 @@
-"""`python -m liveavatar bench`: speed of the streaming DiT (or the whole loop) with random weights.
+"""`python -m bench` (from the repo root): speed of the streaming DiT (or the whole loop) with random weights.
 
-    python -m liveavatar bench --random-weights --size 704*384 --steps 4 --blocks 8 \
+    python -m bench --random-weights --size 704*384 --steps 4 --blocks 8 \
         [--fp8] [--compile] [--attn sdpa] [--scope dit|end_to_end [--overlap|--no-overlap]] [--ref third_party/LiveAvatar]
-    python -m liveavatar bench --random-weights --tiny --device cpu      # CPU plumbing check
-    python -m liveavatar bench --random-weights --gpus 5 [--gpu-mode tpp] [--fp8] [--compile]   # worker group
+    python -m bench --random-weights --tiny --device cpu      # CPU plumbing check
+    python -m bench --random-weights --gpus 5 [--gpu-mode tpp] [--fp8] [--compile]   # worker group
 
 Prints ONE JSON line (keys: `benchlib.RESULT_KEYS` and more). Method:
 - The DiT is built on the meta device and every weight is created directly on the GPU from a
@@ -25,7 +25,7 @@ Prints ONE JSON line (keys: `benchlib.RESULT_KEYS` and more). Method:
 - `--ref DIR` runs bench/ref_harness.py (the reference DiT, same weights/size/steps, fp8 and
   compile as ours unless `--ref-mode bf16`) in a subprocess after ours and adds ref_fps and
   ratio_vs_reference = fps / ref_fps. `--ref-json FILE` reads a stored harness line instead.
-- `--gpus N` (N > 1) or `--devices 0,1,..|cpu,cpu,..`: a worker group (parallel/bench.py): every
+- `--gpus N` (N > 1) or `--devices 0,1,..|cpu,cpu,..`: a worker group (bench/group.py): every
   rank builds the same random weights, the TPP schedule runs as in generation (K = min(N, steps)
   DiT ranks, a spare device decodes), timed end to end by the arrival of decoded blocks here;
   peak_mem_gb per rank, per-rank compute / wait shares in `rank_stats`.
@@ -39,24 +39,20 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from liveavatar import benchlib
-from liveavatar.bench_scopes import _Run, run_dit_scope, run_end_to_end
+from bench import benchlib
+from bench.random_model import BenchRun, BenchUsageError, apply_options, bench_config, build_random_dit
+from bench.scopes import run_dit_scope, run_end_to_end
 from liveavatar.cli import AUTO_ON_OFF, auto_on_off
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class BenchUsageError(ValueError):
-    """Bad bench arguments (exit status 2, one `error:` line)."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m liveavatar bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--random-weights", action="store_true", help="full-size random weights (required for now)")
     p.add_argument("--size", default="704*384", help="video W*H")
     p.add_argument("--steps", type=int, default=4)
@@ -74,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="default bf16 (fp32 on CPU)")
     p.add_argument("--scope", default="dit", choices=("dit", "end_to_end"))
     p.add_argument("--gpus", type=int, default=1,
-                   help="GPUs: > 1 benchmarks a worker group (parallel/bench.py; TPP by default)")
+                   help="GPUs: > 1 benchmarks a worker group (bench/group.py; TPP by default)")
     p.add_argument("--devices", default=None,
                    help="worker-group devices instead of --gpus, e.g. 0,1,2 or cpu,cpu,cpu (gloo, tests)")
     p.add_argument("--gpu-mode", default=None, choices=("tpp", "single"),
@@ -112,65 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-cpu-fp8", action="store_true",
                    help="tests only: fp8 linears on the CPU (PyTorch's CPU _scaled_mm or an emulation)")
     return p
-
-
-# ----------------------------------------------------------------------------- model construction
-def bench_config(args):
-    from liveavatar.config import DiTConfig
-
-    if args.tiny:
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in benchlib.TINY_CONFIG.items()}
-        return DiTConfig(**kw).validate("tiny bench config")
-    return DiTConfig()
-
-
-def build_random_dit(cfg, device: torch.device, dtype: torch.dtype, seed: int):
-    """Our DiT with random weights made on `device` (see benchlib.materialize_random_)."""
-    from liveavatar.models.dit import CausalS2VDiT
-
-    with benchlib.params_on_meta():
-        dit = CausalS2VDiT(cfg)
-    dit.eval().requires_grad_(False)
-    info = benchlib.materialize_random_(dit, device, dtype, seed=seed, dim_hint=cfg.dim)
-    return dit, info
-
-
-def apply_options(dit, args, device: torch.device) -> dict:
-    """fp8 / attention backend / compile through the pipeline's own `apply_speed_options`."""
-    from liveavatar.pipeline.speed import apply_speed_options
-
-    info: dict = {"compile_impl": None}
-    t0 = time.perf_counter()
-    from liveavatar.models.fp8 import DEFAULT_SCALING
-
-    scaling = args.fp8_scaling or DEFAULT_SCALING
-    info["fp8_scaling"] = scaling if args.fp8 else None
-    if args.fp8 and device.type == "cpu" and args.allow_cpu_fp8:
-        from liveavatar.models.fp8 import convert_to_fp8
-
-        convert_to_fp8(dit, allow_cpu=True, scaling=scaling)
-        apply_speed_options(dit, attn=args.attn, fp8=False, compile=False, device=device)
-    else:
-        apply_speed_options(dit, attn=args.attn, fp8=scaling if args.fp8 else False, compile=False, device=device)
-    if getattr(dit, "attn_backend", args.attn) != args.attn:
-        dit.attn_backend = args.attn  # the DiT exposes a property, not set_attention_backend()
-    info["fp8_convert_s"] = time.perf_counter() - t0 if args.fp8 else 0.0
-    if args.rope_dtype:
-        if not hasattr(dit, "rope_compute_dtype"):
-            raise BenchUsageError("--rope-dtype: this DiT has no rope_compute_dtype switch")
-        dit.rope_compute_dtype = getattr(torch, args.rope_dtype)
-    info["rope_dtype"] = str(getattr(dit, "rope_compute_dtype", "")).replace("torch.", "") or None
-    if args.compile:
-        from liveavatar.pipeline.speed import CUDA_GRAPHS_WITH_COMPILE
-
-        dit.compile_blocks()
-        info["compile_impl"] = "dit.compile_blocks"
-        graphs = CUDA_GRAPHS_WITH_COMPILE if args.cuda_graphs is None else args.cuda_graphs
-        if graphs and device.type == "cuda":
-            dit.use_cuda_graphs()
-    elif args.cuda_graphs:
-        raise BenchUsageError("--cuda-graphs needs --compile")
-    return info
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -224,7 +161,7 @@ def bench(args) -> dict:
         if args.ref or args.ref_json or args.save_latents or args.compare_latents:
             raise BenchUsageError("--gpus/--devices: the worker-group bench times end to end only "
                                   "(no --ref, --save-latents, --compare-latents)")
-        from parallel.bench import run_group_bench  # the CLI's --gpus does the same (worker groups)
+        from bench.group import run_group_bench  # the CLI's --gpus does the same (worker groups)
 
         return run_group_bench(args, getattr(args, "argv", []))
     if args.blocks < 1 or args.steps < 1:
@@ -237,7 +174,7 @@ def bench(args) -> dict:
     benchlib.reset_peak_mem(device)
     dit, winfo = build_random_dit(cfg, device, dtype, args.seed)
     opt = apply_options(dit, args, device)
-    run = _Run(args, cfg, device, dtype)
+    run = BenchRun(args, cfg, device, dtype)
     with torch.no_grad():
         res = (run_dit_scope if args.scope == "dit" else run_end_to_end)(args, cfg, dit, device, dtype, run)
     peak_mem = benchlib.peak_mem_gib(device)
@@ -320,7 +257,7 @@ def bench(args) -> dict:
     return benchlib.rounded(out)
 
 
-def _estimate(cfg, run: _Run, args, dit, dtype) -> float | None:
+def _estimate(cfg, run: BenchRun, args, dit, dtype) -> float | None:
     """The lead's memory preflight estimate for this job (GiB), for comparison with the peak."""
     try:
         from liveavatar.pipeline.memory import estimate_memory
@@ -343,8 +280,6 @@ def _estimate(cfg, run: _Run, args, dit, dtype) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:  # `python -m liveavatar bench -- --flags` (argparse REMAINDER quirk)
-        argv = argv[1:]
     args = build_parser().parse_args(argv)
     args.argv = argv  # a worker-group bench hands the same command line to every rank
     args.kv_offload_opt = auto_on_off(args.kv_offload)
@@ -379,7 +314,3 @@ def failure_record(args, error: str) -> dict:
                compile=args.compile, attn=args.attn, scope=args.scope,
                peak_mem_gb=[benchlib.peak_mem_gib(device)], tiny=args.tiny)
     return benchlib.rounded(out)
-
-
-if __name__ == "__main__":  # python -m liveavatar.bench ...
-    sys.exit(main())

@@ -1,10 +1,10 @@
-"""The two timed scopes of `liveavatar.bench` (see its docstring for the method).
+"""The two timed scopes of `python -m bench` (see `bench.cli` for the method).
 
 - `run_dit_scope`: the pipeline's StepRunner (sink prefill, warm-up, timed blocks; CUDA events
   per step), optionally one extra block under torch.profiler (`profile_block`).
 - `run_end_to_end`: the pipeline's generate() iterator with a random-weight VAE (decode and
   uint8 frames included; `--write` also encodes an mp4), host clock between yielded blocks.
-Both return a dict of raw timings that `liveavatar.bench.bench` turns into the JSON line.
+Both return a dict of raw timings that `bench.cli.bench` turns into the JSON line.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from liveavatar import benchlib
+from bench import benchlib
+from bench.random_model import BenchRun, build_random_vae
 
-TEXT_TOKENS = 128  # prompt length before padding to text_len (same in bench/ref_harness.py)
 PROCESS_START = time.perf_counter()
 
 
@@ -26,43 +26,7 @@ def over_time_limit(args) -> bool:
     return bool(limit) and time.perf_counter() - PROCESS_START > limit
 
 
-def build_random_vae(device: torch.device, dtype: torch.dtype, seed: int, tiny: bool):
-    from liveavatar.config import VAEConfig
-    from liveavatar.models.vae import WanVAE, build_autoencoder
-
-    cfg = VAEConfig(base_dim=8) if tiny else VAEConfig()
-    model = build_autoencoder(cfg)
-    benchlib.materialize_random_(model, device, dtype, seed=seed + 7)
-    return WanVAE(model, cfg, device=device, dtype=dtype)
-
-
-class _Run:
-    """Everything one timed run needs (model, conditioning, plan); shapes in the comments."""
-
-    def __init__(self, args, cfg, device, dtype):
-        from liveavatar.config import DEFAULT_STREAM
-        from liveavatar.sizes import parse_size
-
-        self.stream = DEFAULT_STREAM
-        size = benchlib.TINY_SIZE if args.tiny and args.size == "704*384" else args.size
-        self.width, self.height = parse_size(size)
-        s = self.stream
-        self.hw = (self.height // s.vae_stride_hw, self.width // s.vae_stride_hw)
-        self.warmup = s.blocks_per_clip if args.warmup is None else args.warmup
-        self.total_blocks = self.warmup + args.blocks
-        self.profile = bool(getattr(args, "profile", None)) and args.scope == "dit"
-        g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
-        h, w = self.hw
-        self.context = torch.randn(TEXT_TOKENS, cfg.text_dim, generator=g)  # [L, text_dim]
-        self.ref = torch.randn(1, 16, 1, h, w, generator=g)  # [1, 16, 1, h, w]
-        self.motion = torch.randn(1, 16, s.motion_frames_latent, h, w, generator=g)
-        n_frames = (self.total_blocks + self.profile) * s.frames_per_block  # generated frames incl. lead-in
-        # [1, layers, audio_dim, frames], drawn frame-major so frame k is the same for any length
-        feats = torch.randn(n_frames, cfg.audio_num_layers, cfg.audio_dim, generator=g) * 0.5
-        self.features = feats.permute(1, 2, 0).unsqueeze(0).contiguous()
-
-
-def run_dit_scope(args, cfg, dit, device, dtype, run: _Run) -> dict:
+def run_dit_scope(args, cfg, dit, device, dtype, run: BenchRun) -> dict:
     """Sink prefill + warm-up + timed blocks through the pipeline's StepRunner."""
     from liveavatar.pipeline.conditioning import AudioConditioning, ImageConditioning
     from liveavatar.pipeline.generate import make_runner
@@ -154,7 +118,7 @@ def profile_block(args, device: torch.device, fn) -> dict:
     return {"table": str(folder / f"profile_{tag}.txt"), "trace": str(trace) + ".gz", "device_busy_ms": busy}
 
 
-def run_end_to_end(args, cfg, dit, device, dtype, run: _Run) -> dict:
+def run_end_to_end(args, cfg, dit, device, dtype, run: BenchRun) -> dict:
     """The pipeline's generate() iterator with a random VAE; host-clock time between blocks."""
     import tempfile
 
