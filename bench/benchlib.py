@@ -183,12 +183,6 @@ def dit_block_flops(cfg: Any, latent_hw: tuple[int, int], kv_tokens: int, sink_l
     return cfg.num_layers * per_layer + n_inj * per_inject + embed + head
 
 
-def block_kv_tokens(block_index: int, frames_per_block: int, blocks_per_clip: int, fsl: int) -> int:
-    """Ring-buffer keys attended by block `block_index` (grows over the first clip, then full)."""
-    filled = min(block_index + 1, blocks_per_clip)
-    return filled * frames_per_block * fsl
-
-
 # ----------------------------------------------------------------------------- measurement
 
 

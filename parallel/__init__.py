@@ -5,7 +5,8 @@ Importing this package is cheap: submodules (and torch) load on first attribute 
 - `parallel.schedule`: step-to-rank assignment (single / tpp / auto), pure Python.
 - `parallel.channel`: authenticated loopback control channel.
 - `parallel.tpp`: the per-rank runner around an `Engine` (the same loop in-process and in workers).
-- `parallel.group` / `parallel.jobs`: launch, lifetime, faults, jobs (`GroupManager`).
+- `parallel.group`: launch, lifetime, faults and teardown of a group (`WorkerGroup`, `GroupManager`);
+  `parallel.jobs`: one job on it (`JobHandle`); `parallel.faults`: their errors.
 - `parallel.worker`: the worker process (`python -m parallel.worker`).
 - `parallel.engine`: Live Avatar (`liveavatar.pipeline`) as a per-rank engine.
 """
@@ -16,10 +17,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "GroupConfig": "parallel.group", "WorkerGroup": "parallel.group", "GroupError": "parallel.group",
-    "GroupStartError": "parallel.group", "WorkerError": "parallel.group",
-    "JobInputError": "parallel.group", "JobResult": "parallel.group",
-    "GroupManager": "parallel.jobs", "JobHandle": "parallel.jobs",
+    "GroupConfig": "parallel.group", "WorkerGroup": "parallel.group", "GroupManager": "parallel.group",
+    "GroupError": "parallel.faults", "GroupStartError": "parallel.faults", "WorkerError": "parallel.faults",
+    "JobInputError": "parallel.faults", "JobResult": "parallel.jobs", "JobHandle": "parallel.jobs",
     "Engine": "parallel.tpp", "JobPlan": "parallel.tpp", "BlockFrames": "parallel.tpp",
     "RankStats": "parallel.tpp", "run_rank": "parallel.tpp", "run_inprocess": "parallel.tpp",
     "Schedule": "parallel.schedule", "Role": "parallel.schedule", "make_schedule": "parallel.schedule",
@@ -33,7 +33,7 @@ _EXPORTS = {
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in ("schedule", "channel", "tpp", "group", "jobs", "worker", "engine", "procs", "handle"):
+    if name in ("schedule", "channel", "tpp", "group", "jobs", "faults", "worker", "engine", "procs", "handle"):
         return importlib.import_module(f"parallel.{name}")
     raise AttributeError(f"module 'parallel' has no attribute {name!r}")
 

@@ -42,15 +42,14 @@ import weakref
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from parallel.channel import Channel, ChannelClosed, ControlListener
+from parallel.faults import GroupError, GroupStartError, WorkerError
+from parallel.jobs import JobHandle
 from parallel.procs import exit_text, last_traceback, popen, tail
 from parallel.schedule import Schedule
 from parallel.tpp import BlockFrames
-
-if TYPE_CHECKING:
-    from parallel.jobs import JobHandle
 
 log = logging.getLogger(__name__)
 PACK_ROOT = Path(__file__).resolve().parents[1]
@@ -63,31 +62,6 @@ NCCL_REMEDIES = (
 
 GLOO_REMEDIES = ("check GLOO_SOCKET_IFNAME (lo on one host, the NIC that reaches the other hosts "
                  "under torchrun) and that the hosts can reach each other")
-
-
-class GroupError(RuntimeError):
-    """The worker group cannot run (start failure, worker fault, closed group)."""
-
-
-class GroupStartError(GroupError):
-    """A rank failed to start, rendezvous or load; `rank` and `phase` say which and where."""
-
-    def __init__(self, message: str, rank: int | None = None, phase: str = "",
-                 traceback: str = "") -> None:
-        super().__init__(message)
-        self.rank, self.phase, self.traceback = rank, phase, traceback
-
-
-class WorkerError(GroupError):
-    """A worker failed or died during a job; `traceback` is its last traceback or log tail."""
-
-    def __init__(self, message: str, rank: int, traceback: str = "") -> None:
-        super().__init__(message)
-        self.rank, self.traceback = rank, traceback
-
-
-class JobInputError(GroupError):
-    """`engine.prepare` refused the job on some rank; the group is still usable."""
 
 
 @dataclass(frozen=True)
@@ -113,16 +87,6 @@ class GroupConfig:
     env: Mapping[str, str] = field(default_factory=dict)  # extra worker env (NCCL_* ...)
     sys_path: tuple[str, ...] = ()  # extra import paths for the engine module
     log_dir: str | None = None  # per-rank logs (default: a fresh temp dir)
-
-
-@dataclass
-class JobResult:
-    """End of a job: `status` is "ok" or "cancelled"; `stats` per rank (seconds, wait share)."""
-
-    status: str
-    blocks: int
-    seconds: float
-    stats: dict[int, dict] = field(default_factory=dict)
 
 
 _LIVE: "weakref.WeakSet[WorkerGroup]" = weakref.WeakSet()
@@ -423,10 +387,8 @@ class WorkerGroup:
                     return ("tick",)
 
     # -- jobs ------------------------------------------------------------------------------
-    def submit(self, job: Mapping[str, Any]) -> "JobHandle":
+    def submit(self, job: Mapping[str, Any]) -> JobHandle:
         """Send a job to every rank; iterate `handle.frames()` for its frames."""
-        from parallel.jobs import JobHandle
-
         if self.state != "ready":
             raise GroupError(f"worker group is {self.state}; start a new one (GroupManager does)")
         if not self._job_lock.acquire(blocking=False):
@@ -497,3 +459,37 @@ class WorkerGroup:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class GroupManager:
+    """Keeps one group alive across jobs; a new config (or a broken group) starts a fresh one."""
+
+    def __init__(self) -> None:
+        self.group: WorkerGroup | None = None
+        self._lock = threading.Lock()
+
+    def get(self, config: GroupConfig) -> WorkerGroup:
+        with self._lock:
+            g = self.group
+            if g is not None and g.config == config and g.healthy:
+                return g
+            if g is not None:
+                log.info("closing the worker group (%s)",
+                         "config changed" if g.config != config else f"group {g.state}")
+                g.close()
+                self.group = None
+            self.group = WorkerGroup(config).start()
+            return self.group
+
+    def run(self, config: GroupConfig, job: Mapping[str, Any],
+            should_cancel: Callable[[], bool] | None = None) -> Iterator[BlockFrames]:
+        """Run `job` on the group for `config` (starting it if needed) and yield its frames."""
+        handle = self.get(config).submit(job)
+        yield from handle.frames(should_cancel)
+        return handle.result
+
+    def close(self) -> None:
+        with self._lock:
+            if self.group is not None:
+                self.group.close()
+                self.group = None

@@ -69,11 +69,11 @@ def schedule_for(mode: str, devices: list[str], steps: int, need: Any) -> Any:
 
 
 class GroupModel:
-    """Drives a `parallel.jobs.GroupManager`; same methods as `LiveAvatar` for the callers."""
+    """Drives a `parallel.group.GroupManager`; same methods as `LiveAvatar` for the callers."""
 
     def __init__(self, engine_config: dict, devices: list[str], mode: str, steps: int = 4,
                  config_overrides: dict | None = None):
-        from parallel.jobs import GroupManager
+        from parallel.group import GroupManager
 
         self.engine_config = engine_config
         self.devices = devices

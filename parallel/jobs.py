@@ -1,24 +1,55 @@
-"""Jobs on a worker group (`JobHandle`) and a group kept alive across jobs (`GroupManager`)."""
+"""A job on a worker group (`JobHandle`, made by `WorkerGroup.submit`) and its `JobResult`."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
 
-from parallel.group import (GroupConfig, GroupError, JobInputError, JobResult, WorkerError,
-                            WorkerGroup)
+from parallel.faults import GroupError, JobInputError, WorkerError
 from parallel.procs import innermost_frames, last_traceback, tail
 from parallel.tpp import BlockFrames
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class JobResult:
+    """End of a job: `status` is "ok" or "cancelled"; `stats` per rank (seconds, wait share)."""
+
+    status: str
+    blocks: int
+    seconds: float
+    stats: dict[int, dict] = field(default_factory=dict)
+
+
+class JobHost(Protocol):
+    """What a `JobHandle` uses of the `parallel.group.WorkerGroup` that submitted it (that module
+    imports this one, so the handle only knows the group by these members)."""
+
+    config: Any  # GroupConfig: schedule.decode_rank, block_timeout_s, first_block_timeout_s
+    world_size: int
+    state: str
+    chans: dict  # rank -> parallel.channel.Channel
+    log_dir: Path
+    _job_lock: threading.Lock
+
+    def log_path(self, rank: int) -> Path: ...
+
+    def dump_stacks(self) -> None: ...
+
+    def _next_event(self, deadline: float | None) -> tuple | None: ...
+
+    def _break(self) -> None: ...
+
+
 class JobHandle:
     """One submitted job. Iterate `frames()` exactly once; then `result` holds the JobResult."""
 
-    def __init__(self, group: WorkerGroup, job_id: int) -> None:
+    def __init__(self, group: JobHost, job_id: int) -> None:
         self.group, self.job_id = group, job_id
         self.result: JobResult | None = None
         self._cancel_sent = False
@@ -171,38 +202,4 @@ class JobHandle:
         return list(self.frames(should_cancel))
 
 
-class GroupManager:
-    """Keeps one group alive across jobs; a new config (or a broken group) starts a fresh one."""
-
-    def __init__(self) -> None:
-        self.group: WorkerGroup | None = None
-        self._lock = threading.Lock()
-
-    def get(self, config: GroupConfig) -> WorkerGroup:
-        with self._lock:
-            g = self.group
-            if g is not None and g.config == config and g.healthy:
-                return g
-            if g is not None:
-                log.info("closing the worker group (%s)",
-                         "config changed" if g.config != config else f"group {g.state}")
-                g.close()
-                self.group = None
-            self.group = WorkerGroup(config).start()
-            return self.group
-
-    def run(self, config: GroupConfig, job: Mapping[str, Any],
-            should_cancel: Callable[[], bool] | None = None) -> Iterator[BlockFrames]:
-        """Run `job` on the group for `config` (starting it if needed) and yield its frames."""
-        handle = self.get(config).submit(job)
-        yield from handle.frames(should_cancel)
-        return handle.result
-
-    def close(self) -> None:
-        with self._lock:
-            if self.group is not None:
-                self.group.close()
-                self.group = None
-
-
-__all__ = ["JobHandle", "GroupManager"]
+__all__ = ["JobHandle", "JobHost", "JobResult"]

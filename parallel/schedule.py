@@ -62,10 +62,6 @@ class Role:
         return bool(self.steps)
 
     @property
-    def is_first_dit(self) -> bool:
-        return self.rank == 0
-
-    @property
     def is_last_dit(self) -> bool:
         return self.rank == self.num_dit_ranks - 1
 

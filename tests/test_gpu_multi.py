@@ -54,7 +54,7 @@ def test_tpp_on_gpus_equals_one_gpu(tiny):
 def test_killed_worker_is_reported_and_nothing_is_left(tiny):
     from parallel import GroupConfig, WorkerGroup, schedule
     from parallel.engine import make_job
-    from parallel.group import WorkerError
+    from parallel.faults import WorkerError
 
     ckpt, _, img = tiny
     from liveavatar.media.audio import audio_from_waveform

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from parallel import GroupConfig, WorkerGroup, schedule
-from parallel.group import JobInputError
+from parallel.faults import JobInputError
 from parallel.engine import make_job
 
 SLOW = pytest.mark.skipif(not os.environ.get("LIVEAVATAR_SLOW_TESTS"),

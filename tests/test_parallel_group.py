@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from parallel import GroupConfig, GroupManager, WorkerGroup, schedule
-from parallel.group import GroupStartError, JobInputError, WorkerError
+from parallel.faults import GroupStartError, JobInputError, WorkerError
 from test_parallel_toy import JOB, naive_video
 
 TESTS = str(Path(__file__).resolve().parent)
