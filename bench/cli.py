@@ -230,7 +230,7 @@ def bench(args) -> dict:
         out["decode_ms"] = benchlib.median(res["decode_ms"])
     if "overlap_decode" in res:
         out["overlap_decode"] = res["overlap_decode"]
-    out["est_mem_gb"] = _estimate(cfg, run, args, dit, dtype)
+    out["est_mem_gb"] = _estimate(cfg, run, args, dtype)
     if args.save_latents and res["latents"]:
         torch.save(res["latents"], args.save_latents)
     if args.compare_latents and res["latents"]:
@@ -257,22 +257,13 @@ def bench(args) -> dict:
     return benchlib.rounded(out)
 
 
-def _estimate(cfg, run: BenchRun, args, dit, dtype) -> float | None:
+def _estimate(cfg, run: BenchRun, args, dtype) -> float | None:
     """The lead's memory preflight estimate for this job (GiB), for comparison with the peak."""
+    from liveavatar.pipeline.memory import estimate_memory
+
     try:
-        from liveavatar.pipeline.memory import estimate_memory
-
-        from liveavatar.models.fp8 import REFERENCE_EXCLUDE
-
-        total, linear = sum(p.numel() for p in dit.parameters()), 0
-        for name, m in dit.named_modules():
-            if hasattr(m, "weight_fp8"):
-                total += m.weight_fp8.numel()
-                linear += m.weight_fp8.numel()
-            elif isinstance(m, torch.nn.Linear) and not any(e in name for e in REFERENCE_EXCLUDE):
-                linear += m.weight.numel()
         est = estimate_memory(cfg, run.width, run.height, steps_owned=args.steps, dtype=dtype, fp8=args.fp8,
-                              decode_here=args.scope == "end_to_end", param_counts=(total, linear))
+                              decode_here=args.scope == "end_to_end")
         return est.total / 2**30
     except Exception:
         return None

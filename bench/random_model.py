@@ -43,19 +43,16 @@ def apply_options(dit, args, device: torch.device) -> dict:
     """fp8 / attention backend / compile through the pipeline's own `apply_speed_options`."""
     from liveavatar.pipeline.speed import apply_speed_options
 
+    from liveavatar.models.fp8 import convert_to_fp8, resolve_scaling
+
     info: dict = {"compile_impl": None}
     t0 = time.perf_counter()
-    from liveavatar.models.fp8 import DEFAULT_SCALING
-
-    scaling = args.fp8_scaling or DEFAULT_SCALING
-    info["fp8_scaling"] = scaling if args.fp8 else None
-    if args.fp8 and device.type == "cpu" and args.allow_cpu_fp8:
-        from liveavatar.models.fp8 import convert_to_fp8
-
+    scaling = info["fp8_scaling"] = resolve_scaling((args.fp8_scaling or True) if args.fp8 else False)
+    if scaling and device.type == "cpu" and args.allow_cpu_fp8:
         convert_to_fp8(dit, allow_cpu=True, scaling=scaling)
         apply_speed_options(dit, attn=args.attn, fp8=False, compile=False, device=device)
     else:
-        apply_speed_options(dit, attn=args.attn, fp8=scaling if args.fp8 else False, compile=False, device=device)
+        apply_speed_options(dit, attn=args.attn, fp8=scaling or False, compile=False, device=device)
     if getattr(dit, "attn_backend", args.attn) != args.attn:
         dit.attn_backend = args.attn  # the DiT exposes a property, not set_attention_backend()
     info["fp8_convert_s"] = time.perf_counter() - t0 if args.fp8 else 0.0

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dit_blocks import CrossAttention
+from .dit_blocks import CrossAttention, ada_norm
 
 ADALN_EPS = 1e-5
 
@@ -34,9 +34,7 @@ class AdaLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x `[N, L, dim]`, cond `[N, cond_dim]` -> float32-or-x-dtype `[N, L, dim]` (x*(1+scale)+shift)."""
-        shift, scale = self.linear(F.silu(cond)).chunk(2, dim=1)
-        normed = F.layer_norm(x.float(), (x.shape[-1],), eps=ADALN_EPS)
-        return normed * (1 + scale[:, None, :]) + shift[:, None, :]
+        return ada_norm(x, self.linear(F.silu(cond)), ADALN_EPS)
 
 
 class AudioInjector(nn.Module):

@@ -15,8 +15,9 @@ inputs, not constants):
           -> attention (eager) -> o-proj + residual
     rotate  the sink keys' RoPE (inside the KV-cache policy)
 
-Arithmetic follows `dit_blocks.DiTBlock` / `audio_injector` step by step (same dtypes at every
-rounding point that eager code stores; inductor may keep fused intermediates in float32). The
+The arithmetic is the eager layers' own: the regions call the layer math of `dit_blocks`
+(modulation, norms, gates, residuals, AdaLN), `rope.rotate` and `fp8.scaled_linear`, as
+`dit_blocks.DiTBlock` / `audio_injector` do (inductor may keep fused intermediates in float32). The
 sink prefill and CPU parity runs keep the eager layers. Shapes: x `[1, L, dim]` (L = F*fsl),
 e0 `[1, F, 6, dim]` float32, RoPE cos/sin `[L, 1, head_dim/2]`.
 """
@@ -31,7 +32,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
-from .fp8 import FP8Linear, emulated_scaled_mm, quantize
+from .audio_injector import ADALN_EPS
+from .dit_blocks import (ATTN, FFN, ada_norm, bf16_layer_norm, gated_residual, layer_modulation, modulated_norm,
+                         rms_norm)
+from .fp8 import FP8Linear, scaled_linear
+from .rope import rotate
 
 log = logging.getLogger("liveavatar")
 
@@ -48,17 +53,11 @@ def linear_args(layer: nn.Module) -> LinearArgs:
 
 
 def run_linear(x: torch.Tensor, w: LinearArgs) -> torch.Tensor:
-    """`x [..., in] -> [..., out]` in x's dtype, as nn.Linear / FP8Linear.forward compute it."""
+    """`x [..., in] -> [..., out]` in x's dtype, as nn.Linear / FP8Linear.forward compute it (the
+    fp8 product is `fp8.scaled_linear`, with the plain quantiser: this runs inside compiled regions)."""
     if w[0] == "lin":
         return F.linear(x, w[1], w[2])
-    lead = x.shape[:-1]
-    x_q, x_inv = quantize(x.reshape(-1, x.shape[-1]), "row" if w[2].dim() == 2 else "tensor")
-    if w[0] == "fp8":
-        out = torch._scaled_mm(x_q, w[1].t(), scale_a=x_inv, scale_b=w[2], bias=w[3],
-                               out_dtype=torch.bfloat16, use_fast_accum=True)
-    else:
-        out = emulated_scaled_mm(x_q, w[1].t(), x_inv, w[2], w[3], torch.bfloat16)
-    return out.reshape(*lead, out.shape[-1]).to(x.dtype)
+    return scaled_linear(x, w[1], w[2], w[3], emulate=w[0] == "fp8emu")
 
 
 def fuse_linears(layers: list[nn.Module]) -> LinearArgs | None:
@@ -101,41 +100,6 @@ def _norm_weight(norm: nn.Module) -> torch.Tensor | None:
     return getattr(norm, "weight", None)
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """dit_blocks.RMSNorm (None = identity)."""
-    if weight is None:
-        return x
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x) * weight
-
-
-def _groups(x: torch.Tensor, groups: int) -> torch.Tensor:
-    b, n, c = x.shape
-    return x.view(b, groups, n // groups, c)
-
-
-def _modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    return (_groups(x, scale.shape[1]) * (1 + scale) + shift).view(x.shape)
-
-
-def _gate(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    return (_groups(y, gate.shape[1]) * gate).view(y.shape)
-
-
-def _mod(modulation: torch.Tensor, e0: torch.Tensor) -> torch.Tensor:
-    """`[1, 6, dim]` + `[1, G, 6, dim]` -> `[1, G, 6, 1, dim]` float32."""
-    return (modulation.float().unsqueeze(1) + e0).unsqueeze(3)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """rope.apply_rope with explicit factors: x `[B, L, H, D]`, cos/sin `[L, 1, D/2]`."""
-    b, n, h, d = x.shape
-    pairs = x.to(cos.dtype).reshape(b, n, h, d // 2, 2)
-    re, im = pairs[..., 0], pairs[..., 1]
-    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
-    return out.reshape(b, n, h, d).float().to(out_dtype)
-
-
 class FusedLayers:
     """Compiled regions for the layers of one CausalS2VDiT (see the module docstring).
 
@@ -149,50 +113,43 @@ class FusedLayers:
         qk_eps = getattr(blk.self_attn.norm_q, "eps", eps)
         n3 = blk.norm3
         n3_eps = getattr(n3, "eps", eps)
-        audio_eps = 1e-5
         inj = model.audio_injector.injector
         audio_qk_eps = getattr(inj[0].norm_q, "eps", eps) if len(inj) else eps
 
         def pre(x, e0, modulation, wqkv, nq, nk, cos, sin):
             act = x.dtype
-            mod = _mod(modulation, e0)
-            h = _modulate(F.layer_norm(x, (x.shape[-1],), eps=eps).float(), mod[:, :, 1], mod[:, :, 0]).to(act)
+            mod = layer_modulation(modulation, e0)
+            h = modulated_norm(x, mod, ATTN, eps).to(act)
             if isinstance(wqkv[0], str):  # one fused GEMM (fuse_linears), split into q, k, v
                 q, k, v = run_linear(h, wqkv).chunk(3, dim=-1)
             else:
                 q, k, v = (run_linear(h, w) for w in wqkv)
-            q = _rms(q, nq, qk_eps).unflatten(-1, (heads, head_dim))
-            k = _rms(k, nk, qk_eps).unflatten(-1, (heads, head_dim))
+            q = rms_norm(q, nq, qk_eps).unflatten(-1, (heads, head_dim))
+            k = rms_norm(k, nk, qk_eps).unflatten(-1, (heads, head_dim))
             v = v.unflatten(-1, (heads, head_dim))
             return rotate(q, cos, sin, act), rotate(k, cos, sin, act), v
 
         def post(x, attn, e0, modulation, wo, n3w, n3b, wcq, ncq):
             act = x.dtype
-            mod = _mod(modulation, e0)
-            r = x + _gate(run_linear(attn.flatten(2), wo), mod[:, :, 2])  # float32 residual
-            rb = r.to(torch.bfloat16)  # the reference's rounding before norm3
-            if n3w is None:
-                c = rb
-            else:
-                c = F.layer_norm(rb.float(), (rb.shape[-1],), n3w.float(),
-                                 None if n3b is None else n3b.float(), n3_eps).to(torch.bfloat16)
-            cq = _rms(run_linear(c.to(act), wcq), ncq, qk_eps).unflatten(-1, (heads, head_dim))
+            mod = layer_modulation(modulation, e0)
+            r = gated_residual(x, run_linear(attn.flatten(2), wo), mod, ATTN)  # float32 residual
+            c = bf16_layer_norm(r.to(torch.bfloat16), n3w, n3b, n3_eps, upcast=True)  # the reference's rounding
+            cq = rms_norm(run_linear(c.to(act), wcq), ncq, qk_eps).unflatten(-1, (heads, head_dim))
             return r, cq
 
         def ffn(r, cattn, e0, modulation, wco, w0, w2, act_dtype: torch.dtype):
-            mod = _mod(modulation, e0)
+            mod = layer_modulation(modulation, e0)
             r = r + run_linear(cattn.flatten(2), wco)
-            h = _modulate(F.layer_norm(r, (r.shape[-1],), eps=eps).float(), mod[:, :, 4], mod[:, :, 3])
+            h = modulated_norm(r, mod, FFN, eps)
             y = run_linear(F.gelu(run_linear(h.to(act_dtype), w0), approximate="tanh"), w2)
-            return (r + _gate(y, mod[:, :, 5])).to(act_dtype)
+            return gated_residual(r, y, mod, FFN).to(act_dtype)
 
         def audio_pre(x, g, tokens, wada, wq, wk, wv, nq, nk, frames: int):
             act = x.dtype
             xf = x.reshape(frames, -1, x.shape[-1])
-            shift, scale = run_linear(F.silu(g), wada).chunk(2, dim=1)
-            h = F.layer_norm(xf.float(), (xf.shape[-1],), eps=audio_eps) * (1 + scale[:, None, :]) + shift[:, None, :]
-            q = _rms(run_linear(h.to(act), wq), nq, audio_qk_eps).unflatten(-1, (heads, head_dim))
-            k = _rms(run_linear(tokens, wk), nk, audio_qk_eps).unflatten(-1, (heads, head_dim))
+            h = ada_norm(xf, run_linear(F.silu(g), wada), ADALN_EPS)
+            q = rms_norm(run_linear(h.to(act), wq), nq, audio_qk_eps).unflatten(-1, (heads, head_dim))
+            k = rms_norm(run_linear(tokens, wk), nk, audio_qk_eps).unflatten(-1, (heads, head_dim))
             v = run_linear(tokens, wv).unflatten(-1, (heads, head_dim))
             return q, k, v
 
@@ -268,4 +225,4 @@ class FusedLayers:
         return self.audio_post(x, attention(q, k, v, backend), linear_args(att.o))
 
 
-__all__ = ["FusedLayers", "fuse_linears", "linear_args", "run_linear", "rotate"]
+__all__ = ["FusedLayers", "fuse_linears", "linear_args", "run_linear"]

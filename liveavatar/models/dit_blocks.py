@@ -26,6 +26,82 @@ from .attention import attention
 SelfAttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+# ----------------------------------------------------------------------------- the layer math
+# Pure functions of tensors: the eager modules below and the compiled regions of
+# models/compiled.py both call them, so the two paths run the same ops in the same order.
+
+ATTN, FFN = 0, 3  # rows of a layer's modulation table: part + 0 shift, + 1 scale, + 2 gate
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMS norm over the last dim in float32, result in x's dtype times `weight` (None: identity,
+    a layer without q/k norms)."""
+    if weight is None:
+        return x
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return normed.type_as(x) * weight
+
+
+def bf16_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                    upcast: bool | None = None) -> torch.Tensor:
+    """LayerNorm (last dim) of a bfloat16 `x`, bfloat16 out, whatever the weight dtype (the
+    reference's norm3 rounding). weight None: identity (no norm3).
+
+    upcast: normalise the float32 upcast of x and round back. None = only where the kernels need
+    it: CUDA's take no bf16 input with fp32 weights, CPU's do (computing in fp32 with slightly
+    different roundings). The compiled regions always upcast.
+    """
+    if weight is None:
+        return x
+    if upcast is None:
+        upcast = weight.dtype != x.dtype and x.device.type != "cpu"
+    if not upcast:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), None if bias is None else bias.float(),
+                        eps).to(x.dtype)
+
+
+def layer_modulation(table: torch.Tensor, e0: torch.Tensor) -> torch.Tensor:
+    """A layer's modulation `[1, 6, dim]` plus the time modulation e0 `[1, G, 6, dim]` ->
+    `[1, G, 6, 1, dim]` float32 (rows: `ATTN` / `FFN` + shift, scale, gate)."""
+    return (table.float().unsqueeze(1) + e0).unsqueeze(3)
+
+
+def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x `[B, L, C]` (float32) with per-group scale/shift `[B, G, 1, C]`: `x*(1+scale)+shift` per group."""
+    b, n, c = x.shape
+    groups = scale.shape[1]
+    xg = x.view(b, groups, n // groups, c)
+    return (xg * (1 + scale) + shift).view(b, n, c)
+
+
+def gate(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """y `[B, L, C]` times per-group gate `[B, G, 1, C]`, result float32."""
+    b, n, c = y.shape
+    groups = g.shape[1]
+    return (y.view(b, groups, n // groups, c) * g).view(b, n, c)
+
+
+def modulated_norm(x: torch.Tensor, mod: torch.Tensor, part: int, eps: float) -> torch.Tensor:
+    """The input of a layer's self-attention (`part` ATTN) or FFN (FFN): parameter-free LayerNorm
+    of x `[1, L, dim]`, modulated by `mod` (`layer_modulation`); float32 `[1, L, dim]`."""
+    return modulate(F.layer_norm(x, (x.shape[-1],), eps=eps).float(), mod[:, :, part + 1], mod[:, :, part])
+
+
+def gated_residual(r: torch.Tensor, y: torch.Tensor, mod: torch.Tensor, part: int) -> torch.Tensor:
+    """`r + gate * y` with the gate of `part` (ATTN or FFN): the float32 residual stream `[1, L, dim]`."""
+    return r + gate(y, mod[:, :, part + 2])
+
+
+def ada_norm(x: torch.Tensor, shift_scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Audio AdaLN: LayerNorm (no affine, float32) of x `[N, L, dim]` times `1 + scale` plus
+    `shift`, where `shift_scale` `[N, 2*dim]` is the conditioning projection (shift first)."""
+    shift, scale = shift_scale.chunk(2, dim=1)
+    normed = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return normed * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
 class RMSNorm(nn.Module):
     """RMS norm over the last dim, computed in float32, result in the input dtype times `weight`."""
 
@@ -35,22 +111,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
-
-
-def _bf16_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` for a bfloat16 `x`, bfloat16 out, whatever the norm's weight dtype.
-
-    CPU kernels accept a bf16 input with fp32 weights (computing in fp32); CUDA's do not, so
-    there the input is upcast and the result rounded back, which is the same arithmetic.
-    """
-    w = getattr(norm, "weight", None)
-    if w is None or w.dtype == x.dtype or x.device.type == "cpu":
-        return norm(x)
-    return F.layer_norm(x.float(), norm.normalized_shape, w.float(),
-                        None if norm.bias is None else norm.bias.float(), norm.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def plain_layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -121,21 +182,6 @@ class CrossAttention(_QKVOut):
         return self.output(attention(q, k, v, backend))
 
 
-def _modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """x `[B, L, C]` (float32) with per-group scale/shift `[B, G, 1, C]`: `x*(1+scale)+shift` per group."""
-    b, n, c = x.shape
-    groups = scale.shape[1]
-    xg = x.view(b, groups, n // groups, c)
-    return (xg * (1 + scale) + shift).view(b, n, c)
-
-
-def _gate(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """y `[B, L, C]` times per-group gate `[B, G, 1, C]`, result float32."""
-    b, n, c = y.shape
-    groups = gate.shape[1]
-    return (y.view(b, groups, n // groups, c) * gate).view(b, n, c)
-
-
 class DiTBlock(nn.Module):
     """One transformer layer: modulated self-attention, text cross-attention, modulated FFN."""
 
@@ -165,21 +211,18 @@ class DiTBlock(nn.Module):
         keys/values `[1, Lt, H, D]`. Returns `[1, L, dim]` in x's dtype.
         """
         act = x.dtype
-        mod = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3)  # [1, G, 6, 1, dim]
-        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod.unbind(dim=2)
-
-        h = _modulate(plain_layer_norm(x, self.eps).float(), scale_msa, shift_msa)
-        y = self.self_attn(h.to(act), attend)
-        r = x + _gate(y, gate_msa)  # float32 residual from here on
+        mod = layer_modulation(self.modulation, e0)  # [1, G, 6, 1, dim]
+        y = self.self_attn(modulated_norm(x, mod, ATTN, self.eps).to(act), attend)
+        r = gated_residual(x, y, mod, ATTN)  # float32 residual from here on
 
         # The reference rounds the residual to bfloat16 before norm3, whatever the model dtype.
-        c = _bf16_norm(self.norm3, r.to(torch.bfloat16)).to(act)
+        n3 = self.norm3
+        c = bf16_layer_norm(r.to(torch.bfloat16), getattr(n3, "weight", None), getattr(n3, "bias", None),
+                            getattr(n3, "eps", self.eps)).to(act)
         r = r + self.cross_attn(c, kv=text_kv, backend=backend)
 
-        h = _modulate(plain_layer_norm(r, self.eps).float(), scale_ffn, shift_ffn)
-        y = self.ffn(h.to(act))
-        r = r + _gate(y, gate_ffn)
-        return r.to(act)
+        y = self.ffn(modulated_norm(r, mod, FFN, self.eps).to(act))
+        return gated_residual(r, y, mod, FFN).to(act)
 
 
 class Head(nn.Module):
@@ -195,8 +238,10 @@ class Head(nn.Module):
         """x `[1, F*fsl, dim]`, e `[F, dim]` float32 time embedding per frame -> `[1, F*fsl, P]` (x's dtype)."""
         mod = self.modulation.float() + e.unsqueeze(1)  # [F, 2, dim]
         shift, scale = mod[None, :, 0:1], mod[None, :, 1:2]  # [1, F, 1, dim]
-        h = _modulate(plain_layer_norm(x, self.eps), scale, shift)
+        h = modulate(plain_layer_norm(x, self.eps), scale, shift)
         return fp32_linear(self.head, h).to(x.dtype)
 
 
-__all__ = ["RMSNorm", "plain_layer_norm", "fp32_linear", "SelfAttention", "CrossAttention", "DiTBlock", "Head"]
+__all__ = ["ATTN", "FFN", "rms_norm", "bf16_layer_norm", "layer_modulation", "modulate", "gate", "modulated_norm",
+           "gated_residual", "ada_norm", "RMSNorm", "plain_layer_norm", "fp32_linear", "SelfAttention",
+           "CrossAttention", "DiTBlock", "Head"]

@@ -122,6 +122,31 @@ def emulated_scaled_mm(a_q: torch.Tensor, b_q_t: torch.Tensor, inv_a: torch.Tens
     return out.to(out_dtype)
 
 
+def scaled_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_inv_scale: torch.Tensor,
+                  bias: torch.Tensor | None, emulate: bool = False,
+                  quantizer: Callable[[torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]] = quantize
+                  ) -> torch.Tensor:
+    """The fp8 linear: x `[..., in]` -> `[..., out]` in x's dtype (bf16 product).
+
+    weight_fp8 `[out, in]` float8_e4m3fn; weight_inv_scale 0-d (per-tensor scaling) or `[1, out]`
+    (row-wise: activations then get one scale per row); bias `[out]` or None. The activation is
+    quantised by `quantizer` (`FP8Linear` passes the compiled one; the compiled DiT regions,
+    models/compiled.py, trace this with the plain `quantize`), then `torch._scaled_mm` (or its
+    float32 emulation) multiplies. FP8Linear.forward and the compiled regions share this function.
+    """
+    lead = x.shape[:-1]
+    x_q, x_inv = quantizer(x.reshape(-1, x.shape[-1]), "row" if weight_inv_scale.dim() == 2 else "tensor")
+    w_t = weight_fp8.t()  # [in, out], column-major as _scaled_mm wants
+    if emulate:
+        out = emulated_scaled_mm(x_q, w_t, x_inv, weight_inv_scale, bias, torch.bfloat16)
+    else:
+        out = torch._scaled_mm(x_q, w_t, scale_a=x_inv, scale_b=weight_inv_scale, bias=bias,
+                               out_dtype=torch.bfloat16, use_fast_accum=True)
+        if isinstance(out, tuple):  # very old PyTorch returned (out, amax)
+            out = out[0]
+    return out.reshape(*lead, out.shape[-1]).to(x.dtype)
+
+
 # ----------------------------------------------------------------------------- the layer
 class FP8Linear(nn.Module):
     """Drop-in replacement for an `nn.Linear` holding an e4m3 weight and its scale(s).
@@ -167,20 +192,10 @@ class FP8Linear(nn.Module):
                 f"bias={self.bias is not None}, e4m3 per-{self.scaling}{', emulated' if self.emulate else ''}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2d = x.reshape(-1, self.in_features)
-        if not x2d.is_contiguous():
-            x2d = x2d.contiguous()
-        x_q, x_inv = _activation_quantizer(x2d, self.scaling)
-        w_t = self.weight_fp8.t()  # [in, out], column-major as _scaled_mm wants
-        if self.emulate:
-            out = emulated_scaled_mm(x_q, w_t, x_inv, self.weight_inv_scale, self.bias, torch.bfloat16)
-        else:
-            out = torch._scaled_mm(x_q, w_t, scale_a=x_inv, scale_b=self.weight_inv_scale,
-                                   bias=self.bias, out_dtype=torch.bfloat16, use_fast_accum=True)
-            if isinstance(out, tuple):  # very old PyTorch returned (out, amax)
-                out = out[0]
-        return out.reshape(*lead, self.out_features).to(x.dtype)
+        if not x.is_contiguous():  # one dense layout for the (compiled, dynamic-shape) quantiser
+            x = x.contiguous()
+        return scaled_linear(x, self.weight_fp8, self.weight_inv_scale, self.bias, self.emulate,
+                             _activation_quantizer)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -229,6 +244,34 @@ def fp8_verdict(name: str, linear: nn.Module, exclude: Iterable[str] = REFERENCE
     if linear.in_features % 16 or linear.out_features % 16:
         return "skipped"
     return "convert"
+
+
+def fp8_linears(model: nn.Module, exclude: Iterable[str] = REFERENCE_EXCLUDE) -> list[str]:
+    """Qualified names of the `nn.Linear` layers `convert_to_fp8` converts (verdict "convert"),
+    in module order. Works on a meta-device model (no weight is read)."""
+    exclude = tuple(exclude)
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and fp8_verdict(name, m, exclude) == "convert"]
+
+
+def fp8_weight_numel(model: nn.Module, exclude: Iterable[str] = REFERENCE_EXCLUDE) -> tuple[int, int]:
+    """(elements of every parameter, elements of the weights `convert_to_fp8` turns into fp8) of
+    an unconverted `model` (a meta-device build costs no memory): the weight bytes are
+    `(total - fp8) * element size + fp8 * 1`."""
+    modules = dict(model.named_modules())
+    total = sum(p.numel() for p in model.parameters())
+    return total, sum(modules[name].weight.numel() for name in fp8_linears(model, exclude))
+
+
+def resolve_scaling(fp8: bool | str | None) -> str | None:
+    """The scaling an fp8 option asks for: False / None -> None (bf16 weights), True ->
+    `DEFAULT_SCALING`, "row" / "tensor" -> itself; ValueError naming `fp8` otherwise."""
+    if not fp8:
+        return None
+    scaling = DEFAULT_SCALING if fp8 is True else fp8
+    if scaling not in SCALINGS:
+        raise ValueError(f"fp8: {fp8!r} is not True or one of the scalings {SCALINGS}")
+    return scaling
 
 
 def fp8_emulation_needed(device: torch.device, scaling: str, allow_cpu: bool = False) -> bool:
@@ -293,5 +336,7 @@ def convert_to_fp8(model: nn.Module, exclude: Iterable[str] = REFERENCE_EXCLUDE,
     return summary
 
 
-__all__ = ["FP8Linear", "FP8Unsupported", "REFERENCE_EXCLUDE", "FP8_MAX", "convert_to_fp8",
-           "check_fp8_support", "fp8_verdict", "fp8_emulation_needed", "quantize_per_tensor", "quantize_per_row", "quantize", "SCALINGS", "DEFAULT_SCALING", "dequantize", "emulated_scaled_mm"]
+__all__ = ["FP8Linear", "FP8Unsupported", "REFERENCE_EXCLUDE", "FP8_MAX", "convert_to_fp8", "check_fp8_support",
+           "fp8_verdict", "fp8_linears", "fp8_weight_numel", "resolve_scaling", "fp8_emulation_needed",
+           "quantize_per_tensor", "quantize_per_row", "quantize", "SCALINGS", "DEFAULT_SCALING", "dequantize",
+           "emulated_scaled_mm", "scaled_linear"]

@@ -123,11 +123,15 @@ def apply_rope(x: torch.Tensor, factors: RopeFactors, out_dtype: torch.dtype | N
     The product is formed in the factors' dtype, rounded to float32, then to `out_dtype`, the
     way the reference rounds (float64 -> float32 -> cache dtype).
     """
+    if len(factors) != x.shape[1]:
+        raise ValueError(f"RoPE: {len(factors)} position rows for {x.shape[1]} tokens")
+    return rotate(x, factors.cos.to(x.device), factors.sin.to(x.device), out_dtype or x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The rotation of `apply_rope` with explicit factors (also traced by the compiled regions,
+    models/compiled.py): x `[B, L, H, D]`, cos/sin `[L, 1, D/2]` -> `[B, L, H, D]` in `out_dtype`."""
     b, n, h, d = x.shape
-    if len(factors) != n:
-        raise ValueError(f"RoPE: {len(factors)} position rows for {n} tokens")
-    out_dtype = out_dtype or x.dtype
-    cos, sin = factors.cos.to(x.device), factors.sin.to(x.device)
     pairs = x.to(cos.dtype).reshape(b, n, h, d // 2, 2)
     re, im = pairs[..., 0], pairs[..., 1]
     out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
@@ -136,5 +140,5 @@ def apply_rope(x: torch.Tensor, factors: RopeFactors, out_dtype: torch.dtype | N
 
 __all__ = [
     "ROPE_THETA", "rope_axis_pairs", "rope_inv_freqs", "linspace_int", "grid_positions",
-    "RopeFactors", "rope_factors", "apply_rope",
+    "RopeFactors", "rope_factors", "apply_rope", "rotate",
 ]

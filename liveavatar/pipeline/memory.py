@@ -19,17 +19,11 @@ GIB = 1024 ** 3
 def dit_param_counts(cfg: DiTConfig) -> tuple[int, int]:
     """(all parameters, parameters in fp8-eligible Linear weights) of the DiT, from the config."""
     from liveavatar.models.dit import CausalS2VDiT
+    from liveavatar.models.fp8 import fp8_weight_numel
 
     with torch.device("meta"):
         model = CausalS2VDiT(cfg)
-    total = sum(p.numel() for p in model.parameters())
-    excluded = ("text_embedding", "time_embedding", "time_projection", "head.head",
-                "casual_audio_encoder.encoder.final_linear")
-    linear = 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and not any(e in name for e in excluded):
-            linear += mod.weight.numel()
-    return total, linear
+    return fp8_weight_numel(model)
 
 
 def dit_weight_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool,
