@@ -170,7 +170,7 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
     `fp8_allow_cpu`: tests only (fp8 emulation on the CPU).
     """
     from ..models.dit import CausalS2VDiT
-    from ..models.fp8 import DEFAULT_SCALING, FP8Linear, SCALINGS, fp8_emulation_needed, fp8_verdict
+    from ..models.fp8 import DEFAULT_SCALING, FP8Linear, SCALINGS, fp8_emulation_needed, fp8_linears
 
     with torch.device("meta"):
         model = CausalS2VDiT(config)
@@ -183,8 +183,7 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
     modules = dict(model.named_modules())
     lora_source = open_tensor_source(lora_path) if lora_path is not None else None
     plan = plan_lora(model, lora_source, strength=lora_strength) if lora_source is not None else None
-    to_fp8 = {name for name, m in modules.items()
-              if scaling and isinstance(m, torch.nn.Linear) and fp8_verdict(name, m) == "convert"}
+    to_fp8 = set(fp8_linears(model)) if scaling else set()
     watched = to_fp8 | (set(plan.layers) if plan is not None else set())
 
     def finish_layer(tensor_name: str) -> None:
