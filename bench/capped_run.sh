@@ -1,8 +1,18 @@
-# Shared by bench/run_speed.sh and bench/run_list.sh (source it; needs OUT, J, BUDGET, START, PY).
+# Shared by bench/run_speed.sh, bench/run_list.sh and bench/run_before_after.sh (source it).
+# start_runs NAME BUDGET_S: OUT (default /tmp/NAME_out), J = $OUT/NAME.jsonl (emptied), the time
+# budget from now, unbuffered Python with a shared inductor cache, PY (default python3).
 # print_runs FILE: one summary line per JSON line of FILE (what the device call prints).
 # capped_run NAME CAP CMD...: run CMD in its own process, capped at CAP seconds and at the budget
 # left (skipped below 40 s); its last JSON line, tagged with "run": NAME (and "bench_args":
 # $BENCH_ARGS_NOTE when set), is appended to $J. Returns 1 when skipped.
+start_runs() {
+  OUT=${OUT:-/tmp/$1_out}; mkdir -p "$OUT"
+  J="$OUT/$1.jsonl"; : > "$J"
+  BUDGET=$2; START=$SECONDS
+  export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}
+  PY=${PYTHON:-python3}
+}
+
 capped_run() {
   local name=$1 cap=$2; shift 2
   local rem=$((BUDGET - (SECONDS - START)))

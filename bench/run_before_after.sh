@@ -10,11 +10,9 @@
 #   BA_BEFORE_DIR  (.before), BA_BUDGET_S (560), BA_BLOCKS (6), BA_WARMUP (4), BA_EXTRA ("--tiny
 #                  --device cpu" for a dry run), BA_OURS_EXTRA ("--allow-cpu-fp8" for a dry run)
 set -u
-OUT=${OUT:-/tmp/before_after_out}; mkdir -p "$OUT"
-J="$OUT/before_after.jsonl"; : > "$J"
-BUDGET=${BA_BUDGET_S:-560}; START=$SECONDS
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}
-PY=${PYTHON:-python3}
+# shellcheck source=bench/capped_run.sh
+source "$(dirname "$0")/capped_run.sh"
+start_runs before_after "${BA_BUDGET_S:-560}"
 BEFORE=${BA_BEFORE_DIR:-.before}
 if [ ! -d "$BEFORE/liveavatar" ]; then
   echo "error: $BEFORE has no liveavatar/; make it with: git archive REV | tar -x -C $BEFORE" >&2; exit 2
@@ -25,8 +23,6 @@ read -r -a EXTRA <<< "${BA_EXTRA:-}"
 read -r -a OEXTRA <<< "${BA_OURS_EXTRA:-}"
 COMMON=(--random-weights --size "${BA_SIZE:-704*384}" --steps 4 --blocks "${BA_BLOCKS:-6}"
         --warmup "${BA_WARMUP:-4}" --seed 0 "${EXTRA[@]}" "${OEXTRA[@]}")
-# shellcheck source=bench/capped_run.sh
-source "$(dirname "$0")/capped_run.sh"
 for v in ${BA_VARIANTS:-fp8_compile bf16_compile e2e_fp8_compile}; do
   case $v in
     fp8_compile) A=(--fp8 --compile); cap=200 ;;

@@ -5,13 +5,9 @@
 # reference harness (bf16 eager) instead. JSON lines -> $OUT/list.jsonl, then a short table.
 #   LIST_BUDGET_S (default 540), LIST_BLOCKS (6), LIST_WARMUP (6), LIST_PEAK (738)
 set -u
-OUT=${OUT:-/tmp/list_out}; mkdir -p "$OUT"
-J="$OUT/list.jsonl"; : > "$J"
-BUDGET=${LIST_BUDGET_S:-540}; START=$SECONDS
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}
-PY=${PYTHON:-python3}
 # shellcheck source=bench/capped_run.sh
 source "$(dirname "$0")/capped_run.sh"
+start_runs list "${LIST_BUDGET_S:-540}"
 COMMON=(--size "${LIST_SIZE:-704*384}" --steps 4 --blocks "${LIST_BLOCKS:-6}" --warmup "${LIST_WARMUP:-6}" --seed 0
         --peak-tflops "${LIST_PEAK:-738}")
 for spec in "$@"; do

@@ -6,18 +6,14 @@
 #   SPEED_OURS_EXTRA ("--allow-cpu-fp8" dry run), SPEED_PROFILE=1 (profile the fp8+compile run),
 #   SPEED_REF=1 (reference bf16 eager last, needs third_party/LiveAvatar + diffusers wheels)
 set -u
-OUT=${OUT:-/tmp/speed_out}; mkdir -p "$OUT"
-J="$OUT/speed.jsonl"; : > "$J"
-BUDGET=${SPEED_BUDGET_S:-540}; START=$SECONDS
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}
-PY=${PYTHON:-python3}
+# shellcheck source=bench/capped_run.sh
+source "$(dirname "$0")/capped_run.sh"
+start_runs speed "${SPEED_BUDGET_S:-540}"
 read -r -a EXTRA <<< "${SPEED_EXTRA:-}"
 read -r -a OEXTRA <<< "${SPEED_OURS_EXTRA:-}"
 COMMON=(--size "${SPEED_SIZE:-704*384}" --steps 4 --blocks "${SPEED_BLOCKS:-6}" --warmup "${SPEED_WARMUP:-4}" --seed 0
         --peak-tflops "${SPEED_PEAK:-738}" "${EXTRA[@]}")
 OURS=("$PY" -m bench --random-weights "${COMMON[@]}" "${OEXTRA[@]}")
-# shellcheck source=bench/capped_run.sh
-source "$(dirname "$0")/capped_run.sh"
 run() { capped_run "$@"; }  # run NAME CAP CMD...
 PROF=(); [ "${SPEED_PROFILE:-0}" = 1 ] && PROF=(--profile "$OUT")
 rm -f /tmp/lat_bf16.pt
