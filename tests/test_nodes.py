@@ -37,7 +37,7 @@ def env(tmp_path_factory):
     ext = asyncio.run(pack.comfy_entrypoint())
     nodes = {n.GET_SCHEMA().node_id: n for n in asyncio.run(ext.get_node_list())}
     folder_paths.add_model_folder_path("liveavatar", str(root / "liveavatar"), is_default=True)
-    yield {"fp": folder_paths, "mm": mm, "nodes": nodes, "out": out}
+    yield {"fp": folder_paths, "mm": mm, "nodes": nodes, "out": out, "root": root}
     pack_submodule("nodes.handle").close_all()
 
 
@@ -115,6 +115,35 @@ def test_loader_errors_name_the_input(env):
     msg = loader.validate_inputs(devices="7", gpu_mode="single")
     assert isinstance(msg, str) and "'devices'" in msg and "cuda:7" in msg
     assert loader.validate_inputs(devices="cpu", gpu_mode="auto") is True
+
+def test_checkpoint_combo_lists_only_checkpoints(env, tmp_path):
+    """The combo offers folders holding config.json + DiT weights, not a checkpoint's own sub-folders
+    (its wav2vec2 folder has a config.json too); such a sub-folder is refused by name."""
+    mf = pack_submodule("nodes.model_files")
+    loader = env["nodes"]["LiveAvatarModelLoader"]
+    wav2vec = f"{TINY_NAME}/wav2vec2-large-xlsr-53-english"
+    assert (env["root"] / "liveavatar" / wav2vec / "config.json").is_file()
+    extra = tmp_path / "more"
+    nested = extra / "vendor" / "copy"  # two levels deep: still found
+    nested.mkdir(parents=True)
+    (nested / "config.json").write_text("{}")
+    (nested / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    (extra / "notes").mkdir()
+    (extra / "notes" / "config.json").write_text("{}")  # config.json without DiT weights: not listed
+    paths = env["fp"].folder_names_and_paths["liveavatar"][0]
+    paths.append(str(extra))
+    try:
+        assert mf.checkpoint_folders() == [TINY_NAME, "vendor/copy"]
+        checkpoint = next(i for i in loader.GET_SCHEMA().inputs if i.id == "checkpoint")
+        assert checkpoint.options == [TINY_NAME, "vendor/copy"]
+    finally:
+        paths.remove(str(extra))
+    assert mf.checkpoint_path(wav2vec) is None
+    errors = pack_submodule("nodes.errors")
+    with pytest.raises(errors.LiveAvatarInputError, match="'checkpoint'"):
+        run(loader, checkpoint=wav2vec, lora="auto", lora_strength=1.0, precision="fp32",
+            attention="sdpa", devices="cpu", gpu_mode="single", compile=False)
+
 
 
 def test_text_encode_prompt_and_native_conditioning(env, model, conditioning):
