@@ -108,6 +108,24 @@ def test_checker_catches_broken_workflows():
     assert any("missing" in p for p in api_problems(lambda w: api_node(w, "LiveAvatarSampler")["inputs"].pop("audio")))
 
 
+def test_layout_check_counts_title_bars_and_frontend_sizes():
+    """check_layout flags a node whose title bar alone covers the node above, and a node declared
+    smaller than the frontend draws it; the shipped files pass it (test_workflow_is_valid)."""
+    ui = _read(REPO / "example_workflows" / "liveavatar_tiny_cpu.json")
+    assert check.check_layout(ui) == []
+    create = next(n for n in ui["nodes"] if n["type"] == "CreateVideo")
+    save = next(n for n in ui["nodes"] if n["type"] == "SaveVideo")
+    w = copy.deepcopy(ui)
+    moved = next(n for n in w["nodes"] if n["id"] == save["id"])
+    moved["pos"] = [create["pos"][0], create["pos"][1] + create["size"][1] + 10]  # bodies 10 px apart
+    assert any("overlaps" in p and "SaveVideo" in p for p in check.check_layout(w))
+    moved["pos"][1] += check.TITLE_HEIGHT
+    assert check.check_layout(w) == []
+    w = copy.deepcopy(ui)
+    next(n for n in w["nodes"] if n["type"] == "LoadImage")["size"] = [360, 112]  # no room for the preview
+    assert any("LoadImage" in p and "would grow" in p for p in check.check_layout(w))
+
+
 @pytest.mark.parametrize("name", OURS)
 def test_our_schemas_follow_the_conventions(name):
     info = SCHEMAS[name]

@@ -18,6 +18,11 @@ order, with one extra value after every widget that has `control_after_generate`
 `links[]` are `[id, from_node, from_slot, to_node, to_slot, type]`, `to_slot` indexing the target
 node's `inputs` list.
 
+Layout (UI format, `check_layout`): every node's box, title bar included (the frontend draws the
+title `TITLE_HEIGHT` px above `pos`), is disjoint from every other node's box, and no node is
+declared smaller than the frontend draws it (`FRONTEND_MIN_SIZE`: the frontend enlarges a node to
+its computed size at load, which could make boxes overlap).
+
 Usage: python workflows/check.py [workflow.json ...]   (default: every shipped workflow)
 """
 
@@ -48,6 +53,16 @@ FILE_INPUTS = {
     ("LiveAvatarModelLoaderFiles", "tokenizer"), ("LiveAvatarModelLoaderFiles", "lora"),
 }
 UPLOAD_EXTRA = {"image_upload": 1, "audio_upload": 2, "video_upload": 1}
+TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT
+# `node.computeSize()` of ComfyUI frontend 1.27.10 for the node types of the shipped workflows
+# (measured in headless Chromium after loading each shipped workflow; LoadImage with its 704x384
+# preview image shown).
+FRONTEND_MIN_SIZE = {
+    "LoadImage": (230, 326), "LoadAudio": (230, 136), "CreateVideo": (210, 78), "SaveVideo": (210, 106),
+    "MarkdownNote": (210, 88), "LiveAvatarModelLoader": (213, 226), "LiveAvatarModelLoaderFiles": (303, 322),
+    "LiveAvatarTextEncode": (210, 108), "LiveAvatarAudioEncode": (221, 66),
+    "LiveAvatarReferenceImage": (237, 122), "LiveAvatarSampler": (210, 190), "LiveAvatarSaveMP4": (273, 214),
+}
 
 
 def load_schemas(path: Path = SNAPSHOT) -> dict[str, Any]:
@@ -201,6 +216,33 @@ def check_ui(workflow: dict, schemas: dict) -> list[str]:
     return problems
 
 
+def node_box(node: dict) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of a UI-format node as drawn, title bar included."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+def boxes_overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def check_layout(workflow: dict) -> list[str]:
+    """Layout problems of a UI-format workflow: overlapping nodes, nodes declared below the frontend's size."""
+    problems: list[str] = []
+    nodes = workflow.get("nodes", [])
+    for node in nodes:
+        least = FRONTEND_MIN_SIZE.get(node.get("type"))
+        if least and (node["size"][0] < least[0] or node["size"][1] < least[1]):
+            problems.append(f"node {node['id']} ({node['type']}): size {node['size']} is below the frontend's "
+                            f"{list(least)}; it would grow at load")
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            if boxes_overlap(node_box(a), node_box(b)):
+                problems.append(f"node {a['id']} ({a['type']}) overlaps node {b['id']} ({b['type']}) "
+                                "(boxes with title bars)")
+    return problems
+
+
 def check_api(prompt: dict, schemas: dict) -> list[str]:
     """Problems of an API-format prompt (`POST /prompt` body's "prompt")."""
     problems: list[str] = []
@@ -276,7 +318,7 @@ def workflow_files() -> list[Path]:
 
 def check_file(path: Path, schemas: dict) -> list[str]:
     data = json.loads(Path(path).read_text())
-    return check_ui(data, schemas) if "nodes" in data else check_api(data, schemas)
+    return check_ui(data, schemas) + check_layout(data) if "nodes" in data else check_api(data, schemas)
 
 
 def main(argv: list[str]) -> int:
