@@ -160,3 +160,38 @@ def test_snapshot_matches_the_live_schemas():
                     if (name, inp) in check.FILE_INPUTS and len(spec) > 1:
                         spec[1].pop("options", None)
         assert info == snap, f"{name}: run `python workflows/build.py snapshot URL` and rebuild"
+
+
+@pytest.mark.parametrize("path", UI, ids=lambda p: p.stem)
+def test_every_weight_file_reaches_the_missing_models_dialog(path):
+    """The files each workflow needs, with source and folder, as ComfyUI's frontend checks them at load
+    (check.dialog_models mirrors frontend 1.27.10); the tiny checkpoint is made locally, nothing to fetch."""
+    ui = _read(path)
+    names = {(m["directory"], m["name"]) for m in check.dialog_models(ui)}
+    loader = next(n for n in ui["nodes"] if n["type"].startswith("LiveAvatarModelLoader"))
+    if loader["type"] == "LiveAvatarModelLoaderFiles":
+        assert names == {(folder, name) for name, folder, _ in build.SINGLE_FILES.values()}
+        assert {m["name"] for m in check.node_selected_models(loader)} <= set(loader["widgets_values"])
+    elif loader["widgets_values"][0] == build.OFFICIAL_CHECKPOINT:
+        folder = build.OFFICIAL_CHECKPOINT
+        assert names == {("liveavatar", f"{folder}/{f}") for f in [*build.OFFICIAL_WEIGHTS, "liveavatar.safetensors"]}
+        assert loader["properties"]["models"] == ui["models"]  # declared on the loader, listed for the workflow
+    else:
+        assert path.stem == "liveavatar_tiny_cpu" and names == set()
+    assert all(m["url"].startswith("https://huggingface.co/") for m in check.dialog_models(ui))
+
+
+def test_model_check_catches_bad_entries():
+    ui = _read(REPO / "example_workflows" / "liveavatar_single_files.json")
+
+    def problems(mutate):
+        w = copy.deepcopy(ui)
+        loader = next(n for n in w["nodes"] if n["type"] == "LiveAvatarModelLoaderFiles")
+        mutate(loader["properties"]["models"], loader)
+        return check.check_models(w)
+
+    assert problems(lambda ms, n: None) == []
+    assert any("not https" in p for p in problems(lambda ms, n: ms[0].update(url="http://x/" + ms[0]["name"])))
+    assert any("directory" in p for p in problems(lambda ms, n: ms[0].update(directory="checkpoints_typo")))
+    assert any("another file" in p for p in problems(lambda ms, n: ms[0].update(url=ms[1]["url"])))
+    assert any("never reaches" in p for p in problems(lambda ms, n: n["widgets_values"].__setitem__(0, "other.safetensors")))

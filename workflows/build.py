@@ -27,8 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check import (API_DIR, FRONTEND_MIN_SIZE, FRONTEND_ONLY, SNAPSHOT, TITLE_HEIGHT, UI_DIR,  # noqa: E402
-                   UPLOAD_EXTRA, check_api, check_layout, check_ui, input_specs, is_widget, load_schemas,
-                   type_name)
+                   UPLOAD_EXTRA, check_api, check_layout, check_models, check_ui, input_specs, is_widget,
+                   load_schemas, node_selected_models, type_name)
 
 CORE_NODES = [
     "LoadImage", "LoadAudio", "CreateVideo", "SaveVideo", "GetVideoComponents", "PreviewImage",
@@ -38,6 +38,40 @@ TINY_CHECKPOINT = "liveavatar-tiny"
 OFFICIAL_CHECKPOINT = "Wan2.2-S2V-14B"
 EXAMPLE_IMAGE = "avatar.png"  # assets/avatar.png of this repo, copied to ComfyUI/input
 EXAMPLE_AUDIO = "speech.wav"  # assets/speech.wav
+# Where each weight file comes from ("models" of the UI workflows: ComfyUI's frontend lists the
+# absent ones with their source and folder when a workflow is loaded).
+HF = "https://huggingface.co"
+WAN_S2V = f"{HF}/Wan-AI/Wan2.2-S2V-14B/resolve/main"
+LIVEAVATAR_LORA = f"{HF}/Quark-Vision/Live-Avatar/resolve/main/liveavatar.safetensors"
+COMFY_WAN22 = f"{HF}/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files"
+COMFY_WAN21 = f"{HF}/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+# The weight files of the official folder (files with a model extension only: the frontend's model
+# lists hold nothing else, so config.json, the shard index and the tokenizer cannot be declared).
+OFFICIAL_WEIGHTS = [*(f"diffusion_pytorch_model-{i:05d}-of-00004.safetensors" for i in range(1, 5)),
+                    "models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth",
+                    "wav2vec2-large-xlsr-53-english/model.safetensors"]
+SINGLE_FILES = {  # loader input -> (file, ComfyUI folder, url)
+    "dit": ("wan2.2_s2v_14B_bf16.safetensors", "diffusion_models",
+            f"{COMFY_WAN22}/diffusion_models/wan2.2_s2v_14B_bf16.safetensors"),
+    "t5": ("umt5_xxl_fp16.safetensors", "text_encoders", f"{COMFY_WAN21}/text_encoders/umt5_xxl_fp16.safetensors"),
+    "vae": ("wan_2.1_vae.safetensors", "vae", f"{COMFY_WAN22}/vae/wan_2.1_vae.safetensors"),
+    "wav2vec": ("wav2vec2_large_english_fp16.safetensors", "audio_encoders",
+                f"{COMFY_WAN22}/audio_encoders/wav2vec2_large_english_fp16.safetensors"),
+    "lora": ("liveavatar.safetensors", "loras", LIVEAVATAR_LORA),
+}
+
+
+def model_file(name: str, url: str, directory: str) -> dict[str, str]:
+    """One entry of the frontend's `models` lists: file name inside `directory` (a ComfyUI folder type)."""
+    return {"name": name, "url": url, "directory": directory}
+
+
+def official_models(folder: str) -> list[dict[str, str]]:
+    """The official folder's weight files under models/liveavatar/<folder>/, the LoRA inside it."""
+    return [*(model_file(f"{folder}/{f}", f"{WAN_S2V}/{f}", "liveavatar") for f in OFFICIAL_WEIGHTS),
+            model_file(f"{folder}/liveavatar.safetensors", LIVEAVATAR_LORA, "liveavatar")]
+
+
 PROMPT = ("A young woman with long dark hair talks to the camera in a bright studio, natural lip movements, "
           "gentle head motion and friendly expressions, sharp focus, soft light.")
 
@@ -54,6 +88,7 @@ class N:
     column: int = 0
     title: str | None = None
     text: str = ""  # Note / MarkdownNote body
+    models: list[dict[str, str]] = field(default_factory=list)  # properties.models
 
 
 # Layout: columns COLUMN_STEP apart, GAP between a node's bottom and the next title bar.
@@ -76,7 +111,8 @@ def loader(id: int, checkpoint: str, *, precision="bf16", attention="sdpa", devi
            gpu_mode="auto", compile=False) -> N:
     return N(id, "LiveAvatarModelLoader", dict(checkpoint=checkpoint, lora="auto", lora_strength=1.0,
                                                precision=precision, attention=attention, devices=devices,
-                                               gpu_mode=gpu_mode, compile=compile))
+                                               gpu_mode=gpu_mode, compile=compile),
+             models=official_models(checkpoint) if checkpoint == OFFICIAL_CHECKPOINT else [])
 
 
 def encoders(model: int, image: int, audio: int, size: str, column: int = 1) -> list[N]:
@@ -151,10 +187,9 @@ def workflows() -> dict[str, list[N]]:
         ],
         "liveavatar_single_files": [
             N(10, "LiveAvatarModelLoaderFiles", dict(
-                dit="wan2.2_s2v_14B_bf16.safetensors", t5="umt5_xxl_fp16.safetensors",
-                vae="wan_2.1_vae.safetensors", wav2vec="wav2vec2_large_english_fp16.safetensors",
-                tokenizer="auto", lora="liveavatar.safetensors", lora_strength=1.0, precision="fp8", attention="sdpa",
-                devices="auto", gpu_mode="single", compile=False)),
+                **{k: name for k, (name, _, _) in SINGLE_FILES.items()}, tokenizer="auto", lora_strength=1.0,
+                precision="fp8", attention="sdpa", devices="auto", gpu_mode="single", compile=False),
+              models=[model_file(name, url, folder) for name, folder, url in SINGLE_FILES.values()]),
             *media(),
             note(30, "## ComfyUI single files\nThe same files as ComfyUI's native Wan2.2 S2V template "
                      "(diffusion_models, text_encoders, vae, audio_encoders) plus the Live Avatar LoRA "
@@ -243,13 +278,19 @@ def to_ui(nodes: list[N], schemas: dict, name: str) -> dict:
                     "slot_index": i} for i, t in enumerate(schema["output"])]
         height = 60 + 26 * (len(slot_inputs[n.id]) + len(values)) + ROOM.get(n.type, 0)
         least = FRONTEND_MIN_SIZE.get(n.type, (0, 0))
+        properties: dict[str, Any] = {"Node name for S&R": n.type}
+        if n.models:
+            properties["models"] = n.models
         node = {**base, "size": [max(NODE_WIDTH, least[0]), max(height, least[1])], "inputs": slot_inputs[n.id],
-                "outputs": outputs,
-                "properties": {"Node name for S&R": n.type}, "widgets_values": values}
+                "outputs": outputs, "properties": properties, "widgets_values": values}
         if n.title:
             node["title"] = n.title
         out_nodes.append(node)
     place(out_nodes, {n.id: n.column for n in nodes})
+    # the frontend only takes a node's models named by one of its widget values (a file combo);
+    # the official folder's files are not, so they are also listed for the whole workflow
+    unmatched = [m for node in out_nodes for m in node["properties"].get("models", [])
+                 if m not in node_selected_models(node)]
     return {
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-liveavatar/{name}")),
         "revision": 0,
@@ -261,6 +302,7 @@ def to_ui(nodes: list[N], schemas: dict, name: str) -> dict:
         "config": {},
         "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}},
         "version": 0.4,
+        **({"models": unmatched} if unmatched else {}),
     }
 
 
@@ -299,7 +341,7 @@ def build() -> int:
     bad = 0
     for name, nodes in workflows().items():
         ui, api = to_ui(nodes, schemas, name), to_api(nodes, schemas)
-        problems = check_ui(ui, schemas) + check_layout(ui) + check_api(api, schemas)
+        problems = check_ui(ui, schemas) + check_layout(ui) + check_models(ui) + check_api(api, schemas)
         for p in problems:
             print(f"{name}: {p}")
         bad += bool(problems)

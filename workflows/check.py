@@ -18,6 +18,11 @@ order, with one extra value after every widget that has `control_after_generate`
 `links[]` are `[id, from_node, from_slot, to_node, to_slot, type]`, `to_slot` indexing the target
 node's `inputs` list.
 
+Model files (UI format, `check_models`): `models` entries (node `properties.models` and the
+workflow's own `models`) have a name, an https url and a ComfyUI folder (`directory`); every entry
+reaches the frontend's missing-models check (`dialog_models`: ComfyUI frontend 1.27.10 takes a
+node's entry only when its name is one of the node's widget values, and every workflow-level entry).
+
 Layout (UI format, `check_layout`): every node's box, title bar included (the frontend draws the
 title `TITLE_HEIGHT` px above `pos`), is disjoint from every other node's box, and no node is
 declared smaller than the frontend draws it (`FRONTEND_MIN_SIZE`: the frontend enlarges a node to
@@ -216,6 +221,48 @@ def check_ui(workflow: dict, schemas: dict) -> list[str]:
     return problems
 
 
+MODEL_FOLDERS = {"liveavatar", "diffusion_models", "text_encoders", "vae", "audio_encoders", "loras"}
+
+
+def node_selected_models(node: dict) -> list[dict]:
+    """The node's `properties.models` entries the frontend considers: those named by a string widget value."""
+    values = node.get("widgets_values") or []
+    values = values.values() if isinstance(values, dict) else values
+    names = {v for v in values if isinstance(v, str) and v.strip()}
+    return [m for m in node.get("properties", {}).get("models", []) if m.get("name") in names]
+
+
+def dialog_models(workflow: dict) -> list[dict]:
+    """The entries the frontend checks at load (and lists when absent), unique by url, as it does."""
+    found: dict[str, dict] = {}
+    for m in [m for n in workflow.get("nodes", []) for m in node_selected_models(n)] + workflow.get("models", []):
+        found.setdefault(m.get("url") or m.get("hash"), m)
+    return list(found.values())
+
+
+def check_models(workflow: dict) -> list[str]:
+    """Problems of the model-file declarations of a UI-format workflow."""
+    problems: list[str] = []
+    declared = [(f"node {n['id']} ({n['type']})", m) for n in workflow.get("nodes", [])
+                for m in n.get("properties", {}).get("models", [])]
+    declared += [("workflow", m) for m in workflow.get("models", [])]
+    checked = [m["url"] for m in dialog_models(workflow)]
+    for where, m in declared:
+        if not all(isinstance(m.get(k), str) and m.get(k) for k in ("name", "url", "directory")):
+            problems.append(f"{where}: model entry {m} needs name, url and directory")
+            continue
+        if not m["url"].startswith("https://"):
+            problems.append(f"{where}: {m['name']}: url {m['url']!r} is not https")
+        if m["directory"] not in MODEL_FOLDERS:
+            problems.append(f"{where}: {m['name']}: directory {m['directory']!r} is not one of {sorted(MODEL_FOLDERS)}")
+        if m["url"].rsplit("/", 1)[-1] != m["name"].rsplit("/", 1)[-1]:
+            problems.append(f"{where}: {m['name']}: url {m['url']} names another file")
+        if m["url"] not in checked:
+            problems.append(f"{where}: {m['name']} never reaches the frontend's missing-models check "
+                            "(not a widget value of its node, not in the workflow's models)")
+    return problems
+
+
 def node_box(node: dict) -> tuple[float, float, float, float]:
     """(left, top, right, bottom) of a UI-format node as drawn, title bar included."""
     (x, y), (w, h) = node["pos"], node["size"]
@@ -318,7 +365,9 @@ def workflow_files() -> list[Path]:
 
 def check_file(path: Path, schemas: dict) -> list[str]:
     data = json.loads(Path(path).read_text())
-    return check_ui(data, schemas) + check_layout(data) if "nodes" in data else check_api(data, schemas)
+    if "nodes" in data:
+        return check_ui(data, schemas) + check_layout(data) + check_models(data)
+    return check_api(data, schemas)
 
 
 def main(argv: list[str]) -> int:
