@@ -162,8 +162,8 @@ class WebSocket:
                 op = b0 & 0x0F
                 if op == 1:
                     self.messages.put(("text", json.loads(data)))
-                elif op == 2:
-                    self.messages.put(("binary", struct.unpack(">I", data[:4])[0]))
+                elif op == 2:  # (event type, payload): 1/4 previews, 3 progress text (node id length, id, text)
+                    self.messages.put(("binary", struct.unpack(">I", data[:4])[0], data[4:]))
                 elif op == 8:
                     return
         except (OSError, ConnectionError, ValueError):
@@ -277,6 +277,20 @@ def test_tiny_workflow_twice_then_interrupt(server):
                 and m[1]["data"]["node"] == sampler_id]
     assert progress and progress[-1]["value"] == progress[-1]["max"] == 2 * 5  # 2 blocks x (4 steps + decode)
     assert sum(1 for m in seen if m[0] == "binary" and m[1] in (1, 4)) >= 2  # a preview per block
+    # what the nodes show: drawn inside them by the frontend (progress text), kept in /history (ui text)
+    texts = {}
+    for m in seen:
+        if m[0] == "binary" and m[1] == 3:
+            n = struct.unpack(">I", m[2][:4])[0]
+            texts.setdefault(m[2][4:4 + n].decode(), []).append(m[2][4 + n:].decode())
+    ids = {t: _node(prompt, t)[0] for t in ("LiveAvatarReferenceImage", "LiveAvatarAudioEncode")}
+    history_text = {k: v["text"][0] for k, v in first["outputs"].items() if "text" in v}
+    assert history_text[ids["LiveAvatarReferenceImage"]].startswith("effective size 64x64")
+    assert history_text[ids["LiveAvatarAudioEncode"]] == f"{frames} frames ({frames / 25:.2f} s at 25 fps)"
+    assert history_text[sampler_id].startswith(f"{frames} frames ({frames / 25:.2f} s at 25 fps), 2 blocks in ")
+    for node_id, shown in history_text.items():
+        assert texts[node_id][-1] == shown, node_id  # the node's last drawn text is the final one
+    assert texts[sampler_id][0].startswith("block 1/2: ")  # and a line per block while it runs
 
     # 2nd run, new seed: the loader (and encoders) are cached, the model is not reloaded
     sampler["inputs"]["seed"] = 7
@@ -305,7 +319,7 @@ def test_tiny_workflow_twice_then_interrupt(server):
         "seed": 1, "steps": 4, "num_clip": 0, "filename_prefix": "LiveAvatar/interrupted"}}
     ws.drain()
     pid = server.queue(long, client)
-    ws.wait_for(lambda m: m[0] == "binary")  # first decoded block's preview: it is in the mp4 now
+    ws.wait_for(lambda m: m[0] == "binary" and m[1] in (1, 4))  # first decoded block's preview: it is in the mp4 now
     assert server.post("/interrupt")[0] == 200
     hist = server.wait_history(pid)
     events = [ev for ev, _ in hist["status"]["messages"]]

@@ -197,6 +197,8 @@ def test_sampler_returns_native_frames_and_audio(env, model, conditioning, hook)
     assert 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0 and float(frames.std()) > 0
     assert audio["sample_rate"] == 16000 and audio["waveform"].shape == (1, 1, n * 640)
     assert fps == 25.0
+    shown = out.ui.as_dict()["text"][0]  # what the node shows after the run (and /history carries)
+    assert shown.startswith(f"{n} frames ({n / 25:.2f} s at 25 fps), 2 blocks in ") and "s per block" in shown
     values = [v for v, _, _ in rec.calls]
     assert values == sorted(values) and values[-1] == rec.calls[-1][1] == 2 * 4  # 2 blocks x (3 steps + decode)
     previews = [p for _, _, p in rec.calls if p is not None]
@@ -230,8 +232,10 @@ def test_save_mp4_streams_to_the_output_folder(env, model, conditioning, hook):
     assert info["frames"] == n and (info["width"], info["height"]) == (64, 64)
     assert info["audio_duration_s"] == pytest.approx(n / 25, abs=0.05)
     assert video.get_dimensions() == (64, 64)
-    saved = out.ui.as_dict()["images"][0]
+    shown = out.ui if isinstance(out.ui, dict) else out.ui.as_dict()
+    saved = shown["images"][0]
     assert saved["filename"] == path.name and saved["type"] == "output"
+    assert shown["text"][0].startswith(f"{n} frames ({n / 25:.2f} s at 25 fps), 2 blocks")
 
 
 def test_interrupt_stops_between_steps(env, model, conditioning, hook):

@@ -97,10 +97,11 @@ NOTE_SIZE = (400, 300)
 COLUMN_STEP = 460
 GAP = 40
 # Room (px) below the widgets for what the frontend shows inside the node: LoadImage's image
-# preview, the video preview of Save Video / Save MP4 after a run, our nodes' text after a run
-# (web/liveavatar_ui.js), a taller prompt box.
-ROOM = {"LoadImage": 250, "SaveVideo": 280, "LiveAvatarSaveMP4": 340, "LiveAvatarSampler": 80,
-        "LiveAvatarAudioEncode": 60, "LiveAvatarReferenceImage": 60, "LiveAvatarTextEncode": 80}
+# preview, the text our nodes show after a run, the Sampler's block preview, the video preview of
+# Save Video / Save MP4 (which also needs WIDE width), a taller prompt box.
+ROOM = {"LoadImage": 250, "SaveVideo": 440, "LiveAvatarSaveMP4": 510, "LiveAvatarSampler": 260,
+        "LiveAvatarAudioEncode": 60, "LiveAvatarReferenceImage": 80, "LiveAvatarTextEncode": 80}
+WIDE = {"SaveVideo": 480, "LiveAvatarSaveMP4": 480}
 
 
 def note(id: int, text: str, column: int = 0) -> N:
@@ -281,7 +282,8 @@ def to_ui(nodes: list[N], schemas: dict, name: str) -> dict:
         properties: dict[str, Any] = {"Node name for S&R": n.type}
         if n.models:
             properties["models"] = n.models
-        node = {**base, "size": [max(NODE_WIDTH, least[0]), max(height, least[1])], "inputs": slot_inputs[n.id],
+        width = WIDE.get(n.type, NODE_WIDTH)
+        node = {**base, "size": [max(width, least[0]), max(height, least[1])], "inputs": slot_inputs[n.id],
                 "outputs": outputs, "properties": properties, "widgets_values": values}
         if n.title:
             node["title"] = n.title

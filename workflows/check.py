@@ -59,14 +59,18 @@ FILE_INPUTS = {
 }
 UPLOAD_EXTRA = {"image_upload": 1, "audio_upload": 2, "video_upload": 1}
 TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT
-# `node.computeSize()` of ComfyUI frontend 1.27.10 for the node types of the shipped workflows
-# (measured in headless Chromium after loading each shipped workflow; LoadImage with its 704x384
-# preview image shown).
+# `node.computeSize()` of ComfyUI frontend 1.27.10 for the node types of the shipped workflows,
+# measured in headless Chromium after loading each workflow and after running the tiny one (and the
+# streaming one on the tiny checkpoint): LoadImage with its preview image, our nodes with their
+# text, the Sampler with its block preview, Save Video / Save MP4 with the video of a square 64x64
+# run (the tallest preview: a 2:1 video needs 180 px less). A video preview is as wide as its node
+# (at least 464 px) and as tall as the video's aspect makes it: Save Video was measured at width
+# 480, Save MP4 at width 360 (at 480 a square video needs about 120 px more).
 FRONTEND_MIN_SIZE = {
-    "LoadImage": (230, 326), "LoadAudio": (230, 136), "CreateVideo": (210, 78), "SaveVideo": (210, 106),
+    "LoadImage": (230, 326), "LoadAudio": (230, 136), "CreateVideo": (210, 78), "SaveVideo": (464, 578),
     "MarkdownNote": (210, 88), "LiveAvatarModelLoader": (213, 226), "LiveAvatarModelLoaderFiles": (303, 322),
-    "LiveAvatarTextEncode": (210, 108), "LiveAvatarAudioEncode": (221, 66),
-    "LiveAvatarReferenceImage": (237, 122), "LiveAvatarSampler": (210, 190), "LiveAvatarSaveMP4": (273, 214),
+    "LiveAvatarTextEncode": (210, 108), "LiveAvatarAudioEncode": (221, 136),
+    "LiveAvatarReferenceImage": (237, 184), "LiveAvatarSampler": (210, 476), "LiveAvatarSaveMP4": (464, 640),
 }
 
 
