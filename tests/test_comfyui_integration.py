@@ -243,6 +243,9 @@ def test_pack_loads_and_lists_nodes_and_templates(server):
             "liveavatar_long_streaming"} <= set(templates[PACK])
     ui = server.get(f"/api/workflow_templates/{PACK}/liveavatar_tiny_cpu.json")
     assert "nodes" in ui and "links" in ui
+    for name in templates[PACK]:  # the thumbnail the template browser asks for
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK}/{name}.jpg", timeout=30) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff"
 
 
 def test_tiny_workflow_twice_then_interrupt(server):

@@ -195,3 +195,20 @@ def test_model_check_catches_bad_entries():
     assert any("directory" in p for p in problems(lambda ms, n: ms[0].update(directory="checkpoints_typo")))
     assert any("another file" in p for p in problems(lambda ms, n: ms[0].update(url=ms[1]["url"])))
     assert any("never reaches" in p for p in problems(lambda ms, n: n["widgets_values"].__setitem__(0, "other.safetensors")))
+
+
+def test_every_workflow_has_its_thumbnail_and_title():
+    """example_workflows/<name>.jpg is what the template browser shows for <name>.json (frontend 1.27.10:
+    `/api/workflow_templates/<pack>/<name>.jpg`); each card's text fits (thumbnails.thumbnail raises if not)."""
+    from PIL import Image
+
+    thumbs = _load("thumbnails")
+    assert set(build.TITLES) == {p.stem for p in UI}
+    for p in UI:
+        with Image.open(p.with_suffix(".jpg")) as img:
+            assert img.format == "JPEG" and img.size == (thumbs.SIZE, thumbs.SIZE)
+    blank = Image.new("RGB", (704, 384))
+    for title, line, setup in build.TITLES.values():
+        assert thumbs.thumbnail(title, line, setup, blank, blank).size == (thumbs.SIZE, thumbs.SIZE)
+    with pytest.raises(ValueError, match="too long"):
+        thumbs.thumbnail("x" * 80, "", "", blank, blank)

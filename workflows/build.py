@@ -38,6 +38,21 @@ TINY_CHECKPOINT = "liveavatar-tiny"
 OFFICIAL_CHECKPOINT = "Wan2.2-S2V-14B"
 EXAMPLE_IMAGE = "avatar.png"  # assets/avatar.png of this repo, copied to ComfyUI/input
 EXAMPLE_AUDIO = "speech.wav"  # assets/speech.wav
+# What the template browser card of each workflow says (ComfyUI frontend 1.27.10 titles a custom
+# node pack's template with its file name, so the thumbnail carries the title: thumbnails.py).
+TITLES = {  # name -> (title, what it is for, its model and output)
+    "liveavatar_tiny_cpu": ("Tiny CPU demo", "random tiny weights: checks the graph in seconds",
+                            "liveavatar-tiny, fp32, CPU -> Save Video"),
+    "liveavatar_single_gpu": ("One GPU", "short clips on one 80 GB GPU (fp8: 48 GB)",
+                              "Wan2.2-S2V-14B folder + LoRA, bf16 -> Save Video"),
+    "liveavatar_multi_gpu_tpp": ("5 GPUs, pipeline parallel", "one denoising step per GPU + a decode GPU",
+                                 "Wan2.2-S2V-14B folder + LoRA, GPUs 0-4 -> Save MP4"),
+    "liveavatar_long_streaming": ("Long videos, streamed", "every block written to the mp4 at once",
+                                  "Wan2.2-S2V-14B folder + LoRA, fp8 -> Save MP4"),
+    "liveavatar_single_files": ("ComfyUI single files", "Comfy-Org's Wan2.2 S2V files + the LoRA",
+                                "ComfyUI model folders + LoRA -> Save Video"),
+}
+
 # Where each weight file comes from ("models" of the UI workflows: ComfyUI's frontend lists the
 # absent ones with their source and folder when a workflow is loaded).
 HF = "https://huggingface.co"
