@@ -130,9 +130,9 @@ class LiveAvatarModelLoader(io.ComfyNode):
                 devices: str, gpu_mode: str, compile: bool) -> io.NodeOutput:
         ckpt = mf.checkpoint_path(checkpoint)
         if ckpt is None:
-            raise LiveAvatarInputError(cls.NAME, "checkpoint", f"{checkpoint!r} is not a checkpoint "
-                                       "folder (config.json + DiT weights) under models/liveavatar; put the Wan2.2-S2V-14B folder there "
-                                       "and refresh")
+            raise LiveAvatarInputError(cls.NAME, "checkpoint", f"{checkpoint!r} is not a checkpoint folder "
+                                       "(config.json + DiT weights) under models/liveavatar; put the "
+                                       "Wan2.2-S2V-14B folder there and refresh")
         if lora == mf.AUTO:
             lora_path = mf.auto_lora(ckpt)  # None: the library looks in its default places
         elif lora == mf.NONE:

@@ -144,5 +144,5 @@ def file_path(folder: str, name: str) -> str | None:
     return folder_paths.get_full_path(folder, name)
 
 
-__all__ = ["FOLDER", "NONE", "AUTO", "register_folder", "is_checkpoint_folder", "checkpoint_folders", "checkpoint_path",
-           "tokenizer_folders", "tokenizer_path", "auto_lora", "files", "file_path"]
+__all__ = ["FOLDER", "NONE", "AUTO", "register_folder", "is_checkpoint_folder", "checkpoint_folders",
+           "checkpoint_path", "tokenizer_folders", "tokenizer_path", "auto_lora", "files", "file_path"]

@@ -5,8 +5,8 @@ the websocket through `comfy.utils.ProgressBar`, with the last frame of every de
 node's live preview. After every block the node shows a line of text (block n/N, frames, its DiT
 and decode time) and at the end a summary (frames, video duration, blocks, wall time): ComfyUI's
 progress-text message (`PromptServer.send_progress_text`), which the frontend draws inside the
-node and keeps there after the run. Interrupt (`POST /interrupt`, the UI's cancel button) is polled between
-steps through the library's `cancel` callback and re-raised as ComfyUI's
+node and keeps there after the run. Interrupt (`POST /interrupt`, the UI's cancel button) is
+polled between steps through the library's `cancel` callback and re-raised as ComfyUI's
 `InterruptProcessingException`, so ComfyUI reports "interrupted" and the server stays up; closing
 the iterator stops a worker group's current job.
 """

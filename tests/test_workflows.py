@@ -194,7 +194,8 @@ def test_model_check_catches_bad_entries():
     assert any("not https" in p for p in problems(lambda ms, n: ms[0].update(url="http://x/" + ms[0]["name"])))
     assert any("directory" in p for p in problems(lambda ms, n: ms[0].update(directory="checkpoints_typo")))
     assert any("another file" in p for p in problems(lambda ms, n: ms[0].update(url=ms[1]["url"])))
-    assert any("never reaches" in p for p in problems(lambda ms, n: n["widgets_values"].__setitem__(0, "other.safetensors")))
+    assert any("never reaches" in p
+               for p in problems(lambda ms, n: n["widgets_values"].__setitem__(0, "other.safetensors")))
 
 
 def test_every_workflow_has_its_thumbnail_and_title():
