@@ -243,6 +243,11 @@ def test_pack_loads_and_lists_nodes_and_templates(server):
             "liveavatar_long_streaming"} <= set(templates[PACK])
     ui = server.get(f"/api/workflow_templates/{PACK}/liveavatar_tiny_cpu.json")
     assert "nodes" in ui and "links" in ui
+    # the checkpoint combo holds checkpoints only (not the tiny checkpoint's wav2vec2 sub-folder), so a
+    # workflow naming an absent checkpoint is refused at queue time, naming the input and the value
+    assert info["LiveAvatarModelLoader"]["input"]["required"]["checkpoint"][1]["options"] == [TINY_NAME]
+    status, body = server.post("/prompt", {"prompt": _api("liveavatar_single_gpu"), "client_id": "x"})
+    assert status == 400 and "checkpoint" in json.dumps(body) and "Wan2.2-S2V-14B" in json.dumps(body)
     for name in templates[PACK]:  # the thumbnail the template browser asks for
         with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK}/{name}.jpg", timeout=30) as r:
             assert r.status == 200 and r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff"

@@ -139,6 +139,17 @@ def test_checkpoint_combo_lists_only_checkpoints(env, tmp_path):
     finally:
         paths.remove(str(extra))
     assert mf.checkpoint_path(wav2vec) is None
+    # ComfyUI does not check a V3 combo value against its options: the loaders refuse absent files at queue time
+    assert loader.validate_inputs(checkpoint=TINY_NAME, lora="auto", devices="cpu", gpu_mode="single") is True
+    for bad in (wav2vec, "Wan2.2-S2V-14B"):
+        msg = loader.validate_inputs(checkpoint=bad, lora="auto", devices="cpu", gpu_mode="single")
+        assert isinstance(msg, str) and "'checkpoint'" in msg and repr(bad) in msg and "models/liveavatar" in msg
+    msg = loader.validate_inputs(checkpoint=TINY_NAME, lora="nope.safetensors")
+    assert isinstance(msg, str) and "'lora'" in msg and "models/loras" in msg
+    files = env["nodes"]["LiveAvatarModelLoaderFiles"]
+    msg = files.validate_inputs(dit="wan2.2_s2v_14B_bf16.safetensors", lora="none")
+    assert isinstance(msg, str) and "'dit'" in msg and "models/diffusion_models" in msg
+    assert files.validate_inputs(dit=None, lora="none", devices="cpu", gpu_mode="single") is True  # linked
     errors = pack_submodule("nodes.errors")
     with pytest.raises(errors.LiveAvatarInputError, match="'checkpoint'"):
         run(loader, checkpoint=wav2vec, lora="auto", lora_strength=1.0, precision="fp32",
