@@ -6,6 +6,7 @@ from comfy_api.latest import io, ui
 
 from .convert import encoder_output_states, first_image, native_audio, text_from_conditioning
 from .errors import LiveAvatarInputError
+from .run import show_text
 from .types import CATEGORY_CONDITIONING, LiveAvatarAudio, LiveAvatarImage, LiveAvatarModel, LiveAvatarText
 
 DEFAULT_PROMPT = ("A person speaks naturally to the camera with clear lip movements, subtle head motion "
@@ -93,6 +94,7 @@ class LiveAvatarAudioEncode(io.ComfyNode):
                 raise LiveAvatarInputError(cls.NAME, "audio", str(exc)) from exc
         frames = int(cond.num_frames)
         text = f"{frames} frames ({frames / 25:.2f} s at 25 fps)"
+        show_text(text)  # inside the node in the frontend; ui text: in /history
         return io.NodeOutput(cond, frames, ui=ui.PreviewText(text))
 
 
@@ -165,6 +167,7 @@ class LiveAvatarReferenceImage(io.ComfyNode):
         except SizeError as exc:
             raise LiveAvatarInputError(cls.NAME, "size", str(exc)) from exc
         text = f"effective size {ref.width}x{ref.height} (requested '{size}', mode {size_mode})"
+        show_text(text)
         return io.NodeOutput(ref, int(ref.width), int(ref.height), ui=ui.PreviewText(text))
 
 

@@ -67,6 +67,20 @@ def _validate_placement(devices: str | None, gpu_mode: str | None, node: str) ->
     return True
 
 
+def _missing_files(node: str, files: dict[str, tuple[str | None, str]]) -> bool | str:
+    """Queue-time check of the file combos: {input: (value or None when linked, ComfyUI folder)}.
+    ComfyUI does not check a V3 combo's value against its options, so a workflow naming an absent
+    file is refused here, naming the input, before anything loads."""
+    for name, (value, folder) in files.items():
+        if value is None or value in (mf.AUTO, mf.NONE):
+            continue
+        found = mf.checkpoint_path(value) if folder == mf.FOLDER else mf.file_path(folder, value)
+        if found is None:
+            return (f"{node}: input '{name}': {value!r} is not in models/{folder}; put it there and refresh "
+                    "(the workflow's missing-models list names its source)")
+    return True
+
+
 EMBEDDED_TOKENIZER = "from the umT5 file"
 
 
@@ -122,17 +136,18 @@ class LiveAvatarModelLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, devices=None, gpu_mode=None) -> bool | str:
-        return _validate_placement(devices, gpu_mode, cls.NAME)
+    def validate_inputs(cls, devices=None, gpu_mode=None, checkpoint=None, lora=None) -> bool | str:
+        files = _missing_files(cls.NAME, {"checkpoint": (checkpoint, mf.FOLDER), "lora": (lora, "loras")})
+        return files if files is not True else _validate_placement(devices, gpu_mode, cls.NAME)
 
     @classmethod
     def execute(cls, checkpoint: str, lora: str, lora_strength: float, precision: str, attention: str,
                 devices: str, gpu_mode: str, compile: bool) -> io.NodeOutput:
         ckpt = mf.checkpoint_path(checkpoint)
         if ckpt is None:
-            raise LiveAvatarInputError(cls.NAME, "checkpoint", f"{checkpoint!r} is not a folder with "
-                                       "config.json under models/liveavatar; put the Wan2.2-S2V-14B folder there "
-                                       "and refresh")
+            raise LiveAvatarInputError(cls.NAME, "checkpoint", f"{checkpoint!r} is not a checkpoint folder "
+                                       "(config.json + DiT weights) under models/liveavatar; put the "
+                                       "Wan2.2-S2V-14B folder there and refresh")
         if lora == mf.AUTO:
             lora_path = mf.auto_lora(ckpt)  # None: the library looks in its default places
         elif lora == mf.NONE:
@@ -184,8 +199,12 @@ class LiveAvatarModelLoaderFiles(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, devices=None, gpu_mode=None) -> bool | str:
-        return _validate_placement(devices, gpu_mode, cls.NAME)
+    def validate_inputs(cls, devices=None, gpu_mode=None, dit=None, t5=None, vae=None, wav2vec=None,
+                        lora=None) -> bool | str:
+        files = _missing_files(cls.NAME, {"dit": (dit, "diffusion_models"), "t5": (t5, "text_encoders"),
+                                          "vae": (vae, "vae"), "wav2vec": (wav2vec, "audio_encoders"),
+                                          "lora": (lora, "loras")})
+        return files if files is not True else _validate_placement(devices, gpu_mode, cls.NAME)
 
     @classmethod
     def execute(cls, dit: str, t5: str, vae: str, wav2vec: str, tokenizer: str, lora: str, lora_strength: float,

@@ -2,7 +2,9 @@
 
 - `liveavatar`: our own folder (default `models/liveavatar`, extra_model_paths.yaml may add more)
   holding whole official checkpoint folders: any sub-folder (up to two levels deep) with a
-  `config.json`, e.g. `models/liveavatar/Wan2.2-S2V-14B/`.
+  `config.json` and DiT weights (the shard index or the single file), e.g.
+  `models/liveavatar/Wan2.2-S2V-14B/`. Folders inside a checkpoint (its wav2vec2 folder has a
+  `config.json` too) are not checkpoints and are not listed.
 - single files in ComfyUI's standard folders: `diffusion_models` (DiT), `text_encoders` (umT5),
   `vae` (Wan2.1 VAE), `audio_encoders` (wav2vec2), `loras` (Live Avatar LoRA).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 
 import folder_paths
+from liveavatar.config import OFFICIAL_FILES
 
 FOLDER = "liveavatar"
 NONE = "none"
@@ -33,8 +36,16 @@ def _roots() -> list[str]:
         return folder_paths.get_folder_paths(FOLDER)
 
 
+def is_checkpoint_folder(path: str) -> bool:
+    """Whether `path` holds an official checkpoint: config.json and the DiT weights (index or single file).
+    Other files may still be missing; the loader names them."""
+    f = OFFICIAL_FILES
+    return os.path.isfile(os.path.join(path, f.config)) and any(
+        os.path.isfile(os.path.join(path, name)) for name in (f.dit_index, f.dit_single))
+
+
 def checkpoint_folders() -> list[str]:
-    """Relative names (with '/') of checkpoint folders under every `liveavatar` root."""
+    """Relative names (with '/') of checkpoint folders under every `liveavatar` root (not their sub-folders)."""
     found: set[str] = set()
     for root in _roots():
         if not os.path.isdir(root):
@@ -45,8 +56,9 @@ def checkpoint_folders() -> list[str]:
             if depth >= _MAX_DEPTH:
                 dirnames[:] = []
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            if rel != "." and "config.json" in filenames:
+            if rel != "." and is_checkpoint_folder(dirpath):
                 found.add(rel.replace(os.sep, "/"))
+                dirnames[:] = []  # a checkpoint's own folders (wav2vec2, google/umt5-xxl) are parts of it
     return sorted(found)
 
 
@@ -57,7 +69,7 @@ def checkpoint_path(name: str) -> str | None:
         return None
     for root in _roots():
         full = os.path.join(root, rel)
-        if os.path.isfile(os.path.join(full, "config.json")):
+        if is_checkpoint_folder(full):
             return full
     return None
 
@@ -132,5 +144,5 @@ def file_path(folder: str, name: str) -> str | None:
     return folder_paths.get_full_path(folder, name)
 
 
-__all__ = ["FOLDER", "NONE", "AUTO", "register_folder", "checkpoint_folders", "checkpoint_path",
-           "tokenizer_folders", "tokenizer_path", "auto_lora", "files", "file_path"]
+__all__ = ["FOLDER", "NONE", "AUTO", "register_folder", "is_checkpoint_folder", "checkpoint_folders",
+           "checkpoint_path", "tokenizer_folders", "tokenizer_path", "auto_lora", "files", "file_path"]

@@ -86,11 +86,12 @@ class LiveAvatarSampler(io.ComfyNode):
             fps[0] = int(getattr(block, "fps", FPS))
 
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
-        run_generation(model, text, audio, reference, seed=seed, steps=steps, num_clip=num_clip,
-                       on_block=keep, node_id=node_id)
+        report = run_generation(model, text, audio, reference, seed=seed, steps=steps, num_clip=num_clip,
+                                on_block=keep, node_id=node_id)
         if not frames:
             raise LiveAvatarInputError(cls.NAME, "audio", "no frames were generated; the audio is too short")
-        return io.NodeOutput(frames_to_image(frames), samples_to_audio(samples, SAMPLE_RATE), float(fps[0]))
+        return io.NodeOutput(frames_to_image(frames), samples_to_audio(samples, SAMPLE_RATE), float(fps[0]),
+                             ui=ui.PreviewText(report.text()))
 
 
 class LiveAvatarSaveMP4(io.ComfyNode):
@@ -139,13 +140,14 @@ class LiveAvatarSaveMP4(io.ComfyNode):
 
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         try:
-            run_generation(model, text, audio, reference, seed=seed, steps=steps, num_clip=num_clip,
-                           on_block=write, node_id=node_id)
+            report = run_generation(model, text, audio, reference, seed=seed, steps=steps, num_clip=num_clip,
+                                    on_block=write, node_id=node_id)
         finally:
             writer.close()
         rel = os.path.join(subfolder, file) if subfolder else file
+        video = ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]).as_dict()
         return io.NodeOutput(InputImpl.VideoFromFile(path), rel,
-                             ui=ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]))
+                             ui={**video, **ui.PreviewText(report.text()).as_dict()})
 
 
 __all__ = ["LiveAvatarSampler", "LiveAvatarSaveMP4"]

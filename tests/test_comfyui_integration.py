@@ -162,8 +162,8 @@ class WebSocket:
                 op = b0 & 0x0F
                 if op == 1:
                     self.messages.put(("text", json.loads(data)))
-                elif op == 2:
-                    self.messages.put(("binary", struct.unpack(">I", data[:4])[0]))
+                elif op == 2:  # (event type, payload): 1/4 previews, 3 progress text (node id length, id, text)
+                    self.messages.put(("binary", struct.unpack(">I", data[:4])[0], data[4:]))
                 elif op == 8:
                     return
         except (OSError, ConnectionError, ValueError):
@@ -243,6 +243,14 @@ def test_pack_loads_and_lists_nodes_and_templates(server):
             "liveavatar_long_streaming"} <= set(templates[PACK])
     ui = server.get(f"/api/workflow_templates/{PACK}/liveavatar_tiny_cpu.json")
     assert "nodes" in ui and "links" in ui
+    # the checkpoint combo holds checkpoints only (not the tiny checkpoint's wav2vec2 sub-folder), so a
+    # workflow naming an absent checkpoint is refused at queue time, naming the input and the value
+    assert info["LiveAvatarModelLoader"]["input"]["required"]["checkpoint"][1]["options"] == [TINY_NAME]
+    status, body = server.post("/prompt", {"prompt": _api("liveavatar_single_gpu"), "client_id": "x"})
+    assert status == 400 and "checkpoint" in json.dumps(body) and "Wan2.2-S2V-14B" in json.dumps(body)
+    for name in templates[PACK]:  # the thumbnail the template browser asks for
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK}/{name}.jpg", timeout=30) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff"
 
 
 def test_tiny_workflow_twice_then_interrupt(server):
@@ -277,6 +285,20 @@ def test_tiny_workflow_twice_then_interrupt(server):
                 and m[1]["data"]["node"] == sampler_id]
     assert progress and progress[-1]["value"] == progress[-1]["max"] == 2 * 5  # 2 blocks x (4 steps + decode)
     assert sum(1 for m in seen if m[0] == "binary" and m[1] in (1, 4)) >= 2  # a preview per block
+    # what the nodes show: drawn inside them by the frontend (progress text), kept in /history (ui text)
+    texts = {}
+    for m in seen:
+        if m[0] == "binary" and m[1] == 3:
+            n = struct.unpack(">I", m[2][:4])[0]
+            texts.setdefault(m[2][4:4 + n].decode(), []).append(m[2][4 + n:].decode())
+    ids = {t: _node(prompt, t)[0] for t in ("LiveAvatarReferenceImage", "LiveAvatarAudioEncode")}
+    history_text = {k: v["text"][0] for k, v in first["outputs"].items() if "text" in v}
+    assert history_text[ids["LiveAvatarReferenceImage"]].startswith("effective size 64x64")
+    assert history_text[ids["LiveAvatarAudioEncode"]] == f"{frames} frames ({frames / 25:.2f} s at 25 fps)"
+    assert history_text[sampler_id].startswith(f"{frames} frames ({frames / 25:.2f} s at 25 fps), 2 blocks in ")
+    for node_id, shown in history_text.items():
+        assert texts[node_id][-1] == shown, node_id  # the node's last drawn text is the final one
+    assert texts[sampler_id][0].startswith("block 1/2: ")  # and a line per block while it runs
 
     # 2nd run, new seed: the loader (and encoders) are cached, the model is not reloaded
     sampler["inputs"]["seed"] = 7
@@ -305,7 +327,7 @@ def test_tiny_workflow_twice_then_interrupt(server):
         "seed": 1, "steps": 4, "num_clip": 0, "filename_prefix": "LiveAvatar/interrupted"}}
     ws.drain()
     pid = server.queue(long, client)
-    ws.wait_for(lambda m: m[0] == "binary")  # first decoded block's preview: it is in the mp4 now
+    ws.wait_for(lambda m: m[0] == "binary" and m[1] in (1, 4))  # first decoded block's preview: it is in the mp4 now
     assert server.post("/interrupt")[0] == 200
     hist = server.wait_history(pid)
     events = [ev for ev, _ in hist["status"]["messages"]]

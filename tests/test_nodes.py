@@ -37,7 +37,7 @@ def env(tmp_path_factory):
     ext = asyncio.run(pack.comfy_entrypoint())
     nodes = {n.GET_SCHEMA().node_id: n for n in asyncio.run(ext.get_node_list())}
     folder_paths.add_model_folder_path("liveavatar", str(root / "liveavatar"), is_default=True)
-    yield {"fp": folder_paths, "mm": mm, "nodes": nodes, "out": out}
+    yield {"fp": folder_paths, "mm": mm, "nodes": nodes, "out": out, "root": root}
     pack_submodule("nodes.handle").close_all()
 
 
@@ -116,6 +116,46 @@ def test_loader_errors_name_the_input(env):
     assert isinstance(msg, str) and "'devices'" in msg and "cuda:7" in msg
     assert loader.validate_inputs(devices="cpu", gpu_mode="auto") is True
 
+def test_checkpoint_combo_lists_only_checkpoints(env, tmp_path):
+    """The combo offers folders holding config.json + DiT weights, not a checkpoint's own sub-folders
+    (its wav2vec2 folder has a config.json too); such a sub-folder is refused by name."""
+    mf = pack_submodule("nodes.model_files")
+    loader = env["nodes"]["LiveAvatarModelLoader"]
+    wav2vec = f"{TINY_NAME}/wav2vec2-large-xlsr-53-english"
+    assert (env["root"] / "liveavatar" / wav2vec / "config.json").is_file()
+    extra = tmp_path / "more"
+    nested = extra / "vendor" / "copy"  # two levels deep: still found
+    nested.mkdir(parents=True)
+    (nested / "config.json").write_text("{}")
+    (nested / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    (extra / "notes").mkdir()
+    (extra / "notes" / "config.json").write_text("{}")  # config.json without DiT weights: not listed
+    paths = env["fp"].folder_names_and_paths["liveavatar"][0]
+    paths.append(str(extra))
+    try:
+        assert mf.checkpoint_folders() == [TINY_NAME, "vendor/copy"]
+        checkpoint = next(i for i in loader.GET_SCHEMA().inputs if i.id == "checkpoint")
+        assert checkpoint.options == [TINY_NAME, "vendor/copy"]
+    finally:
+        paths.remove(str(extra))
+    assert mf.checkpoint_path(wav2vec) is None
+    # ComfyUI does not check a V3 combo value against its options: the loaders refuse absent files at queue time
+    assert loader.validate_inputs(checkpoint=TINY_NAME, lora="auto", devices="cpu", gpu_mode="single") is True
+    for bad in (wav2vec, "Wan2.2-S2V-14B"):
+        msg = loader.validate_inputs(checkpoint=bad, lora="auto", devices="cpu", gpu_mode="single")
+        assert isinstance(msg, str) and "'checkpoint'" in msg and repr(bad) in msg and "models/liveavatar" in msg
+    msg = loader.validate_inputs(checkpoint=TINY_NAME, lora="nope.safetensors")
+    assert isinstance(msg, str) and "'lora'" in msg and "models/loras" in msg
+    files = env["nodes"]["LiveAvatarModelLoaderFiles"]
+    msg = files.validate_inputs(dit="wan2.2_s2v_14B_bf16.safetensors", lora="none")
+    assert isinstance(msg, str) and "'dit'" in msg and "models/diffusion_models" in msg
+    assert files.validate_inputs(dit=None, lora="none", devices="cpu", gpu_mode="single") is True  # linked
+    errors = pack_submodule("nodes.errors")
+    with pytest.raises(errors.LiveAvatarInputError, match="'checkpoint'"):
+        run(loader, checkpoint=wav2vec, lora="auto", lora_strength=1.0, precision="fp32",
+            attention="sdpa", devices="cpu", gpu_mode="single", compile=False)
+
+
 
 def test_text_encode_prompt_and_native_conditioning(env, model, conditioning):
     node = env["nodes"]["LiveAvatarTextEncode"]
@@ -168,6 +208,8 @@ def test_sampler_returns_native_frames_and_audio(env, model, conditioning, hook)
     assert 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0 and float(frames.std()) > 0
     assert audio["sample_rate"] == 16000 and audio["waveform"].shape == (1, 1, n * 640)
     assert fps == 25.0
+    shown = out.ui.as_dict()["text"][0]  # what the node shows after the run (and /history carries)
+    assert shown.startswith(f"{n} frames ({n / 25:.2f} s at 25 fps), 2 blocks in ") and "s per block" in shown
     values = [v for v, _, _ in rec.calls]
     assert values == sorted(values) and values[-1] == rec.calls[-1][1] == 2 * 4  # 2 blocks x (3 steps + decode)
     previews = [p for _, _, p in rec.calls if p is not None]
@@ -201,8 +243,10 @@ def test_save_mp4_streams_to_the_output_folder(env, model, conditioning, hook):
     assert info["frames"] == n and (info["width"], info["height"]) == (64, 64)
     assert info["audio_duration_s"] == pytest.approx(n / 25, abs=0.05)
     assert video.get_dimensions() == (64, 64)
-    saved = out.ui.as_dict()["images"][0]
+    shown = out.ui if isinstance(out.ui, dict) else out.ui.as_dict()
+    saved = shown["images"][0]
     assert saved["filename"] == path.name and saved["type"] == "output"
+    assert shown["text"][0].startswith(f"{n} frames ({n / 25:.2f} s at 25 fps), 2 blocks")
 
 
 def test_interrupt_stops_between_steps(env, model, conditioning, hook):

@@ -108,6 +108,24 @@ def test_checker_catches_broken_workflows():
     assert any("missing" in p for p in api_problems(lambda w: api_node(w, "LiveAvatarSampler")["inputs"].pop("audio")))
 
 
+def test_layout_check_counts_title_bars_and_frontend_sizes():
+    """check_layout flags a node whose title bar alone covers the node above, and a node declared
+    smaller than the frontend draws it; the shipped files pass it (test_workflow_is_valid)."""
+    ui = _read(REPO / "example_workflows" / "liveavatar_tiny_cpu.json")
+    assert check.check_layout(ui) == []
+    create = next(n for n in ui["nodes"] if n["type"] == "CreateVideo")
+    save = next(n for n in ui["nodes"] if n["type"] == "SaveVideo")
+    w = copy.deepcopy(ui)
+    moved = next(n for n in w["nodes"] if n["id"] == save["id"])
+    moved["pos"] = [create["pos"][0], create["pos"][1] + create["size"][1] + 10]  # bodies 10 px apart
+    assert any("overlaps" in p and "SaveVideo" in p for p in check.check_layout(w))
+    moved["pos"][1] += check.TITLE_HEIGHT
+    assert check.check_layout(w) == []
+    w = copy.deepcopy(ui)
+    next(n for n in w["nodes"] if n["type"] == "LoadImage")["size"] = [360, 112]  # no room for the preview
+    assert any("LoadImage" in p and "would grow" in p for p in check.check_layout(w))
+
+
 @pytest.mark.parametrize("name", OURS)
 def test_our_schemas_follow_the_conventions(name):
     info = SCHEMAS[name]
@@ -142,3 +160,56 @@ def test_snapshot_matches_the_live_schemas():
                     if (name, inp) in check.FILE_INPUTS and len(spec) > 1:
                         spec[1].pop("options", None)
         assert info == snap, f"{name}: run `python workflows/build.py snapshot URL` and rebuild"
+
+
+@pytest.mark.parametrize("path", UI, ids=lambda p: p.stem)
+def test_every_weight_file_reaches_the_missing_models_dialog(path):
+    """The files each workflow needs, with source and folder, as ComfyUI's frontend checks them at load
+    (check.dialog_models mirrors frontend 1.27.10); the tiny checkpoint is made locally, nothing to fetch."""
+    ui = _read(path)
+    names = {(m["directory"], m["name"]) for m in check.dialog_models(ui)}
+    loader = next(n for n in ui["nodes"] if n["type"].startswith("LiveAvatarModelLoader"))
+    if loader["type"] == "LiveAvatarModelLoaderFiles":
+        assert names == {(folder, name) for name, folder, _ in build.SINGLE_FILES.values()}
+        assert {m["name"] for m in check.node_selected_models(loader)} <= set(loader["widgets_values"])
+    elif loader["widgets_values"][0] == build.OFFICIAL_CHECKPOINT:
+        folder = build.OFFICIAL_CHECKPOINT
+        assert names == {("liveavatar", f"{folder}/{f}") for f in [*build.OFFICIAL_WEIGHTS, "liveavatar.safetensors"]}
+        assert loader["properties"]["models"] == ui["models"]  # declared on the loader, listed for the workflow
+    else:
+        assert path.stem == "liveavatar_tiny_cpu" and names == set()
+    assert all(m["url"].startswith("https://huggingface.co/") for m in check.dialog_models(ui))
+
+
+def test_model_check_catches_bad_entries():
+    ui = _read(REPO / "example_workflows" / "liveavatar_single_files.json")
+
+    def problems(mutate):
+        w = copy.deepcopy(ui)
+        loader = next(n for n in w["nodes"] if n["type"] == "LiveAvatarModelLoaderFiles")
+        mutate(loader["properties"]["models"], loader)
+        return check.check_models(w)
+
+    assert problems(lambda ms, n: None) == []
+    assert any("not https" in p for p in problems(lambda ms, n: ms[0].update(url="http://x/" + ms[0]["name"])))
+    assert any("directory" in p for p in problems(lambda ms, n: ms[0].update(directory="checkpoints_typo")))
+    assert any("another file" in p for p in problems(lambda ms, n: ms[0].update(url=ms[1]["url"])))
+    assert any("never reaches" in p
+               for p in problems(lambda ms, n: n["widgets_values"].__setitem__(0, "other.safetensors")))
+
+
+def test_every_workflow_has_its_thumbnail_and_title():
+    """example_workflows/<name>.jpg is what the template browser shows for <name>.json (frontend 1.27.10:
+    `/api/workflow_templates/<pack>/<name>.jpg`); each card's text fits (thumbnails.thumbnail raises if not)."""
+    from PIL import Image
+
+    thumbs = _load("thumbnails")
+    assert set(build.TITLES) == {p.stem for p in UI}
+    for p in UI:
+        with Image.open(p.with_suffix(".jpg")) as img:
+            assert img.format == "JPEG" and img.size == (thumbs.SIZE, thumbs.SIZE)
+    blank = Image.new("RGB", (704, 384))
+    for title, line, setup in build.TITLES.values():
+        assert thumbs.thumbnail(title, line, setup, blank, blank).size == (thumbs.SIZE, thumbs.SIZE)
+    with pytest.raises(ValueError, match="too long"):
+        thumbs.thumbnail("x" * 80, "", "", blank, blank)

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check import (API_DIR, FRONTEND_ONLY, SNAPSHOT, UI_DIR, UPLOAD_EXTRA, check_api, check_ui,  # noqa: E402
-                   input_specs, is_widget, load_schemas, type_name)
+from check import (API_DIR, FRONTEND_MIN_SIZE, FRONTEND_ONLY, SNAPSHOT, TITLE_HEIGHT, UI_DIR,  # noqa: E402
+                   UPLOAD_EXTRA, check_api, check_layout, check_models, check_ui, input_specs, is_widget,
+                   load_schemas, node_selected_models, type_name)
 
 CORE_NODES = [
     "LoadImage", "LoadAudio", "CreateVideo", "SaveVideo", "GetVideoComponents", "PreviewImage",
@@ -37,65 +38,129 @@ TINY_CHECKPOINT = "liveavatar-tiny"
 OFFICIAL_CHECKPOINT = "Wan2.2-S2V-14B"
 EXAMPLE_IMAGE = "avatar.png"  # assets/avatar.png of this repo, copied to ComfyUI/input
 EXAMPLE_AUDIO = "speech.wav"  # assets/speech.wav
+# What the template browser card of each workflow says (ComfyUI frontend 1.27.10 titles a custom
+# node pack's template with its file name, so the thumbnail carries the title: thumbnails.py).
+TITLES = {  # name -> (title, what it is for, its model and output)
+    "liveavatar_tiny_cpu": ("Tiny CPU demo", "random tiny weights: checks the graph in seconds",
+                            "liveavatar-tiny, fp32, CPU -> Save Video"),
+    "liveavatar_single_gpu": ("One GPU", "short clips on one 80 GB GPU (fp8: 48 GB)",
+                              "Wan2.2-S2V-14B folder + LoRA, bf16 -> Save Video"),
+    "liveavatar_multi_gpu_tpp": ("5 GPUs, pipeline parallel", "one denoising step per GPU + a decode GPU",
+                                 "Wan2.2-S2V-14B folder + LoRA, GPUs 0-4 -> Save MP4"),
+    "liveavatar_long_streaming": ("Long videos, streamed", "every block written to the mp4 at once",
+                                  "Wan2.2-S2V-14B folder + LoRA, fp8 -> Save MP4"),
+    "liveavatar_single_files": ("ComfyUI single files", "Comfy-Org's Wan2.2 S2V files + the LoRA",
+                                "ComfyUI model folders + LoRA -> Save Video"),
+}
+
+# Where each weight file comes from ("models" of the UI workflows: ComfyUI's frontend lists the
+# absent ones with their source and folder when a workflow is loaded).
+HF = "https://huggingface.co"
+WAN_S2V = f"{HF}/Wan-AI/Wan2.2-S2V-14B/resolve/main"
+LIVEAVATAR_LORA = f"{HF}/Quark-Vision/Live-Avatar/resolve/main/liveavatar.safetensors"
+COMFY_WAN22 = f"{HF}/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files"
+COMFY_WAN21 = f"{HF}/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+# The weight files of the official folder (files with a model extension only: the frontend's model
+# lists hold nothing else, so config.json, the shard index and the tokenizer cannot be declared).
+OFFICIAL_WEIGHTS = [*(f"diffusion_pytorch_model-{i:05d}-of-00004.safetensors" for i in range(1, 5)),
+                    "models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth",
+                    "wav2vec2-large-xlsr-53-english/model.safetensors"]
+SINGLE_FILES = {  # loader input -> (file, ComfyUI folder, url)
+    "dit": ("wan2.2_s2v_14B_bf16.safetensors", "diffusion_models",
+            f"{COMFY_WAN22}/diffusion_models/wan2.2_s2v_14B_bf16.safetensors"),
+    "t5": ("umt5_xxl_fp16.safetensors", "text_encoders", f"{COMFY_WAN21}/text_encoders/umt5_xxl_fp16.safetensors"),
+    "vae": ("wan_2.1_vae.safetensors", "vae", f"{COMFY_WAN22}/vae/wan_2.1_vae.safetensors"),
+    "wav2vec": ("wav2vec2_large_english_fp16.safetensors", "audio_encoders",
+                f"{COMFY_WAN22}/audio_encoders/wav2vec2_large_english_fp16.safetensors"),
+    "lora": ("liveavatar.safetensors", "loras", LIVEAVATAR_LORA),
+}
+
+
+def model_file(name: str, url: str, directory: str) -> dict[str, str]:
+    """One entry of the frontend's `models` lists: file name inside `directory` (a ComfyUI folder type)."""
+    return {"name": name, "url": url, "directory": directory}
+
+
+def official_models(folder: str) -> list[dict[str, str]]:
+    """The official folder's weight files under models/liveavatar/<folder>/, the LoRA inside it."""
+    return [*(model_file(f"{folder}/{f}", f"{WAN_S2V}/{f}", "liveavatar") for f in OFFICIAL_WEIGHTS),
+            model_file(f"{folder}/liveavatar.safetensors", LIVEAVATAR_LORA, "liveavatar")]
+
+
 PROMPT = ("A young woman with long dark hair talks to the camera in a bright studio, natural lip movements, "
           "gentle head motion and friendly expressions, sharp focus, soft light.")
 
 
 @dataclass
 class N:
-    """One node: id, type, widget values by name, inputs by name -> (source id, output slot)."""
+    """One node: id, type, widget values by name, inputs by name -> (source id, output slot), and its
+    layout column (nodes are stacked top-down in their column, in list order)."""
 
     id: int
     type: str
     widgets: dict[str, Any] = field(default_factory=dict)
     links: dict[str, tuple[int, int]] = field(default_factory=dict)
-    pos: tuple[int, int] = (0, 0)
+    column: int = 0
     title: str | None = None
     text: str = ""  # Note / MarkdownNote body
+    models: list[dict[str, str]] = field(default_factory=list)  # properties.models
 
 
-def note(id: int, text: str, pos: tuple[int, int]) -> N:
-    return N(id, "MarkdownNote", pos=pos, text=text)
+# Layout: columns COLUMN_STEP apart, GAP between a node's bottom and the next title bar.
+NODE_WIDTH = 360
+NOTE_SIZE = (400, 300)
+COLUMN_STEP = 460
+GAP = 40
+# Room (px) below the widgets for what the frontend shows inside the node: LoadImage's image
+# preview, the text our nodes show after a run, the Sampler's block preview, the video preview of
+# Save Video / Save MP4 (which also needs WIDE width), a taller prompt box.
+ROOM = {"LoadImage": 250, "SaveVideo": 440, "LiveAvatarSaveMP4": 510, "LiveAvatarSampler": 260,
+        "LiveAvatarAudioEncode": 60, "LiveAvatarReferenceImage": 80, "LiveAvatarTextEncode": 80}
+WIDE = {"SaveVideo": 480, "LiveAvatarSaveMP4": 480}
+
+
+def note(id: int, text: str, column: int = 0) -> N:
+    return N(id, "MarkdownNote", column=column, text=text)
 
 
 def loader(id: int, checkpoint: str, *, precision="bf16", attention="sdpa", devices="auto",
-           gpu_mode="auto", compile=False, pos=(0, 0)) -> N:
+           gpu_mode="auto", compile=False) -> N:
     return N(id, "LiveAvatarModelLoader", dict(checkpoint=checkpoint, lora="auto", lora_strength=1.0,
                                                precision=precision, attention=attention, devices=devices,
-                                               gpu_mode=gpu_mode, compile=compile), pos=pos)
+                                               gpu_mode=gpu_mode, compile=compile),
+             models=official_models(checkpoint) if checkpoint == OFFICIAL_CHECKPOINT else [])
 
 
-def encoders(model: int, image: int, audio: int, size: str, x: int) -> list[N]:
+def encoders(model: int, image: int, audio: int, size: str, column: int = 1) -> list[N]:
     return [
-        N(11, "LiveAvatarTextEncode", dict(prompt=PROMPT), {"model": (model, 0)}, pos=(x, 0)),
-        N(12, "LiveAvatarAudioEncode", {}, {"model": (model, 0), "audio": (audio, 0)}, pos=(x, 330)),
+        N(11, "LiveAvatarTextEncode", dict(prompt=PROMPT), {"model": (model, 0)}, column=column),
+        N(12, "LiveAvatarAudioEncode", {}, {"model": (model, 0), "audio": (audio, 0)}, column=column),
         N(13, "LiveAvatarReferenceImage", dict(size=size, size_mode="area"),
-          {"model": (model, 0), "image": (image, 0)}, pos=(x, 520)),
+          {"model": (model, 0), "image": (image, 0)}, column=column),
     ]
 
 
-def media(x: int = 0) -> list[N]:
-    return [N(1, "LoadImage", dict(image=EXAMPLE_IMAGE), pos=(x, 360)),
-            N(2, "LoadAudio", dict(audio=EXAMPLE_AUDIO), pos=(x, 760))]
+def media() -> list[N]:
+    return [N(1, "LoadImage", dict(image=EXAMPLE_IMAGE)), N(2, "LoadAudio", dict(audio=EXAMPLE_AUDIO))]
 
 
 def sampling_links() -> dict[str, tuple[int, int]]:
     return {"model": (10, 0), "text": (11, 0), "audio": (12, 0), "reference": (13, 0)}
 
 
-def to_native_video(prefix: str, x: int) -> list[N]:
+def to_native_video(prefix: str, column: int = 2) -> list[N]:
     return [
-        N(20, "LiveAvatarSampler", dict(seed=42, steps=4, num_clip=0), sampling_links(), pos=(x, 0)),
+        N(20, "LiveAvatarSampler", dict(seed=42, steps=4, num_clip=0), sampling_links(), column=column),
         N(21, "CreateVideo", dict(fps=25.0), {"images": (20, 0), "audio": (20, 1), "fps": (20, 2)},
-          pos=(x + 380, 0)),
+          column=column + 1),
         N(22, "SaveVideo", dict(filename_prefix=prefix, format="mp4", codec="h264"), {"video": (21, 0)},
-          pos=(x + 380, 160)),
+          column=column + 1),
     ]
 
 
-def to_streamed_mp4(prefix: str, x: int) -> list[N]:
+def to_streamed_mp4(prefix: str, column: int = 2) -> list[N]:
     return [N(20, "LiveAvatarSaveMP4", dict(seed=42, steps=4, num_clip=0, filename_prefix=prefix),
-              sampling_links(), pos=(x, 0))]
+              sampling_links(), column=column)]
 
 
 MAKE_TINY = (f"## Tiny demo (CPU)\nRandom tiny weights: checks the whole graph in seconds, the video is noise.\n\n"
@@ -110,49 +175,44 @@ OFFICIAL = (f"## Files\n- `models/liveavatar/{OFFICIAL_CHECKPOINT}/`: the offici
 
 
 def workflows() -> dict[str, list[N]]:
-    x0, x1, x2, x3 = 0, 420, 860, 1300
     return {
         "liveavatar_tiny_cpu": [
-            *media(x0), loader(10, TINY_CHECKPOINT, precision="fp32", devices="cpu", gpu_mode="single", pos=(x0, 0)),
-            *encoders(10, 1, 2, "64*64", x1), *to_native_video("LiveAvatar/tiny", x2),
-            note(30, MAKE_TINY, (x0, 1000)),
+            loader(10, TINY_CHECKPOINT, precision="fp32", devices="cpu", gpu_mode="single"), *media(),
+            note(30, MAKE_TINY), *encoders(10, 1, 2, "64*64"), *to_native_video("LiveAvatar/tiny"),
         ],
         "liveavatar_single_gpu": [
-            *media(x0), loader(10, OFFICIAL_CHECKPOINT, pos=(x0, 0)),
-            *encoders(10, 1, 2, "704*384", x1), *to_native_video("LiveAvatar/avatar", x2),
+            loader(10, OFFICIAL_CHECKPOINT), *media(),
             note(30, OFFICIAL + "\n\nOne 80 GB GPU in bf16; set precision fp8 for 48 GB cards. For clips "
-                     "longer than a minute use the streaming workflow (frames stay on disk, not in RAM).",
-                 (x0, 1000)),
+                     "longer than a minute use the streaming workflow (frames stay on disk, not in RAM)."),
+            *encoders(10, 1, 2, "704*384"), *to_native_video("LiveAvatar/avatar"),
         ],
         "liveavatar_multi_gpu_tpp": [
-            *media(x0), loader(10, OFFICIAL_CHECKPOINT, attention="cudnn", devices="0,1,2,3,4", gpu_mode="tpp",
-                               compile=True, pos=(x0, 0)),
-            *encoders(10, 1, 2, "704*384", x1), *to_streamed_mp4("LiveAvatar/tpp", x2),
+            loader(10, OFFICIAL_CHECKPOINT, attention="cudnn", devices="0,1,2,3,4", gpu_mode="tpp", compile=True),
+            *media(),
             note(30, OFFICIAL + "\n\n## Timestep-forcing pipeline parallelism\nGPUs 0-3 run one denoising "
                      "step each, GPU 4 decodes; blocks stream through the pipeline and into the mp4. "
-                     "Worker processes stay up between runs while the loader inputs are unchanged.",
-                 (x0, 1000)),
+                     "Worker processes stay up between runs while the loader inputs are unchanged."),
+            *encoders(10, 1, 2, "704*384"), *to_streamed_mp4("LiveAvatar/tpp"),
         ],
         "liveavatar_long_streaming": [
-            *media(x0), loader(10, OFFICIAL_CHECKPOINT, precision="fp8", pos=(x0, 0)),
-            *encoders(10, 1, 2, "704*384", x1), *to_streamed_mp4("LiveAvatar/long", x2),
+            loader(10, OFFICIAL_CHECKPOINT, precision="fp8"), *media(),
             note(30, OFFICIAL + "\n\n## Long-form\nEvery decoded block is written to the mp4 at once "
                      "(H.264 + AAC, fragmented): memory stays flat for hours of audio and an interrupted "
-                     "run leaves a playable file. num_clip 0 = until the audio ends.", (x0, 1000)),
+                     "run leaves a playable file. num_clip 0 = until the audio ends."),
+            *encoders(10, 1, 2, "704*384"), *to_streamed_mp4("LiveAvatar/long"),
         ],
         "liveavatar_single_files": [
-            *media(x0),
             N(10, "LiveAvatarModelLoaderFiles", dict(
-                dit="wan2.2_s2v_14B_bf16.safetensors", t5="umt5_xxl_fp16.safetensors",
-                vae="wan_2.1_vae.safetensors", wav2vec="wav2vec2_large_english_fp16.safetensors",
-                tokenizer="auto", lora="liveavatar.safetensors", lora_strength=1.0, precision="fp8", attention="sdpa",
-                devices="auto", gpu_mode="single", compile=False), pos=(x0, 0)),
-            *encoders(10, 1, 2, "704*384", x1), *to_native_video("LiveAvatar/avatar", x2),
+                **{k: name for k, (name, _, _) in SINGLE_FILES.items()}, tokenizer="auto", lora_strength=1.0,
+                precision="fp8", attention="sdpa", devices="auto", gpu_mode="single", compile=False),
+              models=[model_file(name, url, folder) for name, folder, url in SINGLE_FILES.values()]),
+            *media(),
             note(30, "## ComfyUI single files\nThe same files as ComfyUI's native Wan2.2 S2V template "
                      "(diffusion_models, text_encoders, vae, audio_encoders) plus the Live Avatar LoRA "
                      "in models/loras, and the umT5 tokenizer folder (google/umt5-xxl, as in the official checkpoint) "
                      "under models/liveavatar or models/text_encoders. A native CONDITIONING (Load CLIP type wan + CLIP Text Encode) can "
-                     "feed LiveAvatar Text Encode's optional input instead of the prompt.", (x0, 1000)),
+                     "feed LiveAvatar Text Encode's optional input instead of the prompt."),
+            *encoders(10, 1, 2, "704*384"), *to_native_video("LiveAvatar/avatar"),
         ],
     }
 
@@ -214,9 +274,9 @@ def to_ui(nodes: list[N], schemas: dict, name: str) -> dict:
             out_links.setdefault((src, sslot), []).append(next_link)
             next_link += 1
     for n in nodes:
-        base = {"id": n.id, "type": n.type, "pos": list(n.pos), "flags": {}, "order": order[n.id], "mode": 0}
+        base = {"id": n.id, "type": n.type, "pos": [0, 0], "flags": {}, "order": order[n.id], "mode": 0}
         if n.type in FRONTEND_ONLY:
-            out_nodes.append({**base, "size": [400, 220], "inputs": [], "outputs": [], "properties": {},
+            out_nodes.append({**base, "size": list(NOTE_SIZE), "inputs": [], "outputs": [], "properties": {},
                               "widgets_values": [n.text], "color": "#432", "bgcolor": "#653"})
             continue
         schema = schemas[n.type]
@@ -232,12 +292,22 @@ def to_ui(nodes: list[N], schemas: dict, name: str) -> dict:
                     values.extend(["image"] if key == "image_upload" else [None] * count)
         outputs = [{"name": schema["output_name"][i], "type": t, "links": out_links.get((n.id, i), []),
                     "slot_index": i} for i, t in enumerate(schema["output"])]
-        height = 60 + 26 * (len(slot_inputs[n.id]) + len(values))
-        node = {**base, "size": [360, height], "inputs": slot_inputs[n.id], "outputs": outputs,
-                "properties": {"Node name for S&R": n.type}, "widgets_values": values}
+        height = 60 + 26 * (len(slot_inputs[n.id]) + len(values)) + ROOM.get(n.type, 0)
+        least = FRONTEND_MIN_SIZE.get(n.type, (0, 0))
+        properties: dict[str, Any] = {"Node name for S&R": n.type}
+        if n.models:
+            properties["models"] = n.models
+        width = WIDE.get(n.type, NODE_WIDTH)
+        node = {**base, "size": [max(width, least[0]), max(height, least[1])], "inputs": slot_inputs[n.id],
+                "outputs": outputs, "properties": properties, "widgets_values": values}
         if n.title:
             node["title"] = n.title
         out_nodes.append(node)
+    place(out_nodes, {n.id: n.column for n in nodes})
+    # the frontend only takes a node's models named by one of its widget values (a file combo);
+    # the official folder's files are not, so they are also listed for the whole workflow
+    unmatched = [m for node in out_nodes for m in node["properties"].get("models", [])
+                 if m not in node_selected_models(node)]
     return {
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-liveavatar/{name}")),
         "revision": 0,
@@ -249,7 +319,18 @@ def to_ui(nodes: list[N], schemas: dict, name: str) -> dict:
         "config": {},
         "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}},
         "version": 0.4,
+        **({"models": unmatched} if unmatched else {}),
     }
+
+
+def place(ui_nodes: list[dict], columns: dict[int, int]) -> None:
+    """Set `pos`: each column stacked top-down in list order, title bars included, GAP apart."""
+    bottom: dict[int, int] = {}
+    for node in ui_nodes:
+        col = columns[node["id"]]
+        top = bottom.get(col, 0) + TITLE_HEIGHT  # body starts below the title bar
+        node["pos"] = [col * COLUMN_STEP, top]
+        bottom[col] = top + node["size"][1] + GAP
 
 
 def to_api(nodes: list[N], schemas: dict) -> dict:
@@ -277,7 +358,7 @@ def build() -> int:
     bad = 0
     for name, nodes in workflows().items():
         ui, api = to_ui(nodes, schemas, name), to_api(nodes, schemas)
-        problems = check_ui(ui, schemas) + check_api(api, schemas)
+        problems = check_ui(ui, schemas) + check_layout(ui) + check_models(ui) + check_api(api, schemas)
         for p in problems:
             print(f"{name}: {p}")
         bad += bool(problems)

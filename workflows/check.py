@@ -18,6 +18,16 @@ order, with one extra value after every widget that has `control_after_generate`
 `links[]` are `[id, from_node, from_slot, to_node, to_slot, type]`, `to_slot` indexing the target
 node's `inputs` list.
 
+Model files (UI format, `check_models`): `models` entries (node `properties.models` and the
+workflow's own `models`) have a name, an https url and a ComfyUI folder (`directory`); every entry
+reaches the frontend's missing-models check (`dialog_models`: ComfyUI frontend 1.27.10 takes a
+node's entry only when its name is one of the node's widget values, and every workflow-level entry).
+
+Layout (UI format, `check_layout`): every node's box, title bar included (the frontend draws the
+title `TITLE_HEIGHT` px above `pos`), is disjoint from every other node's box, and no node is
+declared smaller than the frontend draws it (`FRONTEND_MIN_SIZE`: the frontend enlarges a node to
+its computed size at load, which could make boxes overlap).
+
 Usage: python workflows/check.py [workflow.json ...]   (default: every shipped workflow)
 """
 
@@ -48,6 +58,20 @@ FILE_INPUTS = {
     ("LiveAvatarModelLoaderFiles", "tokenizer"), ("LiveAvatarModelLoaderFiles", "lora"),
 }
 UPLOAD_EXTRA = {"image_upload": 1, "audio_upload": 2, "video_upload": 1}
+TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT
+# `node.computeSize()` of ComfyUI frontend 1.27.10 for the node types of the shipped workflows,
+# measured in headless Chromium after loading each workflow and after running the tiny one (and the
+# streaming one on the tiny checkpoint): LoadImage with its preview image, our nodes with their
+# text, the Sampler with its block preview, Save Video / Save MP4 with the video of a square 64x64
+# run (the tallest preview: a 2:1 video needs 180 px less). A video preview is as wide as its node
+# (at least 464 px) and as tall as the video's aspect makes it: Save Video was measured at width
+# 480, Save MP4 at width 360 (at 480 a square video needs about 120 px more).
+FRONTEND_MIN_SIZE = {
+    "LoadImage": (230, 326), "LoadAudio": (230, 136), "CreateVideo": (210, 78), "SaveVideo": (464, 578),
+    "MarkdownNote": (210, 88), "LiveAvatarModelLoader": (213, 226), "LiveAvatarModelLoaderFiles": (303, 322),
+    "LiveAvatarTextEncode": (210, 108), "LiveAvatarAudioEncode": (221, 136),
+    "LiveAvatarReferenceImage": (237, 184), "LiveAvatarSampler": (210, 476), "LiveAvatarSaveMP4": (464, 640),
+}
 
 
 def load_schemas(path: Path = SNAPSHOT) -> dict[str, Any]:
@@ -201,6 +225,75 @@ def check_ui(workflow: dict, schemas: dict) -> list[str]:
     return problems
 
 
+MODEL_FOLDERS = {"liveavatar", "diffusion_models", "text_encoders", "vae", "audio_encoders", "loras"}
+
+
+def node_selected_models(node: dict) -> list[dict]:
+    """The node's `properties.models` entries the frontend considers: those named by a string widget value."""
+    values = node.get("widgets_values") or []
+    values = values.values() if isinstance(values, dict) else values
+    names = {v for v in values if isinstance(v, str) and v.strip()}
+    return [m for m in node.get("properties", {}).get("models", []) if m.get("name") in names]
+
+
+def dialog_models(workflow: dict) -> list[dict]:
+    """The entries the frontend checks at load (and lists when absent), unique by url, as it does."""
+    found: dict[str, dict] = {}
+    for m in [m for n in workflow.get("nodes", []) for m in node_selected_models(n)] + workflow.get("models", []):
+        found.setdefault(m.get("url") or m.get("hash"), m)
+    return list(found.values())
+
+
+def check_models(workflow: dict) -> list[str]:
+    """Problems of the model-file declarations of a UI-format workflow."""
+    problems: list[str] = []
+    declared = [(f"node {n['id']} ({n['type']})", m) for n in workflow.get("nodes", [])
+                for m in n.get("properties", {}).get("models", [])]
+    declared += [("workflow", m) for m in workflow.get("models", [])]
+    checked = [m["url"] for m in dialog_models(workflow)]
+    for where, m in declared:
+        if not all(isinstance(m.get(k), str) and m.get(k) for k in ("name", "url", "directory")):
+            problems.append(f"{where}: model entry {m} needs name, url and directory")
+            continue
+        if not m["url"].startswith("https://"):
+            problems.append(f"{where}: {m['name']}: url {m['url']!r} is not https")
+        if m["directory"] not in MODEL_FOLDERS:
+            problems.append(f"{where}: {m['name']}: directory {m['directory']!r} is not one of {sorted(MODEL_FOLDERS)}")
+        if m["url"].rsplit("/", 1)[-1] != m["name"].rsplit("/", 1)[-1]:
+            problems.append(f"{where}: {m['name']}: url {m['url']} names another file")
+        if m["url"] not in checked:
+            problems.append(f"{where}: {m['name']} never reaches the frontend's missing-models check "
+                            "(not a widget value of its node, not in the workflow's models)")
+    return problems
+
+
+def node_box(node: dict) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of a UI-format node as drawn, title bar included."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+def boxes_overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def check_layout(workflow: dict) -> list[str]:
+    """Layout problems of a UI-format workflow: overlapping nodes, nodes declared below the frontend's size."""
+    problems: list[str] = []
+    nodes = workflow.get("nodes", [])
+    for node in nodes:
+        least = FRONTEND_MIN_SIZE.get(node.get("type"))
+        if least and (node["size"][0] < least[0] or node["size"][1] < least[1]):
+            problems.append(f"node {node['id']} ({node['type']}): size {node['size']} is below the frontend's "
+                            f"{list(least)}; it would grow at load")
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            if boxes_overlap(node_box(a), node_box(b)):
+                problems.append(f"node {a['id']} ({a['type']}) overlaps node {b['id']} ({b['type']}) "
+                                "(boxes with title bars)")
+    return problems
+
+
 def check_api(prompt: dict, schemas: dict) -> list[str]:
     """Problems of an API-format prompt (`POST /prompt` body's "prompt")."""
     problems: list[str] = []
@@ -276,7 +369,9 @@ def workflow_files() -> list[Path]:
 
 def check_file(path: Path, schemas: dict) -> list[str]:
     data = json.loads(Path(path).read_text())
-    return check_ui(data, schemas) if "nodes" in data else check_api(data, schemas)
+    if "nodes" in data:
+        return check_ui(data, schemas) + check_layout(data) + check_models(data)
+    return check_api(data, schemas)
 
 
 def main(argv: list[str]) -> int:
