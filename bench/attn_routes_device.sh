@@ -6,11 +6,11 @@
 #       copies part 1 to /tmp/whl on the machine, prints the GPU and the image's versions (seconds)
 #   call 2, carry [".whl2"], within 30 s of call 1's return (the same warm machine):
 #                             bash bench/attn_routes_device.sh run
-#       reassembles and checks the wheel, installs all into /tmp/site, runs bench/attn_routes_micro.py and
-#       tests/test_gpu.py -k fa4 (the tiny DiT's rollout with fa4 vs sdpa);
+#       reassembles and checks the wheel, installs all into /tmp/site, runs bench/attn_routes_micro.py;
 #       then, if FA4 passed the self-attention shape and ATTN_DIT=1 (default), the DiT bench fp8 + compile
 #       with --attn fa4 and with the default attention, back to back (bench/run_list.sh, 4 + 6 blocks);
-#       then, if time is left, FA4's first call in a fresh process with its on-disk kernel cache cold and warm.
+#       then, as time allows, tests/test_gpu.py -k fa4 (the small DiT's rollout, fa4 vs sdpa) and FA4's
+#       first call in a fresh process with its on-disk kernel cache cold and warm.
 # $OUT: attn_routes.jsonl, attn_routes.log, list.jsonl, fp8c_{fa4,sdpa}.{out,err} (7 files).
 # Knobs: ATTN_MICRO_ARGS (extra micro-bench args), ATTN_MICRO_S (its cap, 300), ATTN_DIT (1), ATTN_BUDGET_S (570).
 set -u
@@ -46,12 +46,16 @@ print(f'import cutlass {cutlass.__version__} + flash_attn.cute: {time.perf_count
   timeout -k 10 "${ATTN_MICRO_S:-300}" python3 bench/attn_routes_micro.py --out "$OUT/attn_routes.jsonl" \
       --ok-file /tmp/fa4_ok ${ATTN_MICRO_ARGS:-} 2>&1 | tee "$OUT/attn_routes.log" | grep -v '^{"route"'
   echo "[$((SECONDS - START))s] micro-benchmark rc=$?"
-  timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py -k fa4 2>&1 | grep -E "fa4 vs|passed|failed|skipped|Error" | head -8
   if [ "${ATTN_DIT:-1}" = 1 ] && [ -f /tmp/fa4_ok ]; then
     LIST_BUDGET_S=$(( ${ATTN_BUDGET_S:-570} - (SECONDS - START) )) LIST_WARMUP=${LIST_WARMUP:-4} \
       bash bench/run_list.sh "fp8c_fa4|270|--fp8 --compile --attn fa4" "fp8c_sdpa|270|--fp8 --compile"
   else
     echo "DiT runs skipped (ATTN_DIT=${ATTN_DIT:-1}; fa4 passed the self shape: $([ -f /tmp/fa4_ok ] && echo yes || echo no))"
+  fi
+  left=$(( ${ATTN_BUDGET_S:-570} - (SECONDS - START) ))
+  if [ -f /tmp/fa4_ok ] && [ "$left" -gt 50 ]; then  # the small DiT's rollout, fa4 vs sdpa (tests/test_gpu.py)
+    timeout $((left - 10)) python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py -k fa4 2>&1 \
+      | grep -E "fa4 vs|passed|failed|skipped|Error" | head -8
   fi
   left=$(( ${ATTN_BUDGET_S:-570} - (SECONDS - START) ))
   if [ -f /tmp/fa4_ok ] && [ "$left" -gt 100 ]; then  # FA4's on-disk kernel cache (warm TTFF): a cold, then a warm process
