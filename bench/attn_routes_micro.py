@@ -252,6 +252,13 @@ def main() -> int:
     emit({"header": header(dev), "shapes": shapes, "args": vars(args)})
     inputs = {n: Inputs(s, heads, head_dim, args.logit_std, args.seed + i, args.chunk, dev)
               for i, (n, s) in enumerate(shapes.items())}
+    choice = {}  # the kernel plain SDPA (our default backend) picks at each shape
+    for n, inp in inputs.items():
+        try:
+            choice[n] = SDPBackend(torch._fused_sdp_choice(*(x.transpose(1, 2) for x in inp.sets[0]))).name
+        except Exception as exc:  # noqa: BLE001 -- a private helper: report, do not stop
+            choice[n] = f"{type(exc).__name__}: {exc}"[:200]
+    emit({"sdpa_choice": choice})
     fns: dict[tuple[str, str], object] = {}  # (route, shape) -> fn that ran, for the graph pass
 
     for name in [r for r in args.routes.split(",") if r]:
