@@ -159,16 +159,17 @@ def print_table(rows):
 _DOG: dict = {}
 
 
-def watchdog(step: str | None, seconds: float = 0.0, rows: list | None = None):
+def watchdog(step: str | None, seconds: float = 0.0, rows: list | None = None, table=None):
     """Arm (step) or disarm (None) a per-step watchdog: past `seconds` it prints a JSON error line and
-    the table, then os._exit(3); faulthandler kills the process 60 s later if the GIL is never freed."""
+    the table (`table(rows)`, default print_table), then os._exit(3); faulthandler kills the process
+    60 s later if the GIL is never freed."""
     if _DOG.get("timer"):
         _DOG.pop("timer").cancel()
     faulthandler.cancel_dump_traceback_later()
 
     def fire():
         print(json.dumps({"variant": step, "error": f"timeout: still running after {seconds:.0f} s"}), flush=True)
-        print_table(rows)
+        (table or print_table)(rows)
         os._exit(3)
     if step is not None:
         _DOG["timer"] = threading.Timer(seconds, fire)

@@ -74,6 +74,21 @@ def test_bf16_close_to_fp32_on_gpu():
     assert rel < 2e-2
 
 
+def test_fa4_backend_close_to_sdpa_on_gpu():
+    """attn_backend 'fa4' (flash-attn-4) through the streaming pipeline (ring + sink self-attention, text
+    and audio cross-attention, head dim 128) gives the 'sdpa' rollout up to bf16 kernel rounding."""
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
+        pytest.skip("flash-attn-4 is not installed (bench/attn_routes_device.sh installs it on the device)")
+    ref = _rollout(torch.bfloat16)
+    out = _rollout(torch.bfloat16, prepare=lambda model: setattr(model, "attn_backend", "fa4"))
+    rel = (out - ref).norm() / ref.norm()
+    print(f"fa4 vs sdpa (bf16) relative difference over 2 blocks x 4 steps: {rel:.3e}")
+    assert torch.isfinite(out).all()
+    assert rel < 2e-2
+
+
 def test_cuda_graphs_replay_bitwise_equal():
     """compile_blocks + use_cuda_graphs: steady-state calls are captured and replayed (ring offsets
     through the rows index), and the frames are bitwise those of the same compiled layers without graphs."""

@@ -11,11 +11,16 @@ Backends:
 - "cudnn": SDPA restricted to cuDNN attention (the kernel the reference uses for self-attention).
 - "flash": FlashAttention 3 (`flash_attn_interface`) if importable, else FlashAttention 2.
 - "sage": SageAttention (`sageattention.sageattn`), 8-bit QK; approximate.
-Optional packages are imported on first use; a missing one raises an error naming the package.
+- "fa4": FlashAttention 4 (`flash_attn.cute.flash_attn_func`, package flash-attn-4: CuTeDSL kernels
+  for Hopper and Blackwell, JIT-compiled at the first call of each kernel configuration; CUDA only).
+  Inside torch.compile it is the opaque custom op `liveavatar::fa4_attention` (no graph break).
+Optional packages are imported on first use (or by `check_backend()`, at the edge); a missing one
+raises an ImportError naming the package.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Callable
 
@@ -23,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = ("sdpa", "math", "cudnn", "flash", "sage")
-
-_loaded: dict[str, Callable] = {}
+BACKENDS = ("sdpa", "math", "cudnn", "flash", "sage", "fa4")
+FA4_PACKAGE = "flash-attn-4 (with 'nvidia-cutlass-dsl[cu13]' for a CUDA 13 PyTorch)"
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -43,9 +47,9 @@ def _sdpa_only(kernel: SDPBackend) -> Callable:
 
 def _flash() -> Callable:
     for module, name in (("flash_attn_interface", "flash_attn_func"), ("flash_attn", "flash_attn_func")):
-        try:
+        try:  # AttributeError: flash-attn-4 alone makes `flash_attn` a namespace package without the FA2 API
             fn = getattr(importlib.import_module(module), name)
-        except ImportError:
+        except (ImportError, AttributeError):
             continue
 
         def run(q, k, v, _fn=fn):
@@ -64,21 +68,63 @@ def _sage() -> Callable:
     return lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
 
 
+@functools.cache
+def _fa4_func() -> Callable:
+    """`flash_attn.cute.flash_attn_func`, imported once. Any import failure (package missing, no CUDA 13
+    flavour of the CuTeDSL libraries for this driver, ...) becomes an ImportError naming the package."""
+    try:
+        return importlib.import_module("flash_attn.cute").flash_attn_func
+    except Exception as exc:  # noqa: BLE001 -- the optional-package boundary: reported with its cause
+        raise ImportError(f"attention backend 'fa4' needs the package {FA4_PACKAGE}; importing "
+                          f"flash_attn.cute failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if q.device.type != "cuda":
+        raise ValueError(f"attention backend 'fa4' runs on CUDA GPUs only (tensors are on {q.device}); "
+                         "use 'sdpa' elsewhere")
+    return _fa4_func()(q, k, v)[0]  # (out, lse)
+
+
+@torch.library.custom_op("liveavatar::fa4_attention", mutates_args=())
+def fa4_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """FlashAttention 4 as one opaque op for torch.compile: q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]`."""
+    return _fa4_forward(q, k, v)
+
+
+@fa4_attention_op.register_fake
+def _fa4_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # eager: the direct call (no dispatcher hop); traced: the custom op, which dynamo cannot look into
+    if torch.compiler.is_compiling():
+        return fa4_attention_op(q, k, v)
+    return _fa4_forward(q, k, v)
+
+
+_loaded: dict[str, Callable] = {"sdpa": _sdpa, "math": _sdpa_only(SDPBackend.MATH),
+                                "cudnn": _sdpa_only(SDPBackend.CUDNN_ATTENTION), "fa4": _fa4}
+_LOADERS: dict[str, Callable[[], Callable]] = {"flash": _flash, "sage": _sage}
+
+
 def _kernel(backend: str) -> Callable:
     if backend not in _loaded:
-        if backend == "sdpa":
-            _loaded[backend] = _sdpa
-        elif backend == "math":
-            _loaded[backend] = _sdpa_only(SDPBackend.MATH)
-        elif backend == "cudnn":
-            _loaded[backend] = _sdpa_only(SDPBackend.CUDNN_ATTENTION)
-        elif backend == "flash":
-            _loaded[backend] = _flash()
-        elif backend == "sage":
-            _loaded[backend] = _sage()
-        else:
+        if backend not in _LOADERS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+        _loaded[backend] = _LOADERS[backend]()
     return _loaded[backend]
+
+
+def check_backend(backend: str, device: torch.device | str | None = None) -> None:
+    """Fail early (before any weight is loaded) if `backend` cannot run on `device`: an unknown name
+    (ValueError), a missing optional package (ImportError naming it), 'fa4' off CUDA (ValueError)."""
+    _kernel(backend)
+    if backend == "fa4":
+        if device is None or torch.device(device).type != "cuda":
+            raise ValueError(f"attention backend 'fa4' runs on CUDA GPUs only (device {device}); use 'sdpa'")
+        _fa4_func()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
@@ -91,4 +137,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     return _kernel(backend)(q, k, v)
 
 
-__all__ = ["BACKENDS", "attention"]
+__all__ = ["BACKENDS", "FA4_PACKAGE", "attention", "check_backend", "fa4_attention_op"]

@@ -8,7 +8,7 @@ import torch
 
 log = logging.getLogger("liveavatar")
 
-from liveavatar.models.attention import BACKENDS as ATTENTION_BACKENDS
+from liveavatar.models.attention import BACKENDS as ATTENTION_BACKENDS, check_backend
 
 
 # CUDA graphs of the steady-state streaming calls: opt-in (cuda_graphs=True) until they pay
@@ -44,6 +44,7 @@ def apply_speed_options(dit, *, attn: str = "sdpa", fp8: bool | str = False, com
     """
     if attn not in ATTENTION_BACKENDS:
         raise ValueError(f"attn: {attn!r} is not one of {ATTENTION_BACKENDS}")
+    check_backend(attn, device)  # a missing optional package (flash, sage, fa4) or fa4 off CUDA: now, not mid-job
     dit.attn_backend = attn
     scaling = fp8_scaling_for(fp8, device)
     if scaling is not None:
