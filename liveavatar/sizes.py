@@ -39,7 +39,7 @@ from .config import DEFAULT_STREAM, StreamConfig
 
 logger = logging.getLogger("liveavatar")
 
-MODES: tuple[str, ...] = ("exact", "area")
+MODES: tuple[str, ...] = ("area", "exact")
 DEFAULT_MODE = "area"  # the one default of the library, the CLI and the nodes (the reference's rule)
 
 # Width, separator, height; the separator may be "*", "x", "X" or the multiplication sign.
