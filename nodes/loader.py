@@ -13,7 +13,7 @@ from .errors import LiveAvatarInputError
 from .handle import MODES, PRECISIONS, LoadSpec, file_stamps, get_or_open, parse_placement, precision_options
 from .types import CATEGORY_LOADERS, LiveAvatarModel
 
-from liveavatar.options import ATTENTION_BACKENDS
+from liveavatar.options import ATTENTION_BACKENDS, finite_float
 
 
 def attention_backends() -> list[str]:
@@ -80,6 +80,10 @@ def has_embedded_tokenizer(t5_path: str) -> bool:
 def _open(kind: str, paths: dict[str, str], lora: str | None, lora_strength: float, precision: str,
           attention: str, devices: str, gpu_mode: str, compile: bool, node: str) -> io.NodeOutput:
     prec = precision_options(precision, node)
+    try:
+        lora_strength = finite_float(lora_strength)
+    except (TypeError, ValueError) as exc:
+        raise LiveAvatarInputError(node, "lora_strength", f"{exc}; give a number like 1.0") from None
     if attention not in attention_backends():
         raise LiveAvatarInputError(node, "attention", f"{attention!r} is not one of {', '.join(attention_backends())}")
     placement = parse_placement(devices, gpu_mode, node=node)

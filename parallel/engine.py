@@ -12,7 +12,8 @@ Engine spec for `GroupConfig.engine`: "parallel.engine:LiveAvatarEngine".
 Load config (GroupConfig.engine_config), one of:
   {"ckpt_dir": str, "lora": str | None, ...}                  official folder
   {"files": {"dit", "t5", "vae", "wav2vec", "tokenizer_dir", "config"?, "lora"?}, ...}
-plus options: "lora_strength" (1.0), "dtype" ("bf16"), "fp8", "attn" ("sdpa"), "compile".
+plus options, resolved by the parent (`liveavatar.options`): "lora_strength" (1.0), "dtype" ("bf16"),
+"fp8" (the scaling, "tensor" / "row", or None), "attn" ("sdpa"), "compile".
 
 Job (`make_job`): image (PIL image), audio (`Audio16k`), prompt, size (an `OutputSize`, resolved
 once in the parent), seed, steps, num_clip, sink_refresh, cache (`CachePolicy`), pose_cond
