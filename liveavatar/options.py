@@ -110,23 +110,24 @@ def finite_float(text: str) -> float:
 
 
 def parse_gpus(text: str, cuda_count: int) -> tuple[str, ...]:
-    """"0,1" / "cuda:0, cuda:1" -> ("cuda:0", "cuda:1"), every index checked against the
-    `cuda_count` visible GPUs. ValueError naming `gpus` for an empty list, a non-GPU entry, a
-    duplicate, or a GPU that does not exist (none at all without CUDA)."""
+    """"0,1" / "cuda:0, cuda:1" / "cuda" -> ("cuda:0", "cuda:1"), every index checked against the
+    `cuda_count` visible GPUs (CLI `--gpus`, the loader nodes' `devices`). ValueError naming `gpus`
+    for an empty list, an entry that is not a GPU, a duplicate, or a GPU that does not exist (none
+    at all without CUDA)."""
     items = [p.strip().lower() for p in str(text).replace(";", ",").split(",") if p.strip()]
     if not items:
         raise ValueError("gpus: empty; list GPU indices like 0,1")
     out = []
     for item in items:
-        idx = item[5:] if item.startswith("cuda:") else item
+        idx = "0" if item == "cuda" else item[5:] if item.startswith("cuda:") else item
         if not idx.isdigit():
-            raise ValueError(f"gpus: {item!r} is not a GPU index; list GPU indices like 0,1")
+            raise ValueError(f"gpus: {item!r} is not a device; list GPU indices like 0,1 (or cuda:0, cuda:1)")
         if int(idx) >= cuda_count:
-            seen = ", ".join(str(i) for i in range(cuda_count)) or "none (no CUDA GPU is visible)"
-            raise ValueError(f"gpus: GPU {int(idx)} does not exist; visible GPUs: {seen}")
+            seen = ", ".join(f"cuda:{i}" for i in range(cuda_count)) or "none (no CUDA GPU is visible)"
+            raise ValueError(f"gpus: cuda:{int(idx)} does not exist; visible GPUs: {seen}")
         out.append(f"cuda:{int(idx)}")
     if len(set(out)) != len(out):
-        raise ValueError(f"gpus: {text!r} lists a GPU twice")
+        raise ValueError(f"gpus: {text!r} lists a device twice")
     return tuple(out)
 
 

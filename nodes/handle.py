@@ -34,7 +34,7 @@ from .errors import LiveAvatarInputError
 log = logging.getLogger("liveavatar.nodes")
 
 from liveavatar.options import PRECISIONS as _PRECISIONS
-from liveavatar.options import Precision
+from liveavatar.options import Precision, parse_gpus
 from liveavatar.sizes import DEFAULT_MODE as DEFAULT_SIZE_MODE
 
 MODES = ("auto", "single", "tpp")
@@ -99,26 +99,15 @@ def parse_placement(devices: str, mode: str, *, node: str = "LiveAvatar Model Lo
         items = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
         if not items:
             raise LiveAvatarInputError(node, "devices", "empty; write 'auto', 'cpu', 'cuda:0' or '0,1,2,3,4'")
-        out = []
-        for item in items:
-            if item == "cpu":
-                out.append("cpu")
-                continue
-            if item == "cuda":
-                item = "cuda:0"
-            idx = item[5:] if item.startswith("cuda:") else item
-            if not idx.isdigit():
-                raise LiveAvatarInputError(node, "devices", f"{item!r} is not a device; write 'auto', "
-                                           "'cpu', 'cuda:0' or a list of GPU indices like '0,1,2,3,4'")
-            if int(idx) >= count:
-                raise LiveAvatarInputError(node, "devices", f"cuda:{idx} does not exist ({count} GPU(s) "
-                                           f"visible: {', '.join(f'cuda:{i}' for i in range(count)) or 'none'})")
-            out.append(f"cuda:{int(idx)}")
-        if len(set(out)) != len(out):
-            raise LiveAvatarInputError(node, "devices", f"{devices!r} lists a device twice")
-        if "cpu" in out and len(out) > 1:
-            raise LiveAvatarInputError(node, "devices", "'cpu' cannot be combined with GPUs")
-        devs = tuple(out)
+        if "cpu" in items:
+            if len(items) > 1:
+                raise LiveAvatarInputError(node, "devices", "'cpu' cannot be combined with GPUs")
+            devs = ("cpu",)
+        else:
+            try:
+                devs = parse_gpus(",".join(items), count)
+            except ValueError as exc:
+                raise LiveAvatarInputError(node, "devices", str(exc).removeprefix("gpus: ")) from None
     chosen = mode if mode != "auto" else ("tpp" if len(devs) > 1 else "single")
     if chosen == "single" and len(devs) != 1:
         raise LiveAvatarInputError(node, "devices", f"gpu_mode 'single' runs on one device, got "

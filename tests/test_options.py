@@ -31,8 +31,9 @@ def test_attention_cache_policy_gpus_and_numbers():
     with pytest.raises(ValueError, match="maybe"):
         CachePolicy.from_choices("maybe")
     assert parse_gpus("0, cuda:1", 2) == ("cuda:0", "cuda:1")
-    for text, count, words in (("0,1", 0, "none (no CUDA GPU"), ("2", 2, "GPU 2 does not exist"),
-                               ("0,0", 2, "twice"), ("a", 2, "not a GPU index"), (" ", 2, "empty")):
+    assert parse_gpus("cuda", 1) == ("cuda:0",)
+    for text, count, words in (("0,1", 0, "none (no CUDA GPU"), ("2", 2, "cuda:2 does not exist"),
+                               ("0,0", 2, "twice"), ("a", 2, "not a device"), (" ", 2, "empty")):
         with pytest.raises(ValueError, match="gpus") as exc:
             parse_gpus(text, count)
         assert words in str(exc.value)
