@@ -18,12 +18,18 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_IMAGE = REPO / "assets" / "avatar.png"
 DEMO_AUDIO = REPO / "assets" / "speech.wav"
 DEMO_PROMPT = "A friendly cartoon person talking to the camera, plain background."
-AUTO_ON_OFF = ("auto", "on", "off")  # the choices of --kv-offload / --kv-prefetch
+from liveavatar.options import DEFAULT_FP8_SCALING, FP8_SCALINGS
+from liveavatar.options import ATTENTION_BACKENDS, AUTO_ON_OFF, auto_on_off, finite_float  # noqa: F401 (bench)
+from liveavatar.sizes import DEFAULT_MODE as DEFAULT_SIZE_MODE
+from liveavatar.sizes import MODES as SIZE_MODES
 
 
-def auto_on_off(choice: str) -> bool | None:
-    """"auto" / "on" / "off" -> None / True / False (the pipeline's `kv_offload` / `kv_prefetch`)."""
-    return {"auto": None, "on": True, "off": False}[choice]
+def _finite(text: str) -> float:
+    """argparse type: a finite float (nan / inf are refused with one error line)."""
+    try:
+        return finite_float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if "finite" in str(exc) else f"{text!r} is not a number") from None
 
 
 class UserError(Exception):
@@ -43,11 +49,11 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--prompt", default=DEMO_PROMPT if demo else None, required=req, help="scene description")
     p.add_argument("--size", default="704*384",
                    help="output size 'W*H' or 'WxH' (both multiples of 64), e.g. 704*384")
-    p.add_argument("--size-mode", choices=("area", "exact"), default="area",
-                   help="area (default, the reference rule): W*H is an area budget, the image keeps its aspect ratio, sides snap to multiples of 64; exact: output is exactly WxH (image scaled to cover, centre-cropped)")
+    p.add_argument("--size-mode", choices=SIZE_MODES, default=DEFAULT_SIZE_MODE,
+                   help="area (default, the reference rule and the nodes' default): W*H is an area budget, the image keeps its aspect ratio, sides snap to multiples of 64; exact: output is exactly WxH (image scaled to cover, centre-cropped)")
     p.add_argument("--ckpt-dir", required=req, help="Wan2.2-S2V-14B folder (official layout)")
     p.add_argument("--lora", default=None, help="Live Avatar LoRA (liveavatar.safetensors); default: look beside the checkpoint")
-    p.add_argument("--lora-strength", type=float, default=1.0)
+    p.add_argument("--lora-strength", type=_finite, default=1.0, help="LoRA scale (a finite number, 1.0 by default)")
     p.add_argument("--pose-video", default=None, help="optional pose (DW-pose) video driving the body, as the reference's --pose_video")
     p.add_argument("--num-clip", type=int, default=None, help="max 48-frame clips (default: until the audio ends)")
     p.add_argument("--steps", type=int, default=4, choices=(3, 4, 5))
@@ -59,10 +65,12 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="with --gpus: tpp (each GPU owns a group of denoising steps; a 5th GPU decodes), single, or auto")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--fp8", action="store_true", help="fp8 linears in the DiT (Hopper/Ada GPUs)")
-    p.add_argument("--fp8-scaling", choices=("tensor", "row"), default="tensor",
+    p.add_argument("--fp8-scaling", choices=FP8_SCALINGS, default=DEFAULT_FP8_SCALING,
                    help="with --fp8: tensor (one scale per tensor, the reference's scheme, default) or row "
                         "(one scale per token and per output channel: robust to outlier tokens)")
-    p.add_argument("--attn", default="sdpa", help="attention backend: sdpa, flash, cudnn, efficient, math")
+    p.add_argument("--attn", default="sdpa", choices=ATTENTION_BACKENDS,
+                   help="attention backend (default sdpa: PyTorch picks the kernel; flash and sage need their "
+                        "packages installed)")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
     p.add_argument("--kv-offload", choices=AUTO_ON_OFF, default="auto",
                    help="keep the denoising steps' KV caches in host memory, one on the GPU at a time: "
@@ -89,9 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fp8(args: argparse.Namespace) -> bool | str:
-    """The `fp8` load option: False, or the scaling name when --fp8 is on."""
-    return args.fp8_scaling if args.fp8 else False
+def _resolve_placement(args: argparse.Namespace) -> tuple[str, tuple[str, ...] | None]:
+    """(device of the in-process model or of the first worker, the --gpus devices or None)."""
+    import torch
+
+    from liveavatar.options import parse_gpus
+    from liveavatar.pipeline.model import resolve_device
+
+    if args.gpus is None:
+        if args.gpu_mode == "tpp":
+            raise UserError("--gpu-mode tpp: needs --gpus with at least 2 GPUs, e.g. --gpus 0,1")
+        return str(resolve_device(args.device)), None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        gpus = parse_gpus(args.gpus, count)
+    except ValueError as exc:
+        raise UserError(f"--{exc}") from None
+    if args.gpu_mode == "tpp" and len(gpus) < 2:
+        raise UserError(f"--gpu-mode tpp: needs at least 2 GPUs, --gpus gives {len(gpus)}")
+    return gpus[0], gpus
 
 
 def run_generate(args: argparse.Namespace) -> dict:
@@ -102,40 +126,48 @@ def run_generate(args: argparse.Namespace) -> dict:
     from liveavatar.media.audio import load_audio
     from liveavatar.media.image import load_image
     from liveavatar.media.video_writer import VideoWriter
-    from liveavatar.pipeline.model import LiveAvatar, resolve_device, resolve_dtype
-    from liveavatar.sizes import parse_size
+    from liveavatar.options import CachePolicy, precision_from_flags
+    from liveavatar.pipeline.model import LiveAvatar, resolve_dtype
+    from liveavatar.pipeline.speed import fp8_scaling_for
+    from liveavatar.sizes import parse_size, resolve_size
 
-    # --- cheap validation first: no model is loaded until every input is known to be good
+    # --- every option resolved and checked first: no model is loaded until every input is good
     parse_size(args.size)
     out = Path(args.out).expanduser()
     if out.suffix.lower() != ".mp4":
         raise UserError(f"--out: {out} must end in .mp4")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise UserError(f"--out: {out.resolve()} is a directory; name the .mp4 file to write")
     if args.num_clip is not None and args.num_clip < 1:
         raise UserError("--num-clip: must be >= 1")
+    device, gpus = _resolve_placement(args)
+    resolve_dtype(args.dtype)
+    precision = precision_from_flags(args.dtype, args.fp8, args.fp8_scaling)
+    fp8_scaling_for(precision.fp8, torch.device(device))
+    cache = CachePolicy.from_choices(args.kv_offload, args.kv_prefetch)
     image = load_image(Path(args.image).expanduser())
+    size = resolve_size(image.size, args.size, args.size_mode)  # the output size, resolved once
     audio = load_audio(Path(args.audio).expanduser())
     if args.pose_video is not None and not Path(args.pose_video).expanduser().is_file():
         raise UserError(f"--pose-video: no file at {Path(args.pose_video).expanduser().resolve()}")
-    resolve_device(args.device)
-    resolve_dtype(args.dtype)
     find_official_checkpoint(Path(args.ckpt_dir).expanduser(), lora=args.lora)
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    if args.gpus:
+    if gpus:
         from parallel.handle import open_worker_group
 
-        devices = [d.strip() for d in args.gpus.split(",") if d.strip()]
-        model = open_worker_group("checkpoint", devices, mode=args.gpu_mode,
+        model = open_worker_group("checkpoint", list(gpus), mode=args.gpu_mode,
                                   ckpt_dir=str(Path(args.ckpt_dir).expanduser().resolve()), lora=args.lora,
-                                  lora_strength=args.lora_strength, dtype=args.dtype, fp8=_fp8(args),
+                                  lora_strength=args.lora_strength, dtype=precision.dtype, fp8=precision.fp8,
                                   attn=args.attn, compile=args.compile)
     else:
         model = LiveAvatar.from_checkpoint(Path(args.ckpt_dir).expanduser(), lora=args.lora,
-                                           lora_strength=args.lora_strength, device=args.device,
-                                           dtype=args.dtype, fp8=_fp8(args), attn=args.attn, compile=args.compile)
+                                           lora_strength=args.lora_strength, device=device,
+                                           dtype=precision.dtype, fp8=precision.fp8, attn=args.attn,
+                                           compile=args.compile)
     t_load = time.perf_counter() - t0
-    img = model.prepare_image(image, args.size, size_mode=args.size_mode)
+    img = model.prepare_image(image, size)
     ctx = model.encode_prompt(args.prompt)
     aud = model.encode_audio(audio)
     pose = None
@@ -143,13 +175,12 @@ def run_generate(args: argparse.Namespace) -> dict:
         pose = model.encode_pose(Path(args.pose_video).expanduser(), img, aud.num_frames)
     t1 = time.perf_counter()
     first = None
-    fps = 25
+    fps = model.stream.fps
     try:
         with VideoWriter(out, img.width, img.height, fps=fps, audio_rate=audio.sample_rate) as writer:
             for blk in model.generate(ctx, aud, img, seed=args.seed, steps=args.steps,
                                       num_clip=args.num_clip, pose_cond=pose,
-                                      kv_offload=auto_on_off(args.kv_offload),
-                                      kv_prefetch=auto_on_off(args.kv_prefetch)):
+                                      kv_offload=cache.offload, kv_prefetch=cache.prefetch):
                 if first is None:
                     first = time.perf_counter() - t1
                 writer.write_frames(blk.frames)
@@ -166,7 +197,7 @@ def run_generate(args: argparse.Namespace) -> dict:
             "frames": frames, "seconds": round(frames / fps, 3),
             "load_s": round(t_load, 2), "generate_s": round(gen_s, 2),
             "first_block_s": round(first or 0.0, 2),
-            "device": f"gpus {args.gpus}" if args.gpus else str(model.device),
+            "device": f"gpus {args.gpus}" if gpus else str(model.device),
             "torch": torch.__version__}
 
 

@@ -141,6 +141,7 @@ class StreamConfig:
     """
 
     fps: int = 25
+    lead_in_frames: int = 3  # silent frames in front of the audio, dropped from the video (pipeline/plan.py)
     frames_per_block_latent: int = 3  # 3 latent frames = 12 video frames per causal block
     blocks_per_clip: int = 4  # infer_frames 48 = 4 blocks
     vae_stride_t: int = 4

@@ -32,13 +32,15 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 from .config import DEFAULT_STREAM, StreamConfig
 
 logger = logging.getLogger("liveavatar")
 
-MODES: tuple[str, ...] = ("exact", "area")
+MODES: tuple[str, ...] = ("area", "exact")
+DEFAULT_MODE = "area"  # the one default of the library, the CLI and the nodes (the reference's rule)
 
 # Width, separator, height; the separator may be "*", "x", "X" or the multiplication sign.
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[*xX\u00d7]\s*(\d+)\s*$")
@@ -147,6 +149,36 @@ def parse_size(text: str | Sequence[int], stream: StreamConfig = DEFAULT_STREAM)
     return w, h
 
 
+@dataclass(frozen=True)
+class OutputSize:
+    """A resolved output size: the video is `width` x `height` pixels (multiples of 64).
+
+    mode: how the reference image is fitted to it ("exact": scaled to cover and centre-cropped;
+    "area": scaled, aspect kept); requested: the size text the user typed (for messages).
+    Resolved once at the edge (`resolve_size`) and passed down, also to worker ranks.
+    """
+
+    width: int
+    height: int
+    mode: str = DEFAULT_MODE
+    requested: str = ""
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        """(h, w) of the latent grid: pixels / 8."""
+        return self.height // 8, self.width // 8
+
+
+def resolve_size(image_wh: tuple[int, int], size: "str | Sequence[int] | OutputSize", mode: str = DEFAULT_MODE,
+                 stream: StreamConfig = DEFAULT_STREAM) -> OutputSize:
+    """`resolve_output_size` as an `OutputSize` (an `OutputSize` is returned as it is)."""
+    if isinstance(size, OutputSize):
+        return size
+    w, h = resolve_output_size(image_wh, size, mode=mode, stream=stream)
+    requested = size.strip() if isinstance(size, str) else f"{w}*{h}"
+    return OutputSize(w, h, mode, requested)
+
+
 def _round_up(v: int, divisor: int) -> int:
     return -(-v // divisor) * divisor
 
@@ -206,7 +238,7 @@ def area_fit(width: int, height: int, area: int, divisor: int = 64) -> tuple[int
 def resolve_output_size(
     image_wh: tuple[int, int],
     size: str | Sequence[int],
-    mode: str = "area",
+    mode: str = DEFAULT_MODE,
     stream: StreamConfig = DEFAULT_STREAM,
 ) -> tuple[int, int]:
     """Output video size ``(W, H)`` in pixels for a reference image of ``image_wh = (w, h)``.
@@ -243,6 +275,6 @@ def resolve_output_size(
 
 
 __all__ = [
-    "SizeError", "MODES", "parse_size", "valid_sizes", "exact_sizes", "size_rule", "max_area", "max_side",
+    "SizeError", "MODES", "DEFAULT_MODE", "OutputSize", "resolve_size", "parse_size", "valid_sizes", "exact_sizes", "size_rule", "max_area", "max_side",
     "nearest_valid", "area_fit", "resolve_output_size",
 ]

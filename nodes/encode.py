@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
+from liveavatar.config import DEFAULT_STREAM
+from liveavatar.sizes import DEFAULT_MODE as DEFAULT_SIZE_MODE
+from liveavatar.sizes import MODES as SIZE_MODES
+
 from .convert import encoder_output_states, first_image, native_audio, text_from_conditioning
 from .errors import LiveAvatarInputError
 from .run import show_text
@@ -93,7 +97,8 @@ class LiveAvatarAudioEncode(io.ComfyNode):
             except ValueError as exc:
                 raise LiveAvatarInputError(cls.NAME, "audio", str(exc)) from exc
         frames = int(cond.num_frames)
-        text = f"{frames} frames ({frames / 25:.2f} s at 25 fps)"
+        fps = DEFAULT_STREAM.fps
+        text = f"{frames} frames ({frames / fps:.2f} s at {fps} fps)"
         show_text(text)  # inside the node in the frontend; ui text: in /history
         return io.NodeOutput(cond, frames, ui=ui.PreviewText(text))
 
@@ -135,7 +140,7 @@ class LiveAvatarReferenceImage(io.ComfyNode):
                 _model_input(),
                 io.Image.Input("image", tooltip="The person to animate (first image of the batch is used)."),
                 io.String.Input("size", default=DEFAULT_SIZE, tooltip=_size_tooltip()),
-                io.Combo.Input("size_mode", options=["area", "exact"], default="area",
+                io.Combo.Input("size_mode", options=list(SIZE_MODES), default=DEFAULT_SIZE_MODE,
                                tooltip="area (as the original Live Avatar and our CLI): W*H is a pixel budget, "
                                        "the image's aspect ratio decides the shape (sides multiples of 64). "
                                        "exact: the video is exactly W x H (image scaled to cover, centre-cropped)."),
@@ -157,15 +162,16 @@ class LiveAvatarReferenceImage(io.ComfyNode):
     @classmethod
     def execute(cls, model, image, size: str, size_mode: str) -> io.NodeOutput:
         from liveavatar.media.image import image_from_tensor
-        from liveavatar.sizes import SizeError
+        from liveavatar.sizes import SizeError, resolve_size
 
-        if size_mode not in ("area", "exact"):
-            raise LiveAvatarInputError(cls.NAME, "size_mode", f"{size_mode!r} is not 'area' or 'exact'")
+        if size_mode not in SIZE_MODES:
+            raise LiveAvatarInputError(cls.NAME, "size_mode", f"{size_mode!r} is not one of {', '.join(SIZE_MODES)}")
         pil = image_from_tensor(first_image(image, cls.NAME))
         try:
-            ref = model.prepare_image(pil, size, size_mode=size_mode)
+            out = resolve_size(pil.size, size, size_mode)  # resolved once, here at the edge
         except SizeError as exc:
             raise LiveAvatarInputError(cls.NAME, "size", str(exc)) from exc
+        ref = model.prepare_image(pil, out)
         text = f"effective size {ref.width}x{ref.height} (requested '{size}', mode {size_mode})"
         show_text(text)
         return io.NodeOutput(ref, int(ref.width), int(ref.height), ui=ui.PreviewText(text))

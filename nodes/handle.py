@@ -13,13 +13,9 @@ time), so switching checkpoints does not hold two 14B models.
 
 Importable without ComfyUI; `comfy.model_management` is used only when it is importable.
 
-What the nodes need from a worker-group backend (`parallel.open_worker_group(kind, devices, mode,
-**loader kwargs)`, kwargs as `LiveAvatar.from_checkpoint` / `from_files` minus `device`):
-`encode_prompt(str)`, `encode_audio(Audio16k)` -> object with `.num_frames`,
-`prepare_image(PIL image, size, size_mode)` -> object with `.width`, `.height` (these may be light
-descriptors when every rank encodes for itself), `generate(ctx, aud, img, *, seed, steps,
-num_clip, progress, cancel)` -> iterator of `DecodedBlock` (closing it, or `cancel()` returning
-True, must stop the ranks' current job), and `close()` (stop the processes).
+The backend contract (what the nodes call) and the payloads that travel between the nodes are
+written as types in `liveavatar.pipeline.payloads` (`Backend`, `TextPayload`, `AudioPayload`,
+`ImagePayload`); both backends satisfy them.
 """
 
 from __future__ import annotations
@@ -37,8 +33,12 @@ from .errors import LiveAvatarInputError
 
 log = logging.getLogger("liveavatar.nodes")
 
+from liveavatar.options import PRECISIONS as _PRECISIONS
+from liveavatar.options import Precision, parse_gpus
+from liveavatar.sizes import DEFAULT_MODE as DEFAULT_SIZE_MODE
+
 MODES = ("auto", "single", "tpp")
-PRECISIONS = ("bf16", "fp8", "fp16", "fp32")  # fp8 = bf16 weights with fp8 linear layers
+PRECISIONS = tuple(_PRECISIONS)  # the loader's choices: bf16, fp8 (bf16 + fp8 linears, tensor scaling), fp8_row, ...
 
 
 @dataclass(frozen=True)
@@ -99,26 +99,15 @@ def parse_placement(devices: str, mode: str, *, node: str = "LiveAvatar Model Lo
         items = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
         if not items:
             raise LiveAvatarInputError(node, "devices", "empty; write 'auto', 'cpu', 'cuda:0' or '0,1,2,3,4'")
-        out = []
-        for item in items:
-            if item == "cpu":
-                out.append("cpu")
-                continue
-            if item == "cuda":
-                item = "cuda:0"
-            idx = item[5:] if item.startswith("cuda:") else item
-            if not idx.isdigit():
-                raise LiveAvatarInputError(node, "devices", f"{item!r} is not a device; write 'auto', "
-                                           "'cpu', 'cuda:0' or a list of GPU indices like '0,1,2,3,4'")
-            if int(idx) >= count:
-                raise LiveAvatarInputError(node, "devices", f"cuda:{idx} does not exist ({count} GPU(s) "
-                                           f"visible: {', '.join(f'cuda:{i}' for i in range(count)) or 'none'})")
-            out.append(f"cuda:{int(idx)}")
-        if len(set(out)) != len(out):
-            raise LiveAvatarInputError(node, "devices", f"{devices!r} lists a device twice")
-        if "cpu" in out and len(out) > 1:
-            raise LiveAvatarInputError(node, "devices", "'cpu' cannot be combined with GPUs")
-        devs = tuple(out)
+        if "cpu" in items:
+            if len(items) > 1:
+                raise LiveAvatarInputError(node, "devices", "'cpu' cannot be combined with GPUs")
+            devs = ("cpu",)
+        else:
+            try:
+                devs = parse_gpus(",".join(items), count)
+            except ValueError as exc:
+                raise LiveAvatarInputError(node, "devices", str(exc).removeprefix("gpus: ")) from None
     chosen = mode if mode != "auto" else ("tpp" if len(devs) > 1 else "single")
     if chosen == "single" and len(devs) != 1:
         raise LiveAvatarInputError(node, "devices", f"gpu_mode 'single' runs on one device, got "
@@ -129,13 +118,11 @@ def parse_placement(devices: str, mode: str, *, node: str = "LiveAvatar Model Lo
     return Placement(chosen, devs, mode)
 
 
-def precision_options(precision: str, node: str = "LiveAvatar Model Loader") -> tuple[str, bool]:
-    """Loader `precision` -> (dtype, fp8) for the library."""
+def precision_options(precision: str, node: str = "LiveAvatar Model Loader") -> Precision:
+    """Loader `precision` -> the library's `Precision` (dtype, fp8 scaling or None)."""
     if precision not in PRECISIONS:
         raise LiveAvatarInputError(node, "precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "fp8":
-        return "bf16", True
-    return precision, False
+    return _PRECISIONS[precision]
 
 
 @dataclass(frozen=True)
@@ -151,7 +138,7 @@ class LoadSpec:
     lora: str | None
     lora_strength: float
     dtype: str
-    fp8: bool
+    fp8: str | None  # the fp8 scaling, None: off
     attn: str
     compile: bool
     placement: Placement
@@ -166,7 +153,7 @@ class LoadSpec:
     def describe(self) -> str:
         where = ", ".join(self.placement.devices)
         src = dict(self.paths).get("ckpt_dir") or dict(self.paths).get("dit", "?")
-        extra = " + fp8" if self.fp8 else ""
+        extra = f" + fp8 {self.fp8}" if self.fp8 else ""
         return (f"{os.path.basename(str(src).rstrip('/'))} ({self.dtype}{extra}, attn {self.attn}, "
                 f"{self.placement.mode} on {where})")
 
@@ -238,7 +225,8 @@ class LiveAvatarHandle:
                 "leave it unconnected (the model's own wav2vec2 encodes the audio)")
         return fn(states, audio)
 
-    def prepare_image(self, image: Any, size: str, size_mode: str = "exact"):
+    def prepare_image(self, image: Any, size: Any, size_mode: str = DEFAULT_SIZE_MODE):
+        """`size`: an `OutputSize` resolved by the caller, or a size text resolved with `size_mode`."""
         return self._live().prepare_image(image, size, size_mode=size_mode)
 
     def generate(self, context: Any, audio: Any, image: Any, **kwargs: Any) -> Iterator[Any]:
@@ -305,16 +293,20 @@ def _empty_cache() -> None:
 
 
 def _free_comfy_models(placement: Placement) -> None:
-    """Ask ComfyUI to unload its own models before we load onto the same GPU(s)."""
+    """Ask ComfyUI to unload its own models before we load onto the same GPU(s) (nothing to do
+    outside ComfyUI; a failure to unload is logged, and the load then goes ahead)."""
     if all(d == "cpu" for d in placement.devices):
         return
     try:
         import comfy.model_management as mm
-
+    except ImportError:  # outside ComfyUI (tests, scripts)
+        return
+    try:
         mm.unload_all_models()
         mm.soft_empty_cache()
-    except Exception:
-        pass
+    except (RuntimeError, AttributeError) as exc:  # a ComfyUI model that refuses to unload
+        log.warning("ComfyUI could not unload its models before LiveAvatar loads (%s: %s); "
+                    "loading anyway", type(exc).__name__, exc)
 
 
 def _open_in_process(spec: LoadSpec):

@@ -13,23 +13,20 @@ from .errors import LiveAvatarInputError
 from .handle import MODES, PRECISIONS, LoadSpec, file_stamps, get_or_open, parse_placement, precision_options
 from .types import CATEGORY_LOADERS, LiveAvatarModel
 
-_FALLBACK_ATTENTION = ("sdpa", "math", "cudnn", "flash", "sage")
+from liveavatar.options import ATTENTION_BACKENDS, finite_float
 
 
 def attention_backends() -> list[str]:
-    try:
-        from liveavatar.models.attention import BACKENDS
-
-        return list(BACKENDS)
-    except Exception:
-        return list(_FALLBACK_ATTENTION)
+    return list(ATTENTION_BACKENDS)
 
 
 def _placement_inputs() -> list[io.Input]:
     return [
         io.Combo.Input("precision", options=list(PRECISIONS), default="bf16",
                        tooltip="Weights dtype. bf16: 80 GB class GPUs. fp8: bf16 weights with fp8 linear "
-                               "layers (about 48 GB, Hopper/Ada GPUs). fp16/fp32: for testing."),
+                               "layers (about 48 GB, Hopper/Ada GPUs), one scale per tensor (the reference's). "
+                               "fp8_row: fp8 with one scale per token and output channel (robust to outlier "
+                               "tokens). fp16/fp32: for testing."),
         io.Combo.Input("attention", options=attention_backends(), default="sdpa",
                        tooltip="Attention kernel. sdpa: PyTorch picks. cudnn: cuDNN attention (what the "
                                "reference uses). flash: flash-attn 2/3 if installed. sage: SageAttention "
@@ -96,13 +93,17 @@ def has_embedded_tokenizer(t5_path: str) -> bool:
 
 def _open(kind: str, paths: dict[str, str], lora: str | None, lora_strength: float, precision: str,
           attention: str, devices: str, gpu_mode: str, compile: bool, node: str) -> io.NodeOutput:
-    dtype, fp8 = precision_options(precision, node)
+    prec = precision_options(precision, node)
+    try:
+        lora_strength = finite_float(lora_strength)
+    except (TypeError, ValueError) as exc:
+        raise LiveAvatarInputError(node, "lora_strength", f"{exc}; give a number like 1.0") from None
     if attention not in attention_backends():
         raise LiveAvatarInputError(node, "attention", f"{attention!r} is not one of {', '.join(attention_backends())}")
     placement = parse_placement(devices, gpu_mode, node=node)
     stamps = file_stamps(list(paths.values()) + ([lora] if lora else []))
     spec = LoadSpec(kind=kind, paths=tuple(sorted(paths.items())), lora=lora,
-                    lora_strength=float(lora_strength), dtype=dtype, fp8=fp8, attn=attention,
+                    lora_strength=float(lora_strength), dtype=prec.dtype, fp8=prec.fp8, attn=attention,
                     compile=bool(compile), placement=placement, stamps=stamps)
     handle = get_or_open(spec)
     return io.NodeOutput(handle)

@@ -14,6 +14,8 @@ import os
 import folder_paths
 from comfy_api.latest import InputImpl, io, ui
 
+from liveavatar.config import DEFAULT_STREAM
+
 from .convert import frames_to_image, samples_to_audio
 from .errors import LiveAvatarInputError
 from .run import run_generation
@@ -22,8 +24,8 @@ from .types import (CATEGORY_OUTPUT, CATEGORY_SAMPLING, LiveAvatarAudio, LiveAva
 
 SEED_MAX = 2**53 - 1  # exact in the browser's numbers
 NUM_CLIP_MAX = 100000
-FPS = 25
-SAMPLE_RATE = 16000
+FPS = DEFAULT_STREAM.fps  # the model's frame rate (StreamConfig.fps)
+SAMPLE_RATE = DEFAULT_STREAM.sample_rate
 
 
 def _sampling_inputs() -> list[io.Input]:
@@ -45,8 +47,10 @@ def _sampling_inputs() -> list[io.Input]:
 
 
 def _check_inputs(node: str, model, text, audio, reference) -> None:
-    for name, value, attr in (("audio", audio, "num_frames"), ("reference", reference, "width")):
-        if not hasattr(value, attr):
+    from liveavatar.pipeline.payloads import AudioPayload, ImagePayload
+
+    for name, value, kind in (("audio", audio, AudioPayload), ("reference", reference, ImagePayload)):
+        if not isinstance(value, kind):
             raise LiveAvatarInputError(node, name, f"got {type(value).__name__}; connect the LiveAvatar "
                                        f"{'Audio Encode' if name == 'audio' else 'Reference Image'} node")
     in_process = getattr(model, "mode", "single") == "single"
@@ -70,7 +74,7 @@ class LiveAvatarSampler(io.ComfyNode):
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="Video frames [N, H, W, 3]."),
                 io.Audio.Output(display_name="audio", tooltip="The audio of exactly these frames (16 kHz mono)."),
-                io.Float.Output(display_name="fps", tooltip="Frame rate (25)."),
+                io.Float.Output(display_name="fps", tooltip=f"Frame rate ({FPS})."),
             ],
         )
 

@@ -3,9 +3,13 @@
 Custom socket types carry our library objects between nodes (ComfyUI only checks the type name):
 
 - `LIVEAVATAR_MODEL`: a `nodes.handle.LiveAvatarHandle` (in-process model or worker group).
-- `LIVEAVATAR_TEXT`: text conditioning, a tensor `[L, text_dim]` (umT5 states).
-- `LIVEAVATAR_AUDIO`: `liveavatar.pipeline.AudioConditioning` (wav2vec2 features + 16 kHz audio).
-- `LIVEAVATAR_IMAGE`: `liveavatar.pipeline.ImageConditioning` (reference pixels at the output size).
+- `LIVEAVATAR_TEXT`: a `liveavatar.pipeline.payloads.TextPayload`: the umT5 states `[L, text_dim]`
+  (single mode) or a `PromptRef` (tpp mode: every rank encodes the prompt).
+- `LIVEAVATAR_AUDIO`: an `AudioPayload`: `AudioConditioning` (wav2vec2 features + 16 kHz audio) or
+  an `AudioRef` (the audio and its frame count).
+- `LIVEAVATAR_IMAGE`: an `ImagePayload`: `ImageConditioning` (reference pixels at the output size)
+  or an `ImageRef` (the image and its resolved `OutputSize`).
+The payload types and the backend contract are in `liveavatar/pipeline/payloads.py`.
 """
 
 from __future__ import annotations

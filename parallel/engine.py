@@ -12,12 +12,15 @@ Engine spec for `GroupConfig.engine`: "parallel.engine:LiveAvatarEngine".
 Load config (GroupConfig.engine_config), one of:
   {"ckpt_dir": str, "lora": str | None, ...}                  official folder
   {"files": {"dit", "t5", "vae", "wav2vec", "tokenizer_dir", "config"?, "lora"?}, ...}
-plus options: "lora_strength" (1.0), "dtype" ("bf16"), "fp8", "attn" ("sdpa"), "compile".
+plus options, resolved by the parent (`liveavatar.options`): "lora_strength" (1.0), "dtype" ("bf16"),
+"fp8" (the scaling, "tensor" / "row", or None), "attn" ("sdpa"), "compile".
 
-Job (`make_job`): image (PIL image), audio (`Audio16k`), prompt, size, size_mode, seed, steps,
-num_clip, sink_refresh, pose_cond (optional [1, 16, F_latent, h, w]) or pose_video (a path: each
-DiT rank encodes it with its VAE, the same latents as `LiveAvatar.encode_pose`).
-Frames: each decoded block arrives as a `liveavatar.pipeline.DecodedBlock` (uint8 frames
+Job (`make_job`): image (PIL image), audio (`Audio16k`), prompt, size (an `OutputSize`, resolved
+once in the parent), seed, steps, num_clip, sink_refresh, cache (`CachePolicy`), pose_cond
+(optional [1, 16, F_latent, h, w]) or pose_video (a path: each DiT rank encodes it with its VAE,
+the same latents as `LiveAvatar.encode_pose`).
+Each rank drives a `liveavatar.pipeline.job.RankJob`, the per-rank job state in-process
+`generate` drives too. Frames: each decoded block arrives as a `DecodedBlock` (uint8 frames
 [n, H, W, 3] on the CPU + its audio), exactly what in-process `generate` yields.
 """
 
@@ -28,20 +31,25 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from liveavatar.options import CachePolicy
+from liveavatar.sizes import DEFAULT_MODE as DEFAULT_SIZE_MODE
+from liveavatar.sizes import OutputSize, resolve_size
 from parallel.schedule import MemoryNeed, Role
 from parallel.tpp import JobPlan
 
 
-def make_job(image: Any, audio: Any, prompt: str, *, size: str = "704*384", size_mode: str = "area",
-             seed: int = 42, steps: int = 4, num_clip: int | None = None, sink_refresh: bool = True,
-             pose_cond: torch.Tensor | None = None, pose_video: str | None = None) -> dict:
+def make_job(image: Any, audio: Any, prompt: str, *, size: "OutputSize | str" = "704*384",
+             size_mode: str = DEFAULT_SIZE_MODE, seed: int = 42, steps: int = 4, num_clip: int | None = None,
+             sink_refresh: bool = True, pose_cond: torch.Tensor | None = None, pose_video: str | None = None,
+             cache: CachePolicy = CachePolicy()) -> dict:
     """A job dict for `LiveAvatarEngine` (image: PIL image; audio: `Audio16k`; pose: latents or a
-    video path, not both)."""
+    video path, not both). size: an `OutputSize`, or a size text resolved here, once, with
+    `size_mode` (the ranks never resolve it again)."""
     if pose_cond is not None and pose_video is not None:
         raise ValueError("pose: give pose_cond (latents) or pose_video (a path), not both")
-    return {"image": image, "audio": audio, "prompt": prompt, "size": size, "size_mode": size_mode,
-            "seed": int(seed), "steps": int(steps), "num_clip": num_clip,
-            "sink_refresh": bool(sink_refresh), "pose_cond": pose_cond, "pose_video": pose_video}
+    return {"image": image, "audio": audio, "prompt": prompt, "size": resolve_size(image.size, size, size_mode),
+            "seed": int(seed), "steps": int(steps), "num_clip": num_clip, "sink_refresh": bool(sink_refresh),
+            "cache": cache, "pose_cond": pose_cond, "pose_video": pose_video}
 
 
 def memory_need(dit_config: Any, width: int, height: int, dtype: torch.dtype = torch.bfloat16,
@@ -100,98 +108,62 @@ class LiveAvatarEngine:
             vae = _load_vae_only(config, device, dtype)
             self.model = LiveAvatar(None, vae, None, None, LoadOptions(device=device, dtype=dtype),
                                     source="vae only")
-        self.runner = self.decoder = None
+        self.job = None
 
     def prepare(self, job: Mapping[str, Any]) -> JobPlan:
-        from liveavatar.media.audio import num_video_frames
-        from liveavatar.pipeline.generate import BlockDecoder, make_runner
-        from liveavatar.pipeline.plan import make_plan
+        from liveavatar.pipeline.job import JobOptions, RankJob
 
         m = self.model
-        stream = m.stream
-        self.job = job
-        self.steps = int(job.get("steps", 4))
-        self.seed = int(job.get("seed", 42))
-        self.sink_refresh = bool(job.get("sink_refresh", True))
-        self.pose = job.get("pose_cond")
-        role = self.role.for_steps(self.steps)
-        self.image = m.prepare_image(job["image"], job.get("size", "704*384"),
-                                     size_mode=job.get("size_mode", "area"))
-        self.ref = m.encode_reference(self.image)
+        options = JobOptions(seed=int(job.get("seed", 42)), steps=int(job.get("steps", 4)),
+                             num_clip=job.get("num_clip"), sink_refresh=bool(job.get("sink_refresh", True)),
+                             cache=job.get("cache") or CachePolicy())
+        role = self.role.for_steps(options.steps)
+        image = m.prepare_image(job["image"], job["size"])  # an OutputSize: not resolved again
+        audio = context = None
+        pose = job.get("pose_cond")
         if role.is_dit:
-            self.audio = m.encode_audio(job["audio"])
-            num_frames, lead_in = self.audio.num_frames, self.audio.lead_in_frames
-        else:
-            self.audio = None
-            num_frames, lead_in = num_video_frames(job["audio"], fps=stream.fps), 3
-        self.plan = make_plan(num_frames, stream, num_clip=job.get("num_clip"), lead_in_frames=lead_in)
-        if role.is_dit and self.pose is None and job.get("pose_video"):
-            self.pose = m.encode_pose(job["pose_video"], self.image, num_frames, lead_in_frames=lead_in)
-        if role.is_dit:
+            audio = m.encode_audio(job["audio"])
             context = m.encode_prompt(job.get("prompt", ""))
-            self.runner = make_runner(m, context, self.image, seed=self.seed, steps=self.steps,
-                                      owned=list(role.steps))
-            self.runner.prefill(self.ref.ref, self.ref.motion)
-        if role.decodes:
-            self.decoder = BlockDecoder(m.vae, self.ref.motion.to(m.device))
-        h, w = self.image.latent_hw
-        channels = int(self.ref.ref.shape[1])
-        return JobPlan(self.plan.num_blocks, stream.blocks_per_clip,
-                       (channels, stream.frames_per_block_latent, h, w), torch.float32,
-                       refresh_sink=self.sink_refresh, num_steps=self.steps)
-
-    def _spec(self, clip: int, block: int) -> Any:
-        return self.plan.blocks[clip * self.model.stream.blocks_per_clip + block]
+            if pose is None and job.get("pose_video"):
+                pose = m.encode_pose(job["pose_video"], image, audio.num_frames, lead_in_frames=audio.lead_in_frames)
+        self.job = RankJob(m, options, image, job["audio"], audio=audio, context=context,
+                           owned=role.steps if role.is_dit else (), decodes=role.decodes, pose_cond=pose).start()
+        h, w = image.latent_hw
+        return JobPlan(self.job.plan.num_blocks, m.stream.blocks_per_clip,
+                       (int(self.job.ref.ref.shape[1]), m.stream.frames_per_block_latent, h, w), torch.float32,
+                       refresh_sink=options.sink_refresh, num_steps=options.steps)
 
     def begin_clip(self, clip: int, first_block: torch.Tensor | None) -> None:
-        if clip == 1 and self.sink_refresh and first_block is not None:
-            # Rolling sink: re-anchor on the first generated latent frame, motion unchanged.
-            self.runner.prefill(first_block[:, 0:1].unsqueeze(0), self.ref.motion)
+        self.job.begin_clip(clip, first_block)
 
     def initial_latents(self, clip: int, block: int) -> torch.Tensor:
-        from liveavatar.pipeline.plan import block_noise
-
-        noise = block_noise(self.seed, self._spec(clip, block), self.image.latent_hw, self.model.stream)
-        return noise.to(self.model.device)
+        return self.job.noise(self.job.block(clip, block)).to(self.model.device)
 
     def run_steps(self, clip: int, block: int, x: torch.Tensor, steps: Sequence[int],
                   cancelled: Callable[[], bool]) -> torch.Tensor | None:
-        from liveavatar.pipeline.sampler import BlockInputs
-
-        if list(steps) != self.runner.steps:
+        if list(steps) != self.job.owned:
             raise RuntimeError(f"rank {self.role.rank}: asked for steps {list(steps)}, "
-                               f"its runner owns {self.runner.steps}")
-        spec = self._spec(clip, block)
-        cond = None
-        if self.pose is not None:
-            n = self.model.stream.frames_per_block_latent
-            cond = self.pose[:, :, spec.start_frame:spec.start_frame + n]
-        inputs = BlockInputs(audio=self.audio.block_features(spec), cond=cond)
+                               f"its runner owns {self.job.owned}")
 
         def on_step(_s: int) -> None:
             if cancelled():
                 raise _Stopped
 
         try:
-            return self.runner.run(x, spec, inputs, on_step=on_step)
+            return self.job.run(self.job.block(clip, block), x, on_step=on_step)
         except _Stopped:
             return None
 
     def decode(self, clip: int, block: int, x: torch.Tensor) -> Any:
-        from liveavatar.media.audio import slice_for_frames
-        from liveavatar.pipeline.conditioning import DecodedBlock
-
-        spec = self._spec(clip, block)
+        spec = self.job.block(clip, block)
         t0 = time.perf_counter()
-        frames = self.decoder.decode(spec, x.to(self.model.device))
-        fps = self.model.stream.fps
-        samples = slice_for_frames(self.job["audio"], spec.out_first_frame, frames.shape[0], fps=fps)
-        return DecodedBlock(index=spec.index, total_blocks=self.plan.num_blocks,
-                            first_frame=spec.out_first_frame, frames=frames, audio=samples, fps=fps,
-                            timings={"decode": time.perf_counter() - t0})
+        frames = self.job.decode(spec, x)
+        return self.job.emit(spec, frames, {"decode": time.perf_counter() - t0})
 
     def end_job(self) -> None:
-        self.runner = self.decoder = None
+        if getattr(self, "job", None) is not None:
+            self.job.close()
+        self.job = None
         if torch.device(self.role.device).type == "cuda":
             torch.cuda.empty_cache()
 

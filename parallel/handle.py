@@ -9,43 +9,14 @@ with its resolved size) and `generate` ships them to the group as one job. Block
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from liveavatar.config import DEFAULT_STREAM
+from liveavatar.pipeline.payloads import AudioRef, ImageRef, PoseRef, PromptRef  # noqa: F401 (re-exported)
+from liveavatar.sizes import DEFAULT_MODE as DEFAULT_SIZE_MODE
+from liveavatar.sizes import OutputSize
+
 log = logging.getLogger("liveavatar.parallel")
-
-
-@dataclass
-class PromptRef:
-    """A prompt to be encoded on each rank."""
-
-    prompt: str
-
-
-@dataclass
-class AudioRef:
-    """Audio to be encoded on each rank; `num_frames` = written video frames."""
-
-    audio: Any
-    num_frames: int
-
-
-@dataclass
-class ImageRef:
-    """A reference image (PIL) with the size it resolves to on every rank."""
-
-    image: Any
-    size: str
-    size_mode: str
-    width: int
-    height: int
-
-
-@dataclass
-class PoseRef:
-    """A pose video to be encoded on each DiT rank (with its own VAE, as `LiveAvatar.encode_pose`)."""
-
-    path: str
 
 
 def schedule_for(mode: str, devices: list[str], steps: int, need: Any) -> Any:
@@ -69,7 +40,9 @@ def schedule_for(mode: str, devices: list[str], steps: int, need: Any) -> Any:
 
 
 class GroupModel:
-    """Drives a `parallel.group.GroupManager`; same methods as `LiveAvatar` for the callers."""
+    """Drives a `parallel.group.GroupManager`; a `liveavatar.pipeline.payloads.Backend`, as
+    `LiveAvatar`, whose encode steps return the light payloads (`PromptRef`, `AudioRef`,
+    `ImageRef`, `PoseRef`) the ranks encode for themselves."""
 
     def __init__(self, engine_config: dict, devices: list[str], mode: str, steps: int = 4,
                  config_overrides: dict | None = None):
@@ -81,7 +54,7 @@ class GroupModel:
         self.steps = steps
         self.overrides = dict(config_overrides or {})
         self.manager = GroupManager()
-        self.fps = 25
+        self.stream = DEFAULT_STREAM  # the ranks' LiveAvatar models stream with the default constants
 
     def _config(self, steps: int, width: int, height: int) -> Any:
         from parallel.group import GroupConfig
@@ -113,16 +86,16 @@ class GroupModel:
     def encode_audio(self, audio: Any) -> AudioRef:
         from liveavatar.media.audio import num_video_frames
 
-        n = num_video_frames(audio, fps=self.fps)
+        n = num_video_frames(audio, fps=self.stream.fps)
         if n < 1:
             raise ValueError(f"audio: {audio.duration_s:.3f} s is shorter than one video frame")
         return AudioRef(audio, n)
 
-    def prepare_image(self, image: Any, size: str, size_mode: str = "area") -> ImageRef:
-        from liveavatar.sizes import resolve_output_size
+    def prepare_image(self, image: Any, size: "OutputSize | str", size_mode: str = DEFAULT_SIZE_MODE) -> ImageRef:
+        """size: an `OutputSize` resolved by the caller, or a size text resolved here with `size_mode`."""
+        from liveavatar.sizes import resolve_size
 
-        w, h = resolve_output_size(image.size, size, mode=size_mode)
-        return ImageRef(image, size, size_mode, w, h)
+        return ImageRef(image, resolve_size(image.size, size, size_mode))
 
     def encode_pose(self, path: Any, image: ImageRef, num_frames: int) -> PoseRef:
         """The pose video for `generate(pose_cond=...)`: every DiT rank encodes it when the job
@@ -137,16 +110,18 @@ class GroupModel:
     def generate(self, context: Any, audio: AudioRef, image: ImageRef, *, seed: int = 0, steps: int = 4,
                  num_clip: int | None = None, progress: Callable[[dict], None] | None = None,
                  cancel: Callable[[], bool] | None = None, sink_refresh: bool = True,
-                 pose_cond: Any = None, **_: Any) -> Iterator[Any]:
+                 pose_cond: Any = None, kv_offload: bool | None = None, kv_prefetch: bool | None = None,
+                 **_: Any) -> Iterator[Any]:
+        from liveavatar.options import CachePolicy
         from parallel.engine import make_job
 
         prompt = context.prompt if isinstance(context, PromptRef) else context
         if not isinstance(prompt, str):
             raise ValueError("text: worker groups need the prompt text, not precomputed embeddings")
         pose_video = pose_cond.path if isinstance(pose_cond, PoseRef) else None
-        job = make_job(image.image, audio.audio, prompt, size=image.size, size_mode=image.size_mode,
-                       seed=seed, steps=steps, num_clip=num_clip, sink_refresh=sink_refresh,
-                       pose_cond=None if pose_video else pose_cond, pose_video=pose_video)
+        job = make_job(image.image, audio.audio, prompt, size=image.size, seed=seed, steps=steps,
+                       num_clip=num_clip, sink_refresh=sink_refresh, pose_cond=None if pose_video else pose_cond,
+                       pose_video=pose_video, cache=CachePolicy(kv_offload, kv_prefetch))
         from liveavatar.pipeline.conditioning import GenerationCancelled
 
         cfg = self._config(steps, image.width, image.height)

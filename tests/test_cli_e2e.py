@@ -25,10 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "liveavatar", *args], cwd=cwd or REPO,
                           capture_output=True, text=True, timeout=timeout,
-                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
 def write_wav(path: Path, seconds: float, rate: int = 22050, channels: int = 2) -> None:
@@ -54,10 +55,11 @@ def inputs(tmp_path_factory) -> dict:
     return {"dir": d, "image": d / "face.png", "audio": d / "speech.wav", "ckpt": d / "ckpt"}
 
 
-def generate(inputs: dict, out: Path, *extra: str, ckpt: Path | None = None) -> subprocess.CompletedProcess:
+def generate(inputs: dict, out: Path, *extra: str, ckpt: Path | None = None,
+             env: dict | None = None) -> subprocess.CompletedProcess:
     return run_cli("generate", "--image", str(inputs["image"]), "--audio", str(inputs["audio"]),
                    "--prompt", "a person talking", "--ckpt-dir", str(ckpt or inputs["ckpt"]),
-                   "--device", "cpu", "--dtype", "fp32", "--out", str(out), *extra)
+                   "--device", "cpu", "--dtype", "fp32", "--out", str(out), *extra, env=env)
 
 
 def test_generate_writes_the_logged_size_with_audio(inputs):
@@ -100,14 +102,43 @@ def test_other_tiny_config_loads_without_code_changes(inputs, tmp_path):
 @pytest.mark.parametrize("args, field", [
     (("--size", "704-384"), "size"),
     (("--size", "700x384", "--size-mode", "exact"), "size"),
+    (("--size", "720*400", "--size-mode", "exact"), "size"),  # a named size, not multiples of 64
     (("--out", "video.avi"), "--out"),
     (("--steps", "9"), "--steps"),
+    (("--attn", "efficient"), "--attn"),  # was offered by --help, is not a backend
+    (("--attn", "nope"), "--attn"),
+    (("--lora-strength", "nan"), "--lora-strength"),
+    (("--lora-strength", "inf"), "--lora-strength"),
+    (("--lora-strength", "-inf"), "--lora-strength"),
+    (("--lora-strength", "abc"), "--lora-strength"),
+    (("--gpus", "0,1"), "--gpus"),  # no CUDA GPU visible: refused, not run on the CPU
+    (("--gpus", "0,1", "--gpu-mode", "tpp"), "--gpus"),
+    (("--gpus", "0,x"), "--gpus"),
+    (("--gpu-mode", "tpp"), "--gpu-mode"),  # tpp without --gpus
+    (("--fp8",), "fp8"),  # fp8 on the CPU
+    (("--kv-offload", "maybe"), "--kv-offload"),
 ])
-def test_bad_input_fails_early_with_one_line(inputs, args, field):
-    res = generate(inputs, inputs["dir"] / "bad.mp4", *args)
+def test_bad_input_fails_before_loading_with_one_error_line(inputs, args, field):
+    """Exit 2, one `error:` line naming the option, and nothing else on stderr: no log line of
+    a model load (every option is checked before loading), no output file. No GPU is visible."""
+    out = inputs["dir"] / "bad.mp4"
+    res = generate(inputs, out, *args, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == 2, res.stderr[-2000:]
+    err = res.stderr.strip().splitlines()
+    errors = [ln for ln in err if "error:" in ln]
+    assert len(errors) == 1 and errors[0] == err[-1], err
+    assert field in err[-1], err[-1]
+    assert not any(ln.startswith(("INFO", "WARNING", "Traceback")) for ln in err), err
+    assert not out.exists()
+
+
+def test_out_naming_a_directory_is_refused_before_loading(inputs):
+    folder = inputs["dir"] / "taken.mp4"
+    folder.mkdir(exist_ok=True)
+    res = generate(inputs, folder)
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()
-    assert field in err[-1]
+    assert err == [f"error: --out: {folder.resolve()} is a directory; name the .mp4 file to write"]
 
 
 def test_missing_files_are_named(inputs, tmp_path):

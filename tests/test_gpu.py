@@ -30,6 +30,7 @@ def _rollout(dtype: torch.dtype, blocks: int = 2, device: str = "cuda", prepare=
     from liveavatar.loading.tiny import dit_key_shapes, draw_state_dict
     from liveavatar.models.dit import CausalS2VDiT
     from liveavatar.pipeline.plan import make_plan
+    from liveavatar.pipeline.memory import CachePlan
     from liveavatar.pipeline.sampler import BlockInputs, StepRunner, make_schedule
     from liveavatar.config import DEFAULT_STREAM as S
 
@@ -48,9 +49,9 @@ def _rollout(dtype: torch.dtype, blocks: int = 2, device: str = "cuda", prepare=
     motion = torch.randn(1, 16, 19, *hw, generator=g)
     with torch.no_grad():
         text = model.encode_text(ctx.to(device, dtype))
-        runner = StepRunner(model, text, hw, make_schedule(steps, S), range(steps), S, 0, device, dtype,
-                            kv_offload=kv_offload, kv_prefetch=kv_prefetch)
-        assert runner.kv_prefetch == (kv_prefetch and device == "cuda" and bool(kv_offload))
+        caches = CachePlan(offload=bool(kv_offload), prefetch=bool(kv_prefetch and kv_offload))
+        runner = StepRunner(model, text, hw, make_schedule(steps, S), range(steps), S, 0, device, dtype, caches=caches)
+        assert runner.kv_prefetch == caches.prefetch
         runner.prefill(ref, motion)
         outs = []
         for block in make_plan(blocks * 12 - 3, S).blocks:

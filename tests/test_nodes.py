@@ -110,6 +110,10 @@ def test_loader_errors_name_the_input(env):
     with pytest.raises(errors.LiveAvatarInputError, match="'checkpoint'"):
         run(loader, checkpoint="missing-folder", lora="auto", lora_strength=1.0, precision="fp32",
                        attention="sdpa", devices="cpu", gpu_mode="single", compile=False)
+    for strength in (float("nan"), float("inf")):  # nan passes ComfyUI's min/max check
+        with pytest.raises(errors.LiveAvatarInputError, match="'lora_strength'.*finite"):
+            run(loader, checkpoint=TINY_NAME, lora="auto", lora_strength=strength, precision="fp32",
+                attention="sdpa", devices="cpu", gpu_mode="single", compile=False)
     msg = loader.validate_inputs(devices="cpu", gpu_mode="tpp")
     assert isinstance(msg, str) and "gpu_mode" in msg
     msg = loader.validate_inputs(devices="7", gpu_mode="single")

@@ -50,8 +50,11 @@ def test_placement_errors_name_the_input(devices, mode, cuda, field, words):
 
 
 def test_precision_options():
-    assert handle_mod.precision_options("fp8") == ("bf16", True)
-    assert handle_mod.precision_options("bf16") == ("bf16", False)
+    from liveavatar.options import Precision
+
+    assert handle_mod.precision_options("fp8") == Precision("bf16", "tensor")
+    assert handle_mod.precision_options("fp8_row") == Precision("bf16", "row")  # row scaling reachable
+    assert handle_mod.precision_options("bf16") == Precision("bf16", None)
     with pytest.raises(Err, match="'precision'"):
         handle_mod.precision_options("int4")
 

@@ -11,6 +11,8 @@ from PIL import Image
 from liveavatar.loading.tiny import make_tiny_checkpoint
 from liveavatar.media.audio import audio_from_waveform
 from liveavatar.pipeline import LiveAvatar
+from liveavatar.pipeline.payloads import AudioPayload, Backend, ImagePayload
+from liveavatar.sizes import resolve_size
 from parallel import open_worker_group
 from parallel.handle import GroupModel, schedule_for
 
@@ -38,11 +40,19 @@ def test_two_rank_group_matches_in_process(tmp_path):
 
     group = open_worker_group("checkpoint", ["cpu", "cpu"], mode="tpp", ckpt_dir=str(ckpt), dtype="fp32")
     assert isinstance(group, GroupModel)
+    # both backends satisfy the one contract, and their payloads the same socket types
+    assert isinstance(local, Backend) and isinstance(group, Backend)
+    local_aud, group_aud = local.encode_audio(audio), group.encode_audio(audio)
+    local_img, group_img = local.prepare_image(img, "64*64"), group.prepare_image(img, "64*64")
+    assert isinstance(local_aud, AudioPayload) and isinstance(group_aud, AudioPayload)
+    assert isinstance(local_img, ImagePayload) and isinstance(group_img, ImagePayload)
+    assert group_aud.num_frames == local_aud.num_frames and group_img.size == resolve_size(img.size, "64*64")
+    assert (group_img.width, group_img.height) == (local_img.width, local_img.height)
     group.overrides = {"pg_timeout_s": 60.0}
     try:
         events = []
-        got = list(group.generate(group.encode_prompt("hello"), group.encode_audio(audio),
-                                  group.prepare_image(img, "64*64"), seed=9, progress=events.append))
+        got = list(group.generate(group.encode_prompt("hello"), group_aud, group_img, seed=9,
+                                  progress=events.append))
     finally:
         group.close()
     assert [b.index for b in got] == [b.index for b in want]

@@ -137,25 +137,31 @@ def test_kv_offload_refuses_a_cache_used_without_paging(model, job):
 
 
 def test_kv_offload_decision_from_the_numbers():
-    """The preflight's choice (`memory.plan_kv_offload`) on the 14B estimate at 704x384, for a
-    48 GB, an 80 GB and a 24 GB card (fp8 weights resident: 15.5 GiB of the free memory gone)."""
+    """The one cache decision of every rank (`memory.plan_caches`) on the 14B estimate at 704x384,
+    for a 48 GB, an 80 GB and a 24 GB card (fp8 weights resident: 15.5 GiB of the free memory gone)."""
     from liveavatar.config import DiTConfig
-    from liveavatar.pipeline.memory import GIB, estimate_memory, host_cache_bytes, plan_kv_offload
+    from liveavatar.options import CachePolicy
+    from liveavatar.pipeline.memory import GIB, CachePlan, estimate_memory, host_cache_bytes, plan_caches
 
     cfg = DiTConfig()
     res, off = (estimate_memory(cfg, 704, 384, steps_owned=4, param_counts=(0, 0), kv_offload=o) for o in (False, True))
+    slot = estimate_memory(cfg, 704, 384, steps_owned=4, param_counts=(0, 0), sink_slot=True)
     host = host_cache_bytes(cfg, 704, 384, 4)
     assert round(host / GIB, 1) == 38.7 and off.step_caches * 4 == res.step_caches
 
-    def plan(free_gib, kv_offload=None, prefetch=False, ram=None):
-        return plan_kv_offload(res, off, host, free=int(free_gib * GIB), total=int(80 * GIB), host_available=ram,
-                               steps=4, kv_offload=kv_offload, kv_prefetch=prefetch, what="test")
+    def plan(free_gib, kv_offload=None, prefetch=False, ram=None, steps=4):
+        got = plan_caches(cfg, 704, 384, steps, policy=CachePolicy(kv_offload, prefetch), free=int(free_gib * GIB),
+                          total=int(80 * GIB), host_available=ram, what="test")
+        return (got.offload, got.prefetch) if got.offload or not got.sink_slot else "slot"
 
-    assert plan(80 - 15.5) == (False, False)  # H100 with fp8 weights: everything resident
+    assert plan(80 - 15.5) == "slot"  # H100 with fp8 weights: everything resident, with sink slots
+    assert plan(res.total / GIB) == (False, False)  # resident, but the slots do not fit
+    assert plan(slot.total / GIB) == "slot"
     assert plan(47.5 - 15.5) == (True, False)  # 48 GB card: offloaded automatically
     assert plan(47.5 - 15.5, prefetch=True) == (True, True)  # ... and the second buffer fits too
     assert plan(80 - 15.5, kv_offload=True, prefetch=True) == (True, True)  # asked for
     assert plan(47.5 - 15.5, prefetch=None) == (True, True)  # the default: prefetch whenever it fits
+    assert plan(80 - 15.5, kv_offload=True, prefetch=True, steps=1) == (True, False)  # one step: nothing to prefetch
     tight = (off.total + off.step_caches / 2) / GIB  # one step-cache buffer fits, two do not
     assert plan(tight, prefetch=None) == (True, False) and plan(tight, prefetch=True) == (True, False)
     with pytest.raises(MemoryError, match="kv-offload"):
@@ -164,3 +170,18 @@ def test_kv_offload_decision_from_the_numbers():
         plan(23.5 - 15.5)  # 24 GB: not even one step cache of 704x384
     with pytest.raises(MemoryError, match="host memory, 16.0 GiB"):
         plan(47.5 - 15.5, ram=16 * GIB)
+    assert CachePlan() == CachePlan(offload=False, prefetch=False, sink_slot=False)
+
+
+def test_token_counts_have_one_definition(model):
+    """The DiT's caches, the memory estimate and the token helpers agree (sink = 2.5 frames)."""
+    from liveavatar.models.tokens import clip_tokens, frame_tokens, sink_tokens
+    from liveavatar.pipeline.memory import host_cache_bytes
+
+    dit, s = model.dit, model.stream
+    for hw in ((8, 8), (48, 88), (16, 24)):
+        fsl = frame_tokens(hw)
+        assert dit.frame_seqlen(hw) == fsl and dit.sink_tokens(hw) == sink_tokens(hw, (1, 2, 2), s) == 5 * fsl // 2
+        cache = dit.new_step_cache(hw, dtype=torch.float32)
+        assert cache.nbytes == host_cache_bytes(dit.cfg, hw[1] * 8, hw[0] * 8, 1, torch.float32, s)
+        assert clip_tokens(hw, (1, 2, 2), s) == s.latent_frames_per_clip * fsl

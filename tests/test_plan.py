@@ -5,7 +5,6 @@ import torch
 
 from liveavatar.config import DEFAULT_STREAM as S
 from liveavatar.pipeline.plan import block_noise, make_plan, sink_offsets
-from liveavatar.pipeline.sampler import owned_steps
 
 
 @pytest.mark.parametrize("n", [1, 8, 9, 10, 45, 100, 481])
@@ -40,12 +39,3 @@ def test_noise_and_offsets_are_seeded_and_rank_independent():
     assert offs == sink_offsets(7, 5, 4, S)
     assert all(4 <= d <= 30 for d in offs)
     assert len({tuple(sink_offsets(s, 0, 4, S)) for s in range(20)}) > 1
-
-
-def test_owned_steps_cover_every_step_once():
-    for steps in (3, 4, 5):
-        for k in range(1, steps + 1):
-            groups = [owned_steps(steps, r, k) for r in range(k)]
-            assert sum(groups, []) == list(range(steps))
-    with pytest.raises(ValueError):
-        owned_steps(4, 0, 5)

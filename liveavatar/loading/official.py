@@ -164,21 +164,20 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
     """Meta-build `CausalS2VDiT(config)`, stream `source` into it, eval().
 
     Layer by layer as the weights arrive: the LoRA is merged into each Linear, and with `fp8`
-    (True = `fp8.DEFAULT_SCALING`, or "tensor" / "row") each eligible Linear is converted to an
+    (a scaling, "tensor" / "row", or True: `options.resolve_fp8_scaling`) each eligible Linear is converted to an
     `FP8Linear` right away, so loading peaks near the fp8 size (15.9 GiB for the 14B) instead of
     the bf16 size (30.4 GiB). Same values as loading, merging and converting one after the other.
     `fp8_allow_cpu`: tests only (fp8 emulation on the CPU).
     """
     from ..models.dit import CausalS2VDiT
-    from ..models.fp8 import DEFAULT_SCALING, FP8Linear, SCALINGS, fp8_emulation_needed, fp8_linears
+    from ..models.fp8 import FP8Linear, fp8_emulation_needed, fp8_linears
+    from ..options import resolve_fp8_scaling
 
     with torch.device("meta"):
         model = CausalS2VDiT(config)
     if lora_path is not None and str(lora_path).strip().lower() in ("none", ""):
         lora_path = None
-    scaling = DEFAULT_SCALING if fp8 is True else fp8
-    if scaling and scaling not in SCALINGS:
-        raise ValueError(f"fp8: {fp8!r} is not True or one of the scalings {SCALINGS}")
+    scaling = resolve_fp8_scaling(fp8)
     emulate = fp8_emulation_needed(torch.device(device), scaling, fp8_allow_cpu) if scaling else False
     modules = dict(model.named_modules())
     lora_source = open_tensor_source(lora_path) if lora_path is not None else None

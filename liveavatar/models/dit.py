@@ -39,6 +39,7 @@ from .audio_injector import AudioInjector
 from .causal_audio import CausalAudioEncoder
 from .dit_blocks import DiTBlock, Head, fp32_linear
 from .framepack import FramePackMotioner
+from .tokens import clip_tokens, frame_tokens, sink_tokens
 from .kv_cache import KVWorkingBuffer, SinkCache, StepKVCache
 from .graphs import BlockGraphs
 from .rope import RopeFactors, grid_positions, rope_factors
@@ -157,13 +158,19 @@ class CausalS2VDiT(nn.Module):
         return h // ph, w // pw
 
     def frame_seqlen(self, latent_hw: tuple[int, int]) -> int:
-        """Tokens per latent frame."""
-        hp, wp = self._grid(latent_hw)
-        return hp * wp
+        """Tokens per latent frame (`tokens.frame_tokens`; the size checked)."""
+        self._grid(latent_hw)
+        return frame_tokens(latent_hw, self.cfg.patch_size)
 
     def sink_tokens(self, latent_hw: tuple[int, int]) -> int:
-        """Conditioning tokens: reference frame + FramePack motion tokens (2.5 fsl when h, w % 8 == 0)."""
-        return self.frame_seqlen(latent_hw) + self.frame_packer.num_tokens(tuple(latent_hw))
+        """Conditioning tokens: reference frame + FramePack motion tokens (`tokens.sink_tokens`:
+        2.5 fsl when h, w % 8 == 0)."""
+        self._grid(latent_hw)
+        return sink_tokens(latent_hw, self.cfg.patch_size, self.stream)
+
+    def _ring_tokens(self, latent_hw: tuple[int, int]) -> int:
+        self._grid(latent_hw)
+        return clip_tokens(latent_hw, self.cfg.patch_size, self.stream)
 
     # ----------------------------------------------------------------------------- caches
 
@@ -173,41 +180,25 @@ class CausalS2VDiT(nn.Module):
         return SinkCache(c.num_layers, self.sink_tokens(latent_hw), c.num_heads, c.head_dim, tuple(latent_hw),
                          self.frame_seqlen(latent_hw), device or self.device, dtype or self.dtype)
 
-    def sink_slot_fits(self, latent_hw: tuple[int, int], num_caches: int, device=None, dtype=None,
-                       reserve_gib: float = 4.0) -> bool:
-        """Whether `num_caches` step caches WITH sink slots fit the free memory of a CUDA `device`,
-        keeping `reserve_gib` for activations (False on other devices: the slot only saves time).
-        Call before allocating the caches (e.g. `StepRunner`)."""
-        device = torch.device(device or self.device)
-        if device.type != "cuda":
-            return False
-        c = self.cfg
-        rows = self.stream.latent_frames_per_clip * self.frame_seqlen(latent_hw) + self.sink_tokens(latent_hw)
-        elt = torch.tensor([], dtype=dtype or self.dtype).element_size()
-        need = num_caches * c.num_layers * 2 * rows * c.dim * elt + reserve_gib * 2**30
-        free, _ = torch.cuda.mem_get_info(device)
-        return need <= free
-
     def new_step_cache(self, latent_hw: tuple[int, int], device=None, dtype=None,
                        sink_slot: bool = False, working=None) -> StepKVCache:
         """Empty per-step cache: ring of one clip (`latent_frames_per_clip * fsl` tokens).
 
         `sink_slot=True` adds `sink_tokens` rows holding the rotated sink, so that steady-state
         calls attend to one contiguous slice instead of rotating and concatenating the sink in
-        every layer (same numbers; see kv_cache.py). Costs 2.5 fsl more rows per step cache.
+        every layer (same numbers; see kv_cache.py). Costs 2.5 fsl more rows per step cache; whether
+        it fits is decided with the other caches (`pipeline.memory.plan_caches`).
         `working`: a `KVWorkingBuffer` (see `new_working_buffer`) makes an offloaded cache.
         """
         c = self.cfg
-        ring = self.stream.latent_frames_per_clip * self.frame_seqlen(latent_hw)
         slot = self.sink_tokens(latent_hw) if sink_slot else 0
-        return StepKVCache(c.num_layers, ring, slot, c.num_heads, c.head_dim,
+        return StepKVCache(c.num_layers, self._ring_tokens(latent_hw), slot, c.num_heads, c.head_dim,
                            tuple(latent_hw), device or self.device, dtype or self.dtype, working=working)
 
     def new_working_buffer(self, latent_hw: tuple[int, int], device=None, dtype=None) -> KVWorkingBuffer:
         """The device buffer offloaded step caches share (one step cache without sink slot)."""
         c = self.cfg
-        ring = self.stream.latent_frames_per_clip * self.frame_seqlen(latent_hw)
-        return KVWorkingBuffer(torch.zeros(c.num_layers, 2, 1, ring, c.num_heads, c.head_dim,
+        return KVWorkingBuffer(torch.zeros(c.num_layers, 2, 1, self._ring_tokens(latent_hw), c.num_heads, c.head_dim,
                                            device=device or self.device, dtype=dtype or self.dtype))
 
     # ----------------------------------------------------------------------------- conditioning

@@ -20,9 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .rope import grid_positions, linspace_int
-
-# Compression of each bucket: (time, space) stride relative to the latent grid.
-_BUCKET_STRIDES = ((1, 2), (2, 4), (4, 8))
+from .tokens import FRAMEPACK_STRIDES as _BUCKET_STRIDES
+from .tokens import framepack_tokens
 
 
 def _out_size(n: int, stride: int) -> int:
@@ -52,10 +51,8 @@ class FramePackMotioner(nn.Module):
         return sum(self.buckets)
 
     def num_tokens(self, latent_hw: tuple[int, int]) -> int:
-        """Tokens produced for a latent size (h, w)."""
-        h, w = latent_hw
-        return sum((b // st) * _out_size(h, ss) * _out_size(w, ss)
-                   for b, (st, ss) in zip(self.buckets, _BUCKET_STRIDES))
+        """Tokens produced for a latent size (h, w) (`tokens.framepack_tokens`)."""
+        return framepack_tokens(latent_hw, self.buckets)
 
     def positions(self, latent_hw: tuple[int, int]) -> torch.Tensor:
         """RoPE positions (t, h, w) of the tokens, int64 `[num_tokens, 3]`, in token order."""

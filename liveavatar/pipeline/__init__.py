@@ -15,6 +15,8 @@ _EXPORTS = {
     "ReferenceLatents": "liveavatar.pipeline.conditioning",
     "GenerationCancelled": "liveavatar.pipeline.conditioning",
     "generate": "liveavatar.pipeline.generate",
+    "RankJob": "liveavatar.pipeline.job",
+    "JobOptions": "liveavatar.pipeline.job",
     "make_plan": "liveavatar.pipeline.plan",
     "StepRunner": "liveavatar.pipeline.sampler",
 }

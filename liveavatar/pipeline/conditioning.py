@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from liveavatar.config import DEFAULT_STREAM
 from liveavatar.pipeline.plan import BlockSpec
 
 
@@ -23,7 +24,7 @@ class AudioConditioning:
     features: torch.Tensor
     num_frames: int
     audio: object
-    lead_in_frames: int = 3
+    lead_in_frames: int = DEFAULT_STREAM.lead_in_frames
 
     def block_features(self, block: BlockSpec) -> torch.Tensor:
         """[1, n_states, audio_dim, frames_per_block] for the block's generated frames."""
@@ -84,7 +85,7 @@ class DecodedBlock:
     first_frame: int
     frames: torch.Tensor
     audio: torch.Tensor
-    fps: int = 25
+    fps: int = DEFAULT_STREAM.fps
     timings: dict = field(default_factory=dict)
 
 

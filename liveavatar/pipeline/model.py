@@ -16,6 +16,8 @@ import torch
 from liveavatar.config import DEFAULT_STREAM, StreamConfig
 from liveavatar.pipeline.conditioning import AudioConditioning, DecodedBlock, ImageConditioning, ReferenceLatents
 from liveavatar.pipeline.speed import fp8_scaling_for
+from liveavatar.sizes import DEFAULT_MODE as DEFAULT_SIZE_MODE
+from liveavatar.sizes import OutputSize, resolve_size
 
 log = logging.getLogger("liveavatar")
 
@@ -45,23 +47,34 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 @dataclass
 class LoadOptions:
+    """Resolved load options (`liveavatar.options`): fp8 is the scaling name or None (off)."""
+
     device: torch.device
     dtype: torch.dtype
     attn: str = "sdpa"
-    fp8: bool | str = False  # True / "row" / "tensor" (see pipeline.speed)
+    fp8: str | None = None
     compile: bool = False
     t5_device: str = "same"  # "same" (run on device, then park on CPU) or "cpu"
 
+    @classmethod
+    def resolve(cls, device: str | torch.device | None, dtype: str | torch.dtype, fp8: bool | str | None,
+                attn: str, compile: bool) -> "LoadOptions":
+        """Check and resolve every load option before any file is read (fp8 against the device)."""
+        from liveavatar.options import resolve_attention
+
+        opts = cls(device=resolve_device(device), dtype=resolve_dtype(dtype), attn=resolve_attention(attn),
+                   compile=bool(compile))
+        opts.fp8 = fp8_scaling_for(fp8, opts.device)
+        return opts
+
 
 def _check_load_fits(opts: LoadOptions, config) -> None:
-    """Refuse early when the DiT weights cannot even be loaded on the GPU (fp8: converted layer by
-    layer while loading, so the peak is the fp8 size plus one bf16 layer)."""
+    """Refuse early when the DiT weights cannot even be loaded on the GPU (`memory.load_estimate`)."""
     if opts.device.type != "cuda":
         return
-    from liveavatar.pipeline.memory import GIB, MemoryEstimate, check_fits, dit_weight_bytes
+    from liveavatar.pipeline.memory import check_fits, load_estimate
 
-    weights = dit_weight_bytes(config, opts.dtype, bool(opts.fp8))
-    check_fits(opts.device, MemoryEstimate(weights, 0, 0, 0, int(0.3 * GIB), int(GIB)), "loading the DiT weights")
+    check_fits(opts.device, load_estimate(config, opts.dtype, bool(opts.fp8)), "loading the DiT weights")
 
 
 class LiveAvatar:
@@ -87,9 +100,7 @@ class LiveAvatar:
         """Load the official Wan2.2-S2V-14B folder layout (+ the Live Avatar LoRA)."""
         from liveavatar.loading.official import find_official_checkpoint, load_components
 
-        opts = LoadOptions(device=resolve_device(device), dtype=resolve_dtype(dtype), attn=attn,
-                           fp8=fp8, compile=compile)
-        fp8_scaling_for(fp8, opts.device)  # before any file is read
+        opts = LoadOptions.resolve(device, dtype, fp8, attn, compile)  # before any file is read
         ckpt = find_official_checkpoint(ckpt_dir, lora=lora)
         if ckpt.lora_path is None:
             log.warning("no Live Avatar LoRA found beside %s: running the BASE Wan2.2-S2V weights, which are not "
@@ -113,9 +124,7 @@ class LiveAvatar:
         """Load ComfyUI-style single files (layouts detected from the keys and converted)."""
         from liveavatar.loading.official import load_components_from_files
 
-        opts = LoadOptions(device=resolve_device(device), dtype=resolve_dtype(dtype), attn=attn,
-                           fp8=fp8, compile=compile)
-        fp8_scaling_for(fp8, opts.device)  # before any file is read
+        opts = LoadOptions.resolve(device, dtype, fp8, attn, compile)  # before any file is read
         parts = load_components_from_files(dit=dit, t5=t5, vae=vae, wav2vec=wav2vec,
                                            tokenizer_dir=tokenizer_dir, lora=lora,
                                            lora_strength=lora_strength, config=config,
@@ -161,9 +170,11 @@ class LiveAvatar:
         if target.type != "cuda" or te.device.type == "cuda":
             yield te
             return
+        from liveavatar.pipeline.memory import fits
+
         nbytes = sum(p.numel() * p.element_size() for p in te.model.parameters())
         free, _ = torch.cuda.mem_get_info(target)
-        if free < nbytes + (2 << 30):
+        if not fits(nbytes, free):
             log.warning("umT5 (%.1f GiB) does not fit next to the DiT (%.1f GiB free): encoding the prompt on the CPU",
                         nbytes / 2**30, free / 2**30)
             yield te
@@ -178,10 +189,12 @@ class LiveAvatar:
             torch.cuda.empty_cache()
 
     @torch.no_grad()
-    def encode_audio(self, audio, lead_in_frames: int = 3) -> AudioConditioning:
-        """wav2vec2 features for every generated frame of `audio` (an `Audio16k`)."""
+    def encode_audio(self, audio, lead_in_frames: int | None = None) -> AudioConditioning:
+        """wav2vec2 features for every generated frame of `audio` (an `Audio16k`); lead_in_frames:
+        silent frames in front (None: `stream.lead_in_frames`)."""
         from liveavatar.media.audio import num_video_frames
 
+        lead_in_frames = self.stream.lead_in_frames if lead_in_frames is None else lead_in_frames
         fps = self.stream.fps
         num_frames = num_video_frames(audio, fps=fps)
         if num_frames < 1:
@@ -195,7 +208,7 @@ class LiveAvatar:
                                  lead_in_frames=lead_in_frames)
 
     @torch.no_grad()
-    def audio_conditioning_from_states(self, states: torch.Tensor, audio, lead_in_frames: int = 3,
+    def audio_conditioning_from_states(self, states: torch.Tensor, audio, lead_in_frames: int | None = None,
                                        states_fps: float = 50.0) -> AudioConditioning:
         """Conditioning from wav2vec2 hidden states computed elsewhere (ComfyUI's audio encoder).
 
@@ -206,6 +219,7 @@ class LiveAvatar:
         from liveavatar.media.audio import num_video_frames
         from liveavatar.models.wav2vec import bucket_video_frames, interpolate_50_to_30
 
+        lead_in_frames = self.stream.lead_in_frames if lead_in_frames is None else lead_in_frames
         if states.ndim == 4:
             states = states[0]
         if states.ndim != 3:
@@ -222,14 +236,15 @@ class LiveAvatar:
         return AudioConditioning(features=feats.cpu(), num_frames=num_video_frames(audio, fps=fps),
                                  audio=audio, lead_in_frames=lead_in_frames)
 
-    def prepare_image(self, image, size: str, size_mode: str = "area") -> ImageConditioning:
-        """Resolve the output size and prepare the reference image ([1,3,1,H,W] in [-1,1])."""
+    def prepare_image(self, image, size: "str | OutputSize", size_mode: str = DEFAULT_SIZE_MODE) -> ImageConditioning:
+        """The reference image ([1,3,1,H,W] in [-1,1]) at the output size: an `OutputSize` resolved
+        at the edge (`liveavatar.sizes.resolve_size`), or a size text resolved here with `size_mode`."""
         from liveavatar.media.image import prepare_reference
-        from liveavatar.sizes import resolve_output_size
 
-        width, height = resolve_output_size(image.size, size, mode=size_mode)
-        pixels = prepare_reference(image, width, height, mode=size_mode)
-        return ImageConditioning(pixels=pixels, width=width, height=height, requested=size, mode=size_mode)
+        out = resolve_size(image.size, size, mode=size_mode)
+        pixels = prepare_reference(image, out.width, out.height, mode=out.mode)
+        return ImageConditioning(pixels=pixels, width=out.width, height=out.height, requested=out.requested,
+                                 mode=out.mode)
 
     @torch.no_grad()
     def encode_reference(self, image: ImageConditioning) -> ReferenceLatents:
@@ -242,7 +257,7 @@ class LiveAvatar:
 
     @torch.no_grad()
     def encode_pose(self, path: str | Path, image: ImageConditioning, num_frames: int,
-                    lead_in_frames: int = 3) -> torch.Tensor:
+                    lead_in_frames: int | None = None) -> torch.Tensor:
         """Pose video -> cond latents [1, 16, F_latent, h, w] covering the generated frames.
 
         As the reference: per 48-frame clip, the chunk is prefixed with its first frame, encoded,
@@ -251,6 +266,7 @@ class LiveAvatar:
         """
         from liveavatar.media.pose import load_pose_video
 
+        lead_in_frames = self.stream.lead_in_frames if lead_in_frames is None else lead_in_frames
         fpc = self.stream.frames_per_clip
         gen = num_frames + lead_in_frames
         clips = -(-gen // fpc)

@@ -50,7 +50,7 @@ class BlockSpec:
 
 
 @dataclass(frozen=True)
-class JobPlan:
+class BlockPlan:
     """All blocks of one generation job. `num_frames` = written frames (== audio frames)."""
 
     num_frames: int
@@ -68,14 +68,16 @@ class JobPlan:
 
 
 def make_plan(num_audio_frames: int, stream: StreamConfig, num_clip: int | None = None,
-              lead_in_frames: int = 3) -> JobPlan:
+              lead_in_frames: int | None = None) -> BlockPlan:
     """Plan the blocks needed to cover `num_audio_frames` written frames.
 
+    lead_in_frames: silent frames in front of the audio (None: `stream.lead_in_frames`).
     num_clip: optional cap on the number of clips (48 frames each); the video is cut at
     `num_clip * frames_per_clip - lead_in_frames` written frames.
     """
     if num_audio_frames <= 0:
         raise ValueError("audio: it is shorter than one video frame (1/25 s); give a longer clip")
+    lead_in_frames = stream.lead_in_frames if lead_in_frames is None else lead_in_frames
     fpb = stream.frames_per_block
     total_gen = num_audio_frames + lead_in_frames
     if num_clip is not None:
@@ -95,7 +97,7 @@ def make_plan(num_audio_frames: int, stream: StreamConfig, num_clip: int | None 
             keep=(k0, k1), out_first_frame=out,
         ))
         out += max(0, k1 - k0)
-    return JobPlan(num_frames=out, lead_in_frames=lead_in_frames, blocks=tuple(blocks), stream=stream)
+    return BlockPlan(num_frames=out, lead_in_frames=lead_in_frames, blocks=tuple(blocks), stream=stream)
 
 
 def clip_noise(seed: int, clip: int, latent_hw: tuple[int, int], stream: StreamConfig,

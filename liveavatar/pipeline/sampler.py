@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from liveavatar.config import StreamConfig
+from liveavatar.pipeline.memory import CachePlan
 from liveavatar.pipeline.plan import BlockSpec, sink_offsets
 from liveavatar.scheduler import FlowMatchSchedule, euler_step, flow_match_schedule
 
@@ -37,16 +38,15 @@ class StepRunner:
     dit: a `CausalS2VDiT` (already on its device / dtype).
     text: the DiT's encoded text state for this job (`dit.encode_text(context)`).
     latent_hw: (h, w) of the latent grid (pixels / 8).
-    kv_offload: keep the step caches in host memory with one shared device buffer (True), never
-    (False), or only when they do not fit the GPU (None; see `_offload_wanted`).
-    kv_prefetch: with offload on CUDA, two device buffers: the next step's rows are copied in on
-    a side stream while this step computes (None: when the second buffer fits the free memory).
+    caches: how the step caches are held, decided before (`memory.plan_caches`, through
+    `pipeline.job.plan_rank_caches`); the runner follows it: offload (host memory, one shared
+    device buffer), prefetch (two device buffers, the next step's rows copied in on a side CUDA
+    stream while this step computes), sink_slot (resident caches with rows for the rotated sink).
     """
 
     def __init__(self, dit, text, latent_hw: tuple[int, int], schedule: FlowMatchSchedule,
                  steps: Sequence[int], stream: StreamConfig, seed: int,
-                 device: torch.device | str, dtype: torch.dtype, kv_offload: bool | None = None,
-                 kv_prefetch: bool | None = None):
+                 device: torch.device | str, dtype: torch.dtype, caches: CachePlan = CachePlan()):
         self.dit = dit
         self.text = text
         self.latent_hw = latent_hw
@@ -56,10 +56,11 @@ class StepRunner:
         self.seed = int(seed)
         self.device = torch.device(device)
         self.dtype = dtype
+        if caches.prefetch and not (caches.offload and self.device.type == "cuda"):
+            raise ValueError(f"kv_prefetch: needs the KV offload on a CUDA device (this runner: {self.device})")
         self.sink = dit.new_sink_cache(latent_hw, device=self.device, dtype=dtype)
-        self.kv_offload = self._offload_wanted(kv_offload)
-        self.kv_prefetch = (self.kv_offload and self.device.type == "cuda" and len(self.steps) > 1
-                            and self._prefetch_wanted(kv_prefetch))
+        self.kv_offload = caches.offload
+        self.kv_prefetch = caches.prefetch
         self.working = None
         self.buffers: list = []
         self.copy_stream = None
@@ -75,39 +76,9 @@ class StepRunner:
                                                  working=self.buffers[i % len(self.buffers)])
                            for i, s in enumerate(self.steps)}
             return
-        # sink slot (no per-layer concatenation of [window, sink]) when all caches fit with it
-        slot = bool(getattr(dit, "sink_slot_fits", None)
-                    and dit.sink_slot_fits(latent_hw, len(self.steps), self.device, dtype))
-        self.caches = {s: dit.new_step_cache(latent_hw, device=self.device, dtype=dtype, sink_slot=slot)
+        # sink slot: no per-layer concatenation of [window, sink]
+        self.caches = {s: dit.new_step_cache(latent_hw, device=self.device, dtype=dtype, sink_slot=caches.sink_slot)
                        for s in self.steps}
-
-    def _offload_wanted(self, kv_offload: bool | None) -> bool:
-        """kv_offload True / False, or None: offload only on CUDA when this runner owns several
-        steps and their caches do not fit the free memory (keeping 2 GiB for activations)."""
-        if kv_offload is not None:
-            return bool(kv_offload)
-        if self.device.type != "cuda" or len(self.steps) < 2:
-            return False
-        return not self._fits(self._cache_bytes(len(self.steps)))
-
-    def _prefetch_wanted(self, kv_prefetch: bool | None) -> bool:
-        """kv_prefetch True / False, or None: when two step-cache buffers fit the free memory
-        (keeping 2 GiB for activations); called with the offload decided, before any buffer."""
-        if kv_prefetch is not None:
-            return bool(kv_prefetch)
-        return self._fits(2 * self._cache_bytes(1))
-
-    def _cache_bytes(self, steps: int) -> int:
-        """Bytes of `steps` step caches at this runner's size (`memory.host_cache_bytes`)."""
-        from liveavatar.pipeline.memory import host_cache_bytes
-
-        h, w = self.latent_hw
-        return host_cache_bytes(self.dit.cfg, w * 8, h * 8, steps, self.dtype, self.stream)
-
-    def _fits(self, nbytes: int) -> bool:
-        """`nbytes` fit the device's free memory with 2 GiB left for activations."""
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return nbytes + (2 << 30) <= free
 
     @property
     def num_steps(self) -> int:
@@ -159,15 +130,6 @@ class StepRunner:
             if on_step is not None:
                 on_step(s)
         return x
-
-
-def owned_steps(num_steps: int, rank: int, num_ranks: int) -> list[int]:
-    """Contiguous step group of DiT rank `rank` out of `num_ranks` (sizes differ by at most 1)."""
-    if not 1 <= num_ranks <= num_steps:
-        raise ValueError(f"DiT ranks must be between 1 and the number of steps ({num_steps}), got {num_ranks}")
-    base, extra = divmod(num_steps, num_ranks)
-    start = rank * base + min(rank, extra)
-    return list(range(start, start + base + (1 if rank < extra else 0)))
 
 
 def make_schedule(steps: int, stream: StreamConfig) -> FlowMatchSchedule:

@@ -6,46 +6,46 @@ import logging
 
 import torch
 
+from liveavatar.models.attention import check_backend
+
 log = logging.getLogger("liveavatar")
-
-from liveavatar.models.attention import BACKENDS as ATTENTION_BACKENDS, check_backend
-
 
 # CUDA graphs of the steady-state streaming calls: opt-in (cuda_graphs=True) until they pay
 CUDA_GRAPHS_WITH_COMPILE = False  # measured on H100: 16.53 vs 16.65 FPS without (no gain)
 
 
-def fp8_scaling_for(fp8: bool | str, device: torch.device | None) -> str | None:
-    """The fp8 scaling a load option asks for (None: fp8 off), checked before any weight is read.
+def fp8_scaling_for(fp8: bool | str | None, device: torch.device | None) -> str | None:
+    """The fp8 scaling a load option asks for (`options.resolve_fp8_scaling`; None: fp8 off),
+    checked against `device` before any weight is read.
 
     Raises ValueError naming `fp8` for an unknown scaling or a CPU device, and
     `fp8.FP8Unsupported` for a GPU without fp8 matmuls (pre-sm89)."""
-    if not fp8:
-        return None
-    from liveavatar.models.fp8 import DEFAULT_SCALING, SCALINGS, check_fp8_support
+    from liveavatar.options import resolve_fp8_scaling
 
-    scaling = DEFAULT_SCALING if fp8 is True else fp8
-    if scaling not in SCALINGS:
-        raise ValueError(f"fp8: {fp8!r} is not True or one of the scalings {SCALINGS}")
+    scaling = resolve_fp8_scaling(fp8)
+    if scaling is None:
+        return None
+    from liveavatar.models.fp8 import check_fp8_support
+
     if device is None or device.type != "cuda":
         raise ValueError("fp8: needs a CUDA GPU with fp8 support (sm89+: Ada, Hopper); use dtype bf16 on CPU")
     check_fp8_support(device)
     return scaling
 
 
-def apply_speed_options(dit, *, attn: str = "sdpa", fp8: bool | str = False, compile: bool = False,
+def apply_speed_options(dit, *, attn: str = "sdpa", fp8: bool | str | None = None, compile: bool = False,
                         device: torch.device | None = None, cuda_graphs: bool | None = None) -> None:
     """Configure `dit` in place. Raises ValueError naming the option when it cannot apply.
 
-    fp8: False, True (`fp8.DEFAULT_SCALING`: per-tensor, the reference's), or the scaling by
-        name: "tensor" or "row" (per token / per output channel).
+    fp8: the scaling by name, "tensor" (the reference's) or "row" (per token / per output
+        channel), or None / False (off); True = the default scaling (`options.resolve_fp8_scaling`).
     cuda_graphs: replay repeated streaming calls from CUDA graphs (needs compile on CUDA);
     None = `CUDA_GRAPHS_WITH_COMPILE` when compiling.
     """
-    if attn not in ATTENTION_BACKENDS:
-        raise ValueError(f"attn: {attn!r} is not one of {ATTENTION_BACKENDS}")
+    from liveavatar.options import resolve_attention
+
+    dit.attn_backend = resolve_attention(attn)
     check_backend(attn, device)  # a missing optional package (flash, sage, fa4) or fa4 off CUDA: now, not mid-job
-    dit.attn_backend = attn
     scaling = fp8_scaling_for(fp8, device)
     if scaling is not None:
         from liveavatar.models.fp8 import FP8Linear, convert_to_fp8
