@@ -1,7 +1,7 @@
 """Random-weight engine for benchmarking worker groups (`python -m bench --gpus N`).
 
-Same per-step code as `parallel.engine.LiveAvatarEngine` (it subclasses it: begin_clip,
-initial_latents, run_steps and decode are inherited), but instead of loading a checkpoint and
+Same per-rank job as `parallel.engine.LiveAvatarEngine` (it subclasses it: the `RankJob` start,
+begin_clip, initial_latents, run_steps and decode are inherited), but instead of loading a checkpoint and
 encoding a prompt, audio and image, every rank builds the full-size (or `--tiny`) DiT / VAE with
 the bench's seeded random weights and random conditioning (`bench.random_model`), so every rank
 holds identical values without any file. Each rank parses the same bench argv as the controller.
@@ -50,32 +50,20 @@ class RandomWeightsEngine(LiveAvatarEngine):
     def prepare(self, job: Mapping[str, Any]) -> JobPlan:
         from liveavatar.media.audio import Audio16k
         from liveavatar.pipeline.conditioning import AudioConditioning, ImageConditioning, ReferenceLatents
-        from liveavatar.pipeline.generate import BlockDecoder, make_runner
-        from liveavatar.pipeline.plan import make_plan
+        from liveavatar.pipeline.job import JobOptions
 
         m, args = self.model, self.args
         stream = m.stream
         run = BenchRun(args, self.cfg, m.device, m.opts.dtype)
-        lead = 3
-        self.steps, self.seed, self.sink_refresh, self.pose = args.steps, args.seed, True, None
-        self.plan = make_plan(run.total_blocks * stream.frames_per_block - lead, stream, lead_in_frames=lead)
-        wave = Audio16k(torch.zeros(self.plan.num_frames * stream.sample_rate // stream.fps))
-        self.job = {"audio": wave}
-        self.image = ImageConditioning(pixels=torch.zeros(1, 3, 1, run.height, run.width),
-                                       width=run.width, height=run.height)
-        self.ref = ReferenceLatents(ref=run.ref, motion=run.motion)
-        self.audio = AudioConditioning(features=run.features, num_frames=self.plan.num_frames, audio=wave,
-                                       lead_in_frames=lead)
-        role = self.role.for_steps(self.steps)
-        if role.is_dit:
-            self.runner = make_runner(m, run.context, self.image, seed=self.seed, steps=self.steps,
-                                      owned=list(role.steps))
-            self.runner.prefill(run.ref, run.motion)
-        if role.decodes:
-            self.decoder = BlockDecoder(m.vae, run.motion.to(m.device))
-        return JobPlan(self.plan.num_blocks, stream.blocks_per_clip,
-                       (int(run.ref.shape[1]), stream.frames_per_block_latent, *run.hw), torch.float32,
-                       refresh_sink=self.sink_refresh, num_steps=self.steps)
+        lead = stream.lead_in_frames
+        num_frames = run.total_blocks * stream.frames_per_block - lead
+        wave = Audio16k(torch.zeros(num_frames * stream.sample_rate // stream.fps))
+        image = ImageConditioning(pixels=torch.zeros(1, 3, 1, run.height, run.width),
+                                  width=run.width, height=run.height)
+        audio = AudioConditioning(features=run.features, num_frames=num_frames, audio=wave, lead_in_frames=lead)
+        options = JobOptions(seed=args.seed, steps=args.steps, sink_refresh=True)
+        return self.start_job(options, image, wave, audio=audio, context=run.context,
+                              reference=ReferenceLatents(ref=run.ref, motion=run.motion))
 
 
 __all__ = ["RandomWeightsEngine"]

@@ -29,7 +29,7 @@ def over_time_limit(args) -> bool:
 def run_dit_scope(args, cfg, dit, device, dtype, run: BenchRun) -> dict:
     """Sink prefill + warm-up + timed blocks through the pipeline's StepRunner."""
     from liveavatar.pipeline.conditioning import AudioConditioning, ImageConditioning
-    from liveavatar.pipeline.generate import make_runner
+    from liveavatar.pipeline.job import make_runner
     from liveavatar.pipeline.model import LiveAvatar, LoadOptions
     from liveavatar.pipeline.plan import block_noise, make_plan
     from liveavatar.pipeline.sampler import BlockInputs

@@ -111,7 +111,7 @@ class LiveAvatarEngine:
         self.job = None
 
     def prepare(self, job: Mapping[str, Any]) -> JobPlan:
-        from liveavatar.pipeline.job import JobOptions, RankJob
+        from liveavatar.pipeline.job import JobOptions
 
         m = self.model
         options = JobOptions(seed=int(job.get("seed", 42)), steps=int(job.get("steps", 4)),
@@ -126,8 +126,17 @@ class LiveAvatarEngine:
             context = m.encode_prompt(job.get("prompt", ""))
             if pose is None and job.get("pose_video"):
                 pose = m.encode_pose(job["pose_video"], image, audio.num_frames, lead_in_frames=audio.lead_in_frames)
-        self.job = RankJob(m, options, image, job["audio"], audio=audio, context=context,
-                           owned=role.steps if role.is_dit else (), decodes=role.decodes, pose_cond=pose).start()
+        return self.start_job(options, image, job["audio"], audio=audio, context=context, pose_cond=pose)
+
+    def start_job(self, options: Any, image: Any, wave: Any, **conditioning: Any) -> JobPlan:
+        """Build and start this rank's `RankJob` (its share of `options.steps`; conditioning: the
+        `RankJob` keywords audio, context, pose_cond, reference) and return the group's `JobPlan`."""
+        from liveavatar.pipeline.job import RankJob
+
+        m = self.model
+        role = self.role.for_steps(options.steps)
+        self.job = RankJob(m, options, image, wave, owned=role.steps if role.is_dit else (),
+                           decodes=role.decodes, **conditioning).start()
         h, w = image.latent_hw
         return JobPlan(self.job.plan.num_blocks, m.stream.blocks_per_clip,
                        (int(self.job.ref.ref.shape[1]), m.stream.frames_per_block_latent, h, w), torch.float32,
