@@ -1,13 +1,9 @@
 """Real ComfyUI, headless on the CPU, with this pack linked into custom_nodes (needs COMFYUI_DIR).
 
-A throw-away base directory (`--base-directory`) holds custom_nodes/ComfyUI-LiveAvatar (a link to
-this repo), models/liveavatar/liveavatar-tiny (the tiny checkpoint), input/ (test image + audio)
-and output/. The server is driven only through its HTTP + websocket API:
+The server and its throw-away base directory come from `comfy_server` (pack linked in, tiny
+checkpoint, input media). It is driven only through its HTTP + websocket API:
 /object_info, /workflow_templates, POST /prompt (the shipped API-format tiny workflow), /history,
 /ws (progress + block previews), POST /interrupt.
-
-ComfyUI runs under `$COMFYUI_DIR/.venv/bin/python` when that exists (the interpreter
-`shared/tools/comfyui-headless.sh` prepares), else under this interpreter.
 """
 
 from __future__ import annotations
@@ -16,108 +12,22 @@ import base64
 import json
 import os
 import queue
-import shutil
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from test_nodes_support import AUDIO_NAME, COMFYUI_DIR, IMAGE_NAME, REPO, TINY_NAME, make_tiny, write_wav
+from comfy_server import LONG_AUDIO, PACK, SHORT_S, Server, needs_server
+from test_nodes_support import REPO, TINY_NAME
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
-              pytest.mark.skipif(not COMFYUI_DIR or not (Path(COMFYUI_DIR or ".") / "main.py").is_file(),
-                                 reason="COMFYUI_DIR does not point at a ComfyUI checkout")]
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow, needs_server()]
 
 OUR_NODES = {"LiveAvatarModelLoader", "LiveAvatarModelLoaderFiles", "LiveAvatarTextEncode", "LiveAvatarAudioEncode",
              "LiveAvatarReferenceImage", "LiveAvatarSampler", "LiveAvatarSaveMP4"}
-PACK = "ComfyUI-LiveAvatar"
-SHORT_S = 0.44  # 11 frames, 2 blocks
-LONG_AUDIO = "speech_long.wav"  # assets/speech.wav: 3.6 s, 90 frames, 8 blocks (interrupted)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, base: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        venv_py = Path(COMFYUI_DIR) / ".venv" / "bin" / "python"
-        python = str(venv_py) if venv_py.is_file() else sys.executable
-        self.log_path = base / "comfyui.log"
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--disable-auto-launch", "--base-directory", str(base)],
-            cwd=COMFYUI_DIR, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 240) -> None:
-        end = time.time() + timeout
-        while time.time() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited ({self.proc.returncode}):\n{self.tail()}")
-            try:
-                self.get("/system_stats")
-                return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(0.5)
-        raise TimeoutError(f"ComfyUI did not start in {timeout} s:\n{self.tail()}")
-
-    def tail(self, n: int = 4000) -> str:
-        self.log.flush()
-        return self.log_path.read_bytes()[-n:].decode(errors="replace")
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            return json.loads(r.read())
-
-    def post(self, path: str, body: dict | None = None):
-        data = json.dumps(body or {}).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                raw = r.read()
-                return r.status, (json.loads(raw) if raw else None)
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
-
-    def queue(self, prompt: dict, client_id: str) -> str:
-        status, body = self.post("/prompt", {"prompt": prompt, "client_id": client_id})
-        assert status == 200, f"/prompt refused it: {body}"
-        return body["prompt_id"]
-
-    def wait_history(self, prompt_id: str, timeout: float = 300) -> dict:
-        end = time.time() + timeout
-        while time.time() < end:
-            hist = self.get(f"/history/{prompt_id}")
-            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-                if hist[prompt_id]["status"].get("status_str") in ("success", "error"):
-                    return hist[prompt_id]
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI died:\n{self.tail()}")
-            time.sleep(0.3)
-        raise TimeoutError(f"prompt {prompt_id} did not finish:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
 
 
 class WebSocket:
@@ -197,22 +107,8 @@ class WebSocket:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    os.symlink(REPO, base / "custom_nodes" / PACK)
-    make_tiny(base / "models" / "liveavatar" / TINY_NAME)
-    (base / "input").mkdir()
-    shutil.copy(REPO / "assets" / "avatar.png", base / "input" / IMAGE_NAME)
-    write_wav(base / "input" / AUDIO_NAME, SHORT_S, rate=44100, channels=2)
-    shutil.copy(REPO / "assets" / "speech.wav", base / "input" / LONG_AUDIO)
-    srv = Server(base)
-    try:
-        srv.wait_ready()
-        srv.base = base
-        yield srv
-    finally:
-        srv.stop()
+def server(comfyui_server):
+    return comfyui_server
 
 
 def _api(name: str) -> dict:

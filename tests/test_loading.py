@@ -23,17 +23,6 @@ from liveavatar.loading.safetensors_io import (
 from liveavatar.loading.tiny import make_tiny_checkpoint
 
 
-def dit_available() -> bool:
-    try:
-        from liveavatar.models.dit import CausalS2VDiT  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_dit = pytest.mark.skipif(not dit_available(), reason="liveavatar.models.dit not written yet")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "Wan2.2-S2V-14B", seed=0)
@@ -255,7 +244,6 @@ def test_lora_default_locations_and_repo_id(tiny, tmp_path):
         find_official_checkpoint(base, lora="Quark-Vision/Live-Avatar")
 
 
-@needs_dit
 def test_official_round_trip_loads_every_component_strictly(tiny):
     ckpt = find_official_checkpoint(tiny, lora="none")
     parts = load_components(ckpt, device="cpu", dtype=torch.float32)
@@ -269,7 +257,6 @@ def test_official_round_trip_loads_every_component_strictly(tiny):
     assert parts["audio_encoder"].num_states == ckpt.config.audio_num_layers
 
 
-@needs_dit
 def test_reference_tiny_dit_loads_into_our_model(fixtures_dir):
     from liveavatar.models.dit import CausalS2VDiT
 
@@ -283,7 +270,6 @@ def test_reference_tiny_dit_loads_into_our_model(fixtures_dir):
     assert torch.equal(model.state_dict()["frame_packer.proj_4x.weight"], src.get("frame_packer.proj_4x.weight"))
 
 
-@needs_dit
 def test_mismatched_components_are_refused_before_loading(tiny, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(tiny, other)
@@ -461,7 +447,6 @@ def test_sentencepiece_tokenizer_pads_truncates_keeps_eos():
     assert ids[0].tolist() == sp.encode(("news reporter " * 20).strip())[:7] + [1] and mask.all()
 
 
-@needs_dit
 @pytest.mark.parametrize("tokenizer", ["folder", "embedded", "missing"])
 def test_load_components_from_comfy_files(tiny, tmp_path, tokenizer):
     """ComfyUI-style single files. The umT5 file may carry its tokenizer (`spiece_model`, as
@@ -534,7 +519,6 @@ def test_wav2vec2_large_xlsr_config_from_shapes():
     assert pre["do_normalize"] and pre["sampling_rate"] == 16000
 
 
-@needs_dit
 @pytest.mark.parametrize("scaling", ["tensor", "row"])
 def test_fp8_while_loading_equals_convert_after(tiny, scaling):
     """fp8 linears made layer by layer during the load (LoRA merged first) hold exactly what

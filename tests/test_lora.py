@@ -205,7 +205,8 @@ def test_every_14b_lora_key_normalises_to_a_target(fixtures_dir):
 
 
 def test_14b_model_targets_match_peft(fixtures_dir):
-    dit = pytest.importorskip("liveavatar.models.dit")
+    from liveavatar.models import dit
+
     cfg = DiTConfig.from_json(fixtures_dir / "s2v14b_config.json")
     with torch.device("meta"):
         model = dit.CausalS2VDiT(cfg)
@@ -214,7 +215,6 @@ def test_14b_model_targets_match_peft(fixtures_dir):
 
 
 def test_tiny_checkpoint_lora_through_load_dit(tmp_path):
-    pytest.importorskip("liveavatar.models.dit")
     from liveavatar.loading.official import find_official_checkpoint, load_dit
 
     root = make_tiny_checkpoint(tmp_path / "ck", seed=5)

@@ -1,13 +1,19 @@
 """The newcomer path: the README's Quick start commands work on a fresh clone, and CI runs the
 README's test command.
 
-- `test_readme_demo_command_on_a_fresh_clone` (slow, runs in CI): `git clone --no-local` of this
-  repository's committed HEAD into a temp dir, then the FIRST command of the first code block
-  under `## Quick start` of the CLONED README, run exactly as written with bash. To keep CI time
-  sane the clone reuses this test run's Python environment through `LIVEAVATAR_VENV` (dev.sh then
-  skips creating `.venv`; everything else - tiny checkpoint, assets, output - is the clone's own).
-  It checks the exit status, the printed summary (`wrote <path>`, `effective size WxH, F fps,
-  N frames`) and the mp4 itself through PyAV (`probe_video`): size, fps, frame count, audio track.
+- `test_readme_demo_command_on_a_fresh_clone` and `test_readme_test_command_on_a_fresh_clone`
+  (slow, run in CI): `git clone --no-local` of this repository's committed HEAD into
+  `<tmp>/ComfyUI/custom_nodes/ComfyUI-LiveAvatar` with nothing beside it, then the two commands of
+  the first code block under `## Quick start` of the CLONED README, run exactly as written with
+  bash. To keep CI time sane the clone reuses this test run's Python environment through
+  `LIVEAVATAR_VENV` (dev.sh then skips creating `.venv`; everything else - tiny checkpoint,
+  fixtures, assets, output - is the clone's own). The demo: exit status, the printed summary
+  (`wrote <path>`, `effective size WxH, F fps, N frames`) and the mp4 itself through PyAV
+  (`probe_video`): size, fps, frame count, audio track. The test command: pytest's summary shows
+  passes and no failure or error. That nested run has `LIVEAVATAR_NEWCOMER_RUN=1`, so these
+  clone tests skip there instead of recursing.
+- `test_other_folder_names_collect_and_pass`: clones named `comfyui-liveavatar` and `comfyui_liveavatar`
+  run a few test files (the pack's own import included) without errors.
 - `test_ci_runs_the_readme_test_command`: `.ci/run` executes the README's second command.
 - `test_readme_documents_every_cli_flag`: every option of the CLI appears in the README.
 """
@@ -22,6 +28,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from test_nodes_support import COMFYUI_DIR, needs_comfy
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_PATH = re.compile(r"^wrote (?P<path>.+\.mp4)\s*$", re.M)
@@ -103,24 +111,78 @@ def test_readme_documents_every_cli_flag() -> None:
     assert not missing, f"README.md does not document: {', '.join(missing)}"
 
 
-@pytest.mark.slow
-def test_readme_demo_command_on_a_fresh_clone(tmp_path: Path) -> None:
+# Set in the environment of the suite that `test_readme_test_command_on_a_fresh_clone` runs inside
+# the clone: that nested run does not clone and run itself again.
+NESTED = "LIVEAVATAR_NEWCOMER_RUN"
+outer_run_only = pytest.mark.skipif(os.environ.get(NESTED) == "1",
+                                    reason="inside the newcomer test's own run of the suite (no recursion)")
+SUMMARY = re.compile(r"^=*\s*(?P<counts>\d+ \w+(?:, \d+ \w+)*) in [\d.]+s", re.M)
+
+
+def clone_as_newcomer(tmp_path: Path, folder: str = "ComfyUI-LiveAvatar") -> Path:
+    """`git clone --no-local` of the committed HEAD to <tmp>/ComfyUI/custom_nodes/<folder>, where
+    the README's install section puts it; nothing else is beside it (no ../shared, no ComfyUI)."""
     if not (REPO / ".git").exists():
-        pytest.skip("not a git checkout: nothing to clone")
+        pytest.fail("not a git checkout: the newcomer tests clone the repository")
     git = shutil.which("git")
     assert git, "git is needed to clone the repository"
-    clone = tmp_path / "clone"
+    clone = tmp_path / "ComfyUI" / "custom_nodes" / folder
+    clone.parent.mkdir(parents=True)
     subprocess.run([git, "clone", "--quiet", "--no-local", str(REPO), str(clone)], check=True,
                    capture_output=True, timeout=120)
+    assert [p.name for p in clone.parent.iterdir()] == [folder]
     assert not (clone / ".venv").exists() and not (clone / "output").exists()
+    return clone
 
+
+def newcomer_env() -> dict[str, str]:
+    """This environment as a newcomer's shell would have it: no pytest, LIVEAVATAR_*, COMFYUI_*,
+    PYTHONPATH or CI variables; this run's Python environment reused through LIVEAVATAR_VENV (dev.sh
+    then skips creating .venv; everything else is the clone's own)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTEST_", "LIVEAVATAR_", "COMFYUI_")) and k not in ("CI", "PYTHONPATH")}
+    env["LIVEAVATAR_VENV"] = sys.prefix
+    env[NESTED] = "1"
+    return env
+
+
+def run_in_clone(clone: Path, command: str, timeout: float,
+                 **extra_env: str) -> tuple[subprocess.CompletedProcess, str]:
+    proc = subprocess.run(["bash", "-c", command], cwd=clone, env={**newcomer_env(), **extra_env},
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    log = f"command: {command}\nstdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc, log
+
+
+def pytest_counts(output: str) -> dict[str, int]:
+    """{"passed": N, "skipped": N, ...} from pytest's last summary line (-q or not)."""
+    found = SUMMARY.findall(output)
+    assert found, f"no pytest summary line in:\n{output[-3000:]}"
+    counts = {}
+    for part in found[-1].split(", "):
+        n, word = part.split(" ", 1)
+        counts[word] = int(n)
+    return counts
+
+
+def test_pytest_counts_parser() -> None:
+    assert pytest_counts("....\n371 passed, 12 skipped, 14 warnings in 500.25s (0:08:20)\n") == \
+        {"passed": 371, "skipped": 12, "warnings": 14}
+    assert pytest_counts("x\n===== 2 failed, 3 passed in 1.00s =====\n") == {"failed": 2, "passed": 3}
+    assert pytest_counts("40 errors in 11.45s\n") == {"errors": 40}
+
+
+@pytest.fixture(scope="module")
+def newcomer_clone(tmp_path_factory) -> Path:
+    return clone_as_newcomer(tmp_path_factory.mktemp("newcomer"))
+
+
+@outer_run_only
+@pytest.mark.slow
+def test_readme_demo_command_on_a_fresh_clone(newcomer_clone: Path) -> None:
+    clone = newcomer_clone
     command = quick_start_commands((clone / "README.md").read_text(encoding="utf-8"))[0]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "LIVEAVATAR_"))}
-    env["LIVEAVATAR_VENV"] = sys.prefix  # reuse this environment instead of installing a new one
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.run(["bash", "-c", command], cwd=clone, env=env, capture_output=True, text=True,
-                          timeout=600, stdin=subprocess.DEVNULL)
-    log = f"command: {command}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    proc, log = run_in_clone(clone, command, timeout=600)
     assert proc.returncode == 0, log
 
     m_path, m_size = SUMMARY_PATH.search(proc.stdout), SUMMARY_SIZE.search(proc.stdout)
@@ -144,3 +206,50 @@ def test_readme_demo_command_on_a_fresh_clone(tmp_path: Path) -> None:
     # idempotent: a second run reuses the tiny checkpoint and rewrites the same file
     ckpt = clone / ".cache" / "tiny-ckpt" / "config.json"
     assert ckpt.is_file(), "the demo should keep its tiny checkpoint in .cache/tiny-ckpt"
+
+
+@outer_run_only
+@pytest.mark.slow
+def test_readme_test_command_on_a_fresh_clone(newcomer_clone: Path) -> None:
+    """The README's second command, as written, in the clone: the whole suite passes there (a folder
+    name with a hyphen, fixtures from the repository, nothing beside it). The nested run is not CI
+    and has no ComfyUI around it: its ComfyUI and browser tests skip (this run has them)."""
+    command = quick_start_commands((newcomer_clone / "README.md").read_text(encoding="utf-8"))[1]
+    proc, log = run_in_clone(newcomer_clone, command, timeout=2400)
+    counts = pytest_counts(proc.stdout)
+    assert counts.get("passed", 0) > 300 and not counts.get("failed") and not counts.get("errors") \
+        and not counts.get("error"), f"{counts}\n{log}"
+    assert proc.returncode == 0, log
+
+
+@outer_run_only
+@pytest.mark.parametrize("folder", ["comfyui-liveavatar", "comfyui_liveavatar"])
+def test_other_folder_names_collect_and_pass(tmp_path: Path, folder: str) -> None:
+    """Any folder name works: lower-case with a hyphen, and a plain identifier (which pytest would
+    otherwise import as a package). A few quick files, the pack's own import included."""
+    clone = clone_as_newcomer(tmp_path, folder)
+    proc, log = run_in_clone(clone, "./dev.sh test tests/test_fixtures.py tests/test_config.py "
+                                    "tests/test_nodes_pure.py", timeout=600)
+    counts = pytest_counts(proc.stdout)
+    assert proc.returncode == 0 and counts.get("passed", 0) >= 10 and set(counts) <= {"passed", "warnings"}, \
+        f"{counts}\n{log}"
+
+
+@outer_run_only
+@pytest.mark.comfyui
+@needs_comfy()
+def test_test_command_uses_the_comfyui_around_the_pack(tmp_path: Path) -> None:
+    """A clone in ComfyUI/custom_nodes of a real ComfyUI tree (COMFYUI_DIR's entries linked into
+    <tmp>/ComfyUI) runs a ComfyUI test with no COMFYUI_DIR set: dev.sh finds ../../main.py. CI=true
+    in the nested run, so a skip there would fail."""
+    comfy = tmp_path / "ComfyUI"
+    comfy.mkdir()
+    for entry in Path(COMFYUI_DIR).iterdir():
+        if entry.name != "custom_nodes":
+            (comfy / entry.name).symlink_to(entry)
+    clone = clone_as_newcomer(tmp_path)
+    proc, log = run_in_clone(clone, "./dev.sh test tests/test_workflows.py -k live_schemas", timeout=600,
+                             CI="true")
+    assert f"COMFYUI_DIR={comfy}" in proc.stdout, log
+    counts = pytest_counts(proc.stdout)
+    assert proc.returncode == 0 and counts.get("passed") == 1 and set(counts) <= {"passed", "deselected"}, log

@@ -1,8 +1,9 @@
 """Helpers for the node tests (no tests here): ComfyUI modules, the pack as ComfyUI loads it, media.
 
 ComfyUI's own modules (`comfy_api`, `folder_paths`, `comfy.*`) come from the checkout named by
-`COMFYUI_DIR`; tests that need them skip when it is unset or not importable from this interpreter
-(ComfyUI needs `einops` besides our own requirements).
+`COMFYUI_DIR` (`./dev.sh test` sets it to the ComfyUI around the pack when there is one; `.ci/run`
+to the snapshot it sets up); tests that need them skip when it is unset or ComfyUI's requirements
+are not importable from this interpreter, and fail instead of skipping under CI=true (conftest.py).
 """
 
 from __future__ import annotations

@@ -26,14 +26,6 @@ def read_tsv(path: Path) -> dict[str, tuple[int, ...]]:
     return {r.split("\t")[0]: tuple(int(x) for x in r.split("\t")[1].split("x")) for r in rows}
 
 
-def dit_available() -> bool:
-    try:
-        from liveavatar.models.dit import CausalS2VDiT  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, float]:
     out = tmp_path_factory.mktemp("tiny") / "Wan2.2-S2V-14B"
@@ -157,7 +149,6 @@ def test_vae_and_t5_keys_match_reference(fixtures_dir):
     assert t5_key_shapes(cfg) == read_tsv(fixtures_dir / "t5" / "keys.tsv")
 
 
-@pytest.mark.skipif(not dit_available(), reason="liveavatar.models.dit not written yet")
 def test_model_keys_match_derived_keys(fixtures_dir):
     from liveavatar.loading.tiny import dit_shapes_from_model
 
