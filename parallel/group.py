@@ -61,6 +61,17 @@ NCCL_REMEDIES = (
     "holds the GPUs"
 )
 
+OOM_REMEDY = ("out of memory on that rank's device: stop other processes using it, or lower the need: a "
+              "smaller size, fp8 weights, KV caches offloaded to the host, or more GPUs")
+
+
+def with_remedy(text: str) -> str:
+    """A rank's error text, with what to do about it when that is known (out of memory)."""
+    if text.startswith(("OutOfMemoryError", "torch.OutOfMemoryError")) or "CUDA out of memory" in text:
+        return f"{text} [{OOM_REMEDY}]"
+    return text
+
+
 GLOO_REMEDIES = ("check GLOO_SOCKET_IFNAME (lo on one host, the NIC that reaches the other hosts "
                  "under torchrun) and that the hosts can reach each other")
 
@@ -347,7 +358,7 @@ class WorkerGroup:
             _, _, ph, _, text, tb = msg
             if ph == "init":
                 text += f" ({NCCL_REMEDIES if self.config.schedule.backend == 'nccl' else GLOO_REMEDIES})"
-            return self._fail_start(f"rank {rank} failed to {ph}: {text}", rank, ph, tb)
+            return self._fail_start(f"rank {rank} failed to {ph}: {with_remedy(text)}", rank, ph, tb)
         text = tail(self.log_path(rank))
         return self._fail_start(f"rank {rank} {msg[2]} during {phase}:\n{last_traceback(text)}",
                                 rank, phase, text)

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
 
-from parallel.group import (GroupConfig, GroupError, JobInputError, JobResult, WorkerError,
+from parallel.group import (GroupConfig, GroupError, JobInputError, JobResult, WorkerError, with_remedy,
                             WorkerGroup)
 from parallel.procs import innermost_frames, last_traceback, tail
 from parallel.tpp import BlockFrames
@@ -55,7 +55,7 @@ class JobHandle:
         rank = main[1]
         if main[0] == "error":
             _, _, phase, _, text, tb = main
-            detail = f"failed ({phase}): {text}"
+            detail = f"failed ({phase}): {with_remedy(text)}"
         else:
             detail, tb = main[2], last_traceback(tail(self.group.log_path(rank)))
         self.group._break()

@@ -44,7 +44,7 @@ def _boxes(data: bytes | bytearray, start: int = 0, end: int | None = None):
 
 class FragmentFile:
     """Write packets of `streams` (encoder-owning PyAV streams of a never-muxed container) to
-    `file` (opened "wb", named `path` in messages; closed by `close()`).
+    `file` (opened "wb" without buffering, named `path` in messages; closed by `close()`).
 
     `add(packet)` queues an encoded packet; `flush()` puts every queued packet on disk.
     Decode times are kept per track relative to the first packet ever flushed on that track.
@@ -57,6 +57,7 @@ class FragmentFile:
         self._origin: dict[int, Fraction] = {}  # track index -> first dts (s) of the file
         self._sequence = 0
         self._file = file
+        self._error: OSError | None = None
 
     def add(self, packets: list) -> None:
         self._pending.extend(packets)
@@ -96,11 +97,21 @@ class FragmentFile:
                 out += self._patch_moof(data[off:off + size], timescales, firsts, first)
             elif kind == "mdat":
                 out += data[off:off + size]
+        self._write_all(out)
+
+    def _write_all(self, data: bytearray) -> None:
+        """Write every byte (the file is unbuffered: a short write is retried, an error raised at once).
+        After a failure (disk full, I/O error) the file takes no more writes; what is on disk stays
+        readable up to its last whole fragment."""
+        if self._error is not None:
+            raise self._error
+        view = memoryview(data)
         try:
-            self._file.write(out)
-            self._file.flush()
+            while view:
+                view = view[self._file.write(view):]
         except OSError as exc:
-            raise OSError(exc.errno, f"video: cannot write {self.path}: {exc.strerror or exc}") from exc
+            self._error = OSError(exc.errno, f"video: cannot write {self.path}: {exc.strerror or exc}")
+            raise self._error from exc
 
     @staticmethod
     def _timescales(data: bytearray) -> dict[int, int]:
@@ -149,8 +160,10 @@ class FragmentFile:
         return moof
 
     def close(self) -> None:
+        """Write what is pending (unless a write failed before) and close the file."""
         try:
-            self.flush(final=True)
+            if self._error is None:
+                self.flush(final=True)
         finally:
             self._file.close()
 

@@ -123,7 +123,7 @@ class VideoWriter:
             if fragmented:
                 # encoders only: packets are muxed per write call by FragmentFile
                 self._container = av.open(io.BytesIO(), "w", format="mp4")
-                self._sink = open(self.path, "wb")  # noqa: SIM115 (handed to FragmentFile)
+                self._sink = open(self.path, "wb", buffering=0)  # noqa: SIM115 (handed to FragmentFile)
             else:
                 self._container = av.open(str(self.path), "w", format="mp4")
         except (OSError, av.error.FFmpegError) as exc:
