@@ -33,7 +33,7 @@ setup() {
     "$VENV/bin/python" - <<'EOF' || exit 2
 import importlib.util, sys
 mods = ("torch", "torchaudio", "av", "safetensors", "numpy", "PIL", "transformers", "diffusers",
-        "tokenizers", "sentencepiece", "psutil", "ftfy", "pytest")
+        "tokenizers", "sentencepiece", "psutil", "ftfy", "soxr", "pytest")
 missing = [m for m in mods if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"error: LIVEAVATAR_VENV={sys.prefix} lacks {', '.join(missing)}; install "

@@ -249,13 +249,36 @@ def main(argv: list[str] | None = None) -> int:
             path = make_tiny_checkpoint(Path(args.dir).expanduser(), seed=args.seed, **kwargs)
             print(f"tiny checkpoint written to {Path(path).resolve()}")
             return 0
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception) as exc:
+        code = _report_error(exc, args.verbose)
+        if code is None:
+            raise
+        return code
+    return 1
+
+
+def _report_error(exc: BaseException, verbose: bool) -> int | None:
+    """Print one `error:` line for a failure the user can act on and return the exit status (130
+    interrupted, 2 bad input, 1 a fault: file system, worker group); None lets the traceback through
+    (a bug, or --verbose)."""
+    if isinstance(exc, KeyboardInterrupt):
         print("error: interrupted", file=sys.stderr)
         return 130
-    except _user_error_types() as exc:
-        if args.verbose:
-            raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    return 1
+    if verbose:
+        return None
+    group = sys.modules.get("parallel.group")  # a worker-group fault can only come once it is imported
+    if isinstance(exc, _user_error_types()):
+        code, text = 2, str(exc)
+    elif isinstance(exc, OSError):  # disk full, read-only or vanished output folder, I/O error
+        code, text = 1, exc.strerror or str(exc)
+        if exc.filename and str(exc.filename) not in text:
+            text += f": {exc.filename}"
+    elif group is not None and isinstance(exc, group.GroupError):
+        code, text = 1, str(exc).partition("; its last traceback:")[0]
+    else:
+        return None
+    text = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    sys.stdout.flush()
+    logging.disable(logging.CRITICAL)  # nothing after the error line (e.g. teardown at exit)
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    return code

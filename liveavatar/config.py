@@ -23,6 +23,25 @@ class ConfigError(ValueError):
     """A config.json that cannot describe a Live Avatar DiT. The message names the file and key."""
 
 
+def _kind(default: Any) -> str:
+    if isinstance(default, tuple):
+        return "a list of numbers"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[type(default)]
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    """`value` (from JSON) fits a field whose default is `default` (bool, int, float, str, tuple)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, tuple):
+        return isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return isinstance(value, type(default))
+
+
 @dataclass(frozen=True)
 class DiTConfig:
     """Causal S2V DiT hyper-parameters (the `config.json` of a Wan2.2-S2V checkpoint)."""
@@ -95,14 +114,21 @@ class DiTConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config.json") -> "DiTConfig":
         """Build from a config.json dict; unknown keys (e.g. `_class_name`) are ignored."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object of DiT settings, got a {type(data).__name__}")
         names = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
+        wrong: list[str] = []
         for key, value in data.items():
             if key not in names:
                 continue
             if isinstance(value, list):
                 value = tuple(value)
+            if not _same_kind(value, names[key].default):
+                wrong.append(f"{key} = {value!r} (expected {_kind(names[key].default)})")
             kwargs[key] = value
+        if wrong:
+            raise ConfigError(f"{source}: wrong value types: " + "; ".join(wrong))
         try:
             return cls(**kwargs).validate(source)
         except TypeError as exc:  # pragma: no cover - dataclass signature problems

@@ -11,6 +11,7 @@ from comfy_api.latest import io
 from . import model_files as mf
 from .errors import LiveAvatarInputError
 from .handle import MODES, PRECISIONS, LoadSpec, file_stamps, get_or_open, parse_placement, precision_options
+from .paths import confine
 from .types import CATEGORY_LOADERS, LiveAvatarModel
 
 from liveavatar.options import ATTENTION_BACKENDS, finite_float
@@ -101,6 +102,10 @@ def _open(kind: str, paths: dict[str, str], lora: str | None, lora_strength: flo
     if attention not in attention_backends():
         raise LiveAvatarInputError(node, "attention", f"{attention!r} is not one of {', '.join(attention_backends())}")
     placement = parse_placement(devices, gpu_mode, node=node)
+    for name, path in paths.items():
+        confine(node, name, path)
+    if lora not in (None, "none"):
+        confine(node, "lora", lora)
     stamps = file_stamps(list(paths.values()) + ([lora] if lora else []))
     spec = LoadSpec(kind=kind, paths=tuple(sorted(paths.items())), lora=lora,
                     lora_strength=float(lora_strength), dtype=prec.dtype, fp8=prec.fp8, attn=attention,

@@ -28,4 +28,15 @@ class JobInputError(GroupError):
     """`engine.prepare` refused the job on some rank; the group is still usable."""
 
 
-__all__ = ["GroupError", "GroupStartError", "JobInputError", "WorkerError"]
+OOM_REMEDY = ("out of memory on that rank's device: stop other processes using it, or lower the need: a "
+              "smaller size, fp8 weights, KV caches offloaded to the host, or more GPUs")
+
+
+def with_remedy(text: str) -> str:
+    """A rank's error text, with what to do about it when that is known (out of memory)."""
+    if text.startswith(("OutOfMemoryError", "torch.OutOfMemoryError")) or "CUDA out of memory" in text:
+        return f"{text} [{OOM_REMEDY}]"
+    return text
+
+
+__all__ = ["GroupError", "GroupStartError", "JobInputError", "OOM_REMEDY", "WorkerError", "with_remedy"]

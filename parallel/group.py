@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from parallel.channel import Channel, ChannelClosed, ControlListener
-from parallel.faults import GroupError, GroupStartError, WorkerError
+from parallel.faults import GroupError, GroupStartError, WorkerError, with_remedy
 from parallel.jobs import JobHandle
 from parallel.procs import exit_text, last_traceback, popen, tail
 from parallel.schedule import Schedule
@@ -311,7 +311,7 @@ class WorkerGroup:
             _, _, ph, _, text, tb = msg
             if ph == "init":
                 text += f" ({NCCL_REMEDIES if self.config.schedule.backend == 'nccl' else GLOO_REMEDIES})"
-            return self._fail_start(f"rank {rank} failed to {ph}: {text}", rank, ph, tb)
+            return self._fail_start(f"rank {rank} failed to {ph}: {with_remedy(text)}", rank, ph, tb)
         text = tail(self.log_path(rank))
         return self._fail_start(f"rank {rank} {msg[2]} during {phase}:\n{last_traceback(text)}",
                                 rank, phase, text)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
-from parallel.faults import GroupError, JobInputError, WorkerError
+from parallel.faults import GroupError, JobInputError, WorkerError, with_remedy
 from parallel.procs import innermost_frames, last_traceback, tail
 from parallel.tpp import BlockFrames
 
@@ -86,7 +86,7 @@ class JobHandle:
         rank = main[1]
         if main[0] == "error":
             _, _, phase, _, text, tb = main
-            detail = f"failed ({phase}): {text}"
+            detail = f"failed ({phase}): {with_remedy(text)}"
         else:
             detail, tb = main[2], last_traceback(tail(self.group.log_path(rank)))
         self.group._break()

@@ -12,7 +12,8 @@ makes scheduling mistakes visible in the output:
   state carries across blocks (a dropped, duplicated or reordered block changes later frames).
 
 Job keys: seed, num_clips, blocks_per_clip (4), height/width (latent, 4x6), step_sleep (s),
-fail_at [rank, clip, block] (raise there), crash_at [rank, clip, block] (abort the process),
+fail_at [rank, clip, block] (raise there), oom_at [rank, clip, block] (raise torch.OutOfMemoryError
+there), crash_at [rank, clip, block] (abort the process),
 hang_at [rank, clip, block] (never return from there; the process stays alive),
 bad_input (refused in prepare), no_sink_refresh. Config keys: num_steps, channels, weight_seed,
 fail_load_rank, path.
@@ -79,6 +80,8 @@ class ToyEngine:
             raise RuntimeError(f"toy failure on rank {self.role.rank} at clip {clip} block {block}")
         if self.job.get("crash_at") == where:
             os.abort()
+        if self.job.get("oom_at") == where:  # what the CUDA caching allocator raises
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (toy, rank {self.role.rank})")
         if self.job.get("hang_at") == where:
             while True:  # like a rank stuck in a GPU kernel: alive, heartbeats still going
                 time.sleep(0.05)

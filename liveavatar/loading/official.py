@@ -23,6 +23,7 @@ import torch
 from ..config import OFFICIAL_FILES, ConfigError, DiTConfig, T5Config, VAEConfig, dataclass_from_json
 from .comfy_layout import infer_dit_config, infer_t5_config, infer_vae_config, open_single_file
 from .lora import plan_lora
+from .preflight import check_dit_weights
 from .safetensors_io import (
     CheckpointError, DictSource, TensorSource, load_into_module, load_pth_state_dict, open_tensor_source,
 )
@@ -145,8 +146,10 @@ def find_official_checkpoint(ckpt_dir: str | Path, lora: str | Path | None = Non
         raise CheckpointError(str(exc)) from exc
     assert dit_path is not None
     dit = open_tensor_source(dit_path)
+    config = complete_config(config, dit)
+    check_dit_weights(dit, config, root / f.config, lora_path)
     return OfficialCheckpoint(
-        root=root, config=complete_config(config, dit), dit=dit, t5_path=root / f.t5, tokenizer_dir=tok,
+        root=root, config=config, dit=dit, t5_path=root / f.t5, tokenizer_dir=tok,
         vae_path=root / f.vae, wav2vec_dir=w2v, lora_path=lora_path,
         t5_config_path=(root / f.t5_config) if (root / f.t5_config).is_file() else None,
         vae_config_path=(root / f.vae_config) if (root / f.vae_config).is_file() else None,
@@ -319,6 +322,10 @@ def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Pa
         cfg = complete_config(DiTConfig.from_json(_absolute(config)), dit_src)
     else:
         cfg = infer_dit_config(dit_src, **(dit_overrides or {}))
+    lora_path = resolve_lora(_absolute(dit).parent, lora if lora is not None else "none", missing := [])
+    if missing:
+        raise CheckpointError("; ".join(missing))
+    check_dit_weights(dit_src, cfg, _absolute(config) if config is not None else None, lora_path)
     t5_src, _ = open_single_file(_absolute(t5), "t5")
     t5_cfg = infer_t5_config(t5_src, text_len=cfg.text_len)
     w2v_path = _absolute(wav2vec)
@@ -355,9 +362,6 @@ def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Pa
     vae_src, _ = open_single_file(_absolute(vae), "vae")
     vae_sd = {k: vae_src.get(k) for k in vae_src.keys()}
     vae_model = WanVAE.from_official_state_dict(vae_sd, infer_vae_config(vae_src), device=device, dtype=dtype)
-    lora_path = resolve_lora(_absolute(dit).parent, lora if lora is not None else "none", missing := [])
-    if missing:
-        raise CheckpointError("; ".join(missing))
     log.info("DiT %s: layout %s", dit, layout)
     model = build_dit_from_source(dit_src, cfg, device, dtype, lora_path, lora_strength, fp8=fp8)
     return {"dit": model, "text_encoder": text, "vae": vae_model, "audio_encoder": audio}

@@ -72,6 +72,14 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict[str, Any]]
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: malformed safetensors header")
     metadata = header.pop("__metadata__", None) or {}
+    try:
+        data_end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError) as exc:
+        raise CheckpointError(f"{path}: malformed safetensors header ({exc!r})") from exc
+    have, want = path.stat().st_size, 8 + size + data_end
+    if have < want:
+        raise CheckpointError(f"{path}: truncated: {have} bytes, its header describes {want}; the copy or "
+                              "download did not finish, fetch this file again")
     return header, metadata
 
 
@@ -386,37 +394,14 @@ def _where(source: TensorSource, keys: list[str]) -> str:
     return ", ".join(files) if files else source.describe()
 
 
-def load_into_module(
-    module: nn.Module,
-    source: TensorSource | Mapping[str, torch.Tensor],
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    key_map: Callable[[str], str | None] | None = None,
-    strict: bool = True,
-    keep_fp32: Callable[[str], bool] | None = None,
-    on_assigned: Callable[[str], None] | None = None,
-) -> None:
-    """Fill `module`'s parameters and persistent buffers from `source`, one tensor at a time.
+def check_fits(module: nn.Module, source: TensorSource, key_map: Callable[[str], str | None] | None = None,
+               strict: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str], list[str]]:
+    """Compare `source`'s keys and shapes (headers only) with `module`'s state dict (meta is fine).
 
-    The module is typically built under `torch.device("meta")` (no storage). Every key is first
-    checked against the module: missing, unexpected (after `key_map`; a key mapped to None is
-    dropped) and shape-mismatched keys raise one `CheckpointError` naming the file(s) and the
-    first keys of each kind, before any tensor is read. With `strict=False` missing / unexpected
-    keys only warn (missing meta tensors are then zero-filled on `device`); shape mismatches
-    always raise. Then each tensor is read, cast to `dtype` (floating-point tensors only; float32
-    where `keep_fp32(name)` is true; `dtype=None` keeps the stored dtype) and assigned on
-    `device` in place of the module's tensor. Parameters come back with `requires_grad=False`.
-
-    A module may define `init_non_persistent_buffers(device)`; it is called afterwards to rebuild
-    buffers that are not in the state dict (e.g. RoPE tables), which would otherwise stay meta.
-
-    `on_assigned(name)` is called after each tensor is in place (state-dict order, so a layer's
-    weight and bias arrive together): the caller may transform a finished submodule right away
-    (LoRA merge, fp8 conversion), which keeps the peak memory at the final size plus one layer.
+    Raises one `CheckpointError` naming the file(s) and the first keys of each problem (several
+    keys for one name, shape mismatches; with `strict` also missing and unexpected keys).
+    Returns (module state dict, {module name: source key}, missing names, unexpected source keys).
     """
-    source = as_source(source)
-    device = torch.device(device)
     expected = module.state_dict(keep_vars=True)
 
     provided: dict[str, str] = {}
@@ -455,6 +440,41 @@ def load_into_module(
             f"{where}: does not fit {type(module).__name__} ({len(expected)} tensors expected, "
             f"{len(provided)} given): " + "; ".join(problems)
         )
+    return expected, provided, missing, unexpected
+
+
+def load_into_module(
+    module: nn.Module,
+    source: TensorSource | Mapping[str, torch.Tensor],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    key_map: Callable[[str], str | None] | None = None,
+    strict: bool = True,
+    keep_fp32: Callable[[str], bool] | None = None,
+    on_assigned: Callable[[str], None] | None = None,
+) -> None:
+    """Fill `module`'s parameters and persistent buffers from `source`, one tensor at a time.
+
+    The module is typically built under `torch.device("meta")` (no storage). Every key is first
+    checked against the module: missing, unexpected (after `key_map`; a key mapped to None is
+    dropped) and shape-mismatched keys raise one `CheckpointError` naming the file(s) and the
+    first keys of each kind, before any tensor is read. With `strict=False` missing / unexpected
+    keys only warn (missing meta tensors are then zero-filled on `device`); shape mismatches
+    always raise. Then each tensor is read, cast to `dtype` (floating-point tensors only; float32
+    where `keep_fp32(name)` is true; `dtype=None` keeps the stored dtype) and assigned on
+    `device` in place of the module's tensor. Parameters come back with `requires_grad=False`.
+
+    A module may define `init_non_persistent_buffers(device)`; it is called afterwards to rebuild
+    buffers that are not in the state dict (e.g. RoPE tables), which would otherwise stay meta.
+
+    `on_assigned(name)` is called after each tensor is in place (state-dict order, so a layer's
+    weight and bias arrive together): the caller may transform a finished submodule right away
+    (LoRA merge, fp8 conversion), which keeps the peak memory at the final size plus one layer.
+    """
+    source = as_source(source)
+    device = torch.device(device)
+    expected, provided, missing, unexpected = check_fits(module, source, key_map=key_map, strict=strict)
     if missing:
         log.warning("%s: %d keys missing, left zero: %s", source.describe(), len(missing), format_keys(missing))
     if unexpected:
@@ -515,5 +535,5 @@ def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 __all__ = [
     "CheckpointError", "TensorSource", "DictSource", "RemappedSource", "open_tensor_source",
-    "load_pth_state_dict", "load_into_module", "as_source", "read_safetensors_header", "format_keys",
+    "load_pth_state_dict", "load_into_module", "check_fits", "as_source", "read_safetensors_header", "format_keys",
 ]

@@ -6,10 +6,12 @@ module brings any input there:
 - files are decoded in-process with PyAV (wav, mp3, flac, ogg/vorbis/opus, m4a/aac, the audio
   track of a video, ...), converted to planar float32 at the stream's own rate and channel layout;
 - channels are mixed down to mono as their plain mean;
-- the rate is changed with `torchaudio.functional.resample` (windowed-sinc, its defaults).
+- the rate is changed with libsoxr at high quality (`soxr.resample(x, sr_in, sr_out, "soxr_hq")`
+  on float32), which is what the reference's `librosa.load(path, sr=16000)` calls (librosa's
+  default `res_type="soxr_hq"`, `fix=True`, `scale=False`, result cast back to the input dtype).
 
-Length rule of resampling: `T_out = ceil(T_in * target_rate / source_rate)` samples (what
-torchaudio returns; librosa, which the reference uses, follows the same rule). At equal rates the
+Length rule of resampling (librosa's `fix`): `T_out = ceil(T_in * target_rate / source_rate)`
+samples; soxr's own output is cut or zero-padded at the end to that length. At equal rates the
 samples pass through untouched.
 
 Frames and samples: video frame `j` (at `fps`) owns the samples
@@ -19,10 +21,12 @@ samples per frame.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -72,12 +76,20 @@ class Audio16k:
 
 
 def _resample_mono(mono: Tensor, source_rate: int, target_rate: int) -> Tensor:
-    """`[T]` float32 at `source_rate` -> `[ceil(T * target / source)]` at `target_rate`."""
+    """`[T]` float32 at `source_rate` -> `[ceil(T * target / source)]` float32 at `target_rate`.
+
+    libsoxr "HQ" in float32, then cut / zero-padded at the end to the length rule (as librosa does).
+    """
     if source_rate == target_rate:
         return mono
-    import torchaudio.functional as AF
+    import soxr
 
-    return AF.resample(mono, orig_freq=int(source_rate), new_freq=int(target_rate))
+    n_out = math.ceil(mono.shape[0] * (float(target_rate) / source_rate))  # librosa: ceil(T * ratio)
+    y = soxr.resample(mono.numpy(), int(source_rate), int(target_rate), quality="soxr_hq")
+    out = torch.zeros(n_out, dtype=torch.float32)
+    keep = min(n_out, y.shape[0])
+    out[:keep] = torch.from_numpy(np.ascontiguousarray(y[:keep], dtype=np.float32))
+    return out
 
 
 def _to_float32_waveform(waveform: Tensor, what: str) -> Tensor:

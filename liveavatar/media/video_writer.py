@@ -3,13 +3,17 @@
 ``VideoWriter`` encodes frames and audio as they arrive; nothing but the encoder's own look-ahead
 and a short audio buffer is held in memory, so a run of any length has constant memory.
 
-The file is a fragmented mp4 (movflags ``frag_keyframe+empty_moov+delay_moov+default_base_moof``):
-a fragment is written at every keyframe (one per ``keyframe_interval_s``, 1 s by default), so a
-process killed mid-run leaves a file that players and PyAV open, holding every finished fragment.
-``delay_moov`` (the header waits for the first fragment) together with ``use_editlist=1`` lets the
-muxer record the real start of each track in an edit list: the video starts at t = 0 and the AAC
-priming samples sit before t = 0, so audio and video start together (without these flags the
-muxer shifts both tracks by different amounts and the audio runs 16 ms late and 64 ms long).
+The file is a fragmented mp4 written by ``mp4_fragments.FragmentFile``: every ``write_frames`` /
+``write_audio`` call ends with its encoded packets on disk as whole fragments, so a process killed
+at any moment leaves a file that players and PyAV open, holding every frame written before the
+last call returned (the video encoder runs without look-ahead, ``tune=zerolatency``; the audio
+waits for whole 1024-sample AAC frames and the encoder holds 2, so up to 3 frames, 192 ms at
+16 kHz, reach the disk only with the next call or ``close()``). The
+first write waits until both tracks have a packet. ``delay_moov`` (the header waits for the first
+fragment) together with ``use_editlist=1`` lets the muxer record the real start of each track in an
+edit list: the video starts at t = 0 and the AAC priming samples sit before t = 0, so audio and
+video start together (without these flags the muxer shifts both tracks by different amounts and
+the audio runs 16 ms late and 64 ms long).
 
 Audio/video lock: audio is encoded only up to the duration of the frames written so far; on
 ``close()`` the audio is cut or padded with silence to exactly ``frames / fps`` seconds (rounded to
@@ -18,6 +22,7 @@ whole samples), so the audio track ends with the last video frame.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from fractions import Fraction
@@ -28,9 +33,10 @@ import av
 import numpy as np
 import torch
 
+from .mp4_fragments import FragmentFile
+
 logger = logging.getLogger("liveavatar")
 
-MOVFLAGS = "frag_keyframe+empty_moov+delay_moov+default_base_moof"
 H264_FALLBACKS: tuple[str, ...] = ("libx264", "libopenh264", "h264", "mpeg4")
 
 
@@ -79,9 +85,9 @@ class VideoWriter:
             16000), or None for a silent video without an audio track.
         crf: libx264 quality (0 best .. 51 worst); other encoders get a bit rate instead.
         codec: preferred encoder; falls back to another available H.264 or MPEG-4 encoder.
-        fragmented: write a fragmented mp4 (crash-safe); False writes a classic mp4 whose index is
-            written only by ``close()``.
-        keyframe_interval_s: seconds between keyframes (= fragments when fragmented).
+        fragmented: write a fragmented mp4 (crash-safe, on disk after every write call); False
+            writes a classic mp4 whose index is written only by ``close()``.
+        keyframe_interval_s: seconds between keyframes.
         preset: libx264 speed preset ("veryfast": about 250 fps at 704x384 and 55 fps at 1280x704
             on 2 CPU cores, so the writer keeps up with real time; "fast" is 6x slower).
         audio_bitrate: AAC bit rate in bit/s.
@@ -112,11 +118,16 @@ class VideoWriter:
             if rates and self.audio_rate not in rates:
                 raise ValueError(f"audio_rate: {self.audio_rate} Hz is not an AAC rate; use one of {sorted(rates)}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        options = {"movflags": MOVFLAGS, "use_editlist": "1", "flush_packets": "1"} if fragmented else {}
+        self._fragments: FragmentFile | None = None
         try:
-            self._container = av.open(str(self.path), "w", format="mp4", options=options)
+            if fragmented:
+                # encoders only: packets are muxed per write call by FragmentFile
+                self._container = av.open(io.BytesIO(), "w", format="mp4")
+                self._sink = open(self.path, "wb", buffering=0)  # noqa: SIM115 (handed to FragmentFile)
+            else:
+                self._container = av.open(str(self.path), "w", format="mp4")
         except (OSError, av.error.FFmpegError) as exc:
-            raise OSError(f"video: cannot write {self.path} ({exc})") from exc
+            raise OSError(getattr(exc, "errno", None), f"video: cannot write {self.path} ({exc})") from exc
 
         self.codec = available_video_encoder(codec)
         v = self._container.add_stream(self.codec, rate=self.fps)
@@ -124,6 +135,8 @@ class VideoWriter:
         v.codec_context.gop_size = max(1, round(float(self.fps) * keyframe_interval_s))
         if self.codec == "libx264":
             v.options = {"crf": str(int(crf)), "preset": preset}
+            if fragmented:  # no look-ahead: every frame's packet exists when write_frames returns
+                v.options["tune"] = "zerolatency"
         else:  # encoders without a constant-quality knob here: about 0.2 bit per pixel
             v.bit_rate = int(0.2 * self.width * self.height * float(self.fps))
         self._v = v
@@ -133,6 +146,9 @@ class VideoWriter:
             a.layout = "mono"
             a.bit_rate = int(audio_bitrate)
             self._a = a
+        if fragmented:
+            self._container.start_encoding()  # opens the encoders (global headers, as in an mp4)
+            self._fragments = FragmentFile(self._sink, self.path, [s for s in (self._v, self._a) if s is not None])
         self._frames = 0
         self._a_buf = np.zeros(0, np.float32)
         self._a_sent = 0  # samples handed to the encoder
@@ -164,9 +180,10 @@ class VideoWriter:
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             frame.pts = self._frames
             frame.time_base = 1 / self.fps
-            self._container.mux(self._v.encode(frame))
+            self._mux(self._v.encode(frame))
             self._frames += 1
         self._drain_audio()
+        self._flush()
 
     def write_audio(self, samples: Any) -> None:
         """Queue mono audio at ``audio_rate``: ``[n]`` (or ``[1, n]``) float in [-1, 1] (int16 ok),
@@ -187,6 +204,7 @@ class VideoWriter:
         self._a_received += arr.size
         self._a_buf = np.concatenate([self._a_buf, arr]) if self._a_buf.size else arr
         self._drain_audio()
+        self._flush()
 
     # -- encoding -----------------------------------------------------------------------------
     def _audio_target(self) -> int:
@@ -199,8 +217,19 @@ class VideoWriter:
         frame.sample_rate = self.audio_rate
         frame.pts = self._a_sent
         frame.time_base = Fraction(1, self.audio_rate)
-        self._container.mux(self._a.encode(frame))
+        self._mux(self._a.encode(frame))
         self._a_sent += chunk.size
+
+    def _mux(self, packets: list) -> None:
+        if self._fragments is not None:
+            self._fragments.add(packets)
+        else:
+            self._container.mux(packets)
+
+    def _flush(self) -> None:
+        """Put every packet encoded so far on disk (fragmented mode)."""
+        if self._fragments is not None:
+            self._fragments.flush()
 
     def _drain_audio(self, final: bool = False) -> None:
         if self._a is None:
@@ -239,7 +268,7 @@ class VideoWriter:
             return self._info
         self._closed = True
         try:
-            self._container.mux(self._v.encode(None))
+            self._mux(self._v.encode(None))
             if self._a is not None:
                 target = self._audio_target()
                 extra = self._a_received - target
@@ -247,8 +276,12 @@ class VideoWriter:
                     what = "cut" if extra > 0 else "padded with silence"
                     logger.info("video: audio %s by %.3f s to match %d frames", what, abs(extra) / self.audio_rate, self._frames)
                 self._drain_audio(final=True)
-                self._container.mux(self._a.encode(None))
+                self._mux(self._a.encode(None))
+            if self._fragments is not None:
+                self._fragments.close()
         finally:
+            if self._fragments is not None:
+                self._sink.close()
             self._container.close()
         self._info = {
             "path": str(self.path),
@@ -328,4 +361,4 @@ def probe_video(path: str | os.PathLike, decode: bool = False) -> dict[str, Any]
         }
 
 
-__all__ = ["VideoWriter", "probe_video", "to_uint8_frames", "available_video_encoder", "MOVFLAGS"]
+__all__ = ["VideoWriter", "probe_video", "to_uint8_frames", "available_video_encoder"]

@@ -104,10 +104,9 @@ def load_official_t5_file(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise T5KeyError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
-    return sd
+    from ..loading.safetensors_io import load_pth_state_dict
+
+    return load_pth_state_dict(path)  # weights-only: never unpickles code
 
 
 def umt5_config(cfg: T5Config, attn_implementation: str = "eager"):

@@ -140,10 +140,9 @@ def load_official_vae_file(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise VAEKeyError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
-    return sd
+    from ..loading.safetensors_io import load_pth_state_dict
+
+    return load_pth_state_dict(path)  # weights-only: never unpickles code
 
 
 # ----------------------------------------------------------------------------------------------

@@ -141,13 +141,12 @@ def _load_weight_files(folder: Path) -> dict[str, Tensor]:
             sd.update(load_file(str(folder / name)))
         return sd
     if binary.is_file():
+        from ..loading.safetensors_io import CheckpointError, load_pth_state_dict
+
         try:
-            sd = torch.load(str(binary), map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle with non-tensor objects, truncated file, ...
-            raise Wav2VecLoadError(f"cannot read {binary} with weights_only=True: {exc}") from exc
-        if not isinstance(sd, Mapping):
-            raise Wav2VecLoadError(f"{binary} does not hold a state dict")
-        return dict(sd)
+            return load_pth_state_dict(binary)  # weights-only: never unpickles code
+        except CheckpointError as exc:  # pickle with non-tensor objects, truncated file, ...
+            raise Wav2VecLoadError(str(exc)) from exc
     raise Wav2VecLoadError(
         f"no wav2vec2 weights in {folder}: expected model.safetensors, model.safetensors.index.json "
         "or pytorch_model.bin"
