@@ -83,7 +83,7 @@ EOF
       echo "ComfyUI tests use the ComfyUI around this pack: COMFYUI_DIR=$COMFYUI_DIR"
     fi
     set +e
-    "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+    "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=25 "$@"
     rc=$?
     set -e
     if [ "$rc" -eq 5 ]; then echo "no tests were collected: failing" >&2; exit 1; fi
