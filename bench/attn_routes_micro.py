@@ -47,7 +47,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: liveavatar
 from attn_fp8_micro import reference_fp32, watchdog  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
-from liveavatar import benchlib  # noqa: E402
+from bench import benchlib  # noqa: E402
 from liveavatar.config import DEFAULT_STREAM, DiTConfig  # noqa: E402
 from liveavatar.models.attention import attention  # noqa: E402
 

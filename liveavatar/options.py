@@ -113,10 +113,15 @@ def parse_gpus(text: str, cuda_count: int) -> tuple[str, ...]:
     """"0,1" / "cuda:0, cuda:1" / "cuda" -> ("cuda:0", "cuda:1"), every index checked against the
     `cuda_count` visible GPUs (CLI `--gpus`, the loader nodes' `devices`). ValueError naming `gpus`
     for an empty list, an entry that is not a GPU, a duplicate, or a GPU that does not exist (none
-    at all without CUDA)."""
+    at all without CUDA). A list of only "cpu" entries ("cpu,cpu") gives CPU ranks (gloo; tests and
+    development), one per entry."""
     items = [p.strip().lower() for p in str(text).replace(";", ",").split(",") if p.strip()]
     if not items:
         raise ValueError("gpus: empty; list GPU indices like 0,1")
+    if "cpu" in items:  # CPU ranks over gloo (tests, development): said explicitly, never a fallback
+        if set(items) != {"cpu"}:
+            raise ValueError(f"gpus: {text!r} mixes 'cpu' with GPUs; list GPUs only, or only cpu entries")
+        return tuple(items)
     out = []
     for item in items:
         idx = "0" if item == "cuda" else item[5:] if item.startswith("cuda:") else item

@@ -16,6 +16,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 

@@ -12,7 +12,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_nodes_support import COMFYUI_DIR, IMAGE_NAME, REPO, TINY_NAME, make_tiny, pack_submodule, write_wav
+from comfy_server import PACK, Server, needs_server
+from test_nodes_support import AUDIO_NAME, IMAGE_NAME, REPO, TINY_NAME, make_tiny, pack_submodule, write_wav
 
 paths = pack_submodule("nodes.paths")
 errors = pack_submodule("nodes.errors")
@@ -61,15 +62,11 @@ def test_dotdot_absolute_and_symlink_escapes_are_refused(tree):
     _refused(tree, sibling)
 
 
-needs_server = pytest.mark.skipif(not COMFYUI_DIR or not (Path(COMFYUI_DIR or ".") / "main.py").is_file(),
-                                  reason="COMFYUI_DIR does not point at a ComfyUI checkout")
-
-
 @pytest.mark.comfyui
 @pytest.mark.slow
-@needs_server
+@needs_server()
 def test_symlink_escape_refused_through_real_comfyui(tmp_path):
-    from test_comfyui_integration import AUDIO_NAME, PACK, Server, _api, _node, _ok
+    from test_comfyui_integration import _api, _node, _ok
 
     base = tmp_path / "base"
     (base / "custom_nodes").mkdir(parents=True)
