@@ -43,11 +43,12 @@ def apply_options(dit, args, device: torch.device) -> dict:
     """fp8 / attention backend / compile through the pipeline's own `apply_speed_options`."""
     from liveavatar.pipeline.speed import apply_speed_options
 
-    from liveavatar.models.fp8 import convert_to_fp8, resolve_scaling
+    from liveavatar.models.fp8 import convert_to_fp8
+    from liveavatar.options import precision_from_flags
 
     info: dict = {"compile_impl": None}
     t0 = time.perf_counter()
-    scaling = info["fp8_scaling"] = resolve_scaling((args.fp8_scaling or True) if args.fp8 else False)
+    scaling = info["fp8_scaling"] = precision_from_flags("bf16", args.fp8, args.fp8_scaling).fp8
     if scaling and device.type == "cpu" and args.allow_cpu_fp8:
         convert_to_fp8(dit, allow_cpu=True, scaling=scaling)
         apply_speed_options(dit, attn=args.attn, fp8=False, compile=False, device=device)

@@ -275,10 +275,3 @@ def test_convert_to_fp8_follows_reference_exclusions():
     assert fp8mod.fp8_linears(meta_net) == converted == ["blocks.0.q", "blocks.0.ffn.0", "blocks.0.ffn.2"]
     assert fp8mod.fp8_weight_numel(meta_net) == (sum(p.numel() for p in before.parameters()), summary["bytes_after"])
 
-
-def test_fp8_option_resolves_to_one_scaling():
-    assert fp8mod.resolve_scaling(False) is None and fp8mod.resolve_scaling(None) is None
-    assert fp8mod.resolve_scaling(True) == fp8mod.DEFAULT_SCALING == "tensor"
-    assert fp8mod.resolve_scaling("row") == "row"
-    with pytest.raises(ValueError, match="fp8: 'block'"):
-        fp8mod.resolve_scaling("block")

@@ -263,17 +263,6 @@ def fp8_weight_numel(model: nn.Module, exclude: Iterable[str] = REFERENCE_EXCLUD
     return total, sum(modules[name].weight.numel() for name in fp8_linears(model, exclude))
 
 
-def resolve_scaling(fp8: bool | str | None) -> str | None:
-    """The scaling an fp8 option asks for: False / None -> None (bf16 weights), True ->
-    `DEFAULT_SCALING`, "row" / "tensor" -> itself; ValueError naming `fp8` otherwise."""
-    if not fp8:
-        return None
-    scaling = DEFAULT_SCALING if fp8 is True else fp8
-    if scaling not in SCALINGS:
-        raise ValueError(f"fp8: {fp8!r} is not True or one of the scalings {SCALINGS}")
-    return scaling
-
-
 def fp8_emulation_needed(device: torch.device, scaling: str, allow_cpu: bool = False) -> bool:
     """Whether fp8 linears on `device` must use the float32 emulation (CPU builds without
     `_scaled_mm`, tests); raises FP8Unsupported where fp8 cannot run at all."""
@@ -337,6 +326,6 @@ def convert_to_fp8(model: nn.Module, exclude: Iterable[str] = REFERENCE_EXCLUDE,
 
 
 __all__ = ["FP8Linear", "FP8Unsupported", "REFERENCE_EXCLUDE", "FP8_MAX", "convert_to_fp8", "check_fp8_support",
-           "fp8_verdict", "fp8_linears", "fp8_weight_numel", "resolve_scaling", "fp8_emulation_needed",
+           "fp8_verdict", "fp8_linears", "fp8_weight_numel", "fp8_emulation_needed",
            "quantize_per_tensor", "quantize_per_row", "quantize", "SCALINGS", "DEFAULT_SCALING", "dequantize",
            "emulated_scaled_mm", "scaled_linear"]
