@@ -158,6 +158,53 @@ class Frontend:
             "const done = arguments[arguments.length - 1];"
             "window.app.graphToPrompt().then(p => done(p.output), e => done({error: String(e)}));")
 
+    def serialized_graph(self) -> dict:
+        """The graph as the frontend saves it (`app.graph.serialize()`, UI format): live positions and sizes."""
+        return self.js("return window.app.graph.serialize()")
+
+    def missing_model_rows(self, wait: float) -> list[str]:
+        """The rows (`directory / name`) of the "Missing Models" dialog, polled for up to `wait` s
+        (the frontend checks model folders asynchronously after load); [] when no dialog showed."""
+        rows_js = ("return [...document.querySelectorAll('.comfy-missing-models li')]"
+                   ".map(li => (li.querySelector('span[title]') || li).innerText.trim())")
+        end = time.time() + wait
+        while not (rows := self.js(rows_js)) and time.time() < end:
+            time.sleep(0.25)
+        return rows
+
+    def close_dialogs(self) -> None:
+        """Close every open dialog with its close button, as a person would."""
+        self.js("document.querySelectorAll('.p-dialog .p-dialog-close-button').forEach(b => b.click())")
+        self.wait_for("!document.querySelector('.p-dialog')", 10)
+
+    def open_templates(self, category: str, names: list[str], timeout: float = 30) -> dict[str, int]:
+        """Open the template browser on `category` (a custom node pack's name); wait until the cards
+        `template-workflow-<name>` show and their thumbnails finished loading (or `timeout` s passed).
+        Returns each card's thumbnail width as loaded (`naturalWidth`: 0 when missing or broken)."""
+        self.js("window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        self.wait_for("[...document.querySelectorAll('.p-dialog li')].some(e => e.innerText.trim() === "
+                      f"{json.dumps(category)})", timeout)
+        self.js("[...document.querySelectorAll('.p-dialog li')].find(e => e.innerText.trim() === arguments[0])"
+                ".click()", category)
+        cards = json.dumps([f"template-workflow-{n}" for n in names])
+        imgs = f"{cards}.map(id => document.querySelector(`[data-testid='${{id}}'] img`))"
+        # the cards fetch their image first and show it as a blob: URL; a failed fetch leaves no src
+        end = time.time() + timeout
+        while not self.js(f"return {imgs}.every(i => i && i.src && i.complete)") and time.time() < end:
+            time.sleep(0.25)
+        return dict(zip(names, self.js(f"return {imgs}.map(i => i && i.src ? i.naturalWidth : 0)")))
+
+    def run_workflow(self, done: str, timeout: float = 300) -> None:
+        """Press Run (`Comfy.QueuePrompt`) and wait until the page reaches the JS expression `done`."""
+        self.js("window.app.extensionManager.command.execute('Comfy.QueuePrompt')")
+        self.wait_for(done, timeout)
+
+    def node_texts(self) -> dict[int, str]:
+        """Each node's text shown on it after a run (widget `$$node-text-preview`), by node id."""
+        return {int(k): v for k, v in self.js(
+            "return Object.fromEntries(window.app.graph.nodes.map(n => [n.id, (n.widgets || [])"
+            "  .find(w => w.name === '$$node-text-preview')?.value]).filter(e => e[1]))").items()}
+
     def fit_view(self, margin: int = 24) -> float:
         """Zoom and pan so that every node is in view; returns the canvas scale."""
         return self.js(_FIT_VIEW_JS, margin)
