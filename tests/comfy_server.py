@@ -124,6 +124,13 @@ class Server:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")
 
+    def clear_cache(self) -> None:
+        """Forget every cached node output (POST /free: the worker resets its executor when it next
+        wakes), so the next prompt runs every node again, whatever an earlier test ran."""
+        status, _ = self.post("/free", {"unload_models": True, "free_memory": True})
+        assert status == 200, f"/free answered {status}"
+        time.sleep(2.0)  # the worker wakes on the flag and resets before it takes the next prompt
+
     def queue(self, prompt: dict, client_id: str) -> str:
         status, body = self.post("/prompt", {"prompt": prompt, "client_id": client_id})
         assert status == 200, f"/prompt refused it: {body}"

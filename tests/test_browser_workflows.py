@@ -101,8 +101,9 @@ def test_template_browser_picture_has_every_thumbnail(page, tmp_path):
         shutil.copy(shot, DOCS_TEMPLATES)
 
 
-def test_tiny_workflow_picture_after_a_run(page, tmp_path):
+def test_tiny_workflow_picture_after_a_run(page, comfyui_server, tmp_path):
     """Run from the Run button; after it, every node still clear of the others and our nodes' text on them."""
+    comfyui_server.clear_cache()  # every node runs and draws its text, whatever ran before on this server
     page.load_workflow(json.loads((REPO / "example_workflows" / "liveavatar_tiny_cpu.json").read_text()),
                        "liveavatar_tiny_cpu.json")
     page.run_workflow("window.app.graph.nodes.some(n => (n.widgets || []).some(w => "

@@ -172,7 +172,9 @@ def test_tiny_workflow_twice_then_interrupt(server):
                               and m[1]["data"].get("node") is None and m[1]["data"].get("prompt_id") == pid)
         return server.wait_history(pid), t_step, time.time() - t0, seen + rest
 
-    # 1st run: loads the model, encodes prompt, audio and reference
+    # 1st run: loads the model, encodes prompt, audio and reference (the session's server may have
+    # run this workflow for another test: start from an empty cache)
+    server.clear_cache()
     first, step1, wall1, seen = run_and_time(prompt)
     _ok(first)
     info = probe_video(_saved_file(server, first, save_id))
