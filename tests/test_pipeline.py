@@ -106,7 +106,7 @@ def test_kv_offload_gives_the_same_frames(model, job):
     """Step caches in host memory paged through one shared buffer (5 blocks: the ring wraps and
     the sink is refreshed at clip 1): bitwise the frames of resident caches, a quarter of the
     cache rows on the device."""
-    from liveavatar.pipeline.generate import make_runner
+    from liveavatar.pipeline.job import make_runner
 
     resident = run(model, job, seed=3)
     offloaded = run(model, job, seed=3, kv_offload=True)
@@ -120,7 +120,7 @@ def test_kv_offload_gives_the_same_frames(model, job):
 
 
 def test_kv_offload_refuses_a_cache_used_without_paging(model, job):
-    from liveavatar.pipeline.generate import make_runner
+    from liveavatar.pipeline.job import make_runner
     from liveavatar.pipeline.plan import make_plan
     from liveavatar.pipeline.sampler import BlockInputs
 

@@ -17,7 +17,7 @@ from liveavatar.options import CachePolicy
 from liveavatar.pipeline.conditioning import (
     AudioConditioning, DecodedBlock, GenerationCancelled, ImageConditioning, ReferenceLatents,
 )
-from liveavatar.pipeline.job import BlockDecoder, JobOptions, RankJob, frames_to_uint8, make_runner  # noqa: F401
+from liveavatar.pipeline.job import JobOptions, RankJob
 from liveavatar.pipeline.plan import BlockSpec
 
 log = logging.getLogger("liveavatar")
