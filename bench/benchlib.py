@@ -258,6 +258,24 @@ def dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def compile_phases() -> dict[str, float]:
+    """Seconds spent so far in each torch.compile phase of this process (dynamo's `dynamo_timed`
+    totals, e.g. tracing, AOT autograd, inductor codegen or cache loads), the largest first; where
+    a warm start spends its time-to-first-frame."""
+    try:
+        from torch._dynamo.utils import compile_times
+        names, values = compile_times(repr="csv", aggregate=True)
+    except Exception:  # pragma: no cover - older torch
+        return {}
+    phases = {}
+    for name, value in zip(names, values):
+        try:
+            phases[name] = round(float(value), 3)
+        except (TypeError, ValueError):
+            continue
+    return dict(sorted(phases.items(), key=lambda kv: -kv[1])[:12])
+
+
 def reset_peak_mem(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -153,6 +153,18 @@ def resolve(args) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
+def _precompile_state() -> dict:
+    """Where torch.compile's caches were and what dynamo's precompile cache did (hits / misses)."""
+    from liveavatar import compile_cache
+
+    try:
+        from torch._dynamo.utils import counters
+        hits = dict(counters["dynamo_cache"])
+    except Exception:  # pragma: no cover
+        hits = {}
+    return {**compile_cache.state(), **hits}
+
+
 def bench(args) -> dict:
     """Run the benchmark described by `args`; returns the result dict (JSON-ready)."""
     if not args.random_weights:
@@ -207,6 +219,8 @@ def bench(args) -> dict:
         "recompiles": benchlib.dynamo_graphs() - res.get("graphs_after_first", res["graphs0"]),
         "recompiles_timed": benchlib.dynamo_graphs() - res["graphs_after_warmup"],
         "graphs": benchlib.dynamo_graphs() - res["graphs0"],
+        "compile_phases_s": benchlib.compile_phases(),
+        "precompile": _precompile_state(),
         "cuda_graphs": getattr(dit, "cuda_graphs", None) is not None,
         "graph_captures": getattr(getattr(dit, "cuda_graphs", None), "captures", 0),
         "graph_replays": getattr(getattr(dit, "cuda_graphs", None), "replays", 0),

@@ -67,6 +67,9 @@ def run_dit_scope(args, cfg, dit, device, dtype, run: BenchRun) -> dict:
         if b == 0:
             res["ttff_s"] = time.perf_counter() - t_start
             res["graphs_after_first"] = benchlib.dynamo_graphs()
+            from liveavatar.compile_cache import save_compiled
+
+            res["precompile_save_s"] = save_compiled()  # as RankJob.emit does in the pipeline
         if b < 2:
             res["latents"].append(x.detach().float().cpu())
         total = timer.elapsed_ms(marks[0], marks[-1])

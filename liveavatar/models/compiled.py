@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from liveavatar.compile_cache import precompile_scope, recording
+
 from .attention import attention
 from .audio_injector import ADALN_EPS
 from .dit_blocks import (ATTN, FFN, ada_norm, bf16_layer_norm, gated_residual, layer_modulation, modulated_norm,
@@ -161,8 +163,9 @@ class FusedLayers:
                        "rotate": rotate}
         self.compiled = compile
         self.error: str | None = None
-        for name, fn in self._eager.items():
-            setattr(self, name, self._guard(name, torch.compile(fn, fullgraph=True, dynamic=False)) if compile else fn)
+        with precompile_scope():  # a warm start loads the traced regions here (compile_cache)
+            for name, fn in self._eager.items():
+                setattr(self, name, self._guard(name, torch.compile(fn, fullgraph=True, dynamic=False)) if compile else fn)
 
     def _guard(self, name: str, compiled: Callable) -> Callable:
         """`compiled`, falling back to the eager regions (with a warning) if compiling fails."""
@@ -171,6 +174,9 @@ class FusedLayers:
             if not self.compiled:
                 return self._eager[name](*args)
             try:
+                if recording():  # the first blocks: traced into dynamo's precompile cache
+                    with precompile_scope():
+                        return compiled(*args)
                 return compiled(*args)
             except Exception as exc:  # e.g. no Triton / C++ compiler: keep running, eagerly
                 self.compiled = False

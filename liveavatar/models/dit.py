@@ -274,6 +274,10 @@ class CausalS2VDiT(nn.Module):
         on the first block and shared by all layers. `compile=False`: same regions, eager (tests)."""
         from .compiled import FusedLayers
 
+        if compile:
+            from liveavatar.compile_cache import use_cache_dir
+
+            use_cache_dir()
         self._fused = FusedLayers(self, compile=compile)
 
     def use_cuda_graphs(self, enable: bool = True) -> None:

@@ -286,6 +286,9 @@ class WanVAE:
         chunk, second, steady), so it settles after the second block. Same frames up to float
         rounding (fp32 CPU check: max |diff| 3e-6).
         """
+        from liveavatar.compile_cache import use_cache_dir
+
+        use_cache_dir()
         self.model.decoder.compile(dynamic=False)
 
 

@@ -204,6 +204,10 @@ class RankJob:
         """The `DecodedBlock` of decoded frames, with the user's audio of exactly those frames."""
         from liveavatar.media.audio import slice_for_frames
 
+        if block.index == 1:  # every compiled region (the VAE's three cache states) has run by now
+            from liveavatar.compile_cache import save_compiled
+
+            save_compiled()
         fps = self.stream.fps
         samples = slice_for_frames(self.wave, block.out_first_frame, frames.shape[0], fps=fps)
         return DecodedBlock(index=block.index, total_blocks=self.plan.num_blocks, first_frame=block.out_first_frame,
