@@ -98,6 +98,7 @@ class CausalS2VDiT(nn.Module):
         self._rows_cache: dict = {}
         self._fused = None  # FusedLayers once compile_blocks() ran
         self._graphs: BlockGraphs | None = None  # once use_cuda_graphs() ran
+        self._stream = None  # LayerStream once stream_layers() ran
         d, p = cfg.dim, tuple(cfg.patch_size)
 
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=p, stride=p)
@@ -181,7 +182,7 @@ class CausalS2VDiT(nn.Module):
                          self.frame_seqlen(latent_hw), device or self.device, dtype or self.dtype)
 
     def new_step_cache(self, latent_hw: tuple[int, int], device=None, dtype=None,
-                       sink_slot: bool = False, working=None) -> StepKVCache:
+                       sink_slot: bool = False, working=None, resident_layers: int | None = None) -> StepKVCache:
         """Empty per-step cache: ring of one clip (`latent_frames_per_clip * fsl` tokens).
 
         `sink_slot=True` adds `sink_tokens` rows holding the rotated sink, so that steady-state
@@ -189,11 +190,14 @@ class CausalS2VDiT(nn.Module):
         every layer (same numbers; see kv_cache.py). Costs 2.5 fsl more rows per step cache; whether
         it fits is decided with the other caches (`pipeline.memory.plan_caches`).
         `working`: a `KVWorkingBuffer` (see `new_working_buffer`) makes an offloaded cache.
+        `resident_layers`: a per-layer paged cache (the first ones on the device, the others in
+        host memory, paged by the layer stream: `stream_layers`).
         """
         c = self.cfg
         slot = self.sink_tokens(latent_hw) if sink_slot else 0
         return StepKVCache(c.num_layers, self._ring_tokens(latent_hw), slot, c.num_heads, c.head_dim,
-                           tuple(latent_hw), device or self.device, dtype or self.dtype, working=working)
+                           tuple(latent_hw), device or self.device, dtype or self.dtype, working=working,
+                           resident_layers=resident_layers)
 
     def new_working_buffer(self, latent_hw: tuple[int, int], device=None, dtype=None) -> KVWorkingBuffer:
         """The device buffer offloaded step caches share (one step cache without sink slot)."""
@@ -220,13 +224,42 @@ class CausalS2VDiT(nn.Module):
         emb = self.text_embedding(ctx.unsqueeze(0))
         kv = None
         if precompute_kv:
-            kv = torch.stack([torch.stack(b.cross_attn.project_kv(emb)) for b in self.blocks])
+            kv = torch.stack([torch.stack(b.cross_attn.project_kv(emb)) for _, b in self._layers()])
         return TextState(emb, kv)
 
-    def _text_kv(self, text: TextState, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text_kv(self, text: TextState, layer: int, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         if text.kv is not None:
             return text.kv[layer, 0], text.kv[layer, 1]
-        return self.blocks[layer].cross_attn.project_kv(text.context)
+        return block.cross_attn.project_kv(text.context)
+
+    # ----------------------------------------------------------------------------- layer streaming
+
+    def stream_layers(self, residency) -> None:
+        """Keep only `residency.weights` blocks on the device and stream the others (and the step
+        caches' paged layers) per layer from pinned host memory (models/layer_stream.py). The
+        placement is decided before (`pipeline.memory.fit_residency`); the other weights must
+        already be on the model's device. Not with CUDA graphs."""
+        from .layer_stream import LayerStream
+
+        if self._graphs is not None:
+            raise ValueError("layer streaming: not with CUDA graphs (use_cuda_graphs(False) first)")
+        self._stream = LayerStream(self.blocks, residency, self.device)
+
+    @property
+    def layer_stream(self):
+        """The `LayerStream` (bytes, bandwidth: `.stats`), or None when every layer is resident."""
+        return self._stream
+
+    def _layers(self, cache: StepKVCache | None = None, rows: tuple[int, int] | None = None):
+        """(index, block) of every layer in order; with a layer stream the block is the slot its
+        weights were copied to (and `cache`'s paged rows are bound), released after the body ran
+        (`rows`: the ring rows the call writes, copied back to host memory)."""
+        if self._stream is None:
+            yield from enumerate(self.blocks)
+            return
+        for i in range(len(self.blocks)):
+            yield i, self._stream.acquire(i, cache)
+            self._stream.release(i, cache, rows)
 
     @torch.no_grad()
     def encode_audio(self, audio_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,6 +312,8 @@ class CausalS2VDiT(nn.Module):
     def use_cuda_graphs(self, enable: bool = True) -> None:
         """Replay repeated streaming calls from CUDA graphs (models/graphs.py). Needs
         `compile_blocks()` (the fused path) and a CUDA device; other calls stay eager."""
+        if enable and self._stream is not None:
+            raise ValueError("cuda_graphs: not with layer streaming (the copies are paced per layer)")
         if self._graphs is not None:
             self._graphs.clear()
         self._graphs = BlockGraphs() if enable else None
@@ -341,8 +376,8 @@ class CausalS2VDiT(nn.Module):
         rope = self._rope(positions)
         _, e0 = self._time(0.0, self.stream.frames_per_block_latent)
         e0_sink = e0[1, 0:1].unsqueeze(0)  # [1, 1, 6, dim]: t = 0 slot of frame 0
-        for i, block in enumerate(self.blocks):
-            x = block(x, e0_sink, sink.prefill_attend(i, rope, self.attn_backend), self._text_kv(text, i),
+        for i, block in self._layers():
+            x = block(x, e0_sink, sink.prefill_attend(i, rope, self.attn_backend), self._text_kv(text, i, block),
                       self.attn_backend)
 
     # ----------------------------------------------------------------------------- streaming
@@ -443,15 +478,15 @@ class CausalS2VDiT(nn.Module):
         tokens = tokens + self.trainable_cond_mask.weight[_NOISY].to(tokens.dtype)
 
         fused, backend = self._fused, self.attn_backend
-        for i, block in enumerate(self.blocks):
+        for i, block in self._layers(cache, (plan.offset, plan.offset + plan.tokens)):
             if fused is not None:  # compile_blocks(): RoPE inside the fused region
                 attend = cache.stream_attend(i, plan, None, sink, sink_rope, backend, rotate=fused.rotate_factors,
                                              rows=rows)
-                tokens = fused.layer(i, tokens, e0_block, rope, attend, self._text_kv(text, i), backend)
+                tokens = fused.layer(block, tokens, e0_block, rope, attend, self._text_kv(text, i, block), backend)
                 tokens = fused.inject(i, tokens, nf, audio_global, audio_tokens, backend)
                 continue
             attend = cache.stream_attend(i, plan, rope, sink, sink_rope, backend)
-            tokens = block(tokens, e0_block, attend, self._text_kv(text, i), backend)
+            tokens = block(tokens, e0_block, attend, self._text_kv(text, i, block), backend)
             tokens = self.audio_injector.inject(i, tokens, nf, audio_global, audio_tokens, backend)
 
         out = self.head(tokens, e)  # [1, F*fsl, prod(patch)*out_dim]
