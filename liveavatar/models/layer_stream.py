@@ -341,6 +341,7 @@ class LayerStream:
         self.kv_slots: list[torch.Tensor] = []
         self._order: list = []
         self._out_events: dict = {}
+        self.attached_kv: int | None = None  # resident KV layers of the attached runner's caches
 
     # ------------------------------------------------------------------ bytes
     @property
@@ -372,6 +373,7 @@ class LayerStream:
         Makes the KV slots for the paged ones (shape of one layer of their rows)."""
         paged = [c for c in caches if getattr(c, "paged_layers", 0)]
         self._order = paged
+        self.attached_kv = min((c.resident_layers for c in caches), default=None)
         if self.kv_ring is not None:
             self.kv_ring.forget(lambda item: True)
         if not paged:

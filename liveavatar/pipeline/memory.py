@@ -164,6 +164,34 @@ def load_estimate(cfg: DiTConfig, dtype: torch.dtype, fp8: bool,
     return MemoryEstimate(weights, 0, 0, 0, VAE_BYTES, RESERVE_BYTES)
 
 
+WEIGHTS_MODES = ("auto", "resident", "stream")
+
+
+def place_layers(cfg: DiTConfig, width: int, height: int, steps_owned: int, free: int, total: int, *,
+                 mode: str = "auto", dtype: torch.dtype = torch.bfloat16, fp8: bool = False,
+                 decode_here: bool = True, stream: StreamConfig = DEFAULT_STREAM, buffers: int = 3,
+                 device: object = "cuda", what: str = "this job") -> LayerResidency | None:
+    """The weight placement decision before loading, for a job at W x H owning `steps_owned` steps.
+
+    mode "resident": None (every block on the GPU; the caches are placed at job time by
+    `plan_caches`); "stream": `fit_residency`; "auto": None when the weights and every step cache
+    fit the GPU, else `fit_residency`. Raises MemoryError (numbers and remedies) when streaming
+    every layer does not fit either; the loading preflight (`load_estimate`) is separate.
+    """
+    if mode not in WEIGHTS_MODES:
+        raise ValueError(f"weights: {mode!r} is not one of {', '.join(WEIGHTS_MODES)}")
+    kw = dict(dtype=dtype, fp8=fp8, decode_here=decode_here, stream=stream)
+    if mode == "resident" or (mode == "auto" and fits(estimate_memory(cfg, width, height, steps_owned=steps_owned,
+                                                                      **kw), free)):
+        return None
+    res = fit_residency(cfg, width, height, steps_owned, free, buffers=buffers, **kw)
+    if res is None:
+        est = estimate_memory(cfg, width, height, steps_owned=steps_owned, residency=LayerResidency(0, 0, buffers),
+                              **kw)
+        raise memory_error(est, free, total, device, what + " (every DiT layer and KV layer streamed)")
+    return res
+
+
 def fit_residency(cfg: DiTConfig, width: int, height: int, steps_owned: int, free: int, *,
                   dtype: torch.dtype = torch.bfloat16, fp8: bool = False, decode_here: bool = True,
                   stream: StreamConfig = DEFAULT_STREAM, buffers: int = 3,
