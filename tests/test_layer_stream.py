@@ -107,3 +107,17 @@ def test_paged_cache_needs_the_stream(fixtures_dir):
     model = _build(fixtures_dir)
     with pytest.raises(RuntimeError, match="paged and not bound"):
         _rollout(model, fixtures_dir, 1, blocks=1, steps=1)
+
+
+def test_streamed_fp8_layers_bitwise_equal_resident(fixtures_dir):
+    """fp8 linears (CPU _scaled_mm or its emulation) packed as they are: e4m3 weights, 0-d scales."""
+    from liveavatar.models.fp8 import FP8Linear, convert_to_fp8
+
+    model = _build(fixtures_dir).to(torch.bfloat16)
+    convert_to_fp8(model, allow_cpu=True)
+    model.compile_blocks(compile=False)
+    resident = _rollout(model, fixtures_dir, None, blocks=2)
+    model.stream_layers(LayerResidency(1, 2, 2))
+    slot = model.layer_stream.slots[0]
+    assert isinstance(slot.ffn[0], FP8Linear) and slot.ffn[0].weight_fp8.dtype == torch.float8_e4m3fn
+    assert torch.equal(_rollout(model, fixtures_dir, 2, blocks=2), resident)

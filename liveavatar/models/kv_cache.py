@@ -257,11 +257,11 @@ class StepKVCache:
     def reset(self) -> None:
         """Empty the cache (new job). Rows are zeroed, as a fresh reference cache."""
         if self.paged_layers:
+            if self.pager is not None:  # no write-back in flight into the rows zeroed now
+                self.pager.forget_cache(self)
             self.host.zero_()
             self.kv.zero_()
             self._pages.clear()
-            if self.pager is not None:
-                self.pager.forget_cache(self)
         elif self.host is not None:
             if self._out_event is not None:  # a pending page-out must not land after the zeroing
                 self._out_event.synchronize()

@@ -388,7 +388,11 @@ class LayerStream:
             self.kv_ring = _SlotRing(n, self._fill_kv, self.streams)
 
     def forget_cache(self, cache) -> None:
-        """A cache's rows changed on the host (reset): its slots no longer hold them."""
+        """A cache's rows are about to change on the host (reset): wait for the copies in flight;
+        its slots no longer hold its rows."""
+        if self.streams.cuda:
+            self.streams.h2d.synchronize()
+            self.streams.d2h.synchronize()
         if self.kv_ring is not None:
             self.kv_ring.forget(lambda item: item[0] is cache)
 

@@ -74,10 +74,12 @@ def plan_rank_caches(model, image: ImageConditioning, steps_owned: int, policy: 
 
 def _plan_paged_caches(model, stream, w: int, h: int, steps_owned: int, free: int, total: int,
                        decode_here: bool) -> CachePlan:
-    from liveavatar.pipeline.memory import estimate_memory, fit_residency, memory_error
+    from liveavatar.pipeline.memory import VAE_BYTES, estimate_memory, fit_residency, memory_error
 
     cfg, res = model.dit.cfg, stream.residency
     kw = dict(dtype=model.dtype, stream=model.stream, decode_here=decode_here)
+    if decode_here and getattr(model, "vae", None) is not None:  # loaded: in use already, like the weights
+        free += VAE_BYTES
     fit = fit_residency(cfg, w, h, steps_owned, free, buffers=res.buffers, weights=res.weights, **kw)
     what = f"generating at {w}x{h} with {steps_owned} step caches paged per layer"
     if fit is None:
