@@ -400,30 +400,10 @@ class CausalS2VDiT(nn.Module):
         sink_offset: the reference's relative_dist d. Returns `[16, F, h, w]` in x's dtype.
         Writes the block's rotated keys and values into `cache`.
         """
-        c, s = self.cfg, self.stream
-        nf = s.frames_per_block_latent
         x_dtype = x.dtype
-        if x.dim() != 4 or x.shape[0] != c.in_dim or x.shape[1] != nf:
-            raise ValueError(f"x must be [{c.in_dim}, {nf}, h, w], got {tuple(x.shape)}")
-        hw = tuple(x.shape[-2:])
-        if hw != cache.latent_hw or hw != sink.latent_hw:
-            raise ValueError(f"latent size {hw} does not match the caches ({cache.latent_hw}, {sink.latent_hw})")
-        if start_frame < 0:
-            raise ValueError(f"start_frame must be >= 0, got {start_frame}")
-        hp, wp = self._grid(hw)
-        fsl = hp * wp
-
+        hw, rope, ref_t, plan, sink_rope, e, e0 = self._call_setup(x, timestep, cache, sink, start_frame, sink_offset)
         audio_global, audio_tokens = audio if audio is not None else self.encode_audio(audio_input)
         audio_global, audio_tokens = audio_global[0, :, 0], audio_tokens[0]  # [F, dim], [F, n, dim]
-
-        rope = self._rope(grid_positions(list(range(start_frame, start_frame + nf)), list(range(hp)), list(range(wp))),
-                          key=("block", start_frame, hp, wp))
-        ref_t = self.reference_position(start_frame, sink_offset)
-        plan = cache.plan(start_frame * fsl, nf * fsl, sink, ref_t)
-        sink_rope = None
-        if plan.refresh_keys:
-            sink_rope = self._rope(sink.stream_positions(ref_t), key=("sink", sink.uid, sink.version, ref_t))
-        e, e0 = self._time(timestep, nf)
         x = x.to(self.device, self.dtype)
         cond = None if cond_states is None else cond_states.to(self.device, self.dtype)
 
@@ -449,6 +429,31 @@ class CausalS2VDiT(nn.Module):
         cache.commit(plan, sink, ref_t)
         return out.to(x_dtype)
 
+    def _call_setup(self, x: torch.Tensor, timestep: float, cache: StepKVCache, sink: SinkCache, start_frame: int,
+                    sink_offset: int):
+        """The host-side decisions of one streaming call, checked: (latent hw, block RoPE factors,
+        reference position ref_t, the cache's StreamWindow, sink RoPE factors or None, e `[F, dim]`,
+        e0 `[2, F, 6, dim]`). x `[16, F, h, w]`."""
+        c, nf = self.cfg, self.stream.frames_per_block_latent
+        if x.dim() != 4 or x.shape[0] != c.in_dim or x.shape[1] != nf:
+            raise ValueError(f"x must be [{c.in_dim}, {nf}, h, w], got {tuple(x.shape)}")
+        hw = tuple(x.shape[-2:])
+        if hw != cache.latent_hw or hw != sink.latent_hw:
+            raise ValueError(f"latent size {hw} does not match the caches ({cache.latent_hw}, {sink.latent_hw})")
+        if start_frame < 0:
+            raise ValueError(f"start_frame must be >= 0, got {start_frame}")
+        hp, wp = self._grid(hw)
+        fsl = hp * wp
+        rope = self._rope(grid_positions(list(range(start_frame, start_frame + nf)), list(range(hp)), list(range(wp))),
+                          key=("block", start_frame, hp, wp))
+        ref_t = self.reference_position(start_frame, sink_offset)
+        plan = cache.plan(start_frame * fsl, nf * fsl, sink, ref_t)
+        sink_rope = None
+        if plan.refresh_keys:
+            sink_rope = self._rope(sink.stream_positions(ref_t), key=("sink", sink.uid, sink.version, ref_t))
+        e, e0 = self._time(timestep, nf)
+        return hw, rope, ref_t, plan, sink_rope, e, e0
+
     def _ring_rows(self, offset: int, tokens: int) -> torch.Tensor:
         """`arange(offset, offset + tokens)` on the model's device (int64), kept per (offset, tokens)."""
         key = (offset, tokens, self.device)
@@ -469,28 +474,47 @@ class CausalS2VDiT(nn.Module):
         """
         nf = x.shape[1]
         hp, wp = self._grid(tuple(x.shape[-2:]))
+        tokens = self._embed_block(x, cond)
+        backend = self.attn_backend
+
+        def attend_of(i: int, fused):
+            if fused is not None:  # compile_blocks(): RoPE inside the fused region
+                return cache.stream_attend(i, plan, None, sink, sink_rope, backend, rotate=fused.rotate_factors,
+                                           rows=rows)
+            return cache.stream_attend(i, plan, rope, sink, sink_rope, backend)
+
+        layers = self._layers(cache, (plan.offset, plan.offset + plan.tokens))
+        tokens = self._run_layers(tokens, e0_block, rope, attend_of, text, nf, audio_global, audio_tokens, layers)
+        out = self.head(tokens, e)  # [1, F*fsl, prod(patch)*out_dim]
+        return self._unpatchify(out[0], nf, hp, wp)
+
+    def _embed_block(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """Block latents x `[16, F, h, w]` (+ pose latents `[1, 16, F, h, w]` or None) -> tokens `[1, F*fsl, dim]`."""
         h = self.patch_embedding(x.unsqueeze(0))
         if cond is None:  # zero pose latents: the encoder adds its bias only
             h = h + self.cond_encoder.bias.view(1, -1, 1, 1, 1)
         else:
             h = h + self.cond_encoder(cond)
         tokens = h.flatten(2).transpose(1, 2)
-        tokens = tokens + self.trainable_cond_mask.weight[_NOISY].to(tokens.dtype)
+        return tokens + self.trainable_cond_mask.weight[_NOISY].to(tokens.dtype)
 
+    def _run_layers(self, tokens: torch.Tensor, e0_block: torch.Tensor, rope: RopeFactors, attend_of, text: TextState,
+                    frames: int, audio_global: torch.Tensor, audio_tokens: torch.Tensor, layers) -> torch.Tensor:
+        """The transformer layers (with audio injection) over tokens `[1, frames*fsl, dim]`.
+
+        attend_of(i, fused): layer i's self-attention policy (fused: the FusedLayers or None);
+        layers: (index, block) pairs (`_layers`). e0_block `[1, frames, 6, dim]`, audio_global
+        `[frames, dim]`, audio_tokens `[frames, n, dim]`, rope: the tokens' factors."""
         fused, backend = self._fused, self.attn_backend
-        for i, block in self._layers(cache, (plan.offset, plan.offset + plan.tokens)):
+        for i, block in layers:
+            attend = attend_of(i, fused)
             if fused is not None:  # compile_blocks(): RoPE inside the fused region
-                attend = cache.stream_attend(i, plan, None, sink, sink_rope, backend, rotate=fused.rotate_factors,
-                                             rows=rows)
                 tokens = fused.layer(block, tokens, e0_block, rope, attend, self._text_kv(text, i, block), backend)
-                tokens = fused.inject(i, tokens, nf, audio_global, audio_tokens, backend)
-                continue
-            attend = cache.stream_attend(i, plan, rope, sink, sink_rope, backend)
-            tokens = block(tokens, e0_block, attend, self._text_kv(text, i, block), backend)
-            tokens = self.audio_injector.inject(i, tokens, nf, audio_global, audio_tokens, backend)
-
-        out = self.head(tokens, e)  # [1, F*fsl, prod(patch)*out_dim]
-        return self._unpatchify(out[0], nf, hp, wp)
+                tokens = fused.inject(i, tokens, frames, audio_global, audio_tokens, backend)
+            else:
+                tokens = block(tokens, e0_block, attend, self._text_kv(text, i, block), backend)
+                tokens = self.audio_injector.inject(i, tokens, frames, audio_global, audio_tokens, backend)
+        return tokens
 
     def _unpatchify(self, out: torch.Tensor, nf: int, hp: int, wp: int) -> torch.Tensor:
         """`[F*hp*wp, pt*ph*pw*C]` (patch channels last) -> `[C, F*pt, hp*ph, wp*pw]`."""
