@@ -41,6 +41,7 @@ def build_random_dit(cfg, device: torch.device, dtype: torch.dtype, seed: int, *
     from liveavatar.models.dit import CausalS2VDiT
     from liveavatar.models.fp8 import convert_to_fp8
     from liveavatar.models.layer_stream import pack_to_host
+    from liveavatar.models.pinned import HostArena
 
     t0 = time.perf_counter()
     with benchlib.params_on_meta():
@@ -50,6 +51,7 @@ def build_random_dit(cfg, device: torch.device, dtype: torch.dtype, seed: int, *
     parts = [(f"blocks.{i}", b) for i, b in enumerate(dit.blocks)]
     parts += [(name, m) for name, m in dit.named_children() if name != "blocks"]
     info = {"params": 0, "bytes": 0}
+    arena = HostArena(pin=device.type == "cuda")  # the streamed blocks' pinned bytes
     for name, part in parts:
         got = benchlib.materialize_random_(part, device, dtype, seed=seed, dim_hint=cfg.dim, prefix=name)
         info["params"] += got["params"]
@@ -57,7 +59,7 @@ def build_random_dit(cfg, device: torch.device, dtype: torch.dtype, seed: int, *
             convert_to_fp8(part, allow_cpu=allow_cpu_fp8, scaling=fp8, prefix=name)
         info["bytes"] += sum(t.numel() * t.element_size() for t in (*part.parameters(), *part.buffers()))
         if name.startswith("blocks.") and int(name[7:]) in streamed:
-            pack_to_host(part, pin=device.type == "cuda")
+            pack_to_host(part, arena, cfg.num_layers - int(name[7:]))
     left = [n for n, p in dit.named_parameters() if p.is_meta]
     if left:
         raise RuntimeError(f"random DiT: parameters left on the meta device: {left[:3]}")

@@ -85,3 +85,37 @@ def test_diagonal_refuses_shared_caches(fixtures_dir):
     calls = [_call(model, cases, sink, [cache], 0, 0), _call(model, cases, sink, [cache], 1, 0)]
     with pytest.raises(ValueError, match="its own step cache"):
         forward_diagonal(model, text, calls)
+
+
+def test_diagonal_blocks_equal_the_runner_blocks(fixtures_dir):
+    """pipeline.diagonal: 6 blocks (the Rolling Sink refresh at clip 1 included: blocks of clip 0
+    still in flight keep the old sink) x 3 steps with Euler updates, against StepRunner.run."""
+    from liveavatar.pipeline.diagonal import diagonal_blocks
+    from liveavatar.pipeline.plan import block_noise, make_plan
+    from liveavatar.pipeline.sampler import BlockInputs, StepRunner, make_schedule
+
+    model, cases, text, _ = _setup(fixtures_dir, False)
+    inp = load_file(fixtures_dir / "forward" / "inputs_shared.safetensors")
+    stream = model.stream
+    plan = make_plan(6 * stream.frames_per_block - 3, stream, lead_in_frames=3)
+    assert [b.clip for b in plan.blocks] == [0, 0, 0, 0, 1, 1]
+    inputs = BlockInputs(audio=cases[0]["audio_input"], cond=cases[0]["cond_states"])
+
+    def runner():
+        r = StepRunner(model, text, HW, make_schedule(STEPS, stream), range(STEPS), stream, seed=3, device="cpu",
+                       dtype=torch.float32)
+        r.prefill(inp["ref_latents"], inp["motion_latents"])
+        return r
+
+    r, seq, first = runner(), [], None
+    for blk in plan.blocks:
+        if blk.clip == 1 and blk.block_in_clip == 0:  # as RankJob.begin_clip
+            r.prefill(first[:, 0:1].unsqueeze(0), inp["motion_latents"])
+        seq.append(r.run(block_noise(3, blk, HW, stream), blk, inputs))
+        if blk.index == 0:
+            first = seq[-1].clone()
+    got = list(diagonal_blocks(runner(), plan.blocks, lambda b: block_noise(3, b, HW, stream), lambda b: inputs,
+                               motion=inp["motion_latents"]))
+    assert [b.index for b, _ in got] == [b.index for b in plan.blocks]
+    worst = max(((x - y).norm() / y.norm()).item() for (_, x), y in zip(got, seq))
+    assert worst < 1e-4, worst

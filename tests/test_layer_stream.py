@@ -121,3 +121,16 @@ def test_streamed_fp8_layers_bitwise_equal_resident(fixtures_dir):
     slot = model.layer_stream.slots[0]
     assert isinstance(slot.ffn[0], FP8Linear) and slot.ffn[0].weight_fp8.dtype == torch.float8_e4m3fn
     assert torch.equal(_rollout(model, fixtures_dir, 2, blocks=2), resident)
+
+
+def test_host_arena_carves_equal_buffers_without_power_of_two_waste():
+    from liveavatar.models.pinned import HostArena
+
+    gib = 2**30
+    assert HostArena.per_allocation(int(0.327 * gib)) == 3  # an fp8 14B block: three per 1 GiB allocation
+    arena = HostArena(pin=False)
+    bufs = [arena.take(1000, 5 - k) for k in range(5)]
+    assert all(b.numel() == 1000 and b.dtype == torch.uint8 for b in bufs)
+    spans = sorted((b.data_ptr(), b.data_ptr() + 1000) for b in bufs)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # disjoint
+    assert arena.allocated < 5 * 1000 + 5 * 256

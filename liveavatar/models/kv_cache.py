@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import attention
+from .pinned import HostArena
 from .rope import RopeFactors, apply_rope
 
 _uids = itertools.count()
@@ -175,6 +176,7 @@ class StepKVCache:
         self.num_layers = num_layers
         self.resident_layers = num_layers if resident_layers is None else int(resident_layers)
         self._pages: dict[int, torch.Tensor] = {}  # paged layer -> the device slot lent for it now
+        self._host_pages: list[torch.Tensor] = []  # paged layer - resident_layers -> its host rows
         self.pager = None  # the LayerStream that lends the slots (set by it on first use)
         if resident_layers is not None:
             if sink_capacity or working is not None:
@@ -182,8 +184,10 @@ class StepKVCache:
             if not 0 <= self.resident_layers <= num_layers:
                 raise ValueError(f"StepKVCache: resident_layers must be in [0, {num_layers}], got {resident_layers}")
             self.kv = torch.zeros((self.resident_layers, *shape[1:]), device=device, dtype=dtype)
-            self.host = _host_zeros((num_layers - self.resident_layers, *shape[1:]), dtype,
-                                    pin=torch.device(device).type == "cuda")
+            arena = HostArena(pin=torch.device(device).type == "cuda")  # pinned, without power-of-two rounding
+            n = num_layers - self.resident_layers
+            nbytes = torch.Size(shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
+            self._host_pages = [arena.take(nbytes, n - k).view(dtype).view(shape[1:]).zero_() for k in range(n)]
         elif working is None:
             self.kv = torch.zeros(shape, device=device, dtype=dtype)
         else:
@@ -231,13 +235,12 @@ class StepKVCache:
 
     def host_layer(self, layer: int) -> torch.Tensor:
         """Host rows of paged layer `layer`, `[2, 1, rows, heads, head_dim]`."""
-        return self.host[layer - self.resident_layers]
+        return self._host_pages[layer - self.resident_layers]
 
     def write_back(self, layer: int, page: torch.Tensor, a: int, b: int) -> int:
         """Copy ring rows [a, b) of paged layer `layer` from its device slot `page` to host memory
         (on the current stream); returns the bytes copied."""
-        _copy_rows(self.host[layer - self.resident_layers: layer - self.resident_layers + 1],
-                   page.unsqueeze(0), a, b)
+        _copy_rows(self.host_layer(layer).unsqueeze(0), page.unsqueeze(0), a, b)
         return 2 * (b - a) * page[0, 0, 0].numel() * page.element_size()
 
     @property
@@ -252,14 +255,16 @@ class StepKVCache:
 
     @property
     def host_nbytes(self) -> int:
-        return 0 if self.host is None else self.host.numel() * self.host.element_size()
+        pages = sum(t.numel() * t.element_size() for t in self._host_pages)
+        return pages + (0 if self.host is None else self.host.numel() * self.host.element_size())
 
     def reset(self) -> None:
         """Empty the cache (new job). Rows are zeroed, as a fresh reference cache."""
         if self.paged_layers:
             if self.pager is not None:  # no write-back in flight into the rows zeroed now
                 self.pager.forget_cache(self)
-            self.host.zero_()
+            for page in self._host_pages:
+                page.zero_()
             self.kv.zero_()
             self._pages.clear()
         elif self.host is not None:

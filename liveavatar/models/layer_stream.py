@@ -34,6 +34,8 @@ from typing import Callable, Hashable, Sequence
 import torch
 from torch import nn
 
+from .pinned import HostArena
+
 _QKV = ("self_attn.q", "self_attn.k", "self_attn.v")
 _ALIGN = 16  # bytes: start of every packed tensor whose size is a multiple of it (kernels' alignment)
 
@@ -250,21 +252,13 @@ def _bind(block: nn.Module, flat: torch.Tensor, layout: list[tuple]) -> None:
             mod._buffers[name] = view
 
 
-def _pin(nbytes: int, pin: bool) -> torch.Tensor:
-    if pin:
-        try:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        except RuntimeError:  # pinning refused (limits): pageable, slower copies
-            pass
-    return torch.empty(nbytes, dtype=torch.uint8)
-
-
 @torch.no_grad()
-def pack_to_host(block: nn.Module, pin: bool) -> torch.Tensor:
-    """Move a block's tensors into one (pinned) host byte buffer, in place; returns the buffer.
-    The block's tensors are then views of it (the device copies are freed)."""
+def pack_to_host(block: nn.Module, arena: HostArena, count_hint: int = 1) -> torch.Tensor:
+    """Move a block's tensors into one host byte buffer from `arena` (pinned on CUDA), in place;
+    returns the buffer. The block's tensors are then views of it (the device copies are freed).
+    count_hint: blocks still to pack from this arena (its allocation sizes)."""
     layout, nbytes = _layout(block)
-    flat = _pin(nbytes, pin)
+    flat = arena.take(nbytes, count_hint)
     flat.zero_()
     for path, name, is_param, off, shape, dtype in layout:
         mod = block.get_submodule(path)
@@ -321,10 +315,10 @@ class LayerStream:
         self._slot_flats: list[torch.Tensor] = []
         self.weights_ring: _SlotRing | None = None
         if self.streamed:
-            pin = self.device.type == "cuda"
-            for i in self.streamed:
+            arena = HostArena(pin=self.device.type == "cuda")
+            for k, i in enumerate(self.streamed):
                 if getattr(blocks[i], "_stream_flat", None) is None:
-                    pack_to_host(blocks[i], pin)
+                    pack_to_host(blocks[i], arena, len(self.streamed) - k)
             layout = blocks[self.streamed[0]]._stream_layout
             for i in self.streamed:
                 if blocks[i]._stream_layout != layout:
@@ -378,9 +372,9 @@ class LayerStream:
             self.kv_ring.forget(lambda item: True)
         if not paged:
             return
-        shape = tuple(paged[0].host.shape[1:])
-        dtype = paged[0].host.dtype
-        if any(tuple(c.host.shape[1:]) != shape or c.host.dtype != dtype for c in paged):
+        first = [c.host_layer(c.resident_layers) for c in paged]
+        shape, dtype = tuple(first[0].shape), first[0].dtype
+        if any(tuple(t.shape) != shape or t.dtype != dtype for t in first):
             raise ValueError("layer streaming: a runner's paged step caches must share one shape")
         if not self.kv_slots or tuple(self.kv_slots[0].shape) != shape or self.kv_slots[0].dtype != dtype:
             n = min(self.residency.buffers, paged[0].paged_layers * len(paged))
