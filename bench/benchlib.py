@@ -89,19 +89,20 @@ def random_tensor(name: str, shape: tuple[int, ...], device: torch.device, dtype
 
 @torch.no_grad()
 def materialize_random_(model: nn.Module, device: torch.device | str, dtype: torch.dtype,
-                        seed: int = 0, dim_hint: int = 1, keep_fp32: tuple[str, ...] = ()) -> dict:
+                        seed: int = 0, dim_hint: int = 1, keep_fp32: tuple[str, ...] = (), prefix: str = "") -> dict:
     """Give every parameter of `model` (meta or not) a fresh random value on `device`, in place.
 
     Floating parameters get `dtype` (except names containing an entry of `keep_fp32`); values
     come from `random_tensor`, so they depend only on (seed, name, shape, device type). Buffers
-    are moved to `device` keeping their dtype (meta buffers become zeros). Returns
+    are moved to `device` keeping their dtype (meta buffers become zeros). prefix: `model`'s
+    name inside a bigger model built part by part (the names, hence the values, are the full ones). Returns
     {"params": count, "bytes": total parameter bytes, "seconds": wall time}.
     """
     device = torch.device(device)
     t0 = time.perf_counter()
     n = 0
     nbytes = 0
-    for mod_name, module in model.named_modules():
+    for mod_name, module in model.named_modules(prefix=prefix):
         for pname, param in list(module._parameters.items()):
             if param is None:
                 continue

@@ -25,6 +25,13 @@ Prints ONE JSON line (keys: `benchlib.RESULT_KEYS` and more). Method:
 - `--ref DIR` runs bench/ref_harness.py (the reference DiT, same weights/size/steps, fp8 and
   compile as ours unless `--ref-mode bf16`) in a subprocess after ours and adds ref_fps and
   ratio_vs_reference = fps / ref_fps. `--ref-json FILE` reads a stored harness line instead.
+- memory, the product's way (bench/placement.py): `--memory-cap-gb X` leaves X GiB free on the
+  device (filler tensor + allocator cap: the preflight sees the smaller card); the weight
+  placement (`--weights auto|stream|resident`, `memory.place_layers`) and the loading preflight
+  run before the random DiT is built part by part (fp8 per block, streamed blocks packed into
+  pinned host memory), so a run that cannot fit ends with the preflight's message (rc 3).
+  estimate_gib (the memory estimate of the job as placed) is printed beside peak_gib (the
+  filler left out); with streaming: h2d_bytes_per_block, copy_gbps, projected_fps_pcie4.
 - `--gpus N` (N > 1) or `--devices 0,1,..|cpu,cpu,..`: a worker group (bench/group.py): every
   rank builds the same random weights, the TPP schedule runs as in generation (K = min(N, steps)
   DiT ranks, a spare device decodes), timed end to end by the arrival of decoded blocks here;
@@ -45,6 +52,7 @@ import torch
 
 from bench import benchlib
 from bench.random_model import BenchRun, BenchUsageError, apply_options, bench_config, build_random_dit
+from bench.placement import cap_device_memory, job_estimate, preflight, stream_fields
 from bench.scopes import run_dit_scope, run_end_to_end
 from liveavatar.cli import AUTO_ON_OFF, auto_on_off
 
@@ -105,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RoPE rotation dtype of our DiT (default: the DiT's, float64 as the reference)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="scope dit: profile one extra block; kernel table + Chrome trace into DIR")
+    p.add_argument("--memory-cap-gb", type=float, default=None, metavar="X",
+                   help="emulate a card with X GiB free: occupy the rest of the device memory and cap the process")
+    p.add_argument("--weights", default="auto", choices=("auto", "stream", "resident"),
+                   help="DiT blocks resident on the device, streamed per layer from pinned host memory, or "
+                        "auto (resident when the weights and every step cache fit, else streaming)")
+    p.add_argument("--resident-layers", default=None, metavar="W[,KV]",
+                   help="with streaming: force W resident blocks (and KV resident layers) instead of the fit")
+    p.add_argument("--stream-buffers", type=int, default=3,
+                   help="device slots per streamed kind (prefetch depth + 1)")
     p.add_argument("--allow-cpu-fp8", action="store_true",
                    help="tests only: fp8 linears on the CPU (PyTorch's CPU _scaled_mm or an emulation)")
     return p
@@ -180,16 +197,25 @@ def bench(args) -> dict:
         raise BenchUsageError("--blocks and --steps must be >= 1")
     device, dtype = resolve(args)
     cfg = bench_config(args)
+    from liveavatar.options import precision_from_flags
+    from liveavatar.pipeline.speed import fp8_scaling_for
+
+    scaling = precision_from_flags("bf16", args.fp8, args.fp8_scaling).fp8
+    if scaling and not (device.type == "cpu" and args.allow_cpu_fp8):
+        fp8_scaling_for(scaling, device)  # before anything is built (sm89+)
     peak = args.peak_tflops
     if peak is None and device.type == "cuda":
         peak = benchlib.matmul_peak_tflops(device)
-    benchlib.reset_peak_mem(device)
-    dit, winfo = build_random_dit(cfg, device, dtype, args.seed)
-    opt = apply_options(dit, args, device)
+    filler = cap_device_memory(device, args.memory_cap_gb) if args.memory_cap_gb else 0
     run = BenchRun(args, cfg, device, dtype)
+    residency = preflight(args, cfg, run.width, run.height, device, dtype, bool(scaling))
+    benchlib.reset_peak_mem(device)
+    dit, winfo = build_random_dit(cfg, device, dtype, args.seed, fp8=scaling, allow_cpu_fp8=args.allow_cpu_fp8,
+                                  residency=residency)
+    opt = apply_options(dit, args, device)
     with torch.no_grad():
         res = (run_dit_scope if args.scope == "dit" else run_end_to_end)(args, cfg, dit, device, dtype, run)
-    peak_mem = benchlib.peak_mem_gib(device)
+    peak_mem = benchlib.peak_mem_gib(device) - filler / 2**30
 
     from_warmup = not res["block_ms"]
     if from_warmup and not res["warm_ms"]:
@@ -245,6 +271,15 @@ def bench(args) -> dict:
     if "overlap_decode" in res:
         out["overlap_decode"] = res["overlap_decode"]
     out["est_mem_gb"] = _estimate(cfg, run, args, dtype)
+    out["memory_cap_gb"] = args.memory_cap_gb
+    out["weights"] = args.weights
+    out["peak_gib"] = peak_mem
+    out["estimate_gib"] = job_estimate(cfg, dit, run.width, run.height, args, dtype, bool(scaling),
+                                       res.get("cache_plan"))
+    out["estimate_vs_peak"] = out["estimate_gib"] / peak_mem if peak_mem > 0 and device.type == "cuda" else None
+    stream = dit.layer_stream
+    res["resident_kv_layers"] = stream.attached_kv if stream is not None else None
+    out.update(stream_fields(dit, res, args.blocks, blk, s.frames_per_block))
     if args.save_latents and res["latents"]:
         torch.save(res["latents"], args.save_latents)
     if args.compare_latents and res["latents"]:
@@ -298,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     except BenchUsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError as exc:  # the preflight: nothing fits (numbers and remedies)
+        result = failure_record(args, f"preflight: {exc}")
+        code = 3
     except (ValueError, RuntimeError) as exc:
         result = failure_record(args, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         code = 3
@@ -317,5 +355,6 @@ def failure_record(args, error: str) -> dict:
                num_gpus=benchlib.num_gpus(), schedule="tpp" if (args.gpus > 1 or args.devices) else "single",
                size=args.size, steps=args.steps, fp8=args.fp8,
                compile=args.compile, attn=args.attn, scope=args.scope,
-               peak_mem_gb=[benchlib.peak_mem_gib(device)], tiny=args.tiny)
+               peak_mem_gb=[benchlib.peak_mem_gib(device)], tiny=args.tiny,
+               memory_cap_gb=getattr(args, "memory_cap_gb", None), weights=getattr(args, "weights", None))
     return benchlib.rounded(out)

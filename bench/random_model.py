@@ -28,14 +28,46 @@ def bench_config(args):
     return DiTConfig()
 
 
-def build_random_dit(cfg, device: torch.device, dtype: torch.dtype, seed: int):
-    """Our DiT with random weights made on `device` (see benchlib.materialize_random_)."""
-    from liveavatar.models.dit import CausalS2VDiT
+def build_random_dit(cfg, device: torch.device, dtype: torch.dtype, seed: int, *, fp8: str | None = None,
+                     allow_cpu_fp8: bool = False, residency=None):
+    """Our DiT with random weights, built the way the product loads a checkpoint: on the meta
+    device, then part by part on `device` (each DiT block alone: random values, fp8 linears when
+    `fp8` is a scaling, then packed into pinned host memory when the placement `residency`
+    streams it), so the device never holds more than the placed weights plus one bf16 block.
+    Values as `benchlib.materialize_random_` gives the whole model (full parameter names).
+    Returns (dit, {"params", "bytes" (placed on the device + host), "seconds"})."""
+    import time
 
+    from liveavatar.models.dit import CausalS2VDiT
+    from liveavatar.models.fp8 import convert_to_fp8
+    from liveavatar.models.layer_stream import pack_to_host
+    from liveavatar.models.pinned import HostArena
+
+    t0 = time.perf_counter()
     with benchlib.params_on_meta():
         dit = CausalS2VDiT(cfg)
     dit.eval().requires_grad_(False)
-    info = benchlib.materialize_random_(dit, device, dtype, seed=seed, dim_hint=cfg.dim)
+    streamed = set(range(residency.weights, cfg.num_layers)) if residency is not None else set()
+    parts = [(f"blocks.{i}", b) for i, b in enumerate(dit.blocks)]
+    parts += [(name, m) for name, m in dit.named_children() if name != "blocks"]
+    info = {"params": 0, "bytes": 0}
+    arena = HostArena(pin=device.type == "cuda")  # the streamed blocks' pinned bytes
+    for name, part in parts:
+        got = benchlib.materialize_random_(part, device, dtype, seed=seed, dim_hint=cfg.dim, prefix=name)
+        info["params"] += got["params"]
+        if fp8:
+            convert_to_fp8(part, allow_cpu=allow_cpu_fp8, scaling=fp8, prefix=name)
+        info["bytes"] += sum(t.numel() * t.element_size() for t in (*part.parameters(), *part.buffers()))
+        if name.startswith("blocks.") and int(name[7:]) in streamed:
+            pack_to_host(part, arena, cfg.num_layers - int(name[7:]))
+    left = [n for n, p in dit.named_parameters() if p.is_meta]
+    if left:
+        raise RuntimeError(f"random DiT: parameters left on the meta device: {left[:3]}")
+    if residency is not None:
+        dit.stream_layers(residency)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    info["seconds"] = time.perf_counter() - t0
     return dit, info
 
 
@@ -43,13 +75,15 @@ def apply_options(dit, args, device: torch.device) -> dict:
     """fp8 / attention backend / compile through the pipeline's own `apply_speed_options`."""
     from liveavatar.pipeline.speed import apply_speed_options
 
-    from liveavatar.models.fp8 import convert_to_fp8
+    from liveavatar.models.fp8 import FP8Linear, convert_to_fp8
     from liveavatar.options import precision_from_flags
 
     info: dict = {"compile_impl": None}
     t0 = time.perf_counter()
     scaling = info["fp8_scaling"] = precision_from_flags("bf16", args.fp8, args.fp8_scaling).fp8
-    if scaling and device.type == "cpu" and args.allow_cpu_fp8:
+    if scaling and any(isinstance(m, FP8Linear) for m in dit.modules()):  # converted while "loading"
+        apply_speed_options(dit, attn=args.attn, fp8=False, compile=False, device=device)
+    elif scaling and device.type == "cpu" and args.allow_cpu_fp8:
         convert_to_fp8(dit, allow_cpu=True, scaling=scaling)
         apply_speed_options(dit, attn=args.attn, fp8=False, compile=False, device=device)
     else:

@@ -20,6 +20,22 @@ from bench.random_model import BenchRun, build_random_vae
 PROCESS_START = time.perf_counter()
 
 
+def _cache_plan(model, image, args, decode_here: bool):
+    """The job's cache placement, decided as the job will decide it a moment later (no allocation)."""
+    from liveavatar.options import CachePolicy
+    from liveavatar.pipeline.job import plan_rank_caches
+
+    policy = CachePolicy(getattr(args, "kv_offload_opt", None), getattr(args, "kv_prefetch_opt", None))
+    return plan_rank_caches(model, image, args.steps, policy, decode_here)
+
+
+def _stream_mark(res: dict, dit, key: str) -> None:
+    """Layer stream byte counters at this point (`stream_warm_end`, `stream_end`)."""
+    stream = getattr(dit, "layer_stream", None)
+    if stream is not None:
+        res[key] = stream.stats.snapshot()
+
+
 def over_time_limit(args) -> bool:
     """True once `--time-limit` seconds have passed since this module was imported."""
     limit = getattr(args, "time_limit", None)
@@ -47,6 +63,7 @@ def run_dit_scope(args, cfg, dit, device, dtype, run: BenchRun) -> dict:
     inputs = [BlockInputs(audio=audio.block_features(b).to(device, dtype)) for b in plan.blocks]
     graphs0 = benchlib.dynamo_graphs()
     res: dict = {"block_ms": [], "step_ms": [], "warm_ms": [], "latents": []}
+    res["cache_plan"] = _cache_plan(model, image, args, decode_here=False)
     benchlib.sync(device)
     t_start = time.perf_counter()
     runner = make_runner(model, run.context, image, seed=args.seed, steps=args.steps,
@@ -77,6 +94,7 @@ def run_dit_scope(args, cfg, dit, device, dtype, run: BenchRun) -> dict:
             res["warm_ms"].append(total)
             res["graphs_after_warmup"] = benchlib.dynamo_graphs()
             res["warm_end"] = time.perf_counter()
+            _stream_mark(res, dit, "stream_warm_end")
         else:
             res["block_ms"].append(total)
             res["step_ms"] += [timer.elapsed_ms(marks[i], marks[i + 1]) for i in range(len(marks) - 1)]
@@ -87,6 +105,7 @@ def run_dit_scope(args, cfg, dit, device, dtype, run: BenchRun) -> dict:
     res["warmup_s"] = res.get("warm_end", t_start) - t_start
     res["graphs0"] = graphs0
     res["finite"] = bool(torch.isfinite(x).all())
+    _stream_mark(res, dit, "stream_end")
     res["cache_gib"] = runner.cache_bytes() / 2**30
     res["kv_offload"] = runner.kv_offload
     res["kv_prefetch"] = runner.kv_prefetch
@@ -148,6 +167,7 @@ def run_end_to_end(args, cfg, dit, device, dtype, run: BenchRun) -> dict:
                              audio_rate=s.sample_rate)
     graphs0 = benchlib.dynamo_graphs()
     res: dict = {"block_ms": [], "step_ms": [], "warm_ms": [], "latents": []}
+    res["cache_plan"] = _cache_plan(model, image, args, decode_here=True)
     benchlib.sync(device)
     t_start = t_prev = time.perf_counter()
     from liveavatar.pipeline.generate import OVERLAP_DEFAULT_CUDA
@@ -171,6 +191,7 @@ def run_end_to_end(args, cfg, dit, device, dtype, run: BenchRun) -> dict:
             res["warm_ms"].append(ms)
             res["graphs_after_warmup"] = benchlib.dynamo_graphs()
             res["warm_end"] = now
+            _stream_mark(res, dit, "stream_warm_end")
         else:
             res["block_ms"].append(ms)
             res.setdefault("dit_ms", []).append(blk.timings.get("dit", 0.0) * 1000.0)
@@ -180,6 +201,7 @@ def run_end_to_end(args, cfg, dit, device, dtype, run: BenchRun) -> dict:
             break
     if writer is not None:
         writer.close()
+    _stream_mark(res, dit, "stream_end")
     res.setdefault("graphs_after_warmup", graphs0)
     res["warmup_s"] = res.get("warm_end", t_start) - t_start
     res["graphs0"] = graphs0

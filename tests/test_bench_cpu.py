@@ -275,3 +275,25 @@ def test_convert_to_fp8_follows_reference_exclusions():
     assert fp8mod.fp8_linears(meta_net) == converted == ["blocks.0.q", "blocks.0.ffn.0", "blocks.0.ffn.2"]
     assert fp8mod.fp8_weight_numel(meta_net) == (sum(p.numel() for p in before.parameters()), summary["bytes_after"])
 
+
+
+def test_bench_streamed_layers_same_latents_and_counted_bytes(fp32_run):
+    """The product's path with layer streaming (1 resident block, 1 resident KV layer of 4, 2 copy
+    slots each): the
+    same latents as the resident run, bit for bit, and per timed block every streamed block and
+    paged cache layer copied once per step."""
+    _, lat = fp32_run
+    rc, out, err = _run(["-m", "bench", *TINY, "--weights", "stream", "--resident-layers", "1,1",
+                         "--stream-buffers", "2", "--compare-latents", str(lat)])
+    assert rc == 0, err
+    assert out["vs_saved_latents"]["psnr_db"] == 999.0 and out["vs_saved_latents"]["rel_l2"] == 0.0
+    assert out["weights"] == "stream" and out["resident_layers"] == 1 and out["resident_kv_layers"] == 1
+    from bench.random_model import bench_config
+    from liveavatar.pipeline.memory import block_bytes, kv_layer_bytes
+    from liveavatar.sizes import parse_size
+
+    cfg = bench_config(type("A", (), {"tiny": True})())
+    w, h = parse_size(benchlib.TINY_SIZE)
+    streamed = 3 * (block_bytes(cfg, torch.float32, False) + kv_layer_bytes(cfg, w, h, torch.float32))
+    assert out["h2d_bytes_per_block"] == 4 * streamed
+    assert out["copy_gbps"] > 0 and out["estimate_gib"] > 0

@@ -25,6 +25,7 @@ e0 `[1, F, 6, dim]` float32, RoPE cos/sin `[L, 1, head_dim/2]`.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable
 
 import torch
@@ -62,12 +63,32 @@ def run_linear(x: torch.Tensor, w: LinearArgs) -> torch.Tensor:
     return scaled_linear(x, w[1], w[2], w[3], emulate=w[0] == "fp8emu")
 
 
+def _adjacent(ts: list[torch.Tensor], dim: int) -> torch.Tensor | None:
+    """`torch.cat(ts, dim)` as a view when the tensors already lie back to back in one storage
+    (contiguous, consecutive; `dim` the first dim larger than 1), else None."""
+    first = ts[0]
+    shape = list(first.shape)
+    if math.prod(shape[:dim]) != 1:
+        return None
+    off = first.storage_offset()
+    for t in ts:
+        if (not t.is_contiguous() or t.dtype != first.dtype or t.storage_offset() != off
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.shape[:dim] != first.shape[:dim] or t.shape[dim + 1:] != first.shape[dim + 1:]):
+            return None
+        off += t.numel()
+    shape[dim] = sum(t.shape[dim] for t in ts)
+    stride = [math.prod(shape[k + 1:]) for k in range(len(shape))]
+    return first.as_strided(shape, stride, first.storage_offset())
+
+
 def fuse_linears(layers: list[nn.Module]) -> LinearArgs | None:
     """One LinearArgs computing `cat([layer(x) for layer in layers], -1)` in a single GEMM, or None
     when the layers cannot share one (per-tensor fp8 scales differ, mixed kinds or dtypes).
 
     Each layer's tensors are re-pointed at views of the fused ones, so no memory is added and
-    in-place edits of a layer's weight (LoRA merges) reach the fused GEMM too.
+    in-place edits of a layer's weight (LoRA merges) reach the fused GEMM too. Tensors that already
+    lie back to back (a block packed by the layer stream, or fused before) give views of them.
     """
     args = [linear_args(layer) for layer in layers]
     kind = args[0][0]
@@ -76,6 +97,13 @@ def fuse_linears(layers: list[nn.Module]) -> LinearArgs | None:
     has_bias = [a[-1] is not None for a in args]
     if any(has_bias) != all(has_bias):
         return None
+    if kind != "lin" and any(a[2].dim() != 2 for a in args):  # per-tensor scales: one scale per GEMM
+        return None
+    views = [_adjacent([a[1] for a in args], 0)]
+    views += [] if kind == "lin" else [_adjacent([a[2] for a in args], 1)]
+    views += [_adjacent([a[-1] for a in args], 0)] if all(has_bias) else []
+    if all(v is not None for v in views):
+        return (kind, *views) + (() if all(has_bias) else (None,))
     bias = torch.cat([a[-1] for a in args]) if all(has_bias) else None
     sizes = [a[1].shape[0] for a in args]
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
@@ -86,8 +114,6 @@ def fuse_linears(layers: list[nn.Module]) -> LinearArgs | None:
             if bias is not None:
                 layer.bias = nn.Parameter(bias[lo:hi], requires_grad=False)
         return ("lin", weight, bias)
-    if any(a[2].dim() != 2 for a in args):  # per-tensor scales: one scale per GEMM
-        return None
     weight = torch.cat([a[1] for a in args])
     scale = torch.cat([a[2] for a in args], dim=1)
     for layer, lo, hi in zip(layers, bounds, bounds[1:]):
@@ -191,11 +217,11 @@ class FusedLayers:
         """`rotate(x, factors, out_dtype)` in the signature the KV-cache policies use."""
         return self.rotate(x, factors.cos, factors.sin, out_dtype)
 
-    def layer(self, i: int, x: torch.Tensor, e0: torch.Tensor, rope, attend,
+    def layer(self, blk: nn.Module, x: torch.Tensor, e0: torch.Tensor, rope, attend,
               text_kv: tuple[torch.Tensor, torch.Tensor], backend: str) -> torch.Tensor:
-        """One transformer layer (= `blocks[i](x, e0, attend, text_kv, backend)` with RoPE applied
-        here: `attend(q_rot, k_rot, v)` must not rotate). x `[1, L, dim]` -> `[1, L, dim]`."""
-        blk = self.model.blocks[i]
+        """One transformer layer (= `blk(x, e0, attend, text_kv, backend)` with RoPE applied here:
+        `attend(q_rot, k_rot, v)` must not rotate; `blk` a DiT block, or the layer stream's slot
+        holding its weights). x `[1, L, dim]` -> `[1, L, dim]`."""
         sa, ca = blk.self_attn, blk.cross_attn
         q, k, v = self.pre(x, e0, blk.modulation, self._qkv_args(sa), _norm_weight(sa.norm_q),
                            _norm_weight(sa.norm_k), rope.cos, rope.sin)

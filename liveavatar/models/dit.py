@@ -98,6 +98,7 @@ class CausalS2VDiT(nn.Module):
         self._rows_cache: dict = {}
         self._fused = None  # FusedLayers once compile_blocks() ran
         self._graphs: BlockGraphs | None = None  # once use_cuda_graphs() ran
+        self._stream = None  # LayerStream once stream_layers() ran
         d, p = cfg.dim, tuple(cfg.patch_size)
 
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=p, stride=p)
@@ -181,7 +182,7 @@ class CausalS2VDiT(nn.Module):
                          self.frame_seqlen(latent_hw), device or self.device, dtype or self.dtype)
 
     def new_step_cache(self, latent_hw: tuple[int, int], device=None, dtype=None,
-                       sink_slot: bool = False, working=None) -> StepKVCache:
+                       sink_slot: bool = False, working=None, resident_layers: int | None = None) -> StepKVCache:
         """Empty per-step cache: ring of one clip (`latent_frames_per_clip * fsl` tokens).
 
         `sink_slot=True` adds `sink_tokens` rows holding the rotated sink, so that steady-state
@@ -189,11 +190,14 @@ class CausalS2VDiT(nn.Module):
         every layer (same numbers; see kv_cache.py). Costs 2.5 fsl more rows per step cache; whether
         it fits is decided with the other caches (`pipeline.memory.plan_caches`).
         `working`: a `KVWorkingBuffer` (see `new_working_buffer`) makes an offloaded cache.
+        `resident_layers`: a per-layer paged cache (the first ones on the device, the others in
+        host memory, paged by the layer stream: `stream_layers`).
         """
         c = self.cfg
         slot = self.sink_tokens(latent_hw) if sink_slot else 0
         return StepKVCache(c.num_layers, self._ring_tokens(latent_hw), slot, c.num_heads, c.head_dim,
-                           tuple(latent_hw), device or self.device, dtype or self.dtype, working=working)
+                           tuple(latent_hw), device or self.device, dtype or self.dtype, working=working,
+                           resident_layers=resident_layers)
 
     def new_working_buffer(self, latent_hw: tuple[int, int], device=None, dtype=None) -> KVWorkingBuffer:
         """The device buffer offloaded step caches share (one step cache without sink slot)."""
@@ -220,13 +224,42 @@ class CausalS2VDiT(nn.Module):
         emb = self.text_embedding(ctx.unsqueeze(0))
         kv = None
         if precompute_kv:
-            kv = torch.stack([torch.stack(b.cross_attn.project_kv(emb)) for b in self.blocks])
+            kv = torch.stack([torch.stack(b.cross_attn.project_kv(emb)) for _, b in self._layers()])
         return TextState(emb, kv)
 
-    def _text_kv(self, text: TextState, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text_kv(self, text: TextState, layer: int, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         if text.kv is not None:
             return text.kv[layer, 0], text.kv[layer, 1]
-        return self.blocks[layer].cross_attn.project_kv(text.context)
+        return block.cross_attn.project_kv(text.context)
+
+    # ----------------------------------------------------------------------------- layer streaming
+
+    def stream_layers(self, residency) -> None:
+        """Keep only `residency.weights` blocks on the device and stream the others (and the step
+        caches' paged layers) per layer from pinned host memory (models/layer_stream.py). The
+        placement is decided before (`pipeline.memory.fit_residency`); the other weights must
+        already be on the model's device. Not with CUDA graphs."""
+        from .layer_stream import LayerStream
+
+        if self._graphs is not None:
+            raise ValueError("layer streaming: not with CUDA graphs (use_cuda_graphs(False) first)")
+        self._stream = LayerStream(self.blocks, residency, self.device)
+
+    @property
+    def layer_stream(self):
+        """The `LayerStream` (bytes, bandwidth: `.stats`), or None when every layer is resident."""
+        return self._stream
+
+    def _layers(self, cache: StepKVCache | None = None, rows: tuple[int, int] | None = None):
+        """(index, block) of every layer in order; with a layer stream the block is the slot its
+        weights were copied to (and `cache`'s paged rows are bound), released after the body ran
+        (`rows`: the ring rows the call writes, copied back to host memory)."""
+        if self._stream is None:
+            yield from enumerate(self.blocks)
+            return
+        for i in range(len(self.blocks)):
+            yield i, self._stream.acquire(i, cache)
+            self._stream.release(i, cache, rows)
 
     @torch.no_grad()
     def encode_audio(self, audio_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,6 +316,8 @@ class CausalS2VDiT(nn.Module):
     def use_cuda_graphs(self, enable: bool = True) -> None:
         """Replay repeated streaming calls from CUDA graphs (models/graphs.py). Needs
         `compile_blocks()` (the fused path) and a CUDA device; other calls stay eager."""
+        if enable and self._stream is not None:
+            raise ValueError("cuda_graphs: not with layer streaming (the copies are paced per layer)")
         if self._graphs is not None:
             self._graphs.clear()
         self._graphs = BlockGraphs() if enable else None
@@ -345,8 +380,8 @@ class CausalS2VDiT(nn.Module):
         rope = self._rope(positions)
         _, e0 = self._time(0.0, self.stream.frames_per_block_latent)
         e0_sink = e0[1, 0:1].unsqueeze(0)  # [1, 1, 6, dim]: t = 0 slot of frame 0
-        for i, block in enumerate(self.blocks):
-            x = block(x, e0_sink, sink.prefill_attend(i, rope, self.attn_backend), self._text_kv(text, i),
+        for i, block in self._layers():
+            x = block(x, e0_sink, sink.prefill_attend(i, rope, self.attn_backend), self._text_kv(text, i, block),
                       self.attn_backend)
 
     # ----------------------------------------------------------------------------- streaming
@@ -369,30 +404,10 @@ class CausalS2VDiT(nn.Module):
         sink_offset: the reference's relative_dist d. Returns `[16, F, h, w]` in x's dtype.
         Writes the block's rotated keys and values into `cache`.
         """
-        c, s = self.cfg, self.stream
-        nf = s.frames_per_block_latent
         x_dtype = x.dtype
-        if x.dim() != 4 or x.shape[0] != c.in_dim or x.shape[1] != nf:
-            raise ValueError(f"x must be [{c.in_dim}, {nf}, h, w], got {tuple(x.shape)}")
-        hw = tuple(x.shape[-2:])
-        if hw != cache.latent_hw or hw != sink.latent_hw:
-            raise ValueError(f"latent size {hw} does not match the caches ({cache.latent_hw}, {sink.latent_hw})")
-        if start_frame < 0:
-            raise ValueError(f"start_frame must be >= 0, got {start_frame}")
-        hp, wp = self._grid(hw)
-        fsl = hp * wp
-
+        hw, rope, ref_t, plan, sink_rope, e, e0 = self._call_setup(x, timestep, cache, sink, start_frame, sink_offset)
         audio_global, audio_tokens = audio if audio is not None else self.encode_audio(audio_input)
         audio_global, audio_tokens = audio_global[0, :, 0], audio_tokens[0]  # [F, dim], [F, n, dim]
-
-        rope = self._rope(grid_positions(list(range(start_frame, start_frame + nf)), list(range(hp)), list(range(wp))),
-                          key=("block", start_frame, hp, wp))
-        ref_t = self.reference_position(start_frame, sink_offset)
-        plan = cache.plan(start_frame * fsl, nf * fsl, sink, ref_t)
-        sink_rope = None
-        if plan.refresh_keys:
-            sink_rope = self._rope(sink.stream_positions(ref_t), key=("sink", sink.uid, sink.version, ref_t))
-        e, e0 = self._time(timestep, nf)
         x = x.to(self.device, self.dtype)
         cond = None if cond_states is None else cond_states.to(self.device, self.dtype)
 
@@ -418,6 +433,31 @@ class CausalS2VDiT(nn.Module):
         cache.commit(plan, sink, ref_t)
         return out.to(x_dtype)
 
+    def _call_setup(self, x: torch.Tensor, timestep: float, cache: StepKVCache, sink: SinkCache, start_frame: int,
+                    sink_offset: int):
+        """The host-side decisions of one streaming call, checked: (latent hw, block RoPE factors,
+        reference position ref_t, the cache's StreamWindow, sink RoPE factors or None, e `[F, dim]`,
+        e0 `[2, F, 6, dim]`). x `[16, F, h, w]`."""
+        c, nf = self.cfg, self.stream.frames_per_block_latent
+        if x.dim() != 4 or x.shape[0] != c.in_dim or x.shape[1] != nf:
+            raise ValueError(f"x must be [{c.in_dim}, {nf}, h, w], got {tuple(x.shape)}")
+        hw = tuple(x.shape[-2:])
+        if hw != cache.latent_hw or hw != sink.latent_hw:
+            raise ValueError(f"latent size {hw} does not match the caches ({cache.latent_hw}, {sink.latent_hw})")
+        if start_frame < 0:
+            raise ValueError(f"start_frame must be >= 0, got {start_frame}")
+        hp, wp = self._grid(hw)
+        fsl = hp * wp
+        rope = self._rope(grid_positions(list(range(start_frame, start_frame + nf)), list(range(hp)), list(range(wp))),
+                          key=("block", start_frame, hp, wp))
+        ref_t = self.reference_position(start_frame, sink_offset)
+        plan = cache.plan(start_frame * fsl, nf * fsl, sink, ref_t)
+        sink_rope = None
+        if plan.refresh_keys:
+            sink_rope = self._rope(sink.stream_positions(ref_t), key=("sink", sink.uid, sink.version, ref_t))
+        e, e0 = self._time(timestep, nf)
+        return hw, rope, ref_t, plan, sink_rope, e, e0
+
     def _ring_rows(self, offset: int, tokens: int) -> torch.Tensor:
         """`arange(offset, offset + tokens)` on the model's device (int64), kept per (offset, tokens)."""
         key = (offset, tokens, self.device)
@@ -438,28 +478,47 @@ class CausalS2VDiT(nn.Module):
         """
         nf = x.shape[1]
         hp, wp = self._grid(tuple(x.shape[-2:]))
+        tokens = self._embed_block(x, cond)
+        backend = self.attn_backend
+
+        def attend_of(i: int, fused):
+            if fused is not None:  # compile_blocks(): RoPE inside the fused region
+                return cache.stream_attend(i, plan, None, sink, sink_rope, backend, rotate=fused.rotate_factors,
+                                           rows=rows)
+            return cache.stream_attend(i, plan, rope, sink, sink_rope, backend)
+
+        layers = self._layers(cache, (plan.offset, plan.offset + plan.tokens))
+        tokens = self._run_layers(tokens, e0_block, rope, attend_of, text, nf, audio_global, audio_tokens, layers)
+        out = self.head(tokens, e)  # [1, F*fsl, prod(patch)*out_dim]
+        return self._unpatchify(out[0], nf, hp, wp)
+
+    def _embed_block(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """Block latents x `[16, F, h, w]` (+ pose latents `[1, 16, F, h, w]` or None) -> tokens `[1, F*fsl, dim]`."""
         h = self.patch_embedding(x.unsqueeze(0))
         if cond is None:  # zero pose latents: the encoder adds its bias only
             h = h + self.cond_encoder.bias.view(1, -1, 1, 1, 1)
         else:
             h = h + self.cond_encoder(cond)
         tokens = h.flatten(2).transpose(1, 2)
-        tokens = tokens + self.trainable_cond_mask.weight[_NOISY].to(tokens.dtype)
+        return tokens + self.trainable_cond_mask.weight[_NOISY].to(tokens.dtype)
 
+    def _run_layers(self, tokens: torch.Tensor, e0_block: torch.Tensor, rope: RopeFactors, attend_of, text: TextState,
+                    frames: int, audio_global: torch.Tensor, audio_tokens: torch.Tensor, layers) -> torch.Tensor:
+        """The transformer layers (with audio injection) over tokens `[1, frames*fsl, dim]`.
+
+        attend_of(i, fused): layer i's self-attention policy (fused: the FusedLayers or None);
+        layers: (index, block) pairs (`_layers`). e0_block `[1, frames, 6, dim]`, audio_global
+        `[frames, dim]`, audio_tokens `[frames, n, dim]`, rope: the tokens' factors."""
         fused, backend = self._fused, self.attn_backend
-        for i, block in enumerate(self.blocks):
+        for i, block in layers:
+            attend = attend_of(i, fused)
             if fused is not None:  # compile_blocks(): RoPE inside the fused region
-                attend = cache.stream_attend(i, plan, None, sink, sink_rope, backend, rotate=fused.rotate_factors,
-                                             rows=rows)
-                tokens = fused.layer(i, tokens, e0_block, rope, attend, self._text_kv(text, i), backend)
-                tokens = fused.inject(i, tokens, nf, audio_global, audio_tokens, backend)
-                continue
-            attend = cache.stream_attend(i, plan, rope, sink, sink_rope, backend)
-            tokens = block(tokens, e0_block, attend, self._text_kv(text, i), backend)
-            tokens = self.audio_injector.inject(i, tokens, nf, audio_global, audio_tokens, backend)
-
-        out = self.head(tokens, e)  # [1, F*fsl, prod(patch)*out_dim]
-        return self._unpatchify(out[0], nf, hp, wp)
+                tokens = fused.layer(block, tokens, e0_block, rope, attend, self._text_kv(text, i, block), backend)
+                tokens = fused.inject(i, tokens, frames, audio_global, audio_tokens, backend)
+            else:
+                tokens = block(tokens, e0_block, attend, self._text_kv(text, i, block), backend)
+                tokens = self.audio_injector.inject(i, tokens, frames, audio_global, audio_tokens, backend)
+        return tokens
 
     def _unpatchify(self, out: torch.Tensor, nf: int, hp: int, wp: int) -> torch.Tensor:
         """`[F*hp*wp, pt*ph*pw*C]` (patch channels last) -> `[C, F*pt, hp*ph, wp*pw]`."""

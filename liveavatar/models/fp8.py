@@ -274,7 +274,8 @@ def fp8_emulation_needed(device: torch.device, scaling: str, allow_cpu: bool = F
 
 @torch.no_grad()
 def convert_to_fp8(model: nn.Module, exclude: Iterable[str] = REFERENCE_EXCLUDE, *,
-                   allow_cpu: bool = False, emulate: bool | None = None, scaling: str = DEFAULT_SCALING) -> dict:
+                   allow_cpu: bool = False, emulate: bool | None = None, scaling: str = DEFAULT_SCALING,
+                   prefix: str = "") -> dict:
     """Replace the model's eligible `nn.Linear` layers by `FP8Linear`, in place.
 
     exclude: substrings of qualified module names to keep in bf16 (default: the reference's list).
@@ -282,6 +283,8 @@ def convert_to_fp8(model: nn.Module, exclude: Iterable[str] = REFERENCE_EXCLUDE,
     emulate: force (True) or forbid (False) the float32 emulation; None = only where the real
         `_scaled_mm` is unavailable (CPU builds without it).
     scaling: "tensor" (the reference's, default) or "row" (per output channel / per token).
+    prefix: the qualified name of `model` inside the DiT, when converting one part at a time (a
+        layer as it is loaded): `exclude` is matched against the full names.
     Returns {"converted": int, "excluded": [names], "skipped": [names] (dims not multiples of
     16), "bytes_before": int, "bytes_after": int} (weight bytes of the touched layers).
     """
@@ -297,7 +300,7 @@ def convert_to_fp8(model: nn.Module, exclude: Iterable[str] = REFERENCE_EXCLUDE,
     use_emulation = needed if emulate is None else bool(emulate)
     summary = {"converted": 0, "excluded": [], "skipped": [], "bytes_before": 0, "bytes_after": 0}
     targets: list[tuple[nn.Module, str, str, nn.Linear]] = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(prefix=prefix):
         for child_name, child in module.named_children():
             if not isinstance(child, nn.Linear):
                 continue
@@ -319,7 +322,7 @@ def convert_to_fp8(model: nn.Module, exclude: Iterable[str] = REFERENCE_EXCLUDE,
     if device.type == "cuda":
         torch.cuda.empty_cache()
     summary["scaling"] = scaling
-    log.info("fp8 (%s scales): %d linears converted (%.1f -> %.1f GiB), %d excluded, %d skipped (dims)",
+    (log.debug if prefix else log.info)("fp8 (%s scales): %d linears converted (%.1f -> %.1f GiB), %d excluded, %d skipped (dims)",
              scaling, summary["converted"], summary["bytes_before"] / 2**30, summary["bytes_after"] / 2**30,
              len(summary["excluded"]), len(summary["skipped"]))
     return summary

@@ -23,6 +23,11 @@ call copies the filled rows in, `page_out()` after it copies the block's new row
 buffers the next step's page-in runs on a copy stream while this step computes (`page_in(stream)`
 + `wait_ready()`, ordered by CUDA events). One or two step caches on the GPU instead of all of
 them; the same numbers (no sink slot in this mode).
+
+Per-layer paging (`resident_layers=R`): the first R layers' rows stay on the device (`kv`), the
+others live in host memory (`host`, pinned on CUDA) and are lent a device slot per layer by the
+DiT's layer streamer (models/layer_stream.py: `bind_layer`, `write_back`) while that layer runs.
+Same numbers again (no sink slot either).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import attention
+from .pinned import HostArena
 from .rope import RopeFactors, apply_rope
 
 _uids = itertools.count()
@@ -163,11 +169,26 @@ class StepKVCache:
 
     def __init__(self, num_layers: int, ring: int, sink_capacity: int, num_heads: int, head_dim: int,
                  latent_hw: tuple[int, int], device: torch.device | str, dtype: torch.dtype,
-                 working: KVWorkingBuffer | None = None):
+                 working: KVWorkingBuffer | None = None, resident_layers: int | None = None):
         shape = (num_layers, 2, 1, ring + sink_capacity, num_heads, head_dim)
         self.working = working
         self.host: torch.Tensor | None = None
-        if working is None:
+        self.num_layers = num_layers
+        self.resident_layers = num_layers if resident_layers is None else int(resident_layers)
+        self._pages: dict[int, torch.Tensor] = {}  # paged layer -> the device slot lent for it now
+        self._host_pages: list[torch.Tensor] = []  # paged layer - resident_layers -> its host rows
+        self.pager = None  # the LayerStream that lends the slots (set by it on first use)
+        if resident_layers is not None:
+            if sink_capacity or working is not None:
+                raise ValueError("StepKVCache: a per-layer paged cache has no sink slot and no working buffer")
+            if not 0 <= self.resident_layers <= num_layers:
+                raise ValueError(f"StepKVCache: resident_layers must be in [0, {num_layers}], got {resident_layers}")
+            self.kv = torch.zeros((self.resident_layers, *shape[1:]), device=device, dtype=dtype)
+            arena = HostArena(pin=torch.device(device).type == "cuda")  # pinned, without power-of-two rounding
+            n = num_layers - self.resident_layers
+            nbytes = torch.Size(shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
+            self._host_pages = [arena.take(nbytes, n - k).view(dtype).view(shape[1:]).zero_() for k in range(n)]
+        elif working is None:
             self.kv = torch.zeros(shape, device=device, dtype=dtype)
         else:
             if sink_capacity:
@@ -190,6 +211,39 @@ class StepKVCache:
         return self.kv.shape[3]
 
     @property
+    def paged_layers(self) -> int:
+        """Layers whose rows live in host memory and are paged per layer (0: none)."""
+        return self.num_layers - self.resident_layers
+
+    def layer_kv(self, layer: int) -> torch.Tensor:
+        """The device rows of one layer, `[2, 1, rows, heads, head_dim]` (a paged layer: the slot
+        the streamer bound for it; RuntimeError if none is)."""
+        if layer < self.resident_layers:
+            return self.kv[layer]
+        page = self._pages.get(layer)
+        if page is None:
+            raise RuntimeError(f"StepKVCache: layer {layer} is paged and not bound (run it through the DiT's "
+                               "layer stream: CausalS2VDiT.stream_layers)")
+        return page
+
+    def bind_layer(self, layer: int, page: torch.Tensor | None) -> None:
+        """Lend (or take back, None) the device slot holding paged layer `layer`'s rows."""
+        if page is None:
+            self._pages.pop(layer, None)
+        else:
+            self._pages[layer] = page
+
+    def host_layer(self, layer: int) -> torch.Tensor:
+        """Host rows of paged layer `layer`, `[2, 1, rows, heads, head_dim]`."""
+        return self._host_pages[layer - self.resident_layers]
+
+    def write_back(self, layer: int, page: torch.Tensor, a: int, b: int) -> int:
+        """Copy ring rows [a, b) of paged layer `layer` from its device slot `page` to host memory
+        (on the current stream); returns the bytes copied."""
+        _copy_rows(self.host_layer(layer).unsqueeze(0), page.unsqueeze(0), a, b)
+        return 2 * (b - a) * page[0, 0, 0].numel() * page.element_size()
+
+    @property
     def sink_slot(self) -> int:
         """Rows reserved for the rotated sink (0: no slot)."""
         return self.capacity - self.ring
@@ -197,15 +251,23 @@ class StepKVCache:
     @property
     def nbytes(self) -> int:
         """Device bytes of this cache alone (0 when offloaded: the shared buffer is the runner's)."""
-        return 0 if self.working is not None else self.kv.numel() * self.kv.element_size()
+        return 0 if self.working is not None else self.kv.numel() * self.kv.element_size()  # paged: resident part
 
     @property
     def host_nbytes(self) -> int:
-        return 0 if self.host is None else self.host.numel() * self.host.element_size()
+        pages = sum(t.numel() * t.element_size() for t in self._host_pages)
+        return pages + (0 if self.host is None else self.host.numel() * self.host.element_size())
 
     def reset(self) -> None:
         """Empty the cache (new job). Rows are zeroed, as a fresh reference cache."""
-        if self.host is not None:
+        if self.paged_layers:
+            if self.pager is not None:  # no write-back in flight into the rows zeroed now
+                self.pager.forget_cache(self)
+            for page in self._host_pages:
+                page.zero_()
+            self.kv.zero_()
+            self._pages.clear()
+        elif self.host is not None:
             if self._out_event is not None:  # a pending page-out must not land after the zeroing
                 self._out_event.synchronize()
                 self._out_event = None
@@ -226,7 +288,7 @@ class StepKVCache:
         `stream`: a CUDA copy stream to do it asynchronously (prefetch); the compute stream then
         calls `wait_ready()` before using the rows. None: on the current stream."""
         w = self.working
-        if self.host is None or w.owner is self:
+        if w is None or w.owner is self:
             return
         if stream is None:
             if w.ready is not None:  # an earlier prefetch into this buffer may still be in flight
@@ -255,7 +317,7 @@ class StepKVCache:
 
     def page_out(self) -> None:
         """Offload mode: copy the rows the last call wrote back to host memory (current stream)."""
-        if self.host is None or self._last is None:
+        if self.working is None or self._last is None:
             return
         a, b = self._last.offset, self._last.offset + self._last.tokens
         _copy_rows(self.host, self.kv, a, b)
@@ -267,7 +329,8 @@ class StepKVCache:
 
     def ring_rows(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of ring rows [start, stop) of a layer, each `[1, n, heads, head_dim]`."""
-        return self.kv[layer, 0, :, start:stop], self.kv[layer, 1, :, start:stop]
+        kv = self.layer_kv(layer)
+        return kv[0, :, start:stop], kv[1, :, start:stop]
 
     def plan(self, start_token: int, num_tokens: int, sink: SinkCache, ref_t: int) -> StreamWindow:
         """Ring offset and window for a block starting at absolute token `start_token`.
@@ -318,7 +381,7 @@ class StepKVCache:
         rotate = rotate or apply_rope
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            buf = self.kv[layer]  # [2, 1, rows, H, D]
+            buf = self.layer_kv(layer)  # [2, 1, rows, H, D]
             r, s = self.ring, plan.sink_len
             if rope is None:
                 q_rot, k_rot = q, k

@@ -45,13 +45,20 @@ def plan_rank_caches(model, image: ImageConditioning, steps_owned: int, policy: 
                      decode_here: bool = True) -> CachePlan:
     """The memory preflight of one rank, before any cache exists (`memory.plan_caches` with the
     device's free memory and the host's free RAM). On a CPU device nothing is measured: caches are
-    offloaded only when asked for (no prefetch, no sink slot)."""
+    offloaded only when asked for (no prefetch, no sink slot). A DiT that streams its layers
+    (`dit.layer_stream`) pages its step caches per layer: as many layers kept as fit
+    (`memory.fit_residency`), at most its residency's `kv`."""
+    stream = getattr(model.dit, "layer_stream", None)
     if model.device.type != "cuda":
+        if stream is not None:
+            return CachePlan(resident_kv_layers=stream.residency.kv)
         return CachePlan(offload=bool(policy.offload))
     from liveavatar.pipeline.memory import GIB, available_host_bytes, host_cache_bytes, plan_caches
 
     free, total = torch.cuda.mem_get_info(model.device)
     w, h = image.width, image.height
+    if stream is not None:
+        return _plan_paged_caches(model, stream, w, h, steps_owned, free, total, decode_here)
     plan = plan_caches(model.dit.cfg, w, h, steps_owned, policy=policy, free=free, total=total,
                        host_available=available_host_bytes(), dtype=model.dtype, stream=model.stream,
                        decode_here=decode_here, device=model.device,
@@ -63,6 +70,25 @@ def plan_rank_caches(model, image: ImageConditioning, steps_owned: int, policy: 
         log.info("KV caches offloaded to host memory (%.1f GiB; %d step cache(s) of %.1f GiB on the GPU): "
                  "slower, but fits", host / GIB, 2 if plan.prefetch else 1, host / steps_owned / GIB)
     return plan
+
+
+def _plan_paged_caches(model, stream, w: int, h: int, steps_owned: int, free: int, total: int,
+                       decode_here: bool) -> CachePlan:
+    from liveavatar.pipeline.memory import VAE_BYTES, estimate_memory, fit_residency, memory_error
+
+    cfg, res = model.dit.cfg, stream.residency
+    kw = dict(dtype=model.dtype, stream=model.stream, decode_here=decode_here)
+    if decode_here and getattr(model, "vae", None) is not None:  # loaded: in use already, like the weights
+        free += VAE_BYTES
+    fit = fit_residency(cfg, w, h, steps_owned, free, buffers=res.buffers, weights=res.weights, **kw)
+    what = f"generating at {w}x{h} with {steps_owned} step caches paged per layer"
+    if fit is None:
+        est = estimate_memory(cfg, w, h, steps_owned=steps_owned, param_counts=(0, 0),
+                              residency=type(res)(res.weights, 0, res.buffers), **kw)
+        raise memory_error(est, free, total, model.device, what)
+    kv = min(fit.kv, res.kv)
+    log.info("layer streaming: %s; KV of %d/%d layers resident", res.describe(cfg.num_layers), kv, cfg.num_layers)
+    return CachePlan(resident_kv_layers=kv)
 
 
 def make_runner(model, context: torch.Tensor, image: ImageConditioning, *, seed: int, steps: int,

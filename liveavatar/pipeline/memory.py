@@ -8,16 +8,19 @@ allowance for activations and the streaming decoder. It is deliberately a little
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from liveavatar.config import DEFAULT_STREAM, DiTConfig, StreamConfig
+from liveavatar.models.layer_stream import LayerResidency
 from liveavatar.options import CachePolicy
 
 GIB = 1024 ** 3
 
 
+@functools.lru_cache(maxsize=8)
 def dit_param_counts(cfg: DiTConfig) -> tuple[int, int]:
     """(all parameters, parameters in fp8-eligible Linear weights) of the DiT, from the config."""
     from liveavatar.models.dit import CausalS2VDiT
@@ -26,6 +29,18 @@ def dit_param_counts(cfg: DiTConfig) -> tuple[int, int]:
     with torch.device("meta"):
         model = CausalS2VDiT(cfg)
     return fp8_weight_numel(model)
+
+
+@functools.lru_cache(maxsize=8)
+def block_param_counts(cfg: DiTConfig) -> tuple[int, int]:
+    """(parameters, fp8-eligible Linear weight elements) of ONE DiT block (the unit the layer
+    stream moves; the audio injectors stay resident)."""
+    from liveavatar.models.dit_blocks import DiTBlock
+    from liveavatar.models.fp8 import fp8_weight_numel
+
+    with torch.device("meta"):
+        block = DiTBlock(cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.qk_norm, cfg.cross_attn_norm, cfg.eps)
+    return fp8_weight_numel(block)
 
 
 def dit_weight_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool,
@@ -77,10 +92,26 @@ def _kv_bytes_per_token(cfg: DiTConfig, dtype: torch.dtype) -> int:
     return cfg.num_layers * 2 * cfg.dim * torch.tensor([], dtype=dtype).element_size()
 
 
+def kv_layer_bytes(cfg: DiTConfig, width: int, height: int, dtype: torch.dtype = torch.bfloat16,
+                   stream: StreamConfig = DEFAULT_STREAM) -> int:
+    """Bytes of one layer of one step cache (its ring of keys and values) at W x H pixels: what
+    the layer stream copies per paged layer and step."""
+    from liveavatar.models.tokens import clip_tokens
+
+    ring = clip_tokens(_latent_hw(width, height, stream), cfg.patch_size, stream)
+    return ring * _kv_bytes_per_token(cfg, dtype) // cfg.num_layers
+
+
+def block_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool) -> int:
+    """Bytes of one DiT block's weights as the layer stream holds them (fp8 linears: 1 byte each)."""
+    return dit_weight_bytes(cfg, dtype, fp8, block_param_counts(cfg))
+
+
 def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int = 4,
                     dtype: torch.dtype = torch.bfloat16, fp8: bool = False, decode_here: bool = True,
                     stream: StreamConfig = DEFAULT_STREAM, param_counts: tuple[int, int] | None = None,
-                    sink_slot: bool = False, kv_offload: bool = False) -> MemoryEstimate:
+                    sink_slot: bool = False, kv_offload: bool = False,
+                    residency: LayerResidency | None = None) -> MemoryEstimate:
     """Resident GPU bytes of one rank that owns `steps_owned` denoising steps at W x H pixels.
 
     sink_slot: the step caches also reserve rows for the rotated sink (a speed option, on only
@@ -88,6 +119,10 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
     kv_offload: the step caches live in host memory and share one device buffer (one cache's
     rows on the GPU; see `host_cache_bytes` for the host side).
     param_counts: (0, 0) for weights already resident (not counted).
+    residency: layer streaming (models/layer_stream.py): weights = the resident blocks (and the
+    rest of the DiT) plus `buffers` block slots when any block is streamed; step caches = the
+    resident layers of every owned step plus `buffers` layer slots when any layer is paged
+    (`sink_slot` and `kv_offload` do not apply).
     """
     from liveavatar.models.tokens import clip_tokens, frame_tokens, sink_tokens
 
@@ -98,6 +133,14 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
     sink = sink_tokens(hw, cfg.patch_size, stream)
     resident = min(steps_owned, 1) if kv_offload else steps_owned
     step_caches = resident * (clip_tokens(hw, cfg.patch_size, stream) + (0 if kv_offload or not sink_slot else sink)) * kv
+    if residency is not None and steps_owned:
+        n = cfg.num_layers
+        if weights:
+            streamed = n - residency.weights
+            weights -= (streamed - min(residency.buffers, streamed)) * block_bytes(cfg, dtype, fp8)
+        paged = steps_owned * (n - residency.kv)
+        step_caches = (steps_owned * residency.kv + min(residency.buffers, paged)) * kv_layer_bytes(
+            cfg, width, height, dtype, stream)
     sink_cache = sink * kv if steps_owned else 0
     text_state = cfg.num_layers * 2 * cfg.text_len * cfg.dim * elt if steps_owned else 0
     vae = VAE_BYTES if decode_here else 0
@@ -109,10 +152,77 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
     return MemoryEstimate(weights, step_caches, sink_cache, text_state, vae, int(working + RESERVE_BYTES))
 
 
-def load_estimate(cfg: DiTConfig, dtype: torch.dtype, fp8: bool) -> MemoryEstimate:
+def load_estimate(cfg: DiTConfig, dtype: torch.dtype, fp8: bool,
+                  residency: LayerResidency | None = None) -> MemoryEstimate:
     """GPU bytes while loading: the DiT weights (fp8: converted layer by layer while loading, so
-    the peak is the fp8 size plus one bf16 layer, inside the reserve) and the VAE."""
-    return MemoryEstimate(dit_weight_bytes(cfg, dtype, fp8), 0, 0, 0, VAE_BYTES, RESERVE_BYTES)
+    the peak is the fp8 size plus one bf16 layer, inside the reserve) and the VAE. residency: only
+    the resident blocks and the stream's slots (the others go to host memory as they load)."""
+    weights = dit_weight_bytes(cfg, dtype, fp8)
+    if residency is not None:
+        streamed = cfg.num_layers - residency.weights
+        weights -= (streamed - min(residency.buffers, streamed)) * block_bytes(cfg, dtype, fp8)
+    return MemoryEstimate(weights, 0, 0, 0, VAE_BYTES, RESERVE_BYTES)
+
+
+WEIGHTS_MODES = ("auto", "resident", "stream")
+
+
+def place_layers(cfg: DiTConfig, width: int, height: int, steps_owned: int, free: int, total: int, *,
+                 mode: str = "auto", dtype: torch.dtype = torch.bfloat16, fp8: bool = False,
+                 decode_here: bool = True, stream: StreamConfig = DEFAULT_STREAM, buffers: int = 3,
+                 device: object = "cuda", what: str = "this job") -> LayerResidency | None:
+    """The weight placement decision before loading, for a job at W x H owning `steps_owned` steps.
+
+    mode "resident": None (every block on the GPU; the caches are placed at job time by
+    `plan_caches`); "stream": `fit_residency`; "auto": None when the weights and every step cache
+    fit the GPU, else `fit_residency`. Raises MemoryError (numbers and remedies) when streaming
+    every layer does not fit either; the loading preflight (`load_estimate`) is separate.
+    """
+    if mode not in WEIGHTS_MODES:
+        raise ValueError(f"weights: {mode!r} is not one of {', '.join(WEIGHTS_MODES)}")
+    kw = dict(dtype=dtype, fp8=fp8, decode_here=decode_here, stream=stream)
+    if mode == "resident" or (mode == "auto" and fits(estimate_memory(cfg, width, height, steps_owned=steps_owned,
+                                                                      **kw), free)):
+        return None
+    res = fit_residency(cfg, width, height, steps_owned, free, buffers=buffers, **kw)
+    if res is None:
+        est = estimate_memory(cfg, width, height, steps_owned=steps_owned, residency=LayerResidency(0, 0, buffers),
+                              **kw)
+        raise memory_error(est, free, total, device, what + " (every DiT layer and KV layer streamed)")
+    return res
+
+
+def fit_residency(cfg: DiTConfig, width: int, height: int, steps_owned: int, free: int, *,
+                  dtype: torch.dtype = torch.bfloat16, fp8: bool = False, decode_here: bool = True,
+                  stream: StreamConfig = DEFAULT_STREAM, buffers: int = 3,
+                  weights: int | None = None) -> LayerResidency | None:
+    """The layer streaming placement that fits `free` bytes, or None when even streaming every
+    layer does not.
+
+    Blocks first: the most resident blocks with every step-cache layer paged (a streamed block is
+    copied once per step, 4x its size per block, a paged cache layer about once: so blocks stay
+    before caches do), then the most resident cache layers next to them. weights: blocks already
+    placed (loaded with that residency): only the cache layers are fitted, the weights not counted.
+    """
+    n = cfg.num_layers
+    counts = (0, 0) if weights is not None else None
+
+    def ok(w: int, kv: int) -> bool:
+        res = LayerResidency(w, kv, buffers)
+        return fits(estimate_memory(cfg, width, height, steps_owned=steps_owned, dtype=dtype, fp8=fp8,
+                                    decode_here=decode_here, stream=stream, param_counts=counts,
+                                    residency=res), free)
+
+    def largest(pred) -> int | None:
+        return max((k for k in range(n + 1) if pred(k)), default=None)
+
+    if weights is None:
+        weights = largest(lambda w: ok(w, 0))
+        if weights is None:
+            return None
+    elif not ok(weights, 0):
+        return None
+    return LayerResidency(weights, largest(lambda kv: ok(weights, kv)), buffers)
 
 
 def host_cache_bytes(cfg: DiTConfig, width: int, height: int, steps_owned: int,
@@ -167,6 +277,7 @@ class CachePlan:
     offload: bool = False
     prefetch: bool = False
     sink_slot: bool = False
+    resident_kv_layers: int | None = None  # per-layer paging by the DiT's layer stream: layers kept
 
 
 def plan_caches(cfg: DiTConfig, width: int, height: int, steps_owned: int, *, policy: "CachePolicy",

@@ -41,7 +41,8 @@ class StepRunner:
     caches: how the step caches are held, decided before (`memory.plan_caches`, through
     `pipeline.job.plan_rank_caches`); the runner follows it: offload (host memory, one shared
     device buffer), prefetch (two device buffers, the next step's rows copied in on a side CUDA
-    stream while this step computes), sink_slot (resident caches with rows for the rotated sink).
+    stream while this step computes), sink_slot (resident caches with rows for the rotated sink),
+    resident_kv_layers (per-layer paging through the DiT's layer stream, `dit.stream_layers`).
     """
 
     def __init__(self, dit, text, latent_hw: tuple[int, int], schedule: FlowMatchSchedule,
@@ -64,6 +65,13 @@ class StepRunner:
         self.working = None
         self.buffers: list = []
         self.copy_stream = None
+        if caches.resident_kv_layers is not None:  # paged per layer by the DiT's layer stream
+            if dit.layer_stream is None:
+                raise ValueError("resident_kv_layers: the DiT streams no layers (call dit.stream_layers first)")
+            self.caches = {s: dit.new_step_cache(latent_hw, device=self.device, dtype=dtype,
+                                                 resident_layers=caches.resident_kv_layers) for s in self.steps}
+            dit.layer_stream.attach_caches([self.caches[s] for s in self.steps])
+            return
         if self.kv_offload:  # device buffer(s), the step caches' rows in host memory
             self.buffers = [dit.new_working_buffer(latent_hw, device=self.device, dtype=dtype)
                             for _ in range(2 if self.kv_prefetch else 1)]
@@ -87,7 +95,9 @@ class StepRunner:
     def cache_bytes(self) -> int:
         """Device bytes of the caches (the shared working buffer counted once when offloaded)."""
         working = sum(b.nbytes for b in self.buffers)
-        return self.sink.nbytes + working + sum(c.nbytes for c in self.caches.values())
+        stream = self.dit.layer_stream
+        slots = sum(t.numel() * t.element_size() for t in stream.kv_slots) if stream is not None else 0
+        return self.sink.nbytes + working + slots + sum(c.nbytes for c in self.caches.values())
 
     def host_cache_bytes(self) -> int:
         return sum(c.host_nbytes for c in self.caches.values())

@@ -1,0 +1,110 @@
+"""The bench's memory side, the product's way (issue 15): an emulated smaller card, the loading
+preflight and the weight placement decision before the random DiT is built, the job's memory
+estimate next to the measured peak, and the layer stream's bytes and bandwidth.
+
+- `cap_device_memory`: occupy device memory with a filler tensor so that `torch.cuda.mem_get_info`
+  reports `cap` GiB free (what the preflight sees), and cap the process's allocator there too
+  (`torch.cuda.set_per_process_memory_fraction`). The filler is left out of the reported peak.
+- `preflight`: `memory.place_layers` (the `--weights` mode) then `memory.load_estimate` checked
+  against the free memory, as loading does: a run that cannot fit ends with the MemoryError
+  naming the numbers, before any weight exists.
+- `stream_fields`: bytes per block and copy bandwidth, with the FPS projected for PCIe 4.0 x16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GIB = 2**30
+PCIE4_BYTES_PER_S = 25e9  # PCIe 4.0 x16, effective host-to-device
+_filler: list[torch.Tensor] = []  # kept alive for the whole run
+
+
+def cap_device_memory(device: torch.device, cap_gib: float) -> int:
+    """Leave `cap_gib` GiB free on `device` (filler tensor + allocator cap); returns the filler's bytes."""
+    from bench.random_model import BenchUsageError
+
+    if device.type != "cuda":
+        raise BenchUsageError("--memory-cap-gb: needs a CUDA device")
+    free, total = torch.cuda.mem_get_info(device)
+    want = int(cap_gib * GIB)
+    if want > free:
+        raise BenchUsageError(f"--memory-cap-gb {cap_gib}: only {free / GIB:.1f} GiB are free on {device}")
+    filler = torch.empty(free - want, dtype=torch.uint8, device=device)
+    _filler.append(filler)
+    free_now, _ = torch.cuda.mem_get_info(device)
+    if free_now > want:  # the allocator rounded down: take the rest too
+        _filler.append(torch.empty(free_now - want, dtype=torch.uint8, device=device))
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved(device) + want) / total), device)
+    return sum(t.numel() for t in _filler)
+
+
+def preflight(args, cfg, width: int, height: int, device: torch.device, dtype: torch.dtype, fp8: bool):
+    """The placement (`LayerResidency`, or None: every block resident) and the loading check,
+    from the free memory now; raises MemoryError with the numbers when nothing fits."""
+    from liveavatar.models.layer_stream import LayerResidency
+    from liveavatar.pipeline.memory import check_fits, load_estimate, place_layers
+
+    decode_here = args.scope == "end_to_end"
+    forced = getattr(args, "resident_layers", None)
+    if forced is not None:  # explicit "W" or "W,KV" (tests, experiments)
+        w, _, kv = forced.partition(",")
+        res = LayerResidency(int(w), int(kv or 0), args.stream_buffers)
+    elif device.type != "cuda":
+        res = None if args.weights != "stream" else LayerResidency(cfg.num_layers // 2, 0, args.stream_buffers)
+    else:
+        free, total = torch.cuda.mem_get_info(device)
+        res = place_layers(cfg, width, height, args.steps, free, total, mode=args.weights, dtype=dtype, fp8=fp8,
+                           decode_here=decode_here, buffers=args.stream_buffers, device=device,
+                           what=f"generating at {width}x{height} with {args.steps} steps")
+    check_fits(device, load_estimate(cfg, dtype, fp8, res), "loading the DiT weights")
+    return res
+
+
+def job_estimate(cfg, dit, width: int, height: int, args, dtype: torch.dtype, fp8: bool, cache_plan) -> float:
+    """GiB the memory estimate gives for the job as it was placed (weights, caches, working set)."""
+    from liveavatar.models.layer_stream import LayerResidency
+    from liveavatar.pipeline.memory import estimate_memory
+
+    stream = dit.layer_stream
+    kw = dict(steps_owned=args.steps, dtype=dtype, fp8=fp8, decode_here=args.scope == "end_to_end")
+    if stream is not None:
+        res = stream.residency
+        kv = cache_plan.resident_kv_layers if cache_plan is not None else res.kv
+        return estimate_memory(cfg, width, height, residency=LayerResidency(res.weights, kv, res.buffers),
+                               **kw).total / GIB
+    plan = cache_plan
+    est = estimate_memory(cfg, width, height, sink_slot=bool(plan and plan.sink_slot),
+                          kv_offload=bool(plan and plan.offload), **kw)
+    if plan is not None and plan.prefetch:
+        est.step_caches *= 2
+    return est.total / GIB
+
+
+def stream_fields(dit, res: dict, timed_blocks: int, block_ms: float, frames_per_block: int) -> dict:
+    """h2d bytes per timed block, copy bandwidth and the PCIe 4.0 projection (None without streaming).
+
+    projected_fps_pcie4: the block takes the longer of its measured time and its host-to-device
+    bytes at 25 GB/s (copies overlap compute); pcie4_copy_bound_fps: the copies alone."""
+    stream = dit.layer_stream
+    out = {"resident_layers": stream.residency.weights if stream is not None else dit.cfg.num_layers,
+           "h2d_bytes_per_block": 0, "d2h_bytes_per_block": 0, "copy_gbps": None,
+           "projected_fps_pcie4": frames_per_block / (block_ms / 1000.0), "pcie4_copy_bound_fps": None}
+    if stream is None:
+        return out
+    a, b = res.get("stream_warm_end"), res.get("stream_end")
+    if a is not None and b is not None and res.get("block_ms"):
+        n = max(1, len(res["block_ms"]))
+        per = (b["h2d_bytes"] - a["h2d_bytes"]) / n
+        out["h2d_bytes_per_block"] = int(per)
+        out["d2h_bytes_per_block"] = int((b["d2h_bytes"] - a["d2h_bytes"]) / n)
+        copy_s = per / PCIE4_BYTES_PER_S
+        out["pcie4_copy_bound_fps"] = frames_per_block / copy_s if copy_s else None
+        out["projected_fps_pcie4"] = frames_per_block / max(block_ms / 1000.0, copy_s)
+    out["copy_gbps"] = stream.stats.copy_gbps()
+    out["resident_kv_layers"] = res.get("resident_kv_layers")
+    out["stream_buffers"] = stream.residency.buffers
+    return out
+
+
+__all__ = ["cap_device_memory", "preflight", "job_estimate", "stream_fields", "PCIE4_BYTES_PER_S"]

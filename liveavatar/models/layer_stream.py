@@ -1,0 +1,440 @@
+"""Per-layer streaming of DiT block weights and step-cache rows: the DiT on a card smaller than it.
+
+Placement is decided before (`pipeline.memory.fit_residency`) and handed in as a `LayerResidency`:
+the first `weights` DiT blocks keep their weights on the GPU, the others ("streamed") live in
+pinned host memory, each packed into one byte buffer (fp8 linears stay fp8: 1 byte per weight);
+the first `kv` layers keep their step-cache rows on the GPU, the others page them per layer.
+
+A streamed layer runs from one of `buffers` fixed device slots. A slot is a byte buffer with a
+`DiTBlock` bound to views of it (`_bind`), so the layer code, and the torch.compile'd regions
+that take weights as inputs (models/compiled.py), always see the same tensors: a copy into the
+slot is the only thing that changes, nothing recompiles per layer. Copies run on a side CUDA
+stream (`h2d`), `buffers - 1` layers ahead of compute, in the cyclic order the layers are used
+(the last layer of a call prefetches the first streamed ones of the next call); CUDA events
+order them: `ready` (the copy into a slot is done) before compute, `released` (compute, and a KV
+slot's write-back, are done) before the next copy into the slot.
+
+Step caches paged per layer (`StepKVCache(resident_layers=...)`) go the same way: each streamed
+layer's ring rows (keys and values) are copied in whole before the layer runs, and the rows the
+block wrote are copied back to host memory on a second stream (`d2h`) after it, so the two
+directions overlap. The order over caches is the runner's step order (`attach_caches`).
+
+On the CPU the "device" slots are host tensors and the copies synchronous: the same code path,
+bookkeeping and byte counts (tests). `StreamStats` counts host-to-device and device-to-host bytes
+and measures the copy bandwidth (CUDA events around every copy; host clock on the CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Sequence
+
+import torch
+from torch import nn
+
+from .pinned import HostArena
+
+_QKV = ("self_attn.q", "self_attn.k", "self_attn.v")
+_ALIGN = 16  # bytes: start of every packed tensor whose size is a multiple of it (kernels' alignment)
+
+
+@dataclass(frozen=True)
+class LayerResidency:
+    """What stays on the GPU: the first `weights` DiT blocks' weights and the first `kv` layers'
+    step-cache rows; `buffers` device slots per streamed kind (prefetch depth + 1, >= 1)."""
+
+    weights: int
+    kv: int
+    buffers: int = 3
+
+    def describe(self, num_layers: int) -> str:
+        return (f"{self.weights}/{num_layers} DiT layers resident ({num_layers - self.weights} streamed), "
+                f"KV of {self.kv}/{num_layers} layers resident, {self.buffers} copy buffers")
+
+
+@dataclass
+class StreamStats:
+    """Bytes copied by the streamer and the measured copy bandwidth.
+
+    h2d_bytes = weight_bytes + kv_bytes (host -> device), d2h_bytes: KV rows written back.
+    `timed` keeps (start, end, bytes) CUDA event pairs of host-to-device copies (CPU: seconds,
+    bytes); `copy_gbps()` resolves them (synchronising once)."""
+
+    weight_bytes: int = 0
+    kv_bytes: int = 0
+    d2h_bytes: int = 0
+    copies: int = 0
+    timed: list = field(default_factory=list)
+
+    @property
+    def h2d_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes
+
+    def reset(self) -> None:
+        self.weight_bytes = self.kv_bytes = self.d2h_bytes = self.copies = 0
+        self.timed.clear()
+
+    def copy_seconds(self) -> tuple[float, int]:
+        """(seconds spent in timed host-to-device copies, their bytes)."""
+        secs, nbytes = 0.0, 0
+        for rec in self.timed:
+            if len(rec) == 3:
+                rec[1].synchronize()
+                secs += rec[0].elapsed_time(rec[1]) / 1000.0
+            else:
+                secs += rec[0]
+            nbytes += rec[-1]
+        return secs, nbytes
+
+    def copy_gbps(self) -> float | None:
+        """Host-to-device copy bandwidth, GB/s (1e9 bytes), or None before any copy."""
+        secs, nbytes = self.copy_seconds()
+        return nbytes / secs / 1e9 if secs > 0 else None
+
+    def snapshot(self) -> dict:
+        return {"h2d_bytes": self.h2d_bytes, "weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes,
+                "d2h_bytes": self.d2h_bytes, "copies": self.copies}
+
+
+class _Streams:
+    """The copy streams and events of one device (no-ops on the CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.h2d = torch.cuda.Stream(device) if self.cuda else None
+        self.d2h = torch.cuda.Stream(device) if self.cuda else None
+
+    def record(self, stream=None):
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event(enable_timing=False)
+        ev.record(stream if stream is not None else torch.cuda.current_stream(self.device))
+        return ev
+
+    def wait(self, event, stream=None) -> None:
+        if event is not None:
+            (stream if stream is not None else torch.cuda.current_stream(self.device)).wait_event(event)
+
+    def timed_copy(self, dst: torch.Tensor, src: torch.Tensor, stats: StreamStats) -> None:
+        """dst.copy_(src) on the h2d stream (the caller is inside it), timed into `stats`."""
+        if self.cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record(self.h2d)
+            dst.copy_(src, non_blocking=True)
+            b.record(self.h2d)
+            stats.timed.append((a, b, src.numel() * src.element_size()))
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            stats.timed.append((time.perf_counter() - t0, src.numel() * src.element_size()))
+        stats.copies += 1
+
+
+def _stream_ctx(streams: _Streams, stream):
+    import contextlib
+
+    return torch.cuda.stream(stream) if streams.cuda else contextlib.nullcontext()
+
+
+class _SlotRing:
+    """`len(slots)` device slots cycling over items (layers, or (cache, layer) pairs).
+
+    fill(item, slot_index) copies an item in (on the h2d stream, after the slot's `released`
+    event). acquire(item, upcoming) makes sure `item` is in a slot (copying it if not), queues the
+    copies of the `upcoming` items that fit in the other slots, waits for `item`'s copy on the
+    current stream and returns its slot. release(item, writeback) ends its use: writeback (on the
+    d2h stream) runs after the compute that is queued now."""
+
+    def __init__(self, n: int, fill: Callable[[Hashable, int], None], streams: _Streams):
+        self.n = n
+        self.fill = fill
+        self.streams = streams
+        self.holder: list = [None] * n
+        self.ready: list = [None] * n
+        self.released: list = [None] * n
+        self.issued = [0] * n
+        self._tick = 0
+
+    def slot_of(self, item) -> int | None:
+        for j, h in enumerate(self.holder):
+            if h is not None and h == item:
+                return j
+        return None
+
+    def forget(self, pred: Callable[[Hashable], bool]) -> None:
+        """Drop the items for which pred is true (their slots are free to take)."""
+        for j, h in enumerate(self.holder):
+            if h is not None and pred(h):
+                self.holder[j] = None
+                self.issued[j] = 0
+
+    def _issue(self, item, keep: list) -> int:
+        free = [j for j in range(self.n) if self.holder[j] is None or self.holder[j] not in keep]
+        j = min(free, key=lambda k: self.issued[k])
+        self._tick += 1
+        self.holder[j], self.issued[j] = item, self._tick
+        s = self.streams
+        with _stream_ctx(s, s.h2d):
+            s.wait(self.released[j], s.h2d)
+            self.fill(item, j)
+            self.ready[j] = s.record(s.h2d)
+        return j
+
+    def acquire(self, item, upcoming: Sequence) -> int:
+        keep = [item, *upcoming[: self.n - 1]]
+        j = self.slot_of(item)
+        if j is None:
+            j = self._issue(item, keep)
+        for u in keep[1:]:
+            if self.slot_of(u) is None:
+                self._issue(u, keep)
+        self.streams.wait(self.ready[j])
+        return j
+
+    def release(self, item, writeback: Callable[[int], None] | None = None) -> None:
+        j = self.slot_of(item)
+        if j is None:
+            return
+        s = self.streams
+        done = s.record()
+        if writeback is not None:
+            with _stream_ctx(s, s.d2h):
+                s.wait(done, s.d2h)
+                writeback(j)
+                done = s.record(s.d2h)
+        self.released[j] = done
+
+
+# ----------------------------------------------------------------------------- packing
+def _tensors(block: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
+    """(module path, name, tensor) of a block's parameters and buffers, in packing order: the q, k,
+    v projections' tensors of each kind side by side (so a fused q|k|v view exists, see
+    compiled.fuse_linears), then the rest in module order, tensors of sizes that are not a
+    multiple of `_ALIGN` bytes (e.g. 0-d fp8 scales) last, so that no padding is needed."""
+    out = []
+    for path, mod in block.named_modules():
+        for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if t is not None:
+                out.append((path, name, t))
+    first = sorted((e for e in out if e[0] in _QKV), key=lambda e: (e[1], _QKV.index(e[0])))
+    ordered = first + [e for e in out if e[0] not in _QKV]
+    odd = [(e[2].numel() * e[2].element_size()) % _ALIGN != 0 for e in ordered]
+    return [e for e, o in zip(ordered, odd) if not o] + [e for e, o in zip(ordered, odd) if o]
+
+
+def _layout(block: nn.Module) -> tuple[list[tuple], int]:
+    """[(path, name, is_param, offset, shape, dtype)], total bytes. Each tensor starts at a
+    multiple of `_ALIGN` bytes when its size is one (then no gap is ever needed), else of its
+    element size; so the packed bytes are the tensors' bytes (stats count exactly those)."""
+    entries, off = [], 0
+    for path, name, t in _tensors(block):
+        nbytes = t.numel() * t.element_size()
+        align = _ALIGN if nbytes % _ALIGN == 0 else t.element_size()
+        off = -(-off // align) * align
+        is_param = name in block.get_submodule(path)._parameters
+        entries.append((path, name, is_param, off, tuple(t.shape), t.dtype))
+        off += nbytes
+    return entries, off
+
+
+def _bind(block: nn.Module, flat: torch.Tensor, layout: list[tuple]) -> None:
+    """Point every tensor of `block` at its view of the byte buffer `flat` (in place)."""
+    for path, name, is_param, off, shape, dtype in layout:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        view = flat[off: off + nbytes].view(dtype).view(shape)
+        mod = block.get_submodule(path)
+        if is_param:
+            mod._parameters[name] = nn.Parameter(view, requires_grad=False)
+        else:
+            mod._buffers[name] = view
+
+
+@torch.no_grad()
+def pack_to_host(block: nn.Module, arena: HostArena, count_hint: int = 1) -> torch.Tensor:
+    """Move a block's tensors into one host byte buffer from `arena` (pinned on CUDA), in place;
+    returns the buffer. The block's tensors are then views of it (the device copies are freed).
+    count_hint: blocks still to pack from this arena (its allocation sizes)."""
+    layout, nbytes = _layout(block)
+    flat = arena.take(nbytes, count_hint)
+    flat.zero_()
+    for path, name, is_param, off, shape, dtype in layout:
+        mod = block.get_submodule(path)
+        t = mod._parameters[name] if is_param else mod._buffers[name]
+        n = t.numel() * t.element_size()
+        flat[off: off + n].copy_(t.detach().reshape(-1).view(torch.uint8))
+    _bind(block, flat, layout)
+    block._stream_flat = flat
+    block._stream_layout = layout
+    return flat
+
+
+def _meta_clone(block: nn.Module) -> nn.Module:
+    """A copy of `block` with meta tensors (no memory; `_bind` gives it storage)."""
+    memo = {}
+    for _, mod in block.named_modules():
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+            if t is not None:
+                meta = torch.empty_like(t, device="meta")
+                memo[id(t)] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
+    for attr in ("_stream_flat", "_stream_layout"):
+        if hasattr(block, attr):
+            memo[id(getattr(block, attr))] = None
+    clone = copy.deepcopy(block, memo)
+    for attr in ("_stream_flat", "_stream_layout"):
+        clone.__dict__.pop(attr, None)
+    return clone
+
+
+# ----------------------------------------------------------------------------- the streamer
+class LayerStream:
+    """Streams the DiT's non-resident blocks (and paged step-cache layers) through device slots.
+
+    blocks: the DiT's `nn.ModuleList`; residency: the resolved placement; device: the compute
+    device. Blocks `[0, residency.weights)` must already be on `device`; the others are packed
+    into pinned host memory here (wherever they are). Use through `CausalS2VDiT.stream_layers`.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, residency: LayerResidency, device: torch.device | str):
+        if residency.buffers < 1:
+            raise ValueError(f"layer streaming: buffers must be >= 1, got {residency.buffers}")
+        n_layers = len(blocks)
+        if not (0 <= residency.weights <= n_layers and 0 <= residency.kv <= n_layers):
+            raise ValueError(f"layer streaming: resident counts must be in [0, {n_layers}], got {residency}")
+        self.device = torch.device(device)
+        self.residency = residency
+        self.blocks = blocks
+        self.num_layers = n_layers
+        self.stats = StreamStats()
+        self.streams = _Streams(self.device)
+        self.streamed = list(range(residency.weights, n_layers))
+        self._pos = {layer: p for p, layer in enumerate(self.streamed)}
+        self.slots: list[nn.Module] = []
+        self._slot_flats: list[torch.Tensor] = []
+        self.weights_ring: _SlotRing | None = None
+        if self.streamed:
+            arena = HostArena(pin=self.device.type == "cuda")
+            for k, i in enumerate(self.streamed):
+                if getattr(blocks[i], "_stream_flat", None) is None:
+                    pack_to_host(blocks[i], arena, len(self.streamed) - k)
+            layout = blocks[self.streamed[0]]._stream_layout
+            for i in self.streamed:
+                if blocks[i]._stream_layout != layout:
+                    raise ValueError(f"layer streaming: block {i} has another layout than block {self.streamed[0]}")
+            nbytes = blocks[self.streamed[0]]._stream_flat.numel()
+            for _ in range(min(residency.buffers, len(self.streamed))):
+                flat = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
+                slot = _meta_clone(blocks[self.streamed[0]])
+                _bind(slot, flat, layout)
+                self.slots.append(slot)
+                self._slot_flats.append(flat)
+            self.weights_ring = _SlotRing(len(self.slots), self._fill_weights, self.streams)
+        self.kv_ring: _SlotRing | None = None
+        self.kv_slots: list[torch.Tensor] = []
+        self._order: list = []
+        self._out_events: dict = {}
+        self.attached_kv: int | None = None  # resident KV layers of the attached runner's caches
+
+    # ------------------------------------------------------------------ bytes
+    @property
+    def layer_bytes(self) -> int:
+        """Bytes of one streamed block's packed weights (0 when none is streamed)."""
+        return self._slot_flats[0].numel() if self._slot_flats else 0
+
+    def host_bytes(self) -> int:
+        return sum(self.blocks[i]._stream_flat.numel() for i in self.streamed)
+
+    def device_bytes(self) -> int:
+        """Device bytes of the slots (weights and KV)."""
+        return (sum(f.numel() for f in self._slot_flats)
+                + sum(t.numel() * t.element_size() for t in self.kv_slots))
+
+    # ------------------------------------------------------------------ weights
+    def _fill_weights(self, layer: int, j: int) -> None:
+        src = self.blocks[layer]._stream_flat
+        self.streams.timed_copy(self._slot_flats[j], src, self.stats)
+        self.stats.weight_bytes += src.numel()
+
+    def _upcoming_weights(self, layer: int) -> list[int]:
+        s, p = self.streamed, self._pos[layer]
+        return [s[(p + k) % len(s)] for k in range(1, min(len(self.slots), len(s)))]
+
+    # ------------------------------------------------------------------ step caches
+    def attach_caches(self, caches: Sequence) -> None:
+        """The step caches of a runner, in the order their calls come (the ring's prefetch order).
+        Makes the KV slots for the paged ones (shape of one layer of their rows)."""
+        paged = [c for c in caches if getattr(c, "paged_layers", 0)]
+        self._order = paged
+        self.attached_kv = min((c.resident_layers for c in caches), default=None)
+        if self.kv_ring is not None:
+            self.kv_ring.forget(lambda item: True)
+        if not paged:
+            return
+        first = [c.host_layer(c.resident_layers) for c in paged]
+        shape, dtype = tuple(first[0].shape), first[0].dtype
+        if any(tuple(t.shape) != shape or t.dtype != dtype for t in first):
+            raise ValueError("layer streaming: a runner's paged step caches must share one shape")
+        if not self.kv_slots or tuple(self.kv_slots[0].shape) != shape or self.kv_slots[0].dtype != dtype:
+            n = min(self.residency.buffers, paged[0].paged_layers * len(paged))
+            self.kv_slots = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n)]
+            self.kv_ring = _SlotRing(n, self._fill_kv, self.streams)
+
+    def forget_cache(self, cache) -> None:
+        """A cache's rows are about to change on the host (reset): wait for the copies in flight;
+        its slots no longer hold its rows."""
+        if self.streams.cuda:
+            self.streams.h2d.synchronize()
+            self.streams.d2h.synchronize()
+        if self.kv_ring is not None:
+            self.kv_ring.forget(lambda item: item[0] is cache)
+
+    def _fill_kv(self, item: tuple, j: int) -> None:
+        cache, layer = item
+        self.streams.wait(self._out_events.get((id(cache), layer)), self.streams.h2d)
+        src = cache.host_layer(layer)
+        self.streams.timed_copy(self.kv_slots[j], src, self.stats)
+        self.stats.kv_bytes += src.numel() * src.element_size()
+
+    def _upcoming_kv(self, cache, layer: int) -> list[tuple]:
+        """The (cache, layer) items after this one in the runner's cycle (next caches' layers too)."""
+        order = self._order if any(c is cache for c in self._order) else [cache]
+        cycle = [(c, i) for c in order for i in range(c.resident_layers, c.num_layers)]
+        p = next(k for k, (c, i) in enumerate(cycle) if c is cache and i == layer)
+        return [cycle[(p + k) % len(cycle)] for k in range(1, min(len(self.kv_slots), len(cycle)))]
+
+    # ------------------------------------------------------------------ per layer
+    def acquire(self, layer: int, cache=None) -> nn.Module:
+        """Before layer `layer` runs: its block (resident, or the slot its weights were copied
+        to) and, for a paged step cache, its rows bound in `cache` (`cache.layer_kv(layer)`)."""
+        if cache is not None and getattr(cache, "paged_layers", 0) and layer >= cache.resident_layers:
+            if self.kv_ring is None or not any(c is cache for c in self._order):
+                self.attach_caches([*self._order, cache])
+            cache.pager = self
+            j = self.kv_ring.acquire((cache, layer), self._upcoming_kv(cache, layer))
+            cache.bind_layer(layer, self.kv_slots[j])
+        if layer not in self._pos:
+            return self.blocks[layer]
+        return self.slots[self.weights_ring.acquire(layer, self._upcoming_weights(layer))]
+
+    def release(self, layer: int, cache=None, rows: tuple[int, int] | None = None) -> None:
+        """After layer `layer` is queued: its slots may be refilled once the queued work (and,
+        for a paged cache, the write-back of ring rows `rows` [a, b) to host memory) is done."""
+        if layer in self._pos:
+            self.weights_ring.release(layer)
+        if cache is None or not getattr(cache, "paged_layers", 0) or layer < cache.resident_layers:
+            return
+        item = (cache, layer)
+
+        def writeback(j: int) -> None:
+            if rows is not None and rows[1] > rows[0]:
+                n = cache.write_back(layer, self.kv_slots[j], *rows)
+                self.stats.d2h_bytes += n
+
+        self.kv_ring.release(item, writeback)
+        self._out_events[(id(cache), layer)] = self.kv_ring.released[self.kv_ring.slot_of(item)]
+        cache.bind_layer(layer, None)
+
+
+__all__ = ["LayerResidency", "LayerStream", "StreamStats", "pack_to_host"]

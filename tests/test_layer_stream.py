@@ -1,0 +1,136 @@
+"""Per-layer weight and KV streaming (models/layer_stream.py) vs the resident DiT, on the CPU.
+
+The tiny model with its fixture weights; on the CPU the "device" slots are host tensors and the
+copies synchronous, but the code path (slots, cyclic prefetch, per-layer KV paging and write-back,
+byte counts) is the one a GPU runs. Outputs must be bitwise those of the resident model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from liveavatar.config import DiTConfig
+from liveavatar.models.dit import CausalS2VDiT
+from liveavatar.models.layer_stream import LayerResidency
+
+HW = (16, 24)
+
+
+def _build(fixtures_dir) -> CausalS2VDiT:
+    cfg = DiTConfig.from_json(fixtures_dir / "tiny_s2v" / "config.json")
+    model = CausalS2VDiT(cfg)
+    model.load_state_dict(load_file(fixtures_dir / "tiny_s2v" / "diffusion_pytorch_model.safetensors"))
+    return model.eval()
+
+
+def _rollout(model, fixtures_dir, kv_layers: int | None, blocks: int = 5, steps: int = 2,
+             on_call=None) -> torch.Tensor:
+    """blocks x steps streaming calls (window grows in clip 0, then the ring wraps)."""
+    fwd = fixtures_dir / "forward"
+    inp = load_file(fwd / "inputs_shared.safetensors")
+    cases = [load_file(fwd / "block0_step0.safetensors"), load_file(fwd / "block1_step0.safetensors")]
+    text = model.encode_text(inp["context.0"])
+    sink = model.new_sink_cache(HW)
+    model.prefill_sink(inp["ref_latents"], inp["motion_latents"], text, sink)
+    caches = [model.new_step_cache(HW, resident_layers=kv_layers) for _ in range(steps)]
+    if model.layer_stream is not None:
+        model.layer_stream.attach_caches(caches)
+    outs = []
+    for b in range(blocks):
+        case = cases[min(b, 1)]
+        for i, cache in enumerate(caches):
+            outs.append(model.forward_block(case["x.0"], case["t"][0, 0].item() - 100 * i, text,
+                                            case["audio_input"], case["cond_states"], cache, sink, 3 * b, 17))
+            if on_call is not None:
+                on_call()
+    return torch.stack(outs)
+
+
+def _tensor_bytes(block) -> int:
+    return sum(t.numel() * t.element_size() for t in (*block.parameters(), *block.buffers()))
+
+
+@pytest.fixture(scope="module")
+def resident_rollouts(fixtures_dir):
+    """{fused: outputs of the resident model} (eager layers, and the fused regions run eagerly)."""
+    out = {}
+    for fused in (False, True):
+        model = _build(fixtures_dir)
+        if fused:
+            model.compile_blocks(compile=False)
+        out[fused] = _rollout(model, fixtures_dir, None)
+    return out
+
+
+@pytest.mark.parametrize("fused,weights,kv,buffers", [(True, 1, 1, 2), (False, 0, 0, 1), (True, 2, 3, 3),
+                                                      (False, 4, 0, 2)])
+def test_streamed_layers_bitwise_equal_resident(fixtures_dir, resident_rollouts, fused, weights, kv, buffers):
+    """Streamed blocks run from slots bound to packed copies (fused: the q|k|v GEMM on a view of
+    the packed bytes), paged KV layers from lent slots: the same numbers, bit for bit."""
+    model = _build(fixtures_dir)
+    if fused:
+        model.compile_blocks(compile=False)
+    model.stream_layers(LayerResidency(weights, kv, buffers))
+    assert torch.equal(_rollout(model, fixtures_dir, kv), resident_rollouts[fused])
+
+
+def test_byte_counts_are_the_streamed_layers_bytes(fixtures_dir):
+    """Per streaming call: every streamed block copied once (its tensors' bytes, nothing more),
+    every paged cache layer's ring copied in once, the block's rows written back."""
+    model = _build(fixtures_dir)
+    n = model.cfg.num_layers
+    weights, kv = 1, 2
+    streamed_bytes = sum(_tensor_bytes(model.blocks[i]) for i in range(weights, n))
+    model.stream_layers(LayerResidency(weights, kv, buffers=2))
+    stream = model.layer_stream
+    assert stream.host_bytes() == streamed_bytes
+    per_call = []
+
+    def mark():
+        per_call.append(stream.stats.snapshot())
+
+    _rollout(model, fixtures_dir, kv, blocks=5, steps=2, on_call=mark)
+    diffs = [{k: b[k] - a[k] for k in a} for a, b in zip(per_call, per_call[1:])]
+    c = model.new_step_cache(HW)  # one layer of one step cache: its ring rows, keys and values
+    layer_kv = c.kv[0].numel() * c.kv.element_size()
+    block_rows = 3 * (HW[0] // 2) * (HW[1] // 2)
+    for d in diffs:  # steady state: each streamed layer exactly once per call
+        assert d["weight_bytes"] == streamed_bytes
+        assert d["kv_bytes"] == (n - kv) * layer_kv
+        assert d["d2h_bytes"] == (n - kv) * layer_kv * block_rows // c.ring
+    assert stream.stats.copy_gbps() > 0
+
+
+def test_paged_cache_needs_the_stream(fixtures_dir):
+    model = _build(fixtures_dir)
+    with pytest.raises(RuntimeError, match="paged and not bound"):
+        _rollout(model, fixtures_dir, 1, blocks=1, steps=1)
+
+
+def test_streamed_fp8_layers_bitwise_equal_resident(fixtures_dir):
+    """fp8 linears (CPU _scaled_mm or its emulation) packed as they are: e4m3 weights, 0-d scales."""
+    from liveavatar.models.fp8 import FP8Linear, convert_to_fp8
+
+    model = _build(fixtures_dir).to(torch.bfloat16)
+    convert_to_fp8(model, allow_cpu=True)
+    model.compile_blocks(compile=False)
+    resident = _rollout(model, fixtures_dir, None, blocks=2)
+    model.stream_layers(LayerResidency(1, 2, 2))
+    slot = model.layer_stream.slots[0]
+    assert isinstance(slot.ffn[0], FP8Linear) and slot.ffn[0].weight_fp8.dtype == torch.float8_e4m3fn
+    assert torch.equal(_rollout(model, fixtures_dir, 2, blocks=2), resident)
+
+
+def test_host_arena_carves_equal_buffers_without_power_of_two_waste():
+    from liveavatar.models.pinned import HostArena
+
+    gib = 2**30
+    assert HostArena.per_allocation(int(0.327 * gib)) == 3  # an fp8 14B block: three per 1 GiB allocation
+    arena = HostArena(pin=False)
+    bufs = [arena.take(1000, 5 - k) for k in range(5)]
+    assert all(b.numel() == 1000 and b.dtype == torch.uint8 for b in bufs)
+    spans = sorted((b.data_ptr(), b.data_ptr() + 1000) for b in bufs)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # disjoint
+    assert arena.allocated < 5 * 1000 + 5 * 256
