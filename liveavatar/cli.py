@@ -123,7 +123,7 @@ def run_generate(args: argparse.Namespace) -> dict:
     import torch
 
     from liveavatar.loading.official import find_official_checkpoint
-    from liveavatar.media.audio import load_audio
+    from liveavatar.media.audio import open_audio
     from liveavatar.media.image import load_image
     from liveavatar.media.video_writer import VideoWriter
     from liveavatar.options import CachePolicy, precision_from_flags
@@ -147,7 +147,7 @@ def run_generate(args: argparse.Namespace) -> dict:
     cache = CachePolicy.from_choices(args.kv_offload, args.kv_prefetch)
     image = load_image(Path(args.image).expanduser())
     size = resolve_size(image.size, args.size, args.size_mode)  # the output size, resolved once
-    audio = load_audio(Path(args.audio).expanduser())
+    audio = open_audio(Path(args.audio).expanduser())  # long clips spooled to disk: flat memory
     if args.pose_video is not None and not Path(args.pose_video).expanduser().is_file():
         raise UserError(f"--pose-video: no file at {Path(args.pose_video).expanduser().resolve()}")
     find_official_checkpoint(Path(args.ckpt_dir).expanduser(), lora=args.lora)

@@ -17,6 +17,12 @@ samples pass through untouched.
 Frames and samples: video frame `j` (at `fps`) owns the samples
 `[round(j * sr / fps), round((j + 1) * sr / fps))`; at 16 kHz and 25 fps that is exactly 640
 samples per frame.
+
+Length. `load_audio` / `audio_from_waveform` hold the whole clip in RAM (`Audio16k`). The
+pipeline's entry points `open_audio` (a file) and `audio_from_waveform(..., in_memory_s=...)`
+(ComfyUI's AUDIO) keep clips up to `IN_MEMORY_S` in RAM and spool longer ones, chunk by chunk, to a
+raw 16 kHz file (`audio_spool.SpooledAudio16k`): the same samples, a constant host-memory cost.
+Both kinds offer `num_samples`, `sample_rate`, `read(start, stop)` and `moments()`.
 """
 
 from __future__ import annotations
@@ -25,17 +31,25 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterator, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from liveavatar.media.audio_spool import Moments, SpooledAudio16k, moments_of_chunks, spool_mono
+
 DEFAULT_SAMPLE_RATE = 16000
+IN_MEMORY_S = 120.0  # longer clips are spooled to disk by open_audio / audio_from_waveform (7.7 MB at 16 kHz)
+WAVEFORM_CHUNK = 1 << 16  # source samples mixed and resampled at a time when spooling a waveform
 
 __all__ = [
     "Audio16k",
     "AudioLoadError",
+    "AudioSamples",
+    "SpooledAudio16k",
     "load_audio",
+    "open_audio",
     "audio_from_waveform",
     "slice_for_frames",
     "num_video_frames",
@@ -74,6 +88,23 @@ class Audio16k:
         """Length in seconds (`T / sample_rate`)."""
         return self.num_samples / self.sample_rate
 
+    def read(self, start: int, stop: int) -> Tensor:
+        """Samples `[start, stop)` -> `[stop - start]` float32, zeros outside `[0, T)`."""
+        if stop < start:
+            raise ValueError(f"read: stop ({stop}) < start ({start})")
+        out = torch.zeros(stop - start, dtype=torch.float32)
+        lo, hi = max(0, start), min(self.num_samples, stop)
+        if hi > lo:
+            out[lo - start:hi - start] = self.samples[lo:hi]
+        return out
+
+    def moments(self) -> Moments:
+        """Count, mean and squared deviations of the samples (float64)."""
+        return moments_of_chunks(self.read, self.num_samples)
+
+
+AudioSamples = Union[Audio16k, SpooledAudio16k]  # what the pipeline reads audio from
+
 
 def _resample_mono(mono: Tensor, source_rate: int, target_rate: int) -> Tensor:
     """`[T]` float32 at `source_rate` -> `[ceil(T * target / source)]` float32 at `target_rate`.
@@ -102,12 +133,15 @@ def _to_float32_waveform(waveform: Tensor, what: str) -> Tensor:
 
 
 def audio_from_waveform(
-    waveform: Tensor, sample_rate: int, target_rate: int = DEFAULT_SAMPLE_RATE, source: str = "<waveform>"
-) -> Audio16k:
-    """In-memory waveform -> `Audio16k`.
+    waveform: Tensor, sample_rate: int, target_rate: int = DEFAULT_SAMPLE_RATE, source: str = "<waveform>",
+    in_memory_s: float = IN_MEMORY_S,
+) -> AudioSamples:
+    """In-memory waveform -> `Audio16k`, or `SpooledAudio16k` when longer than `in_memory_s` seconds.
 
     waveform: `[T]`, `[C, T]` or `[B, C, T]` (ComfyUI's AUDIO `waveform`, with B == 1), float.
     sample_rate: its rate in Hz. Channels are averaged to mono, then resampled to `target_rate`.
+    A long waveform is mixed and resampled `WAVEFORM_CHUNK` samples at a time straight into the
+    spool file: no copy of the whole clip is made (the same samples as the in-RAM path).
     """
     if not isinstance(waveform, Tensor):
         waveform = torch.as_tensor(waveform)
@@ -131,15 +165,29 @@ def audio_from_waveform(
         raise AudioLoadError(f"{source}: waveform must be [T], [C, T] or [1, C, T], got shape {tuple(waveform.shape)}")
     if waveform.shape[0] == 0 or waveform.shape[1] == 0:
         raise AudioLoadError(f"{source}: waveform is empty (shape {tuple(waveform.shape)})")
+    if waveform.shape[1] / sample_rate > in_memory_s:
+        return spool_mono(_mono_chunks(waveform, source), sample_rate, target_rate, source)
     wave = _to_float32_waveform(waveform, source)
-    if not torch.isfinite(wave).all():
-        raise AudioLoadError(f"{source}: waveform contains NaN or infinite samples")
+    _check_finite(wave, source)
     mono = wave.mean(dim=0)
     return Audio16k(_resample_mono(mono, sample_rate, target_rate).contiguous(), target_rate, source)
 
 
-def _decode_file(path: Path) -> tuple[Tensor, int]:
-    """Decode the first audio stream of `path` -> (`[C, T]` float32, rate in Hz)."""
+def _check_finite(wave: Tensor, source: str) -> None:
+    if not torch.isfinite(wave).all():
+        raise AudioLoadError(f"{source}: waveform contains NaN or infinite samples")
+
+
+def _mono_chunks(waveform: Tensor, source: str) -> Iterator[np.ndarray]:
+    """`[C, T]` -> mono float32 chunks of `WAVEFORM_CHUNK` samples (a copy of one chunk at a time)."""
+    for i in range(0, waveform.shape[1], WAVEFORM_CHUNK):
+        part = _to_float32_waveform(waveform[:, i:i + WAVEFORM_CHUNK], source)
+        _check_finite(part, source)
+        yield part.mean(dim=0).numpy()
+
+
+def _decoded_chunks(path: Path) -> Iterator[tuple[Tensor, int]]:
+    """Decode the first audio stream of `path` frame by frame -> (`[C, n]` float32, rate in Hz)."""
     import av
 
     try:
@@ -152,8 +200,7 @@ def _decode_file(path: Path) -> tuple[Tensor, int]:
             raise AudioLoadError(f"audio file {path} has no audio stream")
         stream = streams[0]
         resampler = None
-        chunks: list[Tensor] = []
-        rate = None
+        rate = 0
         try:
             for frame in container.decode(stream):
                 if resampler is None:
@@ -162,12 +209,20 @@ def _decode_file(path: Path) -> tuple[Tensor, int]:
                     rate = int(frame.sample_rate)
                     resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=rate)
                 for out in resampler.resample(frame):
-                    chunks.append(torch.from_numpy(out.to_ndarray().copy()))
+                    yield torch.from_numpy(out.to_ndarray().copy()), rate
             if resampler is not None:
                 for out in resampler.resample(None):
-                    chunks.append(torch.from_numpy(out.to_ndarray().copy()))
+                    yield torch.from_numpy(out.to_ndarray().copy()), rate
         except av.error.FFmpegError as exc:
             raise AudioLoadError(f"cannot decode audio file {path}: {exc}") from exc
+
+
+def _decode_file(path: Path) -> tuple[Tensor, int]:
+    """Decode the first audio stream of `path` -> (`[C, T]` float32, rate in Hz)."""
+    chunks: list[Tensor] = []
+    rate = None
+    for chunk, rate in _decoded_chunks(path):
+        chunks.append(chunk)
     if not chunks or rate is None:
         raise AudioLoadError(f"audio file {path} contains no audio samples")
     wave = torch.cat(chunks, dim=1)
@@ -176,13 +231,7 @@ def _decode_file(path: Path) -> tuple[Tensor, int]:
     return wave, rate
 
 
-def load_audio(path: str | Path, target_rate: int = DEFAULT_SAMPLE_RATE) -> Audio16k:
-    """Read an audio file of any format, rate and channel count -> mono float32 at `target_rate`.
-
-    Relative paths are taken from the current directory; `~` is expanded. Raises
-    `FileNotFoundError` for a missing file and `AudioLoadError` (a ValueError) for a file that is
-    not audio, has no audio stream, or holds no samples; every message names the path.
-    """
+def _checked_path(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"audio file not found: {p} (absolute: {p.absolute()})")
@@ -190,8 +239,55 @@ def load_audio(path: str | Path, target_rate: int = DEFAULT_SAMPLE_RATE) -> Audi
         raise AudioLoadError(f"audio path {p} is a directory, expected an audio file")
     if p.stat().st_size == 0:
         raise AudioLoadError(f"audio file {p} is empty (0 bytes)")
+    return p
+
+
+def load_audio(path: str | Path, target_rate: int = DEFAULT_SAMPLE_RATE) -> Audio16k:
+    """Read an audio file of any format, rate and channel count -> mono float32 at `target_rate`,
+    all in RAM (see `open_audio` for clips of any length).
+
+    Relative paths are taken from the current directory; `~` is expanded. Raises
+    `FileNotFoundError` for a missing file and `AudioLoadError` (a ValueError) for a file that is
+    not audio, has no audio stream, or holds no samples; every message names the path.
+    """
+    p = _checked_path(path)
     wave, rate = _decode_file(p)
-    return audio_from_waveform(wave, rate, target_rate=target_rate, source=str(p))
+    return audio_from_waveform(wave, rate, target_rate=target_rate, source=str(p), in_memory_s=math.inf)
+
+
+def open_audio(path: str | Path, target_rate: int = DEFAULT_SAMPLE_RATE,
+               in_memory_s: float = IN_MEMORY_S) -> AudioSamples:
+    """Like `load_audio`, streamed: the file is decoded, mixed to mono and resampled frame by frame
+    into a spool file (`SpooledAudio16k`), so host memory does not grow with the length. Clips up
+    to `in_memory_s` seconds come back in RAM as an `Audio16k` (the same samples, bit for bit)."""
+    p = _checked_path(path)
+    rate = None
+
+    def mono_chunks() -> Iterator[np.ndarray]:
+        nonlocal rate
+        for chunk, r in _decoded_chunks(p):
+            if rate is not None and r != rate:
+                raise AudioLoadError(f"audio file {p}: the sample rate changes mid-stream ({rate} -> {r} Hz)")
+            rate = r
+            yield chunk.mean(dim=0).numpy()
+
+    chunks = mono_chunks()
+    first = next((c for c in chunks if c.shape[0] > 0), None)
+    if first is None or rate is None:
+        raise AudioLoadError(f"audio file {p} contains no audio samples")
+    spooled = spool_mono(_prepend(first, chunks), rate, target_rate, str(p))
+    return _in_memory_if_short(spooled, in_memory_s)
+
+
+def _prepend(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    yield first
+    yield from rest
+
+
+def _in_memory_if_short(spooled: SpooledAudio16k, in_memory_s: float) -> AudioSamples:
+    if spooled.duration_s > in_memory_s:
+        return spooled
+    return Audio16k(spooled.read(0, spooled.num_samples), spooled.sample_rate, spooled.source)
 
 
 def _frame_to_sample(frame: int, sample_rate: int, fps: int) -> int:
@@ -199,7 +295,7 @@ def _frame_to_sample(frame: int, sample_rate: int, fps: int) -> int:
     return round(Fraction(frame * sample_rate, fps))
 
 
-def slice_for_frames(audio: Audio16k, first_frame: int, num_frames: int, fps: int = 25) -> Tensor:
+def slice_for_frames(audio: AudioSamples, first_frame: int, num_frames: int, fps: int = 25) -> Tensor:
     """Samples of video frames `[first_frame, first_frame + num_frames)` at `fps`.
 
     Returns `[round((first+n)*sr/fps) - round(first*sr/fps)]` float32 samples, zero-padded where the
@@ -211,13 +307,10 @@ def slice_for_frames(audio: Audio16k, first_frame: int, num_frames: int, fps: in
         raise ValueError(f"fps must be positive, got {fps}")
     start = _frame_to_sample(first_frame, audio.sample_rate, fps)
     stop = _frame_to_sample(first_frame + num_frames, audio.sample_rate, fps)
-    out = torch.zeros(stop - start, dtype=audio.samples.dtype)
-    avail = audio.samples[start:stop]
-    out[: avail.shape[0]] = avail
-    return out
+    return audio.read(start, stop)
 
 
-def num_video_frames(audio: Audio16k, fps: int = 25) -> int:
+def num_video_frames(audio: AudioSamples, fps: int = 25) -> int:
     """Whole video frames the audio covers: `floor(duration_s * fps)` (exact integer arithmetic)."""
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")

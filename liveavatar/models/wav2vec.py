@@ -18,21 +18,10 @@ Chain (spec §2.3, fixture case 7):
    `clips = floor(T30 / (48 * 30 / 25)) + 1` -> `[1, n_states, C, N]`, `N = clips * 48`.
    The DiT gets `[..., 12 b : 12 b + 12]` for block `b`.
 
-Long audio. The reference runs the encoder over the whole file at once; attention memory grows
-with the square of the length. Up to `max_single_pass_s` (60 s) we do the same (bit-exact). Longer
-input is cut in the 50 Hz frame grid into `n = ceil(T50 / window_frames)` near-equal core spans
-(`window_s` = 30 s each at most); each span is run with `context_s` (5 s) of extra audio on each
-side (clipped at the ends) and only its core frames are kept. The whole utterance is normalised
-once before cutting, and windows start on multiples of the conv stack's total stride (320
-samples), so the conv features are the single-pass ones (layer-norm conv layout, as in
-wav2vec2-large-xlsr-53); only attention beyond the context differs from the single pass.
-With a group-norm conv layout (wav2vec2-base) the first conv layer normalises over time, so
-windows there also change the conv features slightly.
-Measured on the fixture's tiny random model, 70 s of synthetic speech-like audio: max |diff| vs
-the single pass 0.37 over the hidden states and 0.34 (1.9 % of the largest value) on the 25-fps
-features; that model attends almost uniformly over the whole clip, so it is a pessimistic case.
-On the CPU and with CUDA SDPA kernels attention memory is linear in length (flash / memory-
-efficient kernels), so the single pass mainly costs time (quadratic), not memory.
+Long audio. The reference runs the encoder over the whole file at once. Here this module does one
+pass over the samples it is given; `liveavatar.pipeline.audio_features.WindowedAudioFeatures`
+feeds it windows (with context) of a clip of any length, block by block, and keeps clips that fit
+one window on this one-pass path (bit-exact).
 """
 
 from __future__ import annotations
@@ -52,6 +41,7 @@ from liveavatar.config import DEFAULT_STREAM
 __all__ = [
     "AudioFeatureExtractor",
     "Wav2VecLoadError",
+    "bucket_indices",
     "bucket_video_frames",
     "interpolate_50_to_30",
     "num_clips_for",
@@ -95,6 +85,18 @@ def num_clips_for(num_feature_frames: int, fps: int = 25, feature_fps: int = 30,
     return int(num_feature_frames / (pad_to_multiple * scale)) + 1
 
 
+def bucket_indices(first: int, stop: int, total: int, fps: int = 25, feature_fps: int = 30) -> Tensor:
+    """Feature index of video frames `[first, stop)` out of `total` columns: `[stop - first]` int64.
+
+    `round(j / fps * feature_fps)` exactly as the reference computes it over all `total` columns
+    (`np.linspace(0, total / fps, total, endpoint=False)`, i.e. `j * step` in float64, then numpy
+    rounding, half to even), for any sub-range.
+    """
+    step = (total / fps) / total
+    times = np.arange(first, stop, dtype=np.float64) * step
+    return torch.from_numpy(np.round(times * int(feature_fps)).astype(np.int64))
+
+
 def bucket_video_frames(
     feat: Tensor, fps: int = 25, feature_fps: int = 30, pad_to_multiple: int = 48
 ) -> Tensor:
@@ -105,8 +107,7 @@ def bucket_video_frames(
     """
     n_states, t30, dim = feat.shape
     total = num_clips_for(t30, fps, feature_fps, pad_to_multiple) * pad_to_multiple
-    times = np.linspace(0.0, total / fps, total, endpoint=False)
-    idx = torch.from_numpy(np.round(times * int(feature_fps)).astype(np.int64))
+    idx = bucket_indices(0, total, total, fps, feature_fps)
     keep = idx < t30
     out = feat.new_zeros(n_states, dim, total)
     out[:, :, keep.to(feat.device)] = feat[:, idx[keep].to(feat.device), :].transpose(1, 2)
@@ -182,19 +183,11 @@ class AudioFeatureExtractor:
     """wav2vec2 (transformers) + the reference's normalisation, resampling and bucketing.
 
     Attributes: `num_states` (= num_hidden_layers + 1), `hidden_size` (C), `sample_rate` (16000),
-    `frame_rate` (encoder frames per second, 50), `device`, `dtype`.
-    Long-audio knobs (seconds): `max_single_pass_s`, `window_s`, `context_s` (see module doc).
+    `frame_rate` (encoder frames per second, 50), `stride` (samples per encoder frame, 320),
+    `receptive_field` (samples seen by one encoder frame, 400), `device`, `dtype`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        normalizer: Any,
-        *,
-        max_single_pass_s: float = 60.0,
-        window_s: float = 30.0,
-        context_s: float = 5.0,
-    ) -> None:
+    def __init__(self, model: nn.Module, normalizer: Any) -> None:
         self.model = model.eval().requires_grad_(False)
         self.normalizer = normalizer
         cfg = model.config
@@ -208,9 +201,7 @@ class AudioFeatureExtractor:
             jump *= int(s)
         self.receptive_field = field  # samples seen by one encoder frame
         self.frame_rate = self.sample_rate / self.stride
-        self.max_single_pass_s = max_single_pass_s
-        self.window_s = window_s
-        self.context_s = context_s
+        self.normalizes = bool(getattr(normalizer, "do_normalize", True))
         self._encoder_out: list[Tensor] = []
         model.encoder.register_forward_hook(self._grab_encoder_output)
 
@@ -297,7 +288,7 @@ class AudioFeatureExtractor:
         return (num_samples - self.receptive_field) // self.stride + 1 if num_samples >= self.receptive_field else 0
 
     @torch.no_grad()
-    def _encode(self, input_values: Tensor) -> Tensor:
+    def encode_values(self, input_values: Tensor) -> Tensor:
         """`[T]` normalised -> `[n_states, T50, C]` in the model's dtype, one pass."""
         x = input_values.to(device=self.device, dtype=self.dtype)[None]
         self._encoder_out.clear()
@@ -311,47 +302,32 @@ class AudioFeatureExtractor:
         states[-1] = self._encoder_out.pop()
         return torch.cat(states, dim=0)
 
-    def hidden_states(self, samples_16k: Tensor, *, max_single_pass_s: float | None = None) -> Tensor:
-        """`[T]` 16 kHz mono samples -> `[n_states, T50, C]`, all hidden states, model dtype.
+    def hidden_states(self, samples_16k: Tensor) -> Tensor:
+        """`[T]` 16 kHz mono samples -> `[n_states, T50, C]`, all hidden states, model dtype, one pass.
 
         Index 0 is the input of the first transformer layer (after the positional conv), the last is
-        the encoder output after its final LayerNorm. Audio longer than `max_single_pass_s` runs in
-        overlapping windows (module doc); pass `float('inf')` to force one pass.
+        the encoder output after its final LayerNorm.
         """
-        values = self.normalize(samples_16k)
-        limit = self.max_single_pass_s if max_single_pass_s is None else max_single_pass_s
-        t50 = self.num_frames_50(values.shape[0])
-        if t50 / self.frame_rate <= limit:
-            return self._encode(values)
-        return self._encode_windowed(values, t50)
+        return self.encode_values(self.normalize(samples_16k))
 
-    def _encode_windowed(self, values: Tensor, t50: int) -> Tensor:
-        core = max(1, round(self.window_s * self.frame_rate))
-        ctx = max(0, round(self.context_s * self.frame_rate))
-        n = math.ceil(t50 / core)
-        bounds = [round(i * t50 / n) for i in range(n + 1)]
-        out: Tensor | None = None
-        for c0, c1 in zip(bounds[:-1], bounds[1:]):
-            f0, f1 = max(0, c0 - ctx), min(t50, c1 + ctx)
-            s0 = f0 * self.stride
-            s1 = (f1 - 1) * self.stride + self.receptive_field
-            part = self._encode(values[s0:s1])
-            if part.shape[1] != f1 - f0:
-                raise RuntimeError(f"window gave {part.shape[1]} frames, expected {f1 - f0}")
-            if out is None:
-                out = part.new_empty(part.shape[0], t50, part.shape[2])
-            out[:, c0:c1] = part[:, c0 - f0 : c1 - f0]
-        assert out is not None
-        return out
+    def normalize_with(self, samples_16k: Tensor, mean: float, var: float) -> Tensor:
+        """`[T]` -> `[T]` float32 normalised with a whole clip's `mean` / `var` (a window of a long
+        clip); the processor's formula `(x - mean) / sqrt(var + 1e-7)` in float32."""
+        x = samples_16k.detach().to("cpu", torch.float32).numpy()
+        if not self.normalizes:
+            return torch.from_numpy(x.copy())
+        std = np.sqrt(np.float32(var) + np.float32(1e-7))
+        return torch.from_numpy(((x - np.float32(mean)) / std).astype(np.float32))
 
-    def features_30fps(self, samples_16k: Tensor, *, feature_fps: int | None = None, **kwargs: Any) -> Tensor:
+    def features_30fps(self, samples_16k: Tensor, *, feature_fps: int | None = None) -> Tensor:
         """`[T]` -> `[n_states, T30, C]` float32; `T30 = int(T50 / 50 * 30)` (reference rule)."""
         fps_out = DEFAULT_STREAM.audio_feature_fps if feature_fps is None else feature_fps
-        states = self.hidden_states(samples_16k, **kwargs)
+        states = self.hidden_states(samples_16k)
         return interpolate_50_to_30(states, self.frame_rate, fps_out).float()
 
     def video_frame_features(
-        self, samples_16k: Tensor, fps: int | None = None, pad_to_multiple: int | None = None, **kwargs: Any
+        self, samples_16k: Tensor, fps: int | None = None, pad_to_multiple: int | None = None,
+        feature_fps: int | None = None,
     ) -> Tensor:
         """`[T]` -> `[1, n_states, C, N]` float32, one column per 25-fps video frame.
 
@@ -361,8 +337,9 @@ class AudioFeatureExtractor:
         fps = DEFAULT_STREAM.fps if fps is None else fps
         if pad_to_multiple is None:
             pad_to_multiple = DEFAULT_STREAM.frames_per_clip
-        feature_fps = kwargs.pop("feature_fps", DEFAULT_STREAM.audio_feature_fps)
-        feat = self.features_30fps(samples_16k, feature_fps=feature_fps, **kwargs)
+        if feature_fps is None:
+            feature_fps = DEFAULT_STREAM.audio_feature_fps
+        feat = self.features_30fps(samples_16k, feature_fps=feature_fps)
         return bucket_video_frames(feat, fps=fps, feature_fps=feature_fps, pad_to_multiple=pad_to_multiple)
 
     # ---- checks

@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from liveavatar.config import DEFAULT_STREAM
 from liveavatar.pipeline.plan import BlockSpec
 
+if TYPE_CHECKING:
+    from liveavatar.pipeline.audio_features import WindowedAudioFeatures
+
 
 @dataclass
 class AudioConditioning:
     """wav2vec2 features of the (lead-in padded) audio, one column per generated video frame.
 
-    features: [1, n_states, audio_dim, N] float32 on the CPU; N covers every generated frame
-        (the lead-in silence included) and is zero-padded to whole clips like the reference.
+    features: [1, n_states, audio_dim, N] on the CPU, either a tensor (short clips, features computed
+        elsewhere) or a `pipeline.audio_features.WindowedAudioFeatures` that computes the columns a
+        block asks for, window by window (`encode_audio`: memory does not grow with the length). N
+        covers every generated frame (the lead-in silence included), zero-padded to whole clips.
     num_frames: written video frames (== floor(audio seconds * fps)).
-    audio: the user's audio (`liveavatar.media.audio.Audio16k`), muxed into the output.
+    audio: the user's audio (`Audio16k` or `SpooledAudio16k`, 16 kHz), muxed into the output.
     lead_in_frames: silent frames prepended before feature extraction.
     """
 
-    features: torch.Tensor
+    features: "torch.Tensor | WindowedAudioFeatures"
     num_frames: int
     audio: object
     lead_in_frames: int = DEFAULT_STREAM.lead_in_frames
@@ -29,6 +35,8 @@ class AudioConditioning:
     def block_features(self, block: BlockSpec) -> torch.Tensor:
         """[1, n_states, audio_dim, frames_per_block] for the block's generated frames."""
         g0, g1 = block.gen_frames
+        if not isinstance(self.features, torch.Tensor):
+            return self.features.columns(g0, g1)
         feats = self.features[..., g0:g1]
         missing = (g1 - g0) - feats.shape[-1]
         if missing > 0:

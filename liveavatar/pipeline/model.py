@@ -190,22 +190,24 @@ class LiveAvatar:
 
     @torch.no_grad()
     def encode_audio(self, audio, lead_in_frames: int | None = None) -> AudioConditioning:
-        """wav2vec2 features for every generated frame of `audio` (an `Audio16k`); lead_in_frames:
-        silent frames in front (None: `stream.lead_in_frames`)."""
+        """wav2vec2 conditioning for every generated frame of `audio` (`Audio16k` or
+        `SpooledAudio16k`); lead_in_frames: silent frames in front (None: `stream.lead_in_frames`).
+
+        Clips up to a minute are encoded here in one pass; longer ones window by window while the
+        blocks run (`pipeline.audio_features`): memory stays flat whatever the length."""
         from liveavatar.media.audio import num_video_frames
+        from liveavatar.pipeline.audio_features import WindowedAudioFeatures
 
         lead_in_frames = self.stream.lead_in_frames if lead_in_frames is None else lead_in_frames
         fps = self.stream.fps
         num_frames = num_video_frames(audio, fps=fps)
         if num_frames < 1:
             raise ValueError(f"audio: {audio.duration_s:.3f} s is shorter than one frame at {fps} fps")
-        lead = torch.zeros(lead_in_frames * audio.sample_rate // fps, dtype=torch.float32)
-        padded = torch.cat([lead, audio.samples.float()])
-        feats = self.audio_encoder.video_frame_features(padded, fps=fps,
-                                                        pad_to_multiple=self.stream.frames_per_clip)
-        # kept in the model dtype (the reference holds them in bf16): ~1.3 MB per second in bf16
-        return AudioConditioning(features=feats.to(self.dtype).cpu(), num_frames=num_frames, audio=audio,
-                                 lead_in_frames=lead_in_frames)
+        # in the model dtype (the reference holds them in bf16): ~1.3 MB per second in bf16, one window held
+        feats = WindowedAudioFeatures(self.audio_encoder, audio, lead_in_samples=lead_in_frames * audio.sample_rate // fps,
+                                      fps=fps, feature_fps=self.stream.audio_feature_fps,
+                                      pad_to_multiple=self.stream.frames_per_clip, dtype=self.dtype)
+        return AudioConditioning(features=feats, num_frames=num_frames, audio=audio, lead_in_frames=lead_in_frames)
 
     @torch.no_grad()
     def audio_conditioning_from_states(self, states: torch.Tensor, audio, lead_in_frames: int | None = None,
