@@ -5,7 +5,8 @@
 #   warm      a new process with inductor's / AOTAutograd's caches kept (PyTorch's default reuse)
 #   pre_fill  LIVEAVATAR_PRECOMPILE=1, dynamo's precompile cache still empty (it is written after block 2)
 #   pre_warm  LIVEAVATAR_PRECOMPILE=1 again: tracing skipped too
-# Device call (one H200): bash bench/ttff_device.sh   [TTFF_EXTRA="--attn fa4"]   -> $OUT/ttff.jsonl + table
+# Device call (one H200): bash bench/ttff_device.sh   [TTFF_EXTRA="--attn fa4"] [TTFF_RUNS="pre_fill pre_warm"]
+#   -> $OUT/ttff.jsonl + table
 set -u
 # shellcheck source=bench/capped_run.sh
 source "$(dirname "$0")/capped_run.sh"
@@ -15,10 +16,14 @@ start_runs ttff "${TTFF_BUDGET_S:-540}"
 read -r -a EXTRA <<< "${TTFF_EXTRA:-}"
 CMD=("$PY" -m bench --random-weights --size "${TTFF_SIZE:-704*384}" --steps 4 --blocks 2 --warmup 3 --seed 0
      --peak-tflops 738 --scope end_to_end --fp8 --compile "${EXTRA[@]}")
-capped_run cold 240 "${CMD[@]}"
-capped_run warm 150 "${CMD[@]}"
-LIVEAVATAR_PRECOMPILE=1 capped_run pre_fill 150 "${CMD[@]}"
-LIVEAVATAR_PRECOMPILE=1 capped_run pre_warm 150 "${CMD[@]}"
+for run in ${TTFF_RUNS:-cold warm pre_fill pre_warm}; do  # pre_fill alone starts cold when it runs first
+  case $run in
+    cold) capped_run cold 240 "${CMD[@]}" ;;
+    warm) capped_run warm 150 "${CMD[@]}" ;;
+    pre_fill) LIVEAVATAR_PRECOMPILE=1 capped_run pre_fill 240 "${CMD[@]}" ;;
+    pre_warm) LIVEAVATAR_PRECOMPILE=1 capped_run pre_warm 150 "${CMD[@]}" ;;
+  esac
+done
 "$PY" - "$J" <<'PYEOF'
 import json, sys
 for line in open(sys.argv[1]):
