@@ -35,7 +35,8 @@ def cap_device_memory(device: torch.device, cap_gib: float) -> int:
     free_now, _ = torch.cuda.mem_get_info(device)
     if free_now > want:  # the allocator rounded down: take the rest too
         _filler.append(torch.empty(free_now - want, dtype=torch.uint8, device=device))
-    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved(device) + want) / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # the cap needs an index
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved(device) + want) / total), index)
     return sum(t.numel() for t in _filler)
 
 
