@@ -4,7 +4,9 @@
 #   cap22_704x384   --memory-cap-gb 22 --size 704*384   (target >= 6 FPS; bytes per block, PCIe 4 projection)
 #   cap22_384x256   --memory-cap-gb 22 --size 384*256   (target >= 12 FPS)
 #   cap46_704x384   --memory-cap-gb 46 --size 704*384   (target >= 13 FPS)
-# (The five-rank sharded row is bench/ of the sharded layout, not here.)
+# (The five-rank sharded row is bench/ of the sharded layout, not here.) Optional rows, not run
+# unless named in CAPPED_ROWS: stream_all_704x384 / diag_all_704x384 (every DiT block streamed,
+# step caches resident, uncapped, DiT scope; without / with the batched TPP diagonal).
 #
 #   device run (nvidia-h200), timeout 600:   bash bench/capped_rows.sh
 #
@@ -34,6 +36,9 @@ declare -A ROW_ARGS=(
   [cap22_704x384]="--memory-cap-gb 22 --size 704*384"
   [cap22_384x256]="--memory-cap-gb 22 --size 384*256"
   [cap46_704x384]="--memory-cap-gb 46 --size 704*384"
+  # optional (CAPPED_ROWS=...): the diagonal lever, every block streamed, caches resident, uncapped
+  [stream_all_704x384]="--scope dit --weights stream --resident-layers 0,40 --size 704*384"
+  [diag_all_704x384]="--scope dit --diagonal --weights stream --resident-layers 0,40 --size 704*384"
 )
 read -r -a ROWS <<< "${CAPPED_ROWS:-cap22_704x384 cap22_384x256 cap46_704x384}"
 

@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with streaming: force W resident blocks (and KV resident layers) instead of the fit")
     p.add_argument("--stream-buffers", type=int, default=3,
                    help="device slots per streamed kind (prefetch depth + 1)")
+    p.add_argument("--diagonal", action="store_true",
+                   help="scope dit: the TPP diagonal, one batched pass per tick (step caches resident)")
     p.add_argument("--allow-cpu-fp8", action="store_true",
                    help="tests only: fp8 linears on the CPU (PyTorch's CPU _scaled_mm or an emulation)")
     return p
@@ -254,7 +256,7 @@ def bench(args) -> dict:
         "warmup_blocks": run.warmup, "timed_blocks": args.blocks, "block_ms_all": res["warm_ms"] + res["block_ms"],
         "weights_gib": winfo["bytes"] / 2**30, "weights_init_s": winfo["seconds"],
         "flops_per_block": flops, "output_finite": res["finite"], "tiny": args.tiny, "seed": args.seed,
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": str(dtype).replace("torch.", ""), "diagonal": bool(getattr(args, "diagonal", False)),
     }
     if "profile" in res:
         out["profile"] = res["profile"]

@@ -70,17 +70,9 @@ def run_dit_scope(args, cfg, dit, device, dtype, run: BenchRun) -> dict:
                          kv_offload=getattr(args, "kv_offload_opt", None),
                          kv_prefetch=getattr(args, "kv_prefetch_opt", None) is not False)  # auto: on
     runner.prefill(run.ref, run.motion)
-    for b, block in enumerate(plan.blocks):
-        if b == run.total_blocks:  # one extra block under the profiler (not timed)
-            try:
-                res["profile"] = profile_block(args, device, lambda: runner.run(noise[b], block, inputs[b]))
-            except Exception as exc:  # the timings above stay valid
-                res["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-            break
-        timer = benchlib.Timer(device)
-        marks = [timer.mark()]
-        x = runner.run(noise[b], block, inputs[b], on_step=lambda _s: marks.append(timer.mark()))
-        timer.sync()
+    blocks = (_diagonal_blocks if getattr(args, "diagonal", False) else _runner_blocks)(
+        args, device, run, runner, plan, noise, inputs, res)
+    for b, x, timer, marks in blocks:
         if b == 0:
             res["ttff_s"] = time.perf_counter() - t_start
             res["graphs_after_first"] = benchlib.dynamo_graphs()
@@ -97,7 +89,8 @@ def run_dit_scope(args, cfg, dit, device, dtype, run: BenchRun) -> dict:
             _stream_mark(res, dit, "stream_warm_end")
         else:
             res["block_ms"].append(total)
-            res["step_ms"] += [timer.elapsed_ms(marks[i], marks[i + 1]) for i in range(len(marks) - 1)]
+            if len(marks) > 2:  # per step (the diagonal has one mark per block)
+                res["step_ms"] += [timer.elapsed_ms(marks[i], marks[i + 1]) for i in range(len(marks) - 1)]
         if over_time_limit(args):
             res["truncated"] = f"--time-limit {args.time_limit}s reached after {b + 1} blocks"
             break
@@ -110,6 +103,39 @@ def run_dit_scope(args, cfg, dit, device, dtype, run: BenchRun) -> dict:
     res["kv_offload"] = runner.kv_offload
     res["kv_prefetch"] = runner.kv_prefetch
     return res
+
+
+def _runner_blocks(args, device, run: BenchRun, runner, plan, noise, inputs, res):
+    """(b, final latents, timer, marks) per block from `StepRunner.run` (a mark per step); one
+    extra block under the profiler with --profile (not yielded)."""
+    for b, block in enumerate(plan.blocks):
+        if b == run.total_blocks:  # one extra block under the profiler (not timed)
+            try:
+                res["profile"] = profile_block(args, device, lambda: runner.run(noise[b], block, inputs[b]))
+            except Exception as exc:  # the timings above stay valid
+                res["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            return
+        timer = benchlib.Timer(device)
+        marks = [timer.mark()]
+        x = runner.run(noise[b], block, inputs[b], on_step=lambda _s: marks.append(timer.mark()))
+        timer.sync()
+        yield b, x, timer, marks
+
+
+def _diagonal_blocks(args, device, run: BenchRun, runner, plan, noise, inputs, res):
+    """--diagonal: (b, final latents, timer, [start, end]) per block from `pipeline.diagonal`
+    (one batched pass per tick; in steady state a block leaves every tick)."""
+    from liveavatar.pipeline.diagonal import diagonal_blocks
+
+    timer = benchlib.Timer(device)
+    prev = timer.mark()
+    blocks = plan.blocks[: run.total_blocks]
+    for blk, x in diagonal_blocks(runner, blocks, lambda b: noise[b.index], lambda b: inputs[b.index],
+                                  sink_refresh=False):
+        now = timer.mark()
+        timer.sync()
+        yield blk.index, x, timer, [prev, now]
+        prev = now
 
 
 def profile_block(args, device: torch.device, fn) -> dict:

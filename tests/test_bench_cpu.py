@@ -297,3 +297,13 @@ def test_bench_streamed_layers_same_latents_and_counted_bytes(fp32_run):
     streamed = 3 * (block_bytes(cfg, torch.float32, False) + kv_layer_bytes(cfg, w, h, torch.float32))
     assert out["h2d_bytes_per_block"] == 4 * streamed
     assert out["copy_gbps"] > 0 and out["estimate_gib"] > 0
+
+
+def test_bench_diagonal_same_latents(fp32_run):
+    """--diagonal (one batched pass per tick over the blocks in flight): the sequential run's
+    latents up to float32 rounding, with streamed blocks (every cache layer resident)."""
+    _, lat = fp32_run
+    rc, out, err = _run(["-m", "bench", *TINY, "--diagonal", "--weights", "stream", "--resident-layers", "1,4",
+                         "--stream-buffers", "2", "--compare-latents", str(lat)])
+    assert rc == 0, err
+    assert out["diagonal"] is True and out["vs_saved_latents"]["rel_l2"] < 1e-4
