@@ -1,0 +1,85 @@
+"""Layer-sharded worker groups (schedule kind "layers") give the frames of one process, bitwise.
+
+A tiny random checkpoint with 5 DiT layers (so that 5 ranks each hold one), CPU ranks over gloo,
+one thread per process (fp32 sums in the same order everywhere). The reference is in-process
+`LiveAvatar.generate`; the video has 6 blocks over 2 clips, so the sink refresh at clip 1 passes
+through the slices too. Each rank loads only its layers (checked on the ranks' own DiT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from parallel import GroupConfig, WorkerGroup, schedule
+from parallel.engine import make_job
+from parallel.schedule import ScheduleError
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from liveavatar.loading.tiny import TINY_DIT, make_tiny_checkpoint
+    from liveavatar.media.audio import Audio16k
+    from liveavatar.pipeline.model import LiveAvatar
+
+    cfg = dataclasses.replace(TINY_DIT, num_layers=5, audio_inject_layers=(0, 2, 4))
+    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny5") / "Wan2.2-S2V-14B", seed=0, dit=cfg)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((rng.random((80, 64, 3)) * 255).astype(np.uint8))
+    t = torch.arange(int(16000 * 2.5)) / 16000
+    audio = Audio16k((0.3 * torch.sin(2 * torch.pi * 220 * t)).float())  # 62 frames: 6 blocks, 2 clips
+    job = make_job(image, audio, "a person talking", size="64*64", seed=3, steps=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = LiveAvatar.from_checkpoint(ckpt, device="cpu", dtype="fp32")
+        img = model.prepare_image(image, "64*64")
+        blocks = list(model.generate(model.encode_prompt(job["prompt"]), model.encode_audio(audio),
+                                     img, seed=3, steps=4))
+        three = [b.frames for b in model.generate(model.encode_prompt(job["prompt"]), model.encode_audio(audio),
+                                                  img, seed=3, steps=3, num_clip=1)]
+    finally:
+        torch.set_num_threads(threads)
+    assert [b.index for b in blocks] == list(range(6))
+    return ckpt, job, blocks, three
+
+
+def _config(ckpt, sched) -> GroupConfig:
+    return GroupConfig(sched, "parallel.engine:LiveAvatarEngine", {"ckpt_dir": str(ckpt), "dtype": "fp32"},
+                       env={"OMP_NUM_THREADS": "1"}, pg_timeout_s=120.0)
+
+
+@pytest.mark.parametrize("sched", [
+    schedule.layers(4, 2),
+    schedule.layers(4, 3),
+    schedule.layers(4, 5),
+    schedule.layers(4, 2, separate_decode=True),
+], ids=["2-slices", "3-slices", "5-slices", "2-slices+decode"])
+def test_layer_slices_equal_inprocess(setup, sched):
+    ckpt, job, want, want3 = setup
+    with WorkerGroup(_config(ckpt, sched)) as group:
+        handle = group.submit(job)
+        got = handle.wait()
+        assert handle.result.status == "ok"
+        if sched.num_slices == 3:  # the same slices run a job of another step count
+            got3 = [b.frames.frames for b in group.submit({**job, "steps": 3, "num_clip": 1}).wait()]
+            assert len(got3) == len(want3) and all(torch.equal(g, w) for g, w in zip(got3, want3))
+    assert [b.frames.index for b in got] == [b.index for b in want]
+    for g, w in zip(got, want):
+        assert torch.equal(g.frames.frames, w.frames), f"block {w.index}: frames differ"
+        assert torch.equal(g.frames.audio, w.audio)
+
+
+def test_layer_split_checked_before_any_process():
+    with pytest.raises(ScheduleError, match="6 layer slices for a DiT of 5 layers.*at most 5 ranks"):
+        schedule.layers(4, 6, num_layers=5)
+    with pytest.raises(ScheduleError, match="at least 2 ranks"):
+        schedule.layers(4, 1)
+    sched = schedule.layers(4, 5, num_layers=5)
+    assert sched.kind == "layers" and sched.world_size == 5
+    assert [sched.role(r).layers(5) for r in range(5)] == [range(r, r + 1) for r in range(5)]
+    assert schedule.split_layers(40, 3) == (range(0, 14), range(14, 27), range(27, 40))
