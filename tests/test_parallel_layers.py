@@ -3,7 +3,7 @@
 A tiny random checkpoint with 5 DiT layers (so that 5 ranks each hold one), CPU ranks over gloo,
 one thread per process (fp32 sums in the same order everywhere). The reference is in-process
 `LiveAvatar.generate`; the video has 6 blocks over 2 clips, so the sink refresh at clip 1 passes
-through the slices too. Each rank loads only its layers (checked on the ranks' own DiT).
+through the slices too. A slice reads only its layers' tensors (a file without the others loads).
 """
 
 from __future__ import annotations
@@ -65,7 +65,12 @@ def test_layer_slices_equal_inprocess(setup, sched):
         handle = group.submit(job)
         got = handle.wait()
         assert handle.result.status == "ok"
-        if sched.num_slices == 3:  # the same slices run a job of another step count
+        if sched.num_slices == 3:  # a cancelled job leaves the slices usable; another step count re-splits
+            cancelled, seen = group.submit(job), []
+            for bf in cancelled.frames(should_cancel=lambda: bool(seen)):  # cancel after the first block
+                seen.append(bf)
+            assert seen[0].frames.index == 0 and cancelled.result.status == "cancelled" and len(seen) < 6
+            assert group.healthy
             got3 = [b.frames.frames for b in group.submit({**job, "steps": 3, "num_clip": 1}).wait()]
             assert len(got3) == len(want3) and all(torch.equal(g, w) for g, w in zip(got3, want3))
     assert [b.frames.index for b in got] == [b.index for b in want]
@@ -83,3 +88,24 @@ def test_layer_split_checked_before_any_process():
     assert sched.kind == "layers" and sched.world_size == 5
     assert [sched.role(r).layers(5) for r in range(5)] == [range(r, r + 1) for r in range(5)]
     assert schedule.split_layers(40, 3) == (range(0, 14), range(14, 27), range(27, 40))
+
+
+def test_slice_reads_only_its_layers(setup, tmp_path):
+    """A DiT file without layers 3 and 4 (and the audio injector of layer 4) loads as slice 0..3
+    with the file's values, and fails as the whole model, naming the missing keys."""
+    from safetensors.torch import save_file
+
+    from liveavatar.loading.official import build_dit_from_source, find_official_checkpoint
+    from liveavatar.loading.safetensors_io import CheckpointError, open_tensor_source
+
+    ckpt = find_official_checkpoint(setup[0], lora="none")
+    full = {k: ckpt.dit.get(k) for k in ckpt.dit.keys()}
+    drop = ("blocks.3.", "blocks.4.", "audio_injector.injector.2.", "audio_injector.injector_adain_layers.2.")
+    part = {k: v for k, v in full.items() if not k.startswith(drop)}
+    save_file(part, tmp_path / "dit.safetensors")
+    src = open_tensor_source(tmp_path / "dit.safetensors")
+    dit = build_dit_from_source(src, ckpt.config, "cpu", torch.float32, layers=range(0, 3))
+    sd = dit.state_dict()
+    assert set(sd) == set(part) and all(torch.equal(sd[k], part[k].float()) for k in sd)
+    with pytest.raises(CheckpointError, match="missing keys"):
+        build_dit_from_source(src, ckpt.config, "cpu", torch.float32)
