@@ -28,12 +28,13 @@ def bench_config(args):
     return DiTConfig()
 
 
-def build_random_dit(cfg, device: torch.device, dtype: torch.dtype, seed: int):
-    """Our DiT with random weights made on `device` (see benchlib.materialize_random_)."""
+def build_random_dit(cfg, device: torch.device, dtype: torch.dtype, seed: int, layers: range | None = None):
+    """Our DiT with random weights made on `device` (see benchlib.materialize_random_); `layers`:
+    only that layer slice (the values of a name do not depend on the slice)."""
     from liveavatar.models.dit import CausalS2VDiT
 
     with benchlib.params_on_meta():
-        dit = CausalS2VDiT(cfg)
+        dit = CausalS2VDiT(cfg, layers=layers)
     dit.eval().requires_grad_(False)
     info = benchlib.materialize_random_(dit, device, dtype, seed=seed, dim_hint=cfg.dim)
     return dit, info
