@@ -14,7 +14,7 @@ Vocabulary (S = denoising steps per block, K = DiT ranks):
 - **auto**: picks one of the above for the visible devices and their free memory, and says why
   (layer slices only when no layout of whole-model ranks fits).
 
-`KINDS` lists the names the CLI and the nodes accept (with "auto").
+The names users pick from are `liveavatar.options.GPU_MODES`.
 
 Pure Python (no torch import): the parent process calls this before any worker exists.
 """
@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 log = logging.getLogger(__name__)
-
-KINDS = ("auto", "single", "tpp", "layers")  # the user-facing gpu modes (`--gpu-mode`, the loader node)
 
 
 class ScheduleError(ValueError):
@@ -432,11 +430,11 @@ def make_schedule(kind: str, num_steps: int, num_ranks: int | None = None,
     if kind == "auto":
         infos = visible_devices() if device_infos is None else list(device_infos)
         return auto_schedule(num_steps, infos, need)
-    raise ScheduleError(f"unknown schedule {kind!r}; use one of {', '.join(KINDS)}")
+    raise ScheduleError(f"unknown schedule {kind!r}; use 'single', 'tpp', 'layers' or 'auto'")
 
 
 __all__ = [
-    "ScheduleError", "KINDS", "split_steps", "split_layers", "Role", "Schedule", "single", "tpp", "layers",
+    "ScheduleError", "split_steps", "split_layers", "Role", "Schedule", "single", "tpp", "layers",
     "DeviceInfo",
     "MemoryNeed", "visible_devices", "auto_schedule", "make_schedule",
 ]

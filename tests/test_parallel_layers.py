@@ -109,3 +109,43 @@ def test_slice_reads_only_its_layers(setup, tmp_path):
     assert set(sd) == set(part) and all(torch.equal(sd[k], part[k].float()) for k in sd)
     with pytest.raises(CheckpointError, match="missing keys"):
         build_dit_from_source(src, ckpt.config, "cpu", torch.float32)
+
+
+def test_auto_picks_layer_slices_only_when_whole_copies_do_not_fit():
+    """The 14B at 704*384 in fp8: five 22 GiB GPUs cannot hold a whole copy each, slices fit (the
+    per-slice need agrees with `pipeline.memory` for each slice); 80 GiB GPUs get tpp."""
+    from liveavatar.config import DiTConfig
+    from liveavatar.pipeline.memory import estimate_memory
+    from parallel.engine import memory_need
+    from parallel.schedule import DeviceInfo, auto_schedule, split_layers
+
+    cfg = DiTConfig()
+    need = memory_need(cfg, 704, 384, fp8=True)
+    for k, layers in enumerate(split_layers(cfg.num_layers, 5)):
+        est = estimate_memory(cfg, 704, 384, steps_owned=4, fp8=True, decode_here=k == 4, layers=layers)
+        assert abs(need.slice_rank(5, k, 4, decodes=k == 4) - est.total) < 0.05 * est.total
+    small = [DeviceInfo(f"cuda:{i}", 22 << 30, 24 << 30) for i in range(5)]
+    sched = auto_schedule(4, small, need)
+    assert sched.kind == "layers" and sched.num_slices >= 2 and "no whole-model layout fits" in sched.reason
+    assert all(need.slice_rank(sched.num_slices, r, 4, sched.role(r).decodes) <= 22 << 30
+               for r in range(sched.num_slices))
+    big = [DeviceInfo(f"cuda:{i}", 78 << 30, 80 << 30) for i in range(5)]
+    assert auto_schedule(4, big, need).kind == "tpp"
+
+
+def test_gpu_mode_layers_is_a_choice_everywhere_and_checked_before_spawning(setup):
+    from liveavatar.cli import build_parser
+    from liveavatar.options import GPU_MODES
+    from nodes.handle import MODES
+    from parallel.handle import GroupModel
+
+    assert "layers" in GPU_MODES and MODES == GPU_MODES
+    parsers = [build_parser()]
+    parsers += [sub for a in parsers[0]._actions if hasattr(a, "choices") and isinstance(a.choices, dict)
+                for sub in a.choices.values()]
+    gpu_modes = [a.choices for p in parsers for a in p._actions if "--gpu-mode" in a.option_strings]
+    assert gpu_modes and all(tuple(c) == GPU_MODES for c in gpu_modes)
+    group = GroupModel({"ckpt_dir": str(setup[0]), "dtype": "fp32"}, ["cpu"] * 6, "layers")
+    with pytest.raises(ScheduleError, match="gpu_mode 'layers': 6 layer slices for a DiT of 5 layers"):
+        group._config(4, 64, 64)
+    assert group.manager.group is None  # nothing started
