@@ -149,3 +149,25 @@ def test_gpu_mode_layers_is_a_choice_everywhere_and_checked_before_spawning(setu
     with pytest.raises(ScheduleError, match="gpu_mode 'layers': 6 layer slices for a DiT of 5 layers"):
         group._config(4, 64, 64)
     assert group.manager.group is None  # nothing started
+
+
+def test_sharded_bench_plumbing_on_cpu(tmp_path):
+    """`python -m bench.sharded` (the lead's 5 x 22 GiB GPU run) on CPU ranks with the tiny
+    random DiT: one rank, then 2 layer slices; same frames hash, one JSON line appended."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "bench.sharded", "--tiny", "--devices", "cpu", "--ranks", "2",
+                           "--blocks", "5", "--json-out", str(out)], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread per rank, as the others
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["frames_equal"] is True and row["schedule"] == "layers" and row["memory_cap_gb"] == 22.0
+    assert row["single"]["blocks"] == row["sharded"]["blocks"] == 5
+    assert [r["layers"] for r in row["sharded"]["ranks"]] == [[0, 2], [2, 4]]
+    assert all(r["estimate_gib"] > 0 for r in row["sharded"]["ranks"])
