@@ -36,7 +36,8 @@ class RandomWeightsEngine(LiveAvatarEngine):
         self.cfg = bench_config(args)
         dit = vae = None
         if role.is_dit:
-            dit, _ = build_random_dit(self.cfg, device, dtype, args.seed)
+            layers = role.layers(self.cfg.num_layers) if role.sliced else None  # a layer slice builds its layers only
+            dit, _ = build_random_dit(self.cfg, device, dtype, args.seed, layers=layers)
             apply_options(dit, args, device)
         if role.decodes:
             vae = build_random_vae(device, dtype, args.seed, args.tiny)

@@ -29,12 +29,13 @@ def bench_config(args):
 
 
 def build_random_dit(cfg, device: torch.device, dtype: torch.dtype, seed: int, *, fp8: str | None = None,
-                     allow_cpu_fp8: bool = False, residency=None):
+                     allow_cpu_fp8: bool = False, residency=None, layers: range | None = None):
     """Our DiT with random weights, built the way the product loads a checkpoint: on the meta
     device, then part by part on `device` (each DiT block alone: random values, fp8 linears when
     `fp8` is a scaling, then packed into pinned host memory when the placement `residency`
     streams it), so the device never holds more than the placed weights plus one bf16 block.
-    Values as `benchlib.materialize_random_` gives the whole model (full parameter names).
+    Values as `benchlib.materialize_random_` gives the whole model (full parameter names); `layers`:
+    only that layer slice (the values of a name do not depend on the slice).
     Returns (dit, {"params", "bytes" (placed on the device + host), "seconds"})."""
     import time
 
@@ -45,7 +46,7 @@ def build_random_dit(cfg, device: torch.device, dtype: torch.dtype, seed: int, *
 
     t0 = time.perf_counter()
     with benchlib.params_on_meta():
-        dit = CausalS2VDiT(cfg)
+        dit = CausalS2VDiT(cfg, layers=layers)
     dit.eval().requires_grad_(False)
     streamed = set(range(residency.weights, cfg.num_layers)) if residency is not None else set()
     parts = [(f"blocks.{i}", b) for i, b in enumerate(dit.blocks)]

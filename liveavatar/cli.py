@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_IMAGE = REPO / "assets" / "avatar.png"
 DEMO_AUDIO = REPO / "assets" / "speech.wav"
 DEMO_PROMPT = "A friendly cartoon person talking to the camera, plain background."
-from liveavatar.options import DEFAULT_FP8_SCALING, FP8_SCALINGS
+from liveavatar.options import DEFAULT_FP8_SCALING, FP8_SCALINGS, GPU_MODES
 from liveavatar.options import ATTENTION_BACKENDS, AUTO_ON_OFF, auto_on_off, finite_float  # noqa: F401 (bench)
 from liveavatar.sizes import DEFAULT_MODE as DEFAULT_SIZE_MODE
 from liveavatar.sizes import MODES as SIZE_MODES
@@ -61,8 +61,10 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (one device, in-process)")
     p.add_argument("--gpus", default=None,
                    help="several GPUs, e.g. 0,1,2,3,4: runs a worker group (timestep-forcing pipeline parallelism)")
-    p.add_argument("--gpu-mode", choices=("auto", "tpp", "single"), default="auto",
-                   help="with --gpus: tpp (each GPU owns a group of denoising steps; a 5th GPU decodes), single, or auto")
+    p.add_argument("--gpu-mode", choices=GPU_MODES, default="auto",
+                   help="with --gpus: tpp (each GPU owns a group of denoising steps; a 5th GPU decodes), layers "
+                        "(the DiT's layers split over the GPUs, for cards too small for the whole model), "
+                        "single, or auto (tpp when whole copies fit, else layers)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--fp8", action="store_true", help="fp8 linears in the DiT (Hopper/Ada GPUs)")
     p.add_argument("--fp8-scaling", choices=FP8_SCALINGS, default=DEFAULT_FP8_SCALING,
@@ -105,16 +107,16 @@ def _resolve_placement(args: argparse.Namespace) -> tuple[str, tuple[str, ...] |
     from liveavatar.pipeline.model import resolve_device
 
     if args.gpus is None:
-        if args.gpu_mode == "tpp":
-            raise UserError("--gpu-mode tpp: needs --gpus with at least 2 GPUs, e.g. --gpus 0,1")
+        if args.gpu_mode in ("tpp", "layers"):
+            raise UserError(f"--gpu-mode {args.gpu_mode}: needs --gpus with at least 2 GPUs, e.g. --gpus 0,1")
         return str(resolve_device(args.device)), None
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     try:
         gpus = parse_gpus(args.gpus, count)
     except ValueError as exc:
         raise UserError(f"--{exc}") from None
-    if args.gpu_mode == "tpp" and len(gpus) < 2:
-        raise UserError(f"--gpu-mode tpp: needs at least 2 GPUs, --gpus gives {len(gpus)}")
+    if args.gpu_mode in ("tpp", "layers") and len(gpus) < 2:
+        raise UserError(f"--gpu-mode {args.gpu_mode}: needs at least 2 GPUs, --gpus gives {len(gpus)}")
     return gpus[0], gpus
 
 

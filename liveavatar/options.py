@@ -23,6 +23,8 @@ from liveavatar.models.fp8 import DEFAULT_SCALING as DEFAULT_FP8_SCALING
 from liveavatar.models.fp8 import SCALINGS as FP8_SCALINGS
 
 AUTO_ON_OFF = ("auto", "on", "off")  # the choices of --kv-offload / --kv-prefetch
+# worker-group layouts (`parallel.schedule`), the choices of --gpu-mode and of the loader's gpu_mode
+GPU_MODES = ("auto", "single", "tpp", "layers")
 
 
 def resolve_fp8_scaling(fp8: bool | str | None) -> str | None:

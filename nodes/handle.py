@@ -34,16 +34,17 @@ from .errors import LiveAvatarInputError
 log = logging.getLogger("liveavatar.nodes")
 
 from liveavatar.options import PRECISIONS as _PRECISIONS
-from liveavatar.options import Precision, parse_gpus
+from liveavatar.options import GPU_MODES, Precision, parse_gpus
 from liveavatar.sizes import DEFAULT_MODE as DEFAULT_SIZE_MODE
 
-MODES = ("auto", "single", "tpp")
+MODES = GPU_MODES  # auto, single, tpp, layers (the worker-group layouts: parallel.schedule)
 PRECISIONS = tuple(_PRECISIONS)  # the loader's choices: bf16, fp8 (bf16 + fp8 linears, tensor scaling), fp8_row, ...
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the model runs: `mode` "single" (one device, in-process) or "tpp" (worker group).
+    """Where the model runs: `mode` "single" (one device, in-process), "tpp" or "layers" (worker
+    group: each GPU owns denoising steps, or a slice of the DiT's layers).
 
     `requested` is the loader's gpu_mode ("auto" lets the worker group pick its layout, e.g. 4 DiT
     ranks + 1 decode rank, or fewer GPUs when they do not all fit).
@@ -81,16 +82,17 @@ def parse_placement(devices: str, mode: str, *, node: str = "LiveAvatar Model Lo
 
     devices: "auto" (ComfyUI's device; with mode "tpp" every visible GPU), "cpu", "cuda",
     "cuda:1", or a comma list: "0,1,2,3,4" or "cuda:0, cuda:1".
-    mode: "auto" (tpp when several devices are listed, else single), "single", "tpp".
+    mode: "auto" (a worker group when several devices are listed, its layout picked from the free
+    memory; else single), "single", "tpp", "layers".
     """
     if mode not in MODES:
         raise LiveAvatarInputError(node, "gpu_mode", f"{mode!r} is not one of {', '.join(MODES)}")
     count = _cuda_count() if cuda_count is None else cuda_count
     text = (devices or "auto").strip().lower()
     if text == "auto":
-        if mode == "tpp":
+        if mode in ("tpp", "layers"):
             if count < 2:
-                raise LiveAvatarInputError(node, "devices", f"gpu_mode 'tpp' needs at least 2 GPUs, "
+                raise LiveAvatarInputError(node, "devices", f"gpu_mode '{mode}' needs at least 2 GPUs, "
                                            f"{count} visible; use gpu_mode 'single'")
             devs = tuple(f"cuda:{i}" for i in range(count))
         else:
@@ -112,8 +114,8 @@ def parse_placement(devices: str, mode: str, *, node: str = "LiveAvatar Model Lo
     if chosen == "single" and len(devs) != 1:
         raise LiveAvatarInputError(node, "devices", f"gpu_mode 'single' runs on one device, got "
                                    f"{len(devs)} ({', '.join(devs)}); use gpu_mode 'tpp' or 'auto'")
-    if chosen == "tpp" and len(devs) < 2:
-        raise LiveAvatarInputError(node, "gpu_mode", f"'tpp' needs at least 2 GPUs, devices gives "
+    if chosen in ("tpp", "layers") and len(devs) < 2:
+        raise LiveAvatarInputError(node, "gpu_mode", f"'{chosen}' needs at least 2 GPUs, devices gives "
                                    f"{', '.join(devs)}; list GPUs like '0,1,2,3,4' or use 'single'")
     return Placement(chosen, devs, mode)
 

@@ -33,12 +33,14 @@ def _placement_inputs() -> list[io.Input]:
                                "reference uses). flash: flash-attn 2/3 if installed. sage: SageAttention "
                                "(approximate). math: slow reference kernel for debugging."),
         io.String.Input("devices", default="auto",
-                        tooltip="Where to run: 'auto' (ComfyUI's device; with gpu_mode tpp every visible GPU), "
+                        tooltip="Where to run: 'auto' (ComfyUI's device; with gpu_mode tpp or layers every visible GPU), "
                                 "'cpu', 'cuda:0', or GPU indices for several GPUs, e.g. '0,1,2,3,4'."),
         io.Combo.Input("gpu_mode", options=list(MODES), default="auto",
                        tooltip="single: one device, in this process. tpp: timestep-forcing pipeline "
                                "parallelism, one denoising step per GPU (+ a decode GPU) in worker processes. "
-                               "auto: tpp when several devices are listed, else single."),
+                               "layers: the DiT's layers split over the GPUs (each holds a slice: for cards too "
+                               "small for the whole model, e.g. five 24 GB cards). auto: with several devices, "
+                               "tpp when whole copies fit the free memory, else layers; else single."),
         io.Boolean.Input("compile", default=False,
                          tooltip="torch.compile the DiT and the VAE decoder: faster blocks after a long first run (cached across runs)."),
     ]

@@ -2,7 +2,8 @@
 
 Importing this package is cheap: submodules (and torch) load on first attribute access.
 
-- `parallel.schedule`: step-to-rank assignment (single / tpp / auto), pure Python.
+- `parallel.schedule`: step-to-rank assignment (single / tpp / layers / auto), pure Python.
+- `parallel.slices`: the loop of a layer-sharded DiT rank (schedule kind "layers").
 - `parallel.channel`: authenticated loopback control channel.
 - `parallel.tpp`: the per-rank runner around an `Engine` (the same loop in-process and in workers).
 - `parallel.group`: launch, lifetime, faults and teardown of a group (`WorkerGroup`, `GroupManager`);
@@ -33,7 +34,8 @@ _EXPORTS = {
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in ("schedule", "channel", "tpp", "group", "jobs", "faults", "worker", "engine", "procs", "handle"):
+    if name in ("schedule", "channel", "tpp", "group", "jobs", "faults", "worker", "engine", "procs", "handle",
+                "slices"):
         return importlib.import_module(f"parallel.{name}")
     raise AttributeError(f"module 'parallel' has no attribute {name!r}")
 

@@ -56,17 +56,42 @@ def memory_need(dit_config: Any, width: int, height: int, dtype: torch.dtype = t
                 fp8: bool = False) -> MemoryNeed:
     """Per-rank GPU bytes for `parallel.schedule.auto_schedule`, from the pipeline's estimate.
 
-    dit_config: the checkpoint's `DiTConfig`; width/height: output pixels.
+    dit_config: the checkpoint's `DiTConfig`; width/height: output pixels. `layer_bytes` (what
+    scales with the layers a slice holds) = all layers' weights + sink + text state, where the
+    weights outside the layers come from two slices that together hold every layer once.
     """
-    from liveavatar.pipeline.memory import dit_param_counts, estimate_memory
+    from liveavatar.pipeline.memory import dit_param_counts, dit_weight_bytes, estimate_memory
 
     counts = dit_param_counts(dit_config)
     one = estimate_memory(dit_config, width, height, steps_owned=1, dtype=dtype, fp8=fp8,
                           decode_here=False, param_counts=counts)
     dec = estimate_memory(dit_config, width, height, steps_owned=0, dtype=dtype, fp8=fp8,
                           decode_here=True, param_counts=counts)
+    n = dit_config.num_layers
+    base = one.weights
+    if n > 1:  # weights(0..1) + weights(1..n) - weights(all) = the weights no layer owns
+        base = sum(dit_weight_bytes(dit_config, dtype, fp8, layers=r) for r in (range(0, 1), range(1, n))) - one.weights
     return MemoryNeed(dit_bytes=one.total - one.step_caches, cache_bytes_per_step=one.step_caches,
-                      decode_bytes=dec.total, margin_bytes=0)
+                      decode_bytes=dec.total, margin_bytes=0,
+                      layer_bytes=one.weights - base + one.sink_cache + one.text_state, num_layers=n)
+
+
+def dit_num_layers(config: Mapping[str, Any]) -> int:
+    """The DiT's layer count for an engine config (config.json, or the layers in the DiT file),
+    read before loading so that a layer split is checked (and planned) without the weights."""
+    from liveavatar.config import DiTConfig
+
+    if "files" in config:
+        files = config["files"]
+        if files.get("config"):
+            return DiTConfig.from_json(files["config"]).num_layers
+        from liveavatar.loading.comfy_layout import open_single_file
+
+        src, _ = open_single_file(files["dit"], "dit")
+        return len({k.split(".")[1] for k in src.keys() if k.startswith("blocks.")})
+    from liveavatar.loading.official import find_official_checkpoint
+
+    return find_official_checkpoint(config["ckpt_dir"], lora=config.get("lora")).config.num_layers
 
 
 class _Stopped(Exception):
@@ -98,11 +123,13 @@ class LiveAvatarEngine:
                     device=device, dtype=config.get("dtype", "bf16"), fp8=config.get("fp8") or False,
                     attn=config.get("attn", "sdpa"), compile=bool(config.get("compile")))
         if role.is_dit:
+            layers = role.layers(dit_num_layers(config)) if role.sliced else None  # a slice loads only its layers
             if "files" in config:
                 files = dict(config["files"])
-                self.model = LiveAvatar.from_files(**files, **opts)
+                self.model = LiveAvatar.from_files(**files, **opts, layers=layers)
             else:
-                self.model = LiveAvatar.from_checkpoint(config["ckpt_dir"], lora=config.get("lora"), **opts)
+                self.model = LiveAvatar.from_checkpoint(config["ckpt_dir"], lora=config.get("lora"), **opts,
+                                                        layers=layers)
         else:  # decode-only rank: the VAE is all it needs
             dtype = resolve_dtype(opts["dtype"])
             vae = _load_vae_only(config, device, dtype)
@@ -136,11 +163,16 @@ class LiveAvatarEngine:
         m = self.model
         role = self.role.for_steps(options.steps)
         self.job = RankJob(m, options, image, wave, owned=role.steps if role.is_dit else (),
-                           decodes=role.decodes, **conditioning).start()
+                           decodes=role.decodes, **conditioning).start(prefill=not role.sliced)
+        self._block_inputs: dict = {}
         h, w = image.latent_hw
+        fsl, dim = (h // 2) * (w // 2), int(m.dit.cfg.dim) if m.dit is not None else 0
+        sink = m.dit.sink_tokens((h, w)) if m.dit is not None else 0
         return JobPlan(self.job.plan.num_blocks, m.stream.blocks_per_clip,
                        (int(self.job.ref.ref.shape[1]), m.stream.frames_per_block_latent, h, w), torch.float32,
-                       refresh_sink=options.sink_refresh, num_steps=options.steps)
+                       refresh_sink=options.sink_refresh, num_steps=options.steps,
+                       hidden_shape=(1, m.stream.frames_per_block_latent * fsl, dim), sink_hidden_shape=(1, sink, dim),
+                       hidden_dtype=m.dtype)
 
     def begin_clip(self, clip: int, first_block: torch.Tensor | None) -> None:
         self.job.begin_clip(clip, first_block)
@@ -163,6 +195,53 @@ class LiveAvatarEngine:
         except _Stopped:
             return None
 
+    # -- layer slices (parallel.slices): one sink prefill or one (block, step) on this rank's layers
+    def slice_prefill(self, phase: int, first_block: torch.Tensor | None,
+                      hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """(Re)fill this slice's sink: phase 0 from the reference, 1 (the refresh at clip 1) from
+        block 0's final latents `[16, F, h, w]` (the first slice embeds; others take `hidden`).
+        Returns the tokens for the next slice (None on the last)."""
+        r, ref = self.job.runner, self.job.ref
+        r.sink.reset()
+        latents = (None, None)
+        if r.dit.first_slice:
+            anchor = ref.ref if phase == 0 else first_block[:, 0:1].unsqueeze(0)
+            latents = (anchor.to(r.device, r.dtype), ref.motion.to(r.device, r.dtype))
+        with torch.no_grad():
+            return r.dit.prefill_sink(*latents, r.text, r.sink, hidden=hidden)
+
+    @torch.no_grad()
+    def slice_step(self, clip: int, block: int, step: int, x: torch.Tensor,
+                   hidden: torch.Tensor | None) -> torch.Tensor:
+        """Denoising step `step` of a block on this slice's layers: x `[16, F, h, w]` (float32,
+        the block latents before the step), hidden: the previous slice's tokens (None on the
+        first). Returns the tokens for the next slice, or on the last slice the new x (float32)
+        after the Euler step, as `StepRunner.run` computes it."""
+        from liveavatar.pipeline.plan import sink_offsets
+        from liveavatar.scheduler import euler_step
+
+        spec, r = self.job.block(clip, block), self.job.runner
+        got = self._block_inputs.get(spec.index)
+        if got is None:  # the block's audio tokens and pose, once for all its steps
+            inputs = self.job.inputs(spec)
+            audio = inputs.audio.to(r.device, r.dtype)
+            cond = None if inputs.cond is None else inputs.cond.to(r.device, r.dtype)
+            got = (audio, cond, r.dit.encode_audio(audio), sink_offsets(r.seed, spec.index, r.num_steps, r.stream))
+            self._block_inputs = {b: v for b, v in self._block_inputs.items() if b > spec.index - r.num_steps}
+            self._block_inputs[spec.index] = got
+        audio, cond, tokens, offsets = got
+        x = x.to(r.device, torch.float32)
+        cache = r.caches[step]
+        cache.page_in()  # offload: this step's rows in
+        out = r.dit.forward_block(x.to(r.dtype), float(r.schedule.timesteps[step]), r.text, audio, cond, cache,
+                                  r.sink, start_frame=spec.start_frame, sink_offset=offsets[step], audio=tokens,
+                                  hidden=None if hidden is None else hidden.to(r.device))
+        cache.page_out()
+        if not r.dit.last_slice:
+            return out
+        sig = r.schedule.sigmas
+        return euler_step(x, out.float(), float(sig[step]), float(sig[step + 1]))
+
     def decode(self, clip: int, block: int, x: torch.Tensor) -> Any:
         spec = self.job.block(clip, block)
         t0 = time.perf_counter()
@@ -181,4 +260,4 @@ class LiveAvatarEngine:
         self.end_job()
 
 
-__all__ = ["LiveAvatarEngine", "make_job", "memory_need"]
+__all__ = ["LiveAvatarEngine", "make_job", "memory_need", "dit_num_layers"]

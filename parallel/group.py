@@ -255,7 +255,7 @@ class WorkerGroup:
         params = {"backend": sched.backend, "pg_timeout_s": self.config.pg_timeout_s,
                   "rendezvous_timeout_s": max(1.0, deadline - time.monotonic()),
                   "store_host": "127.0.0.1", "store_port": None,
-                  "num_dit_ranks": sched.num_dit_ranks}
+                  "num_dit_ranks": sched.num_dit_ranks, "ring": sched.num_slices > 1}
         self.chans[0].send(("init", {**params, "device": sched.devices[0]}))
         ready: dict[int, dict] = {}
         sent_rest = self.world_size == 1 or self.config.launch == "attach"
@@ -282,7 +282,7 @@ class WorkerGroup:
             elif msg[0] in ("error", "lost", "hung"):
                 raise self._start_failure(msg, "init")
         uuids = [i.get("uuid") for i in ready.values() if i.get("uuid")]
-        if len(set(uuids)) != len(uuids):
+        if len(set(uuids)) != len(uuids) and not sched.shared_devices:
             raise self._fail_start(f"two ranks share a GPU ({[ready[r].get('uuid') for r in sorted(ready)]}):"
                                    " give each rank its own device", None, "topology")
         log.info("group of %d ready in %.1f s (%s); loading %s", self.world_size,

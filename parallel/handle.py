@@ -19,9 +19,10 @@ from liveavatar.sizes import OutputSize
 log = logging.getLogger("liveavatar.parallel")
 
 
-def schedule_for(mode: str, devices: list[str], steps: int, need: Any) -> Any:
-    """The Schedule for a user's gpu mode: auto (memory-driven), single, or tpp (K = min(devices,
-    steps) DiT ranks, plus a decode rank when a device is left over)."""
+def schedule_for(mode: str, devices: list[str], steps: int, need: Any, num_layers: int | None = None) -> Any:
+    """The Schedule for a user's gpu mode: auto (memory-driven), single, tpp (K = min(devices,
+    steps) DiT ranks, plus a decode rank when a device is left over), or layers (every device
+    holds a slice of the DiT's `num_layers` layers, checked here before any process starts)."""
     from parallel.schedule import make_schedule, visible_devices
 
     if mode in ("auto", ""):
@@ -36,7 +37,11 @@ def schedule_for(mode: str, devices: list[str], steps: int, need: Any) -> Any:
         separate = len(devices) > steps  # one spare GPU decodes, as the reference's 5th GPU
         return make_schedule("tpp", steps, num_ranks=dit_ranks, separate_decode=separate,
                              devices=devices[:dit_ranks + int(separate)])
-    raise ValueError(f"mode: {mode!r} is not one of auto, single, tpp")
+    if mode == "layers":
+        if len(devices) < 2:
+            raise ValueError("devices: gpu_mode 'layers' needs at least 2 devices (e.g. '0,1')")
+        return make_schedule("layers", steps, num_ranks=len(devices), devices=devices, num_layers=num_layers)
+    raise ValueError(f"mode: {mode!r} is not one of auto, single, tpp, layers")
 
 
 class GroupModel:
@@ -60,6 +65,11 @@ class GroupModel:
         from parallel.group import GroupConfig
 
         need = None
+        num_layers = None
+        if self.mode == "layers":  # the split is checked before any process starts
+            from parallel.engine import dit_num_layers
+
+            num_layers = dit_num_layers(self.engine_config)
         try:
             from liveavatar.config import DiTConfig
             from parallel.engine import memory_need
@@ -72,7 +82,7 @@ class GroupModel:
                                    fp8=bool(self.engine_config.get("fp8")))
         except Exception as exc:  # the estimate only guides 'auto'; never block a job on it
             log.debug("memory estimate unavailable: %s", exc)
-        sched = schedule_for(self.mode, self.devices, steps, need)
+        sched = schedule_for(self.mode, self.devices, steps, need, num_layers)
         log.info("worker group schedule: %s", getattr(sched, "reason", sched))
         return GroupConfig(schedule=sched, engine="parallel.engine:LiveAvatarEngine",
                            engine_config=self.engine_config, **self.overrides)
@@ -143,7 +153,7 @@ def open_worker_group(kind: str, devices: list[str], mode: str = "auto", **kwarg
     """Start (lazily, on the first job) a worker group for a checkpoint folder or single files.
 
     kind: "checkpoint" (kwargs: ckpt_dir, lora, ...) or "files" (dit, t5, vae, wav2vec,
-    tokenizer_dir, lora, ...). devices: e.g. ["cuda:0", "cuda:1"]. mode: auto / single / tpp.
+    tokenizer_dir, lora, ...). devices: e.g. ["cuda:0", "cuda:1"]. mode: auto / single / tpp / layers.
     Other kwargs: lora_strength, dtype, fp8, attn, compile (as `LiveAvatar.from_checkpoint`).
     """
     common = {k: kwargs.pop(k) for k in ("lora_strength", "dtype", "fp8", "attn", "compile") if k in kwargs}

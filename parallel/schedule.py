@@ -6,7 +6,15 @@ Vocabulary (S = denoising steps per block, K = DiT ranks):
 - **tpp** (timestep-forcing pipeline parallelism): DiT ranks 0..K-1 own contiguous groups of the
   S steps (each holds only the KV caches of its own steps); a block's latents flow from rank k to
   rank k+1; the decode rank is either its own rank K (VAE only) or the last DiT rank K-1.
-- **auto**: picks one of the above for the visible devices and their free memory, and says why.
+- **layers** (sharded): DiT ranks 0..N-1 each hold a contiguous slice of the DiT's layers (and
+  the KV caches of those layers only) and run every step for them; a (block, step) pair's tokens
+  flow rank k -> k+1, the last slice applies the head and the scheduler step and hands the
+  latents back to rank 0 for the next step, with different (block, step) pairs in flight on
+  different slices (`parallel.slices`). For models whose whole copy does not fit one device.
+- **auto**: picks one of the above for the visible devices and their free memory, and says why
+  (layer slices only when no layout of whole-model ranks fits).
+
+The names users pick from are `liveavatar.options.GPU_MODES`.
 
 Pure Python (no torch import): the parent process calls this before any worker exists.
 """
@@ -46,6 +54,22 @@ def split_steps(num_steps: int, num_dit_ranks: int) -> tuple[tuple[int, ...], ..
     return tuple(groups)
 
 
+def split_layers(num_layers: int, num_slices: int) -> tuple[range, ...]:
+    """Contiguous layer slices, as even as possible; earlier slices take the extra layers (the
+    last one also applies the head, and may decode). split_layers(40, 3) == (0..14, 14..27, 27..40)."""
+    if not 1 <= num_slices <= num_layers:
+        raise ScheduleError(
+            f"gpu_mode 'layers': {num_slices} layer slices for a DiT of {num_layers} layers; each rank "
+            f"holds at least one layer: use at most {num_layers} ranks (fewer --gpus / devices)")
+    base, extra = divmod(num_layers, num_slices)
+    out, start = [], 0
+    for k in range(num_slices):
+        n = base + (1 if k < extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Role:
     """What one rank does in a schedule (sent to each worker; `device` is a torch device string)."""
@@ -56,6 +80,18 @@ class Role:
     decodes: bool
     num_dit_ranks: int
     device: str = "cpu"
+    num_slices: int = 1  # layer slices of the DiT (1: every DiT rank holds the whole model)
+
+    @property
+    def sliced(self) -> bool:
+        """This DiT rank holds a layer slice (schedule kind "layers")."""
+        return self.is_dit and self.num_slices > 1
+
+    def layers(self, num_layers: int) -> range:
+        """The DiT layers this rank holds (all of them unless sliced)."""
+        if not self.sliced:
+            return range(num_layers)
+        return split_layers(num_layers, self.num_slices)[self.rank % self.num_slices]
 
     @property
     def is_dit(self) -> bool:
@@ -83,6 +119,9 @@ class Role:
         """
         if not self.is_dit:
             return self
+        if self.num_slices > 1:  # every slice runs every step for its layers
+            return Role(self.rank, self.world_size, tuple(range(num_steps)), self.decodes, self.num_dit_ranks,
+                        self.device, self.num_slices)
         if self.num_dit_ranks > num_steps:
             raise ScheduleError(
                 f"steps: this worker group has {self.num_dit_ranks} DiT ranks, so a job needs at "
@@ -94,15 +133,25 @@ class Role:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Assignment of S steps to K DiT ranks plus the decode rank; `devices` has one entry per rank."""
+    """Assignment of S steps to K DiT ranks plus the decode rank; `devices` has one entry per rank.
+
+    `num_slices` > 1 (kind "layers"): one step group (`steps_by_rank` = all steps) run by that many
+    DiT ranks, each holding a layer slice. `shared_devices`: several ranks may sit on one GPU
+    (memory tests: each rank capped); collectives then use gloo, as the pipeline links always do.
+    """
 
     num_steps: int
     steps_by_rank: tuple[tuple[int, ...], ...]
     separate_decode: bool
     devices: tuple[str, ...]
     reason: str = field(default="", compare=False)
+    num_slices: int = 1
+    shared_devices: bool = False
 
     def __post_init__(self) -> None:
+        if self.num_slices < 1 or (self.num_slices > 1 and len(self.steps_by_rank) != 1):
+            raise ScheduleError(f"num_slices {self.num_slices}: layer slices run one group of all steps "
+                                f"(got {len(self.steps_by_rank)} step groups); use gpu_mode 'layers' or 'tpp'")
         flat = [s for g in self.steps_by_rank for s in g]
         if flat != list(range(self.num_steps)) or any(not g for g in self.steps_by_rank):
             raise ScheduleError(
@@ -117,14 +166,14 @@ class Schedule:
         cuda = [d for d in self.devices if d.startswith("cuda")]
         if cuda and len(cuda) != len(self.devices):
             raise ScheduleError(f"devices {self.devices} mix CPU and CUDA; use one kind")
-        if cuda and len(set(cuda)) != len(cuda):
+        if cuda and len(set(cuda)) != len(cuda) and not self.shared_devices:
             raise ScheduleError(
                 f"devices {self.devices} repeat a GPU: NCCL needs one distinct GPU per rank"
             )
 
     @property
     def num_dit_ranks(self) -> int:
-        return len(self.steps_by_rank)
+        return len(self.steps_by_rank) * self.num_slices
 
     @property
     def world_size(self) -> int:
@@ -136,22 +185,26 @@ class Schedule:
 
     @property
     def kind(self) -> str:
-        return "single" if self.world_size == 1 else "tpp"
+        return "layers" if self.num_slices > 1 else "single" if self.world_size == 1 else "tpp"
 
     @property
     def backend(self) -> str:
-        """torch.distributed backend for these devices: nccl on GPUs, gloo on CPU."""
-        return "nccl" if self.devices[0].startswith("cuda") else "gloo"
+        """torch.distributed backend for these devices: nccl on GPUs (one per rank), else gloo."""
+        return "nccl" if self.devices[0].startswith("cuda") and not self.shared_devices else "gloo"
 
     def role(self, rank: int) -> Role:
         if not 0 <= rank < self.world_size:
             raise ScheduleError(f"rank {rank} is outside 0..{self.world_size - 1}")
-        steps = self.steps_by_rank[rank] if rank < self.num_dit_ranks else ()
+        steps = self.steps_by_rank[rank // self.num_slices] if rank < self.num_dit_ranks else ()
         return Role(rank, self.world_size, steps, rank == self.decode_rank, self.num_dit_ranks,
-                    self.devices[rank])
+                    self.devices[rank], self.num_slices if rank < self.num_dit_ranks else 1)
 
     def describe(self) -> str:
-        parts = [f"rank {k}: steps {list(g)}" for k, g in enumerate(self.steps_by_rank)]
+        if self.num_slices > 1:
+            parts = [f"rank {k}: layer slice {k + 1}/{self.num_slices}, all steps"
+                     for k in range(self.num_dit_ranks)]
+        else:
+            parts = [f"rank {k}: steps {list(g)}" for k, g in enumerate(self.steps_by_rank)]
         parts[-1] += " + decode" if not self.separate_decode else ""
         if self.separate_decode:
             parts.append(f"rank {self.decode_rank}: decode")
@@ -176,6 +229,26 @@ def tpp(num_steps: int, num_dit_ranks: int, separate_decode: bool = False,
                     + (" + decode rank" if separate_decode else ", decode on the last DiT rank"))
 
 
+def layers(num_steps: int, num_slices: int, separate_decode: bool = False,
+           devices: Sequence[str] | None = None, num_layers: int | None = None,
+           shared_devices: bool = False) -> Schedule:
+    """`num_slices` DiT ranks each holding a layer slice (+ an optional decode rank).
+
+    `num_layers` (the DiT's, when known) is checked here, before any process starts.
+    """
+    if num_slices < 2:
+        raise ScheduleError(f"gpu_mode 'layers' needs at least 2 ranks (got {num_slices}); "
+                            "use gpu_mode 'single' for one")
+    if num_layers is not None:
+        split_layers(num_layers, num_slices)
+    world = num_slices + (1 if separate_decode else 0)
+    devs = tuple(devices) if devices is not None else ("cpu",) * world
+    return Schedule(num_steps, (tuple(range(num_steps)),), separate_decode, devs,
+                    f"layers requested: the DiT split over {num_slices} ranks"
+                    + (" + decode rank" if separate_decode else ", decode on the last slice"),
+                    num_slices=num_slices, shared_devices=shared_devices)
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """A visible accelerator: torch device string and its free/total memory in bytes."""
@@ -190,16 +263,29 @@ class DeviceInfo:
 class MemoryNeed:
     """Bytes one rank needs: DiT weights (+ text/audio encoders), one step's KV cache, the VAE path.
 
-    `margin_bytes` covers activations and allocator slack on every rank.
+    `margin_bytes` covers activations and allocator slack on every rank. For layer slices:
+    `layer_bytes` is the part of `dit_bytes` that grows with the layers held (their weights and
+    audio injectors, the sink cache, the text state) and `num_layers` the DiT's layer count
+    (0: slices not estimated, auto never picks them).
     """
 
     dit_bytes: int
     cache_bytes_per_step: int
     decode_bytes: int
     margin_bytes: int = 2 << 30
+    layer_bytes: int = 0
+    num_layers: int = 0
 
     def dit_rank(self, num_steps: int, decodes: bool) -> int:
         return (self.dit_bytes + num_steps * self.cache_bytes_per_step + self.margin_bytes
+                + (self.decode_bytes if decodes else 0))
+
+    def slice_rank(self, num_slices: int, index: int, num_steps: int, decodes: bool) -> int:
+        """A DiT rank holding layer slice `index` of `num_slices` and the caches of all steps for
+        those layers: the layer-proportional bytes scaled by its share of the layers."""
+        share = len(split_layers(self.num_layers, num_slices)[index]) / self.num_layers
+        scaled = share * (self.layer_bytes + num_steps * self.cache_bytes_per_step)
+        return (int(self.dit_bytes - self.layer_bytes + scaled) + self.margin_bytes
                 + (self.decode_bytes if decodes else 0))
 
     def decode_rank(self) -> int:
@@ -265,6 +351,10 @@ def auto_schedule(num_steps: int, devices: Sequence[DeviceInfo], need: MemoryNee
             key = (stage, world, int(sep))
             if best is None or key < best[0]:
                 best = (key, k, sep)
+    if best is None and need is not None and need.num_layers:
+        sliced = _auto_slices(num_steps, devices, need, step_cost, decode_cost, rejected)
+        if sliced is not None:
+            return sliced
     if best is None:
         dev = max(devices, key=lambda d: d.free_bytes)
         sched = Schedule(num_steps, split_steps(num_steps, 1), False, (dev.device,),
@@ -286,11 +376,44 @@ def auto_schedule(num_steps: int, devices: Sequence[DeviceInfo], need: MemoryNee
     return sched
 
 
+def _auto_slices(num_steps: int, devices: Sequence[DeviceInfo], need: MemoryNeed, step_cost: float,
+                 decode_cost: float, rejected: list[str]) -> Schedule | None:
+    """The fastest layer-sliced layout whose ranks fit (no whole-model layout did), or None."""
+    best: tuple[tuple[float, int, int], int, bool] | None = None
+    for k in range(2, min(len(devices), need.num_layers) + 1):
+        for sep in (False, True):
+            world = k + int(sep)
+            if world > len(devices):
+                continue
+            wants = [need.slice_rank(k, r, num_steps, decodes=not sep and r == k - 1) for r in range(k)]
+            wants += [need.decode_rank()] if sep else []
+            short = [f"{devices[r].device} needs {_gb(w)}, has {_gb(devices[r].free_bytes)} free"
+                     for r, w in enumerate(wants) if w > devices[r].free_bytes]
+            if short:
+                rejected.append(f"{k} layer slices{' + decode' if sep else ''}: {short[0]}")
+                continue
+            stage = max(num_steps * step_cost / k + (0.0 if sep else decode_cost), decode_cost if sep else 0.0)
+            key = (stage, world, int(sep))
+            if best is None or key < best[0]:
+                best = (key, k, sep)
+    if best is None:
+        return None
+    (stage, world, _), k, sep = best
+    reason = (f"auto: no whole-model layout fits ({'; '.join(rejected[:2])}) -> the DiT split over {k} ranks "
+              f"(layer slices{', + 1 decode rank' if sep else ', decode on the last slice'}); predicted stage "
+              f"time {stage:g} step(s)")
+    sched = Schedule(num_steps, (tuple(range(num_steps)),), sep, tuple(d.device for d in devices[:world]),
+                     reason, num_slices=k)
+    log.info("%s: %s", reason, sched.describe())
+    return sched
+
+
 def make_schedule(kind: str, num_steps: int, num_ranks: int | None = None,
                   separate_decode: bool = False, devices: Sequence[str] | None = None,
                   device_infos: Sequence[DeviceInfo] | None = None,
-                  need: MemoryNeed | None = None) -> Schedule:
-    """Schedule by name: "single", "tpp" (`num_ranks` DiT ranks, +1 if `separate_decode`), "auto".
+                  need: MemoryNeed | None = None, num_layers: int | None = None) -> Schedule:
+    """Schedule by name: "single", "tpp" (`num_ranks` DiT ranks, +1 if `separate_decode`), "layers"
+    (`num_ranks` layer slices, +1 if `separate_decode`; `num_layers` checked when given), "auto".
 
     For "auto", `device_infos` defaults to `visible_devices()`.
     """
@@ -300,13 +423,18 @@ def make_schedule(kind: str, num_steps: int, num_ranks: int | None = None,
         if num_ranks is None:
             raise ScheduleError("schedule 'tpp' needs num_ranks (the number of DiT ranks)")
         return tpp(num_steps, num_ranks, separate_decode, devices)
+    if kind == "layers":
+        if num_ranks is None:
+            raise ScheduleError("schedule 'layers' needs num_ranks (the number of layer slices)")
+        return layers(num_steps, num_ranks, separate_decode, devices, num_layers)
     if kind == "auto":
         infos = visible_devices() if device_infos is None else list(device_infos)
         return auto_schedule(num_steps, infos, need)
-    raise ScheduleError(f"unknown schedule {kind!r}; use 'single', 'tpp' or 'auto'")
+    raise ScheduleError(f"unknown schedule {kind!r}; use 'single', 'tpp', 'layers' or 'auto'")
 
 
 __all__ = [
-    "ScheduleError", "split_steps", "Role", "Schedule", "single", "tpp", "DeviceInfo",
+    "ScheduleError", "split_steps", "split_layers", "Role", "Schedule", "single", "tpp", "layers",
+    "DeviceInfo",
     "MemoryNeed", "visible_devices", "auto_schedule", "make_schedule",
 ]

@@ -35,7 +35,7 @@ import torch
 from parallel.schedule import Role
 
 DATA, STOP = 0, 1
-TAG_STREAM, TAG_SINK = 1, 3  # header tag; payload uses tag + 1
+TAG_STREAM, TAG_SINK, TAG_RING = 1, 3, 7  # header tag; payload uses tag + 1 (5: parallel.slices' tokens)
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,10 @@ class JobPlan:
     dtype: torch.dtype = torch.float32
     refresh_sink: bool = True  # DiT ranks get clip 0 block 0's final latents for clips >= 1
     num_steps: int | None = None
+    # layer slices (`parallel.slices`): the tokens between slices of a block step / a sink prefill
+    hidden_shape: tuple[int, ...] = ()  # e.g. [1, F_block * fsl, dim]
+    sink_hidden_shape: tuple[int, ...] = ()  # e.g. [1, sink_tokens, dim]
+    hidden_dtype: torch.dtype = torch.float32
 
     @property
     def num_clips(self) -> int:
@@ -154,16 +158,20 @@ class LinkGroups:
 
     forward: dict[int, Any]  # sender rank k -> group {k, k+1}
     sink: Any  # group of the DiT ranks (None when there is a single DiT rank)
+    ring: Any = None  # layer slices: the last slice -> rank 0 (group {0, num_dit_ranks - 1})
 
 
-def make_link_groups(world_size: int, num_dit_ranks: int, rank: int | None = None) -> LinkGroups:
+def make_link_groups(world_size: int, num_dit_ranks: int, rank: int | None = None,
+                     ring: bool = False) -> LinkGroups:
     """Collective: every rank must call this with the same arguments. With `rank`, every link
-    also carries one message here (`warm_links`), so a broken link fails at start, not in a job."""
+    also carries one message here (`warm_links`), so a broken link fails at start, not in a job.
+    `ring`: also the link from the last DiT rank back to rank 0 (layer slices)."""
     import torch.distributed as dist
 
     forward = {k: dist.new_group([k, k + 1], backend="gloo") for k in range(world_size - 1)}
     sink = dist.new_group(list(range(num_dit_ranks)), backend="gloo") if num_dit_ranks > 1 else None
-    groups = LinkGroups(forward, sink)
+    back = dist.new_group([0, num_dit_ranks - 1], backend="gloo") if ring and num_dit_ranks > 1 else None
+    groups = LinkGroups(forward, sink, back)
     if rank is not None:
         warm_links(groups, rank, num_dit_ranks)
     return groups
@@ -187,6 +195,11 @@ def warm_links(groups: LinkGroups, rank: int, num_dit_ranks: int) -> None:
                 dist.send(token, dst, group=groups.sink)
             elif rank == dst:
                 dist.recv(token, last, group=groups.sink)
+    if groups.ring is not None:
+        if rank == num_dit_ranks - 1:
+            dist.send(token, 0, group=groups.ring)
+        elif rank == 0:
+            dist.recv(token, num_dit_ranks - 1, group=groups.ring)
 
 
 class Links:
@@ -208,14 +221,18 @@ class Links:
             return None  # default group (fine for gloo; NCCL wants LinkGroups)
         if tag == TAG_SINK:
             return self.groups.sink
+        if tag == TAG_RING:
+            return self.groups.ring
         return self.groups.forward[src]
 
-    def post_recv(self, src: int, tag: int) -> _Recv:
+    def post_recv(self, src: int, tag: int, shape: tuple[int, ...] | None = None,
+                  dtype: torch.dtype | None = None) -> _Recv:
+        """Receive a header and a payload (`shape` / `dtype`: default the plan's block latents)."""
         import torch.distributed as dist
 
         group = self._group(src, self.rank, tag)
         header = torch.empty(2, dtype=torch.int64, device=self.device)
-        payload = torch.empty(self.plan.latent_shape, dtype=self.plan.dtype, device=self.device)
+        payload = torch.empty(shape or self.plan.latent_shape, dtype=dtype or self.plan.dtype, device=self.device)
         works = [dist.irecv(header, src, group=group, tag=tag),
                  dist.irecv(payload, src, group=group, tag=tag + 1)]
         return _Recv(header, payload, works)
@@ -226,13 +243,15 @@ class Links:
         self.stats.recv_wait_s += time.perf_counter() - t0
         return out
 
-    def send(self, dst: int, tag: int, kind: int, index: int, x: torch.Tensor | None) -> None:
+    def send(self, dst: int, tag: int, kind: int, index: int, x: torch.Tensor | None,
+             dtype: torch.dtype | None = None) -> None:
+        """Send a header and `x` (None: zeros of the plan's block latents) as `dtype` (default the plan's)."""
         import torch.distributed as dist
 
         header = torch.tensor([kind, index], dtype=torch.int64, device=self.device)
         if x is None:
             x = torch.zeros(self.plan.latent_shape, dtype=self.plan.dtype, device=self.device)
-        x = x.to(device=self.device, dtype=self.plan.dtype).contiguous()
+        x = x.to(device=self.device, dtype=dtype or self.plan.dtype).contiguous()
         group = self._group(self.rank, dst, tag)
         self._sends.append((dist.isend(header, dst, group=group, tag=tag), header, x))
         self._sends.append((dist.isend(x, dst, group=group, tag=tag + 1), header, x))
@@ -268,6 +287,11 @@ def run_rank(engine: Engine, role: Role, plan: JobPlan, cancelled: Callable[[], 
         role = role.for_steps(plan.num_steps)
     if role.world_size > 1 and links is None:
         raise ValueError("run_rank: a world of several ranks needs Links")
+    if role.sliced:  # a layer slice (schedule kind "layers"): its own loop
+        from parallel.slices import run_slices
+
+        yield from run_slices(engine, role, plan, cancelled, stats, links)
+        return
     t_start = time.perf_counter()
     device = torch.device(role.device)
     total, per_clip = plan.num_blocks, plan.blocks_per_clip

@@ -102,6 +102,7 @@ class Worker:
         self.role: Any = None
         self.device: Any = None
         self.link_groups: Any = None
+        self.coll_device: Any = None  # where collective tensors live (the GPU under nccl, else the CPU)
 
     # -- threads ---------------------------------------------------------------------------
     def _reader(self) -> None:
@@ -158,7 +159,9 @@ class Worker:
         backend = params["backend"]
         timeout = timedelta(seconds=float(params["pg_timeout_s"]))
         rendezvous = timedelta(seconds=float(params["rendezvous_timeout_s"]))
-        extra = {"device_id": device} if device.type == "cuda" else {}
+        # nccl binds a GPU; gloo (CPU ranks, or several ranks sharing one GPU) talks through the host
+        extra = {"device_id": device} if backend == "nccl" else {}
+        self.coll_device = device if backend == "nccl" else torch.device("cpu")
         if self.torchrun:
             dist.init_process_group(backend, init_method="env://", timeout=timeout, **extra)
         else:
@@ -173,7 +176,7 @@ class Worker:
             dist.init_process_group(backend, store=store, rank=self.rank,
                                     world_size=self.world_size, timeout=timeout, **extra)
         t0 = time.perf_counter()
-        probe = torch.full((1,), float(self.rank + 1), device=device)
+        probe = torch.full((1,), float(self.rank + 1), device=self.coll_device)
         dist.all_reduce(probe)
         got, want = float(probe.item()), self.world_size * (self.world_size + 1) / 2
         if got != want:
@@ -181,7 +184,8 @@ class Worker:
         info["smoke_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
         from parallel.tpp import make_link_groups
 
-        self.link_groups = make_link_groups(self.world_size, int(params["num_dit_ranks"]), rank=self.rank)
+        self.link_groups = make_link_groups(self.world_size, int(params["num_dit_ranks"]), rank=self.rank,
+                                            ring=bool(params.get("ring")))
         self.chan.send(("ready", self.rank, info))
 
     def _load(self, spec: str, config: dict, role: Any, sys_path: list[str]) -> None:
@@ -201,7 +205,7 @@ class Worker:
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.coll_device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 

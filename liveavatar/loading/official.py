@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
 _WAV2VEC_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# tensors that belong to one layer: a layer slice skips those of the layers it does not hold
+_LAYER_KEY = re.compile(r"^(blocks\.\d+\.|audio_injector\.(injector|injector_adain_layers)\.\d+\.)")
 
 
 @dataclass
@@ -163,8 +165,11 @@ def find_official_checkpoint(ckpt_dir: str | Path, lora: str | Path | None = Non
 def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch.device | str,
                           dtype: torch.dtype, lora_path: str | Path | None = None,
                           lora_strength: float = 1.0, fp8: bool | str = False,
-                          fp8_allow_cpu: bool = False) -> torch.nn.Module:
+                          fp8_allow_cpu: bool = False, layers: range | None = None) -> torch.nn.Module:
     """Meta-build `CausalS2VDiT(config)`, stream `source` into it, eval().
+
+    `layers`: build and read only this layer slice (its layers and audio injectors; the tensors
+    of the other layers are never read), for a rank of a layer-sharded worker group.
 
     Layer by layer as the weights arrive: the LoRA is merged into each Linear, and with `fp8`
     (a scaling, "tensor" / "row", or True: `options.resolve_fp8_scaling`) each eligible Linear is converted to an
@@ -177,7 +182,9 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
     from ..options import resolve_fp8_scaling
 
     with torch.device("meta"):
-        model = CausalS2VDiT(config)
+        model = CausalS2VDiT(config, layers=layers)
+    held = set(model.state_dict())
+    key_map = None if layers is None else (lambda k: k if k in held or not _LAYER_KEY.match(k) else None)
     if lora_path is not None and str(lora_path).strip().lower() in ("none", ""):
         lora_path = None
     scaling = resolve_fp8_scaling(fp8)
@@ -206,7 +213,7 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
 
     keep = getattr(model, "keep_fp32", None)
     try:
-        load_into_module(model, source, device=device, dtype=dtype, strict=True,
+        load_into_module(model, source, device=device, dtype=dtype, strict=True, key_map=key_map,
                          keep_fp32=keep if callable(keep) else None, on_assigned=finish_layer)
     finally:
         if lora_source is not None:
@@ -224,12 +231,13 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
 
 def load_dit(ckpt: OfficialCheckpoint, device: torch.device | str, dtype: torch.dtype,
              lora_path: str | Path | None = None, lora_strength: float = 1.0,
-             fp8: bool | str = False) -> torch.nn.Module:
+             fp8: bool | str = False, layers: range | None = None) -> torch.nn.Module:
     """The causal S2V DiT with base weights and the LoRA (`lora_path` or `ckpt.lora_path`) merged
     (and fp8 linears when `fp8`, converted while loading). `lora_path="none"`: base weights only.
     """
     return build_dit_from_source(ckpt.dit, ckpt.config, device, dtype,
-                                 lora_path if lora_path is not None else ckpt.lora_path, lora_strength, fp8=fp8)
+                                 lora_path if lora_path is not None else ckpt.lora_path, lora_strength, fp8=fp8,
+                                 layers=layers)
 
 
 def t5_config_for(ckpt: OfficialCheckpoint, sd: dict[str, torch.Tensor]) -> T5Config:
@@ -281,9 +289,9 @@ def check_consistency(dit: DiTConfig, t5_dim: int | None, w2v_hidden: int | None
 
 def load_components(ckpt: OfficialCheckpoint, device: torch.device | str, dtype: torch.dtype,
                     lora_strength: float = 1.0, lora_path: str | Path | None = None,
-                    fp8: bool | str = False) -> dict[str, Any]:
-    """{"dit", "text_encoder", "vae", "audio_encoder"} from an official folder (`fp8`: see
-    `build_dit_from_source`)."""
+                    fp8: bool | str = False, layers: range | None = None) -> dict[str, Any]:
+    """{"dit", "text_encoder", "vae", "audio_encoder"} from an official folder (`fp8`, `layers`:
+    see `build_dit_from_source`)."""
     t5_sd = load_pth_state_dict(ckpt.t5_path)  # memory-mapped: only the header is read here
     w2v = json.loads((ckpt.wav2vec_dir / "config.json").read_text())
     check_consistency(ckpt.config, t5_config_for(ckpt, t5_sd).dim, w2v.get("hidden_size"),
@@ -295,7 +303,8 @@ def load_components(ckpt: OfficialCheckpoint, device: torch.device | str, dtype:
         "audio_encoder": load_audio_encoder(ckpt, device, dtype),
         "text_encoder": load_text_encoder(ckpt, "cpu", dtype),
         "vae": load_vae(ckpt, device, dtype),
-        "dit": load_dit(ckpt, device, dtype, lora_path=lora_path, lora_strength=lora_strength, fp8=fp8),
+        "dit": load_dit(ckpt, device, dtype, lora_path=lora_path, lora_strength=lora_strength, fp8=fp8,
+                        layers=layers),
     }
 
 
@@ -304,7 +313,7 @@ def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Pa
                                lora_strength: float = 1.0, config: str | Path | None = None,
                                device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
                                dit_overrides: dict[str, Any] | None = None,
-                               fp8: bool | str = False) -> dict[str, Any]:
+                               fp8: bool | str = False, layers: range | None = None) -> dict[str, Any]:
     """The four components from single files (ComfyUI model folders) or official files.
 
     Layouts are detected from the keys (see `comfy_layout`). `config`: a DiT config.json; without
@@ -363,7 +372,7 @@ def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Pa
     vae_sd = {k: vae_src.get(k) for k in vae_src.keys()}
     vae_model = WanVAE.from_official_state_dict(vae_sd, infer_vae_config(vae_src), device=device, dtype=dtype)
     log.info("DiT %s: layout %s", dit, layout)
-    model = build_dit_from_source(dit_src, cfg, device, dtype, lora_path, lora_strength, fp8=fp8)
+    model = build_dit_from_source(dit_src, cfg, device, dtype, lora_path, lora_strength, fp8=fp8, layers=layers)
     return {"dit": model, "text_encoder": text, "vae": vae_model, "audio_encoder": audio}
 
 

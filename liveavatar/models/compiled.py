@@ -136,13 +136,13 @@ class FusedLayers:
 
     def __init__(self, model: nn.Module, compile: bool = True):
         self.model = model
-        blk = model.blocks[0]
+        blk = model.blocks[model.layers.start]  # the first held layer (a layer slice holds a range)
         eps, heads, head_dim = blk.eps, blk.self_attn.num_heads, blk.self_attn.head_dim
         qk_eps = getattr(blk.self_attn.norm_q, "eps", eps)
         n3 = blk.norm3
         n3_eps = getattr(n3, "eps", eps)
-        inj = model.audio_injector.injector
-        audio_qk_eps = getattr(inj[0].norm_q, "eps", eps) if len(inj) else eps
+        inj = [m for m in model.audio_injector.injector if hasattr(m, "norm_q")]  # held injectors
+        audio_qk_eps = getattr(inj[0].norm_q, "eps", eps) if inj else eps
 
         def pre(x, e0, modulation, wqkv, nq, nk, cos, sin):
             act = x.dtype

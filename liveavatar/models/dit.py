@@ -65,6 +65,15 @@ def sinusoidal_embedding(dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
+def layer_slice(num_layers: int, layers: range | None = None) -> range:
+    """The checked contiguous layer range a DiT module holds (None: all `num_layers`)."""
+    if layers is None:
+        return range(num_layers)
+    if not isinstance(layers, range) or layers.step != 1 or not 0 <= layers.start < layers.stop <= num_layers:
+        raise ValueError(f"layers: {layers!r} must be a non-empty contiguous range inside 0..{num_layers}")
+    return layers
+
+
 def _check_supported(cfg: DiTConfig) -> None:
     wrong = []
     if not (cfg.enable_adain and cfg.adain_mode == "attn_norm"):
@@ -85,10 +94,17 @@ class CausalS2VDiT(nn.Module):
     """The streaming S2V DiT. Parameters/keys as the official checkpoint; see the module docstring."""
 
     def __init__(self, cfg: DiTConfig, stream: StreamConfig = DEFAULT_STREAM, attn_backend: str = "sdpa",
-                 rope_fp16_tables: bool = True, rope_compute_dtype: torch.dtype | None = None):
+                 rope_fp16_tables: bool = True, rope_compute_dtype: torch.dtype | None = None,
+                 layers: range | None = None):
+        """`layers`: the contiguous layer slice this module holds (default: all `cfg.num_layers`).
+        A slice builds only its transformer layers and their audio injectors (other entries are
+        parameter-free placeholders, so the state dict keeps the official names of the held ones);
+        its caches hold only its layers, and `forward_block` / `prefill_sink` embed the input only
+        on the first slice and apply the head only on the last (see `layer_slice`)."""
         super().__init__()
         _check_supported(cfg)
         self.cfg = cfg
+        self.layers = layer_slice(cfg.num_layers, layers)
         self.stream = stream
         self.attn_backend = attn_backend
         self.rope_fp16_tables = rope_fp16_tables
@@ -107,12 +123,16 @@ class CausalS2VDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList(
             DiTBlock(d, cfg.ffn_dim, cfg.num_heads, cfg.qk_norm, cfg.cross_attn_norm, cfg.eps)
-            for _ in range(cfg.num_layers))
+            if i in self.layers else nn.Identity() for i in range(cfg.num_layers))
         self.head = Head(d, cfg.out_dim, p, cfg.eps)
         self.cond_encoder = nn.Conv3d(cfg.cond_dim, d, kernel_size=p, stride=p)
         self.casual_audio_encoder = CausalAudioEncoder(
             cfg.audio_dim, d, cfg.audio_num_layers, cfg.num_audio_token, need_global=True)
         self.audio_injector = AudioInjector(d, cfg.num_heads, tuple(cfg.audio_inject_layers))
+        for j, layer in enumerate(cfg.audio_inject_layers):  # injectors of other slices' layers: not held
+            if layer not in self.layers:
+                self.audio_injector.injector[j] = nn.Identity()
+                self.audio_injector.injector_adain_layers[j] = nn.Identity()
         self.trainable_cond_mask = nn.Embedding(3, d)
         self.frame_packer = FramePackMotioner(cfg.in_dim, d, tuple(stream.framepack_buckets))
 
@@ -141,6 +161,16 @@ class CausalS2VDiT(nn.Module):
     def rope_compute_dtype(self, dtype: torch.dtype | None) -> None:
         self._rope_dtype = dtype
         self._rope_cache = {}
+
+    @property
+    def first_slice(self) -> bool:
+        """Holds layer 0: embeds the block latents (and the sink conditioning) itself."""
+        return self.layers.start == 0
+
+    @property
+    def last_slice(self) -> bool:
+        """Holds the last layer: applies the head."""
+        return self.layers.stop == self.cfg.num_layers
 
     @property
     def dtype(self) -> torch.dtype:
@@ -178,7 +208,7 @@ class CausalS2VDiT(nn.Module):
     def new_sink_cache(self, latent_hw: tuple[int, int], device=None, dtype=None) -> SinkCache:
         """Empty sink cache for a latent size; capacity = `sink_tokens(latent_hw)`."""
         c = self.cfg
-        return SinkCache(c.num_layers, self.sink_tokens(latent_hw), c.num_heads, c.head_dim, tuple(latent_hw),
+        return SinkCache(len(self.layers), self.sink_tokens(latent_hw), c.num_heads, c.head_dim, tuple(latent_hw),
                          self.frame_seqlen(latent_hw), device or self.device, dtype or self.dtype)
 
     def new_step_cache(self, latent_hw: tuple[int, int], device=None, dtype=None,
@@ -195,14 +225,14 @@ class CausalS2VDiT(nn.Module):
         """
         c = self.cfg
         slot = self.sink_tokens(latent_hw) if sink_slot else 0
-        return StepKVCache(c.num_layers, self._ring_tokens(latent_hw), slot, c.num_heads, c.head_dim,
+        return StepKVCache(len(self.layers), self._ring_tokens(latent_hw), slot, c.num_heads, c.head_dim,
                            tuple(latent_hw), device or self.device, dtype or self.dtype, working=working,
                            resident_layers=resident_layers)
 
     def new_working_buffer(self, latent_hw: tuple[int, int], device=None, dtype=None) -> KVWorkingBuffer:
         """The device buffer offloaded step caches share (one step cache without sink slot)."""
         c = self.cfg
-        return KVWorkingBuffer(torch.zeros(c.num_layers, 2, 1, self._ring_tokens(latent_hw), c.num_heads, c.head_dim,
+        return KVWorkingBuffer(torch.zeros(len(self.layers), 2, 1, self._ring_tokens(latent_hw), c.num_heads, c.head_dim,
                                            device=device or self.device, dtype=dtype or self.dtype))
 
     # ----------------------------------------------------------------------------- conditioning
@@ -228,8 +258,9 @@ class CausalS2VDiT(nn.Module):
         return TextState(emb, kv)
 
     def _text_kv(self, text: TextState, layer: int, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        if text.kv is not None:
-            return text.kv[layer, 0], text.kv[layer, 1]
+        """Layer `layer`'s text keys / values (`block`: its module, the stream slot when streamed)."""
+        if text.kv is not None:  # rows of the held layers only
+            return text.kv[layer - self.layers.start, 0], text.kv[layer - self.layers.start, 1]
         return block.cross_attn.project_kv(text.context)
 
     # ----------------------------------------------------------------------------- layer streaming
@@ -243,6 +274,8 @@ class CausalS2VDiT(nn.Module):
 
         if self._graphs is not None:
             raise ValueError("layer streaming: not with CUDA graphs (use_cuda_graphs(False) first)")
+        if len(self.layers) != self.cfg.num_layers:
+            raise ValueError(f"layer streaming: the whole model only, not the layer slice {self.layers}")
         self._stream = LayerStream(self.blocks, residency, self.device)
 
     @property
@@ -251,11 +284,12 @@ class CausalS2VDiT(nn.Module):
         return self._stream
 
     def _layers(self, cache: StepKVCache | None = None, rows: tuple[int, int] | None = None):
-        """(index, block) of every layer in order; with a layer stream the block is the slot its
+        """(index, block) of every held layer in order (global indices; a slice's caches use
+        `index - self.layers.start`); with a layer stream the block is the slot its
         weights were copied to (and `cache`'s paged rows are bound), released after the body ran
         (`rows`: the ring rows the call writes, copied back to host memory)."""
         if self._stream is None:
-            yield from enumerate(self.blocks)
+            yield from ((i, self.blocks[i]) for i in self.layers)
             return
         for i in range(len(self.blocks)):
             yield i, self._stream.acquire(i, cache)
@@ -352,27 +386,25 @@ class CausalS2VDiT(nn.Module):
         return conv(latents.to(self.device, self.dtype)).flatten(2).transpose(1, 2)
 
     @torch.no_grad()
-    def prefill_sink(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor, text: TextState,
-                     sink: SinkCache) -> None:
-        """Fill `sink` with the un-rotated K/V (all layers) of [reference frame | motion tokens].
+    def prefill_sink(self, ref_latents: torch.Tensor | None, motion_latents: torch.Tensor | None, text: TextState,
+                     sink: SinkCache, hidden: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Fill `sink` with the un-rotated K/V (held layers) of [reference frame | motion tokens].
 
         ref_latents `[1, 16, 1, h, w]`, motion_latents `[1, 16, T_m, h, w]` (newest 19 frames used).
         Call again to refresh (e.g. a new reference latent); step caches notice and re-rotate.
+        A layer slice that does not hold layer 0 takes `hidden` `[1, sink_tokens, dim]` (the previous
+        slice's output) instead of the latents; a slice that does not hold the last layer returns
+        its output tokens for the next slice (None otherwise).
         """
-        hw = tuple(ref_latents.shape[-2:])
-        if ref_latents.dim() != 5 or ref_latents.shape[:3] != (1, self.cfg.in_dim, 1):
-            raise ValueError(f"ref_latents must be [1, {self.cfg.in_dim}, 1, h, w], got {tuple(ref_latents.shape)}")
-        if tuple(motion_latents.shape[-2:]) != hw:
-            raise ValueError(f"motion_latents size {tuple(motion_latents.shape[-2:])} != ref_latents size {hw}")
-        if hw != sink.latent_hw:
-            raise ValueError(f"sink cache was made for latent size {sink.latent_hw}, inputs are {hw}")
+        hw = sink.latent_hw
         hp, wp = self._grid(hw)
-        ref = self._patchify(self.patch_embedding, ref_latents)
-        mot = self.frame_packer(motion_latents.to(self.device))
-        ids = torch.tensor([_REF] * ref.shape[1] + [_MOTION] * mot.shape[1], device=self.device)
-        x = torch.cat([ref, mot], dim=1)
-        x = x + self.trainable_cond_mask(ids).to(x.dtype)
-
+        if self.first_slice:
+            x = self._sink_tokens_in(ref_latents, motion_latents, hw)
+        else:
+            if hidden is None or hidden.shape[1] != self.sink_tokens(hw):
+                raise ValueError(f"layers {self.layers}: prefill_sink needs the previous slice's tokens "
+                                 f"[1, {self.sink_tokens(hw)}, dim] as hidden")
+            x = hidden.to(self.device, self.dtype)
         t_ref = self.stream.ref_rope_position
         positions = torch.cat([grid_positions([t_ref], list(range(hp)), list(range(wp))),
                                self.frame_packer.positions(hw)])
@@ -380,9 +412,27 @@ class CausalS2VDiT(nn.Module):
         rope = self._rope(positions)
         _, e0 = self._time(0.0, self.stream.frames_per_block_latent)
         e0_sink = e0[1, 0:1].unsqueeze(0)  # [1, 1, 6, dim]: t = 0 slot of frame 0
+        first = self.layers.start
         for i, block in self._layers():
-            x = block(x, e0_sink, sink.prefill_attend(i, rope, self.attn_backend), self._text_kv(text, i, block),
+            x = block(x, e0_sink, sink.prefill_attend(i - first, rope, self.attn_backend), self._text_kv(text, i, block),
                       self.attn_backend)
+        return None if self.last_slice else x
+
+    def _sink_tokens_in(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor,
+                        hw: tuple[int, int]) -> torch.Tensor:
+        """The sink's input tokens `[1, sink_tokens, dim]`: patchified reference | FramePack motion."""
+        if ref_latents.dim() != 5 or ref_latents.shape[:3] != (1, self.cfg.in_dim, 1):
+            raise ValueError(f"ref_latents must be [1, {self.cfg.in_dim}, 1, h, w], got {tuple(ref_latents.shape)}")
+        if tuple(motion_latents.shape[-2:]) != tuple(ref_latents.shape[-2:]):
+            raise ValueError(f"motion_latents size {tuple(motion_latents.shape[-2:])} != ref_latents size "
+                             f"{tuple(ref_latents.shape[-2:])}")
+        if tuple(ref_latents.shape[-2:]) != hw:
+            raise ValueError(f"sink cache was made for latent size {hw}, inputs are {tuple(ref_latents.shape[-2:])}")
+        ref = self._patchify(self.patch_embedding, ref_latents)
+        mot = self.frame_packer(motion_latents.to(self.device))
+        ids = torch.tensor([_REF] * ref.shape[1] + [_MOTION] * mot.shape[1], device=self.device)
+        x = torch.cat([ref, mot], dim=1)
+        return x + self.trainable_cond_mask(ids).to(x.dtype)
 
     # ----------------------------------------------------------------------------- streaming
 
@@ -394,7 +444,8 @@ class CausalS2VDiT(nn.Module):
     @torch.no_grad()
     def forward_block(self, x: torch.Tensor, timestep: float, text: TextState, audio_input: torch.Tensor | None,
                       cond_states: torch.Tensor | None, cache: StepKVCache, sink: SinkCache, start_frame: int,
-                      sink_offset: int, audio: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                      sink_offset: int, audio: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Flow velocity of one causal block at one denoising step.
 
         x `[16, F, h, w]` (F = 3 latent frames), timestep (rounded to float32, e.g. 857.69),
@@ -403,6 +454,9 @@ class CausalS2VDiT(nn.Module):
         sink: the prefilled sink, start_frame: absolute latent frame F0 of the block,
         sink_offset: the reference's relative_dist d. Returns `[16, F, h, w]` in x's dtype.
         Writes the block's rotated keys and values into `cache`.
+        Layer slices: a slice without layer 0 runs its layers on `hidden` `[1, F*fsl, dim]` (the
+        previous slice's output; x gives the shapes only); a slice without the last layer returns
+        its output tokens `[1, F*fsl, dim]` (model dtype) instead of the velocity.
         """
         x_dtype = x.dtype
         hw, rope, ref_t, plan, sink_rope, e, e0 = self._call_setup(x, timestep, cache, sink, start_frame, sink_offset)
@@ -410,6 +464,11 @@ class CausalS2VDiT(nn.Module):
         audio_global, audio_tokens = audio_global[0, :, 0], audio_tokens[0]  # [F, dim], [F, n, dim]
         x = x.to(self.device, self.dtype)
         cond = None if cond_states is None else cond_states.to(self.device, self.dtype)
+        tokens_in = self.stream.frames_per_block_latent * self.frame_seqlen(hw)
+        if not self.first_slice and (hidden is None or hidden.shape[1] != tokens_in):
+            raise ValueError(f"layers {self.layers}: forward_block needs the previous slice's tokens "
+                             f"[1, {tokens_in}, dim] as hidden")
+        hidden = hidden.to(self.device, self.dtype) if not self.first_slice else None
 
         graphs = self._graphs if self._fused is not None else None  # (on CPU: same path, never captured)
 
@@ -417,13 +476,15 @@ class CausalS2VDiT(nn.Module):
             rest = list(rest)
             rows = rest.pop(0) if graphs is not None else None
             cond = rest.pop(0) if cond_states is not None else None
+            tokens = rest.pop(0) if hidden is not None else None
             sink_rope = RopeFactors(rest[0], rest[1]) if plan.refresh_keys else None
             return self._block_body(x, cond, audio_global, audio_tokens, RopeFactors(rope_cos, rope_sin), e, e0,
-                                    text, cache, sink, plan, sink_rope, rows)
+                                    text, cache, sink, plan, sink_rope, rows, tokens)
 
         tensors = [x, audio_global, audio_tokens, rope.cos, rope.sin, e, e0[0].unsqueeze(0)]
         tensors += [] if graphs is None else [self._ring_rows(plan.offset, plan.tokens)]
         tensors += [] if cond is None else [cond]
+        tensors += [] if hidden is None else [hidden]
         tensors += [] if sink_rope is None else [sink_rope.cos, sink_rope.sin]
         if graphs is not None:  # one graph per call shape; the ring offset is an input (rows)
             key = (id(cache), id(sink), id(text), replace(plan, offset=0), hw, cond is None, self.attn_backend)
@@ -431,7 +492,7 @@ class CausalS2VDiT(nn.Module):
         else:
             out = body(*tensors)
         cache.commit(plan, sink, ref_t)
-        return out.to(x_dtype)
+        return out.to(x_dtype) if self.last_slice else out
 
     def _call_setup(self, x: torch.Tensor, timestep: float, cache: StepKVCache, sink: SinkCache, start_frame: int,
                     sink_offset: int):
@@ -468,27 +529,32 @@ class CausalS2VDiT(nn.Module):
     def _block_body(self, x: torch.Tensor, cond: torch.Tensor | None, audio_global: torch.Tensor,
                     audio_tokens: torch.Tensor, rope: RopeFactors, e: torch.Tensor, e0_block: torch.Tensor,
                     text: TextState, cache: StepKVCache, sink: SinkCache, plan, sink_rope: RopeFactors | None,
-                    rows: torch.Tensor | None = None) -> torch.Tensor:
+                    rows: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor work of `forward_block` (no host-side decisions, so it can be graph-captured).
 
         x `[16, F, h, w]` (model dtype, on the model's device), cond `[1, 16, F, h, w]` or None,
         audio_global `[F, dim]`, audio_tokens `[F, n, dim]`, e `[F, dim]`, e0_block `[1, F, 6, dim]`.
         rows: ring rows of the block as a device index (graph mode) or None (slice writes).
-        Returns `[16, F, h, w]` in the model dtype.
+        tokens: the previous slice's output `[1, F*fsl, dim]` (slices without layer 0), else None.
+        Returns `[16, F, h, w]` in the model dtype (the tokens `[1, F*fsl, dim]` on a slice
+        without the last layer).
         """
         nf = x.shape[1]
         hp, wp = self._grid(tuple(x.shape[-2:]))
-        tokens = self._embed_block(x, cond)
-        backend = self.attn_backend
+        if tokens is None:
+            tokens = self._embed_block(x, cond)
+        backend, first = self.attn_backend, self.layers.start
 
-        def attend_of(i: int, fused):
+        def attend_of(i: int, fused):  # i: global layer index; the caches hold the slice's layers
             if fused is not None:  # compile_blocks(): RoPE inside the fused region
-                return cache.stream_attend(i, plan, None, sink, sink_rope, backend, rotate=fused.rotate_factors,
-                                           rows=rows)
-            return cache.stream_attend(i, plan, rope, sink, sink_rope, backend)
+                return cache.stream_attend(i - first, plan, None, sink, sink_rope, backend,
+                                           rotate=fused.rotate_factors, rows=rows)
+            return cache.stream_attend(i - first, plan, rope, sink, sink_rope, backend)
 
         layers = self._layers(cache, (plan.offset, plan.offset + plan.tokens))
         tokens = self._run_layers(tokens, e0_block, rope, attend_of, text, nf, audio_global, audio_tokens, layers)
+        if not self.last_slice:
+            return tokens
         out = self.head(tokens, e)  # [1, F*fsl, prod(patch)*out_dim]
         return self._unpatchify(out[0], nf, hp, wp)
 
@@ -528,4 +594,4 @@ class CausalS2VDiT(nn.Module):
         return u.reshape(co, nf * pt, hp * ph, wp * pw)
 
 
-__all__ = ["CausalS2VDiT", "TextState", "sinusoidal_embedding"]
+__all__ = ["CausalS2VDiT", "TextState", "layer_slice", "sinusoidal_embedding"]

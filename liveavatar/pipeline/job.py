@@ -59,12 +59,13 @@ def plan_rank_caches(model, image: ImageConditioning, steps_owned: int, policy: 
     w, h = image.width, image.height
     if stream is not None:
         return _plan_paged_caches(model, stream, w, h, steps_owned, free, total, decode_here)
+    layers = getattr(model.dit, "layers", None)  # a layer slice holds the caches of its layers only
     plan = plan_caches(model.dit.cfg, w, h, steps_owned, policy=policy, free=free, total=total,
                        host_available=available_host_bytes(), dtype=model.dtype, stream=model.stream,
                        decode_here=decode_here, device=model.device,
-                       what=f"generating at {w}x{h} with {steps_owned} step caches")
+                       what=f"generating at {w}x{h} with {steps_owned} step caches", layers=layers)
     if plan.offload:
-        host = host_cache_bytes(model.dit.cfg, w, h, steps_owned, model.dtype, model.stream)
+        host = host_cache_bytes(model.dit.cfg, w, h, steps_owned, model.dtype, model.stream, layers)
         if policy.prefetch and not plan.prefetch:
             log.info("KV prefetch off: its second %.1f GiB buffer does not fit", host / steps_owned / GIB)
         log.info("KV caches offloaded to host memory (%.1f GiB; %d step cache(s) of %.1f GiB on the GPU): "
@@ -176,17 +177,19 @@ class RankJob:
         self.runner: StepRunner | None = None
         self.decoder: BlockDecoder | None = None
 
-    def start(self, decoder: bool = True) -> "RankJob":
+    def start(self, decoder: bool = True, prefill: bool = True) -> "RankJob":
         """Memory preflight (CUDA), reference latents, the runner of the owned steps with its sink
         prefilled, and the decoder when this rank decodes (decoder=False: the caller makes its
-        own with `new_decoder`, e.g. on the overlapped decode's thread)."""
+        own with `new_decoder`, e.g. on the overlapped decode's thread; prefill=False: a layer
+        slice, whose sink prefill passes through the other slices, fills it itself)."""
         m, opt = self.model, self.options
         caches = plan_rank_caches(m, self.image, len(self.owned), opt.cache, self.decodes) if self.owned else None
         if self.ref is None:
             self.ref = m.encode_reference(self.image)
         if self.owned:
             self.runner = _new_runner(m, self.context, self.image, opt.seed, opt.steps, self.owned, caches)
-            self.runner.prefill(self.ref.ref, self.ref.motion)
+            if prefill:
+                self.runner.prefill(self.ref.ref, self.ref.motion)
         if self.decodes and decoder:
             self.decoder = self.new_decoder()
         return self

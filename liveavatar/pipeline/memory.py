@@ -21,13 +21,14 @@ GIB = 1024 ** 3
 
 
 @functools.lru_cache(maxsize=8)
-def dit_param_counts(cfg: DiTConfig) -> tuple[int, int]:
-    """(all parameters, parameters in fp8-eligible Linear weights) of the DiT, from the config."""
+def dit_param_counts(cfg: DiTConfig, layers: range | None = None) -> tuple[int, int]:
+    """(all parameters, parameters in fp8-eligible Linear weights) of the DiT, from the config
+    (`layers`: of that layer slice only)."""
     from liveavatar.models.dit import CausalS2VDiT
     from liveavatar.models.fp8 import fp8_weight_numel
 
     with torch.device("meta"):
-        model = CausalS2VDiT(cfg)
+        model = CausalS2VDiT(cfg, layers=layers)
     return fp8_weight_numel(model)
 
 
@@ -44,10 +45,10 @@ def block_param_counts(cfg: DiTConfig) -> tuple[int, int]:
 
 
 def dit_weight_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool,
-                     param_counts: tuple[int, int] | None = None) -> int:
+                     param_counts: tuple[int, int] | None = None, layers: range | None = None) -> int:
     """Bytes of the DiT weights in `dtype`, with 1 byte per fp8-eligible linear weight when `fp8`."""
     elt = torch.tensor([], dtype=dtype).element_size()
-    total, linear = param_counts or dit_param_counts(cfg)
+    total, linear = param_counts or dit_param_counts(cfg, layers)
     return (total - linear) * elt + linear * (1 if fp8 else elt)
 
 
@@ -87,9 +88,10 @@ def _latent_hw(width: int, height: int, stream: StreamConfig) -> tuple[int, int]
     return height // stream.vae_stride_hw, width // stream.vae_stride_hw
 
 
-def _kv_bytes_per_token(cfg: DiTConfig, dtype: torch.dtype) -> int:
-    """Bytes of one cached token over all layers (keys + values)."""
-    return cfg.num_layers * 2 * cfg.dim * torch.tensor([], dtype=dtype).element_size()
+def _kv_bytes_per_token(cfg: DiTConfig, dtype: torch.dtype, layers: range | None = None) -> int:
+    """Bytes of one cached token over all layers (or the slice `layers`), keys + values."""
+    n = cfg.num_layers if layers is None else len(layers)
+    return n * 2 * cfg.dim * torch.tensor([], dtype=dtype).element_size()
 
 
 def kv_layer_bytes(cfg: DiTConfig, width: int, height: int, dtype: torch.dtype = torch.bfloat16,
@@ -111,9 +113,11 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
                     dtype: torch.dtype = torch.bfloat16, fp8: bool = False, decode_here: bool = True,
                     stream: StreamConfig = DEFAULT_STREAM, param_counts: tuple[int, int] | None = None,
                     sink_slot: bool = False, kv_offload: bool = False,
-                    residency: LayerResidency | None = None) -> MemoryEstimate:
+                    residency: LayerResidency | None = None, layers: range | None = None) -> MemoryEstimate:
     """Resident GPU bytes of one rank that owns `steps_owned` denoising steps at W x H pixels.
 
+    layers: the rank holds only this DiT layer slice (weights, caches and text state of those
+    layers; a layer-sharded worker group).
     sink_slot: the step caches also reserve rows for the rotated sink (a speed option, on only
     when it fits: `plan_caches`; +2.5 fsl tokens per step cache).
     kv_offload: the step caches live in host memory and share one device buffer (one cache's
@@ -127,9 +131,9 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
     from liveavatar.models.tokens import clip_tokens, frame_tokens, sink_tokens
 
     elt = torch.tensor([], dtype=dtype).element_size()
-    weights = dit_weight_bytes(cfg, dtype, fp8, param_counts) if steps_owned else 0
+    weights = dit_weight_bytes(cfg, dtype, fp8, param_counts, layers) if steps_owned else 0
     hw = _latent_hw(width, height, stream)
-    kv = _kv_bytes_per_token(cfg, dtype)
+    kv = _kv_bytes_per_token(cfg, dtype, layers)
     sink = sink_tokens(hw, cfg.patch_size, stream)
     resident = min(steps_owned, 1) if kv_offload else steps_owned
     step_caches = resident * (clip_tokens(hw, cfg.patch_size, stream) + (0 if kv_offload or not sink_slot else sink)) * kv
@@ -142,7 +146,7 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
         step_caches = (steps_owned * residency.kv + min(residency.buffers, paged)) * kv_layer_bytes(
             cfg, width, height, dtype, stream)
     sink_cache = sink * kv if steps_owned else 0
-    text_state = cfg.num_layers * 2 * cfg.text_len * cfg.dim * elt if steps_owned else 0
+    text_state = kv * cfg.text_len if steps_owned else 0  # per layer: text_len keys and values
     vae = VAE_BYTES if decode_here else 0
     block_tokens = stream.frames_per_block_latent * frame_tokens(hw, cfg.patch_size)
     # FFN hidden + q/k/v/o of one block in flight, plus decoder feature maps at full resolution
@@ -153,11 +157,12 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
 
 
 def load_estimate(cfg: DiTConfig, dtype: torch.dtype, fp8: bool,
-                  residency: LayerResidency | None = None) -> MemoryEstimate:
-    """GPU bytes while loading: the DiT weights (fp8: converted layer by layer while loading, so
-    the peak is the fp8 size plus one bf16 layer, inside the reserve) and the VAE. residency: only
-    the resident blocks and the stream's slots (the others go to host memory as they load)."""
-    weights = dit_weight_bytes(cfg, dtype, fp8)
+                  residency: LayerResidency | None = None, layers: range | None = None) -> MemoryEstimate:
+    """GPU bytes while loading: the DiT weights (of the slice `layers`; fp8: converted layer by
+    layer while loading, so the peak is the fp8 size plus one bf16 layer, inside the reserve) and
+    the VAE. residency: only the resident blocks and the stream's slots (the others go to host
+    memory as they load)."""
+    weights = dit_weight_bytes(cfg, dtype, fp8, layers=layers)
     if residency is not None:
         streamed = cfg.num_layers - residency.weights
         weights -= (streamed - min(residency.buffers, streamed)) * block_bytes(cfg, dtype, fp8)
@@ -226,12 +231,13 @@ def fit_residency(cfg: DiTConfig, width: int, height: int, steps_owned: int, fre
 
 
 def host_cache_bytes(cfg: DiTConfig, width: int, height: int, steps_owned: int,
-                     dtype: torch.dtype = torch.bfloat16, stream: StreamConfig = DEFAULT_STREAM) -> int:
-    """Host (CPU) bytes of `steps_owned` offloaded step caches at W x H pixels."""
+                     dtype: torch.dtype = torch.bfloat16, stream: StreamConfig = DEFAULT_STREAM,
+                     layers: range | None = None) -> int:
+    """Host (CPU) bytes of `steps_owned` offloaded step caches (of the slice `layers`) at W x H pixels."""
     from liveavatar.models.tokens import clip_tokens
 
     ring = clip_tokens(_latent_hw(width, height, stream), cfg.patch_size, stream)
-    return steps_owned * ring * _kv_bytes_per_token(cfg, dtype)
+    return steps_owned * ring * _kv_bytes_per_token(cfg, dtype, layers)
 
 
 def available_host_bytes() -> int | None:
@@ -283,18 +289,19 @@ class CachePlan:
 def plan_caches(cfg: DiTConfig, width: int, height: int, steps_owned: int, *, policy: "CachePolicy",
                 free: int, total: int, host_available: int | None, dtype: torch.dtype = torch.bfloat16,
                 stream: StreamConfig = DEFAULT_STREAM, decode_here: bool = True, device: object = "cuda",
-                what: str = "this job") -> CachePlan:
+                what: str = "this job", layers: range | None = None) -> CachePlan:
     """The one cache decision of every rank (in-process or a worker), weights already resident.
 
     free / total: GPU bytes now; host_available: free RAM (None: unknown). policy.offload None:
     offload only when the resident caches do not fit; policy.prefetch None: with the offload
     whenever its second buffer fits too (True: the same, asked for; False: never). The sink slot
     is taken when every resident cache fits with it. Raises MemoryError (numbers and remedies)
-    when nothing fits, also when the offloaded caches do not fit the host memory.
+    when nothing fits, also when the offloaded caches do not fit the host memory. layers: the
+    rank holds this DiT layer slice.
     """
     def est(**kw) -> MemoryEstimate:
         return estimate_memory(cfg, width, height, steps_owned=steps_owned, dtype=dtype, stream=stream,
-                               decode_here=decode_here, param_counts=(0, 0), **kw)
+                               decode_here=decode_here, param_counts=(0, 0), layers=layers, **kw)
 
     resident = est()
     if not policy.offload:
@@ -305,7 +312,7 @@ def plan_caches(cfg: DiTConfig, width: int, height: int, steps_owned: int, *, po
     offloaded = est(kv_offload=True)
     if not fits(offloaded, free):
         raise memory_error(offloaded, free, total, device, what + " (KV caches offloaded to host memory)")
-    host_need = host_cache_bytes(cfg, width, height, steps_owned, dtype, stream)
+    host_need = host_cache_bytes(cfg, width, height, steps_owned, dtype, stream, layers)
     if host_available is not None and host_need > host_available:
         raise MemoryError(f"{what}: the KV cache offload needs {host_need / GIB:.1f} GiB of host memory, "
                           f"{host_available / GIB:.1f} GiB are available. Remedies: a smaller size (384*256), fp8 "

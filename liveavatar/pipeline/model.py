@@ -68,13 +68,15 @@ class LoadOptions:
         return opts
 
 
-def _check_load_fits(opts: LoadOptions, config) -> None:
-    """Refuse early when the DiT weights cannot even be loaded on the GPU (`memory.load_estimate`)."""
+def _check_load_fits(opts: LoadOptions, config, layers: range | None = None) -> None:
+    """Refuse early when the DiT weights (of `layers`, a slice) cannot even be loaded on the GPU
+    (`memory.load_estimate`)."""
     if opts.device.type != "cuda":
         return
     from liveavatar.pipeline.memory import check_fits, load_estimate
 
-    check_fits(opts.device, load_estimate(config, opts.dtype, bool(opts.fp8)), "loading the DiT weights")
+    check_fits(opts.device, load_estimate(config, opts.dtype, bool(opts.fp8), layers=layers),
+               "loading the DiT weights" + (f" (layers {layers.start}-{layers.stop - 1})" if layers else ""))
 
 
 class LiveAvatar:
@@ -96,8 +98,10 @@ class LiveAvatar:
     def from_checkpoint(cls, ckpt_dir: str | Path, *, lora: str | Path | None = None,
                         lora_strength: float = 1.0, device: str | torch.device | None = "auto",
                         dtype: str | torch.dtype = "bf16", fp8: bool | str = False, attn: str = "sdpa",
-                        compile: bool = False, stream: StreamConfig = DEFAULT_STREAM) -> "LiveAvatar":
-        """Load the official Wan2.2-S2V-14B folder layout (+ the Live Avatar LoRA)."""
+                        compile: bool = False, stream: StreamConfig = DEFAULT_STREAM,
+                        layers: range | None = None) -> "LiveAvatar":
+        """Load the official Wan2.2-S2V-14B folder layout (+ the Live Avatar LoRA); `layers`: only
+        this DiT layer slice (a rank of a layer-sharded worker group)."""
         from liveavatar.loading.official import find_official_checkpoint, load_components
 
         opts = LoadOptions.resolve(device, dtype, fp8, attn, compile)  # before any file is read
@@ -106,9 +110,9 @@ class LiveAvatar:
             log.warning("no Live Avatar LoRA found beside %s: running the BASE Wan2.2-S2V weights, which are not "
                         "distilled for %s-step streaming (expect poor video); pass --lora liveavatar.safetensors",
                         ckpt.root, "4")
-        _check_load_fits(opts, ckpt.config)
+        _check_load_fits(opts, ckpt.config, layers)
         parts = load_components(ckpt, device=opts.device, dtype=opts.dtype, lora_strength=lora_strength,
-                                fp8=opts.fp8)
+                                fp8=opts.fp8, layers=layers)
         model = cls(parts["dit"], parts["vae"], parts["text_encoder"], parts["audio_encoder"], opts,
                     stream=stream, source=str(ckpt.root))
         model._apply_speed_options()
@@ -120,15 +124,16 @@ class LiveAvatar:
                    lora_strength: float = 1.0, config: str | Path | None = None,
                    device: str | torch.device | None = "auto", dtype: str | torch.dtype = "bf16",
                    fp8: bool | str = False, attn: str = "sdpa", compile: bool = False,
-                   stream: StreamConfig = DEFAULT_STREAM) -> "LiveAvatar":
-        """Load ComfyUI-style single files (layouts detected from the keys and converted)."""
+                   stream: StreamConfig = DEFAULT_STREAM, layers: range | None = None) -> "LiveAvatar":
+        """Load ComfyUI-style single files (layouts detected from the keys and converted);
+        `layers`: only this DiT layer slice."""
         from liveavatar.loading.official import load_components_from_files
 
         opts = LoadOptions.resolve(device, dtype, fp8, attn, compile)  # before any file is read
         parts = load_components_from_files(dit=dit, t5=t5, vae=vae, wav2vec=wav2vec,
                                            tokenizer_dir=tokenizer_dir, lora=lora,
                                            lora_strength=lora_strength, config=config,
-                                           device=opts.device, dtype=opts.dtype, fp8=opts.fp8)
+                                           device=opts.device, dtype=opts.dtype, fp8=opts.fp8, layers=layers)
         model = cls(parts["dit"], parts["vae"], parts["text_encoder"], parts["audio_encoder"], opts,
                     stream=stream, source=str(dit))
         model._apply_speed_options()
