@@ -40,7 +40,7 @@ from .causal_audio import CausalAudioEncoder
 from .dit_blocks import DiTBlock, Head, fp32_linear
 from .framepack import FramePackMotioner
 from .tokens import clip_tokens, frame_tokens, sink_tokens
-from .kv_cache import KVWorkingBuffer, SinkCache, StepKVCache
+from .kv_cache import KVWorkingBuffer, SinkCache, StepKVCache, kv_row_width, kv_storage_dtype
 from .graphs import BlockGraphs
 from .rope import RopeFactors, grid_positions, rope_factors
 
@@ -174,14 +174,14 @@ class CausalS2VDiT(nn.Module):
 
     # ----------------------------------------------------------------------------- caches
 
-    def new_sink_cache(self, latent_hw: tuple[int, int], device=None, dtype=None) -> SinkCache:
-        """Empty sink cache for a latent size; capacity = `sink_tokens(latent_hw)`."""
+    def new_sink_cache(self, latent_hw: tuple[int, int], device=None, dtype=None, fp8: bool = False) -> SinkCache:
+        """Empty sink cache for a latent size; capacity = `sink_tokens(latent_hw)` (fp8: packed fp8 rows)."""
         c = self.cfg
         return SinkCache(c.num_layers, self.sink_tokens(latent_hw), c.num_heads, c.head_dim, tuple(latent_hw),
-                         self.frame_seqlen(latent_hw), device or self.device, dtype or self.dtype)
+                         self.frame_seqlen(latent_hw), device or self.device, dtype or self.dtype, fp8=fp8)
 
     def new_step_cache(self, latent_hw: tuple[int, int], device=None, dtype=None,
-                       sink_slot: bool = False, working=None) -> StepKVCache:
+                       sink_slot: bool = False, working=None, fp8: bool = False) -> StepKVCache:
         """Empty per-step cache: ring of one clip (`latent_frames_per_clip * fsl` tokens).
 
         `sink_slot=True` adds `sink_tokens` rows holding the rotated sink, so that steady-state
@@ -189,17 +189,20 @@ class CausalS2VDiT(nn.Module):
         every layer (same numbers; see kv_cache.py). Costs 2.5 fsl more rows per step cache; whether
         it fits is decided with the other caches (`pipeline.memory.plan_caches`).
         `working`: a `KVWorkingBuffer` (see `new_working_buffer`) makes an offloaded cache.
+        `fp8`: rows stored as fp8 with a per-(token, head) scale (kv_cache.py), about half the bytes.
         """
         c = self.cfg
         slot = self.sink_tokens(latent_hw) if sink_slot else 0
         return StepKVCache(c.num_layers, self._ring_tokens(latent_hw), slot, c.num_heads, c.head_dim,
-                           tuple(latent_hw), device or self.device, dtype or self.dtype, working=working)
+                           tuple(latent_hw), device or self.device, dtype or self.dtype, working=working, fp8=fp8)
 
-    def new_working_buffer(self, latent_hw: tuple[int, int], device=None, dtype=None) -> KVWorkingBuffer:
+    def new_working_buffer(self, latent_hw: tuple[int, int], device=None, dtype=None,
+                           fp8: bool = False) -> KVWorkingBuffer:
         """The device buffer offloaded step caches share (one step cache without sink slot)."""
         c = self.cfg
-        return KVWorkingBuffer(torch.zeros(c.num_layers, 2, 1, self._ring_tokens(latent_hw), c.num_heads, c.head_dim,
-                                           device=device or self.device, dtype=dtype or self.dtype))
+        return KVWorkingBuffer(torch.zeros(c.num_layers, 2, 1, self._ring_tokens(latent_hw), c.num_heads,
+                                           kv_row_width(c.head_dim, fp8), device=device or self.device,
+                                           dtype=kv_storage_dtype(dtype or self.dtype, fp8)))
 
     # ----------------------------------------------------------------------------- conditioning
 

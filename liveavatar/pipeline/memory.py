@@ -72,21 +72,27 @@ def _latent_hw(width: int, height: int, stream: StreamConfig) -> tuple[int, int]
     return height // stream.vae_stride_hw, width // stream.vae_stride_hw
 
 
-def _kv_bytes_per_token(cfg: DiTConfig, dtype: torch.dtype) -> int:
-    """Bytes of one cached token over all layers (keys + values)."""
+def _kv_bytes_per_token(cfg: DiTConfig, dtype: torch.dtype, kv_fp8: bool = False) -> int:
+    """Bytes of one cached token over all layers (keys + values); kv_fp8: 1 byte per value plus a
+    2-byte scale per head (`models.kv_cache.kv_row_width`)."""
+    if kv_fp8:
+        from liveavatar.models.kv_cache import kv_row_width
+
+        return cfg.num_layers * 2 * cfg.num_heads * kv_row_width(cfg.dim // cfg.num_heads, True)
     return cfg.num_layers * 2 * cfg.dim * torch.tensor([], dtype=dtype).element_size()
 
 
 def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int = 4,
                     dtype: torch.dtype = torch.bfloat16, fp8: bool = False, decode_here: bool = True,
                     stream: StreamConfig = DEFAULT_STREAM, param_counts: tuple[int, int] | None = None,
-                    sink_slot: bool = False, kv_offload: bool = False) -> MemoryEstimate:
+                    sink_slot: bool = False, kv_offload: bool = False, kv_fp8: bool = False) -> MemoryEstimate:
     """Resident GPU bytes of one rank that owns `steps_owned` denoising steps at W x H pixels.
 
     sink_slot: the step caches also reserve rows for the rotated sink (a speed option, on only
     when it fits: `plan_caches`; +2.5 fsl tokens per step cache).
     kv_offload: the step caches live in host memory and share one device buffer (one cache's
     rows on the GPU; see `host_cache_bytes` for the host side).
+    kv_fp8: step and sink caches stored as fp8 (about half the bytes).
     param_counts: (0, 0) for weights already resident (not counted).
     """
     from liveavatar.models.tokens import clip_tokens, frame_tokens, sink_tokens
@@ -94,7 +100,7 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
     elt = torch.tensor([], dtype=dtype).element_size()
     weights = dit_weight_bytes(cfg, dtype, fp8, param_counts) if steps_owned else 0
     hw = _latent_hw(width, height, stream)
-    kv = _kv_bytes_per_token(cfg, dtype)
+    kv = _kv_bytes_per_token(cfg, dtype, kv_fp8)
     sink = sink_tokens(hw, cfg.patch_size, stream)
     resident = min(steps_owned, 1) if kv_offload else steps_owned
     step_caches = resident * (clip_tokens(hw, cfg.patch_size, stream) + (0 if kv_offload or not sink_slot else sink)) * kv
@@ -116,12 +122,13 @@ def load_estimate(cfg: DiTConfig, dtype: torch.dtype, fp8: bool) -> MemoryEstima
 
 
 def host_cache_bytes(cfg: DiTConfig, width: int, height: int, steps_owned: int,
-                     dtype: torch.dtype = torch.bfloat16, stream: StreamConfig = DEFAULT_STREAM) -> int:
+                     dtype: torch.dtype = torch.bfloat16, stream: StreamConfig = DEFAULT_STREAM,
+                     kv_fp8: bool = False) -> int:
     """Host (CPU) bytes of `steps_owned` offloaded step caches at W x H pixels."""
     from liveavatar.models.tokens import clip_tokens
 
     ring = clip_tokens(_latent_hw(width, height, stream), cfg.patch_size, stream)
-    return steps_owned * ring * _kv_bytes_per_token(cfg, dtype)
+    return steps_owned * ring * _kv_bytes_per_token(cfg, dtype, kv_fp8)
 
 
 def available_host_bytes() -> int | None:
@@ -161,12 +168,14 @@ class CachePlan:
 
     offload: in host memory, paged through a device buffer; prefetch: a second device buffer so the
     next step's page-in overlaps this step's compute; sink_slot: resident caches with rows for the
-    rotated sink (faster attention, +2.5 fsl tokens per cache).
+    rotated sink (faster attention, +2.5 fsl tokens per cache); fp8: step and sink caches stored
+    as fp8 (`CachePolicy.fp8`, passed through).
     """
 
     offload: bool = False
     prefetch: bool = False
     sink_slot: bool = False
+    fp8: bool = False
 
 
 def plan_caches(cfg: DiTConfig, width: int, height: int, steps_owned: int, *, policy: "CachePolicy",
@@ -183,22 +192,22 @@ def plan_caches(cfg: DiTConfig, width: int, height: int, steps_owned: int, *, po
     """
     def est(**kw) -> MemoryEstimate:
         return estimate_memory(cfg, width, height, steps_owned=steps_owned, dtype=dtype, stream=stream,
-                               decode_here=decode_here, param_counts=(0, 0), **kw)
+                               decode_here=decode_here, param_counts=(0, 0), kv_fp8=policy.fp8, **kw)
 
     resident = est()
     if not policy.offload:
         if fits(resident, free):
-            return CachePlan(sink_slot=steps_owned > 0 and fits(est(sink_slot=True), free))
+            return CachePlan(sink_slot=steps_owned > 0 and fits(est(sink_slot=True), free), fp8=policy.fp8)
         if policy.offload is False or steps_owned < 2:
             raise memory_error(resident, free, total, device, what)
     offloaded = est(kv_offload=True)
     if not fits(offloaded, free):
         raise memory_error(offloaded, free, total, device, what + " (KV caches offloaded to host memory)")
-    host_need = host_cache_bytes(cfg, width, height, steps_owned, dtype, stream)
+    host_need = host_cache_bytes(cfg, width, height, steps_owned, dtype, stream, kv_fp8=policy.fp8)
     if host_available is not None and host_need > host_available:
         raise MemoryError(f"{what}: the KV cache offload needs {host_need / GIB:.1f} GiB of host memory, "
                           f"{host_available / GIB:.1f} GiB are available. Remedies: a smaller size (384*256), fp8 "
                           "weights so the caches fit the GPU, or more GPUs in 'tpp' mode.")
     two_buffers = dataclasses.replace(offloaded, step_caches=2 * offloaded.step_caches)
     prefetch = policy.prefetch is not False and steps_owned > 1 and fits(two_buffers, free)
-    return CachePlan(offload=True, prefetch=prefetch)
+    return CachePlan(offload=True, prefetch=prefetch, fp8=policy.fp8)
