@@ -143,3 +143,21 @@ def test_kv_dtype_option():
     assert resolve_kv_dtype("bf16") is False
     with pytest.raises(ValueError, match="kv_dtype: 'fp16'"):
         resolve_kv_dtype("fp16")
+
+
+def test_quality_bench_script_appends_a_json_line(tmp_path):
+    """bench/fp8_kv_quality.py (the GPU measurement) on the tiny config on CPU: one JSON line with
+    the per-block PSNR, the cache bytes ratio and the command/device/date fields."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "q.jsonl"
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "bench.fp8_kv_quality", "--tiny", "--device", "cpu", "--blocks", "1",
+                    "--size", "128*64", "--out", str(out)], cwd=root, check=True, capture_output=True, timeout=600)
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["bench"] == "fp8_kv_quality" and row["device"].startswith("cpu") and row["date"] and row["command"]
+    assert len(row["psnr_db_per_block"]) == 1 and row["psnr_db_min"] > 30 and row["finite"]
+    assert 0.5 < row["cache_bytes_ratio"] < 0.6  # tiny head_dim 32: 34 of 64 bytes
