@@ -272,6 +272,19 @@ class CausalS2VDiT(nn.Module):
         self._time_cache.clear()
         self._rope_cache.clear()
 
+    def move_weights(self, device: torch.device | str) -> None:
+        """Move every weight to `device` (e.g. the host, to give the GPU back, and back again) and
+        drop what was bound to the old storage: cached time / RoPE factors and ring rows, the fused
+        q/k/v copies of `compile_blocks`, captured CUDA graphs (they hold the old addresses)."""
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, also inside ComfyUI
+            self.to(device)
+        self.clear_caches()
+        self._rows_cache.clear()
+        if self._fused is not None:
+            self._fused._qkv.clear()
+        if self._graphs is not None:
+            self._graphs.clear()
+
     def compile_blocks(self, compile: bool = True) -> None:
         """Run streaming calls through fused layer regions (models/compiled.py), torch.compile'd once
         on the first block and shared by all layers. `compile=False`: same regions, eager (tests)."""
