@@ -25,6 +25,7 @@ class LiveAvatarExtension(ComfyExtension):
         model_files.register_folder()
         comfy_memory.add_status_route()
 
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:  # (this ComfyUI never calls on_load)
         model_files.register_folder()
+        comfy_memory.add_status_route()
         return list(NODES)
