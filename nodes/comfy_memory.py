@@ -9,6 +9,7 @@
   `free_memory` use. When ComfyUI needs memory for another model (or `/free` unloads models), it
   calls `partially_unload` / `detach` and our DiT weights move to ComfyUI's offload device (the
   host); the next run reloads them. All or nothing: our DiT runs with every layer on one device.
+- `fit_in_comfy`: size=auto / kv_dtype auto for a loaded model, on the memory ComfyUI could give.
 - `status()`: what `/liveavatar/status` answers (which models are live, registered, where the
   DiT weights are).
 
@@ -18,7 +19,7 @@ Outside ComfyUI (tests, scripts) every function here does nothing.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -163,8 +164,43 @@ def is_registered(patcher: LiveAvatarPatcher | None) -> bool:
     return mm is not None and patcher is not None and any(m.model is patcher for m in mm.current_loaded_models)
 
 
-def add_status_route() -> None:
-    """GET /liveavatar/status: the live models (see `nodes.handle.status`). Registered once."""
+def freeable(devices: tuple[str, ...], keep: LiveAvatarPatcher | None = None) -> list[int]:
+    """Bytes a job could have on each device: free now plus what ComfyUI could free (its other
+    loaded models on that device; not `keep`). A CPU device: the host's available memory.
+    Outside ComfyUI: the free memory (`pipeline.fit.measure_free`)."""
+    from liveavatar.pipeline.fit import measure_free
+
+    free, _ = measure_free(devices)
+    mm = _mm()
+    if mm is None:
+        return free
+    out = []
+    for d, f in zip(devices, free):
+        dev = torch.device(d)
+        if dev.type == "cpu":
+            out.append(f)
+            continue
+        others = sum(m.model_loaded_memory() for m in mm.current_loaded_models
+                     if m.device == dev and m.model is not None and m.model is not keep)
+        out.append(int(mm.get_free_memory(dev)) + int(others))
+    return out
+
+
+def fit_in_comfy(handle: Any, *, size: tuple[int, int] | None, image_wh: tuple[int, int] | None = None,
+                 size_mode: str = "area", steps: int = 4, kv_fp8: bool | None = False):
+    """`pipeline.fit.fit_job` for a loaded model: its precision fixed, its DiT already resident,
+    the memory ComfyUI could give (`freeable`) on its devices; KV offload auto. size None: size=auto."""
+    from liveavatar.pipeline.fit import fit_job
+
+    devices = handle.spec.placement.devices
+    free = freeable(devices, keep=handle.patcher)
+    return fit_job(handle.dit_config, free, size=size, image_wh=image_wh, size_mode=size_mode, steps=steps,
+                   weights_fp8=bool(handle.spec.fp8), kv_fp8=kv_fp8, kv_offload=None, devices=list(devices),
+                   weights_loaded=True)
+
+
+def add_status_route(status: Callable[[], dict]) -> None:
+    """GET /liveavatar/status: `status()` as JSON (the live models: `nodes.handle.status`). Registered once."""
     try:
         from aiohttp import web
         from server import PromptServer
@@ -176,12 +212,10 @@ def add_status_route() -> None:
 
     @routes.get("/liveavatar/status")
     async def _status(_request):
-        from .handle import status
-
         return web.json_response(status())
 
     add_status_route.done = True
 
 
-__all__ = ["LiveAvatarPatcher", "free_for", "register", "ensure_loaded", "unregister", "is_registered",
+__all__ = ["LiveAvatarPatcher", "free_for", "freeable", "fit_in_comfy", "register", "ensure_loaded", "unregister", "is_registered",
            "add_status_route"]

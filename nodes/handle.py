@@ -204,6 +204,14 @@ class LiveAvatarHandle:
                 return obj
         return None
 
+    @property
+    def dit_config(self) -> Any:
+        """The DiT's config (a worker group's ranks hold it: the 14B config)."""
+        from liveavatar.config import DiTConfig
+
+        dit = getattr(self.backend, "dit", None)
+        return dit.cfg if dit is not None else DiTConfig()
+
     def _live(self) -> Any:
         if self.closed or self.backend is None:
             raise RuntimeError("this LiveAvatar model was unloaded (another model was loaded after it); "
@@ -241,12 +249,9 @@ class LiveAvatarHandle:
     def _make_room(self, backend: Any, image: Any, kwargs: dict) -> None:
         """Before a job: ComfyUI frees what the job needs (its caches and activations; for an
         in-process model also our DiT weights if ComfyUI had moved them to the host)."""
-        from liveavatar.config import DiTConfig
         from liveavatar.pipeline.memory import estimate_memory
 
-        dit = getattr(backend, "dit", None)
-        cfg = dit.cfg if dit is not None else DiTConfig()  # a worker group: the 14B
-        need = estimate_memory(cfg, image.width, image.height, steps_owned=int(kwargs.get("steps", 4)),
+        need = estimate_memory(self.dit_config, image.width, image.height, steps_owned=int(kwargs.get("steps", 4)),
                                param_counts=(0, 0), kv_fp8=bool(kwargs.get("kv_fp8")),
                                kv_offload=bool(kwargs.get("kv_offload"))).total
         if self.patcher is not None:

@@ -177,7 +177,7 @@ def fit_job(cfg: DiTConfig, free: Sequence[int], *, size: tuple[int, int] | None
             kv_offload: bool | None = None, resident_layers: int | str | None = None,
             host_free: int | None = None, dtype: torch.dtype = torch.bfloat16,
             stream: StreamConfig = DEFAULT_STREAM, devices: Sequence[str] | None = None,
-            fp8_possible: bool = True) -> Fit:
+            fp8_possible: bool = True, weights_loaded: bool = False) -> Fit:
     """The size and memory options of a job on GPUs with `free` bytes each (one entry per GPU).
 
     size: (W, H) already resolved, or None for `size=auto` (the reference's list for `image_wh`
@@ -185,13 +185,14 @@ def fit_job(cfg: DiTConfig, free: Sequence[int], *, size: tuple[int, int] | None
     only where the GPUs run fp8 GEMMs, `fp8_weights_choice`).
     resident_layers: DiT layers kept on the GPU (None: all; a count; "auto"). host_free: RAM for
     offloaded caches (None: unknown). devices: names for messages. fp8_possible: the GPUs run fp8
-    GEMMs (`fp8_capable`), so the NoFitError may suggest fp8 weights. Raises NoFitError.
+    GEMMs (`fp8_capable`), so the NoFitError may suggest fp8 weights. weights_loaded: the DiT is
+    already on the GPUs (`free` is what is left besides it): its weights are not counted. Raises NoFitError.
     """
     if not free:
         raise ValueError("free: no GPU given")
     names = list(devices) if devices is not None else [f"GPU {i}" for i in range(len(free))]
     layout = tpp_layout(len(free), steps)
-    counts = dit_param_counts(cfg)
+    counts = (0, 0) if weights_loaded else dit_param_counts(cfg)
     sizes = [(None, *size)] if size is not None else size_candidates(image_wh, size_mode, stream)
     combos = option_combinations(cfg, weights_fp8=weights_fp8, kv_fp8=kv_fp8, kv_offload=kv_offload,
                                  resident_layers=resident_layers)
