@@ -110,6 +110,8 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
     block_tokens = stream.frames_per_block_latent * frame_tokens(hw, cfg.patch_size)
     # FFN hidden + q/k/v/o of one block in flight, plus decoder feature maps at full resolution
     working = 4 * block_tokens * max(cfg.ffn_dim, 4 * cfg.dim) * elt if steps_owned else 0
+    if kv_fp8 and steps_owned:  # one layer's window + sink keys and values dequantized for attention
+        working += 2 * (clip_tokens(hw, cfg.patch_size, stream) + sink) * cfg.dim * elt
     if decode_here:
         working += int(stream.frames_per_block * height * width * 96 * 2 * 4)
     return MemoryEstimate(weights, step_caches, sink_cache, text_state, vae, int(working + RESERVE_BYTES))
