@@ -55,6 +55,7 @@ from bench.random_model import BenchRun, BenchUsageError, apply_options, bench_c
 from bench.placement import cap_device_memory, job_estimate, preflight, stream_fields
 from bench.scopes import run_dit_scope, run_end_to_end
 from liveavatar.cli import AUTO_ON_OFF, auto_on_off
+from liveavatar.options import DEFAULT_KV_DTYPE, KV_DTYPES, resolve_kv_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-prefetch", choices=AUTO_ON_OFF, nargs="?", const="on", default="auto",
                    help="with KV offload: a second GPU buffer, the next step's page-in overlaps compute "
                         "(auto: as the pipeline, whenever it fits; scope dit: on)")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default=DEFAULT_KV_DTYPE,
+                   help="KV cache storage: bf16 (the model dtype) or fp8 (per token-head scales, about half the bytes)")
     p.add_argument("--no-compile-vae", action="store_true",
                    help="end_to_end with --compile: keep the VAE decoder eager (default: compiled, as the pipeline)")
     p.add_argument("--no-overlap", action="store_true",
@@ -267,6 +270,7 @@ def bench(args) -> dict:
         out["cache_gib"] = res["cache_gib"]
     out["kv_offload"] = res.get("kv_offload", getattr(args, "kv_offload_opt", None))
     out["kv_prefetch"] = res.get("kv_prefetch")
+    out["kv_dtype"] = getattr(args, "kv_dtype", DEFAULT_KV_DTYPE)
     if "decode_ms" in res:
         out["dit_ms"] = benchlib.median(res["dit_ms"])
         out["decode_ms"] = benchlib.median(res["decode_ms"])
@@ -314,7 +318,7 @@ def _estimate(cfg, run: BenchRun, args, dtype) -> float | None:
 
     try:
         est = estimate_memory(cfg, run.width, run.height, steps_owned=args.steps, dtype=dtype, fp8=args.fp8,
-                              decode_here=args.scope == "end_to_end")
+                              decode_here=args.scope == "end_to_end", kv_fp8=args.kv_fp8_opt)
         return est.total / 2**30
     except Exception:
         return None
@@ -326,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # a worker-group bench hands the same command line to every rank
     args.kv_offload_opt = auto_on_off(args.kv_offload)
     args.kv_prefetch_opt = auto_on_off(args.kv_prefetch)
+    args.kv_fp8_opt = resolve_kv_dtype(args.kv_dtype)
     try:
         result = bench(args)
         code = 0

@@ -62,7 +62,10 @@ class RandomWeightsEngine(LiveAvatarEngine):
         image = ImageConditioning(pixels=torch.zeros(1, 3, 1, run.height, run.width),
                                   width=run.width, height=run.height)
         audio = AudioConditioning(features=run.features, num_frames=num_frames, audio=wave, lead_in_frames=lead)
-        options = JobOptions(seed=args.seed, steps=args.steps, sink_refresh=True)
+        from liveavatar.options import CachePolicy
+
+        cache = CachePolicy.from_choices(args.kv_offload, args.kv_prefetch, args.kv_dtype)
+        options = JobOptions(seed=args.seed, steps=args.steps, sink_refresh=True, cache=cache)
         return self.start_job(options, image, wave, audio=audio, context=run.context,
                               reference=ReferenceLatents(ref=run.ref, motion=run.motion))
 

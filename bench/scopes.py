@@ -68,7 +68,8 @@ def run_dit_scope(args, cfg, dit, device, dtype, run: BenchRun) -> dict:
     t_start = time.perf_counter()
     runner = make_runner(model, run.context, image, seed=args.seed, steps=args.steps,
                          kv_offload=getattr(args, "kv_offload_opt", None),
-                         kv_prefetch=getattr(args, "kv_prefetch_opt", None) is not False)  # auto: on
+                         kv_prefetch=getattr(args, "kv_prefetch_opt", None) is not False,  # auto: on
+                         kv_fp8=getattr(args, "kv_fp8_opt", False))
     runner.prefill(run.ref, run.motion)
     blocks = (_diagonal_blocks if getattr(args, "diagonal", False) else _runner_blocks)(
         args, device, run, runner, plan, noise, inputs, res)
@@ -203,6 +204,7 @@ def run_end_to_end(args, cfg, dit, device, dtype, run: BenchRun) -> dict:
     for blk in model.generate(run.context, audio, image, seed=args.seed, steps=args.steps,
                               kv_offload=getattr(args, "kv_offload_opt", None),
                               kv_prefetch=getattr(args, "kv_prefetch_opt", None),
+                              kv_fp8=getattr(args, "kv_fp8_opt", False),
                               reference=ReferenceLatents(ref=run.ref, motion=run.motion), overlap_decode=overlap):
         if writer is not None:
             writer.write_frames(blk.frames)

@@ -20,6 +20,7 @@ DEMO_AUDIO = REPO / "assets" / "speech.wav"
 DEMO_PROMPT = "A friendly cartoon person talking to the camera, plain background."
 from liveavatar.options import DEFAULT_FP8_SCALING, FP8_SCALINGS, GPU_MODES
 from liveavatar.options import ATTENTION_BACKENDS, AUTO_ON_OFF, auto_on_off, finite_float  # noqa: F401 (bench)
+from liveavatar.options import DEFAULT_KV_DTYPE, KV_DTYPES
 from liveavatar.sizes import DEFAULT_MODE as DEFAULT_SIZE_MODE
 from liveavatar.sizes import MODES as SIZE_MODES
 
@@ -48,7 +49,8 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--audio", required=req, help="speech audio (wav/mp3/flac/ogg/m4a, any rate)")
     p.add_argument("--prompt", default=DEMO_PROMPT if demo else None, required=req, help="scene description")
     p.add_argument("--size", default="704*384",
-                   help="output size 'W*H' or 'WxH' (both multiples of 64), e.g. 704*384")
+                   help="output size 'W*H' or 'WxH' (both multiples of 64), e.g. 704*384; or auto: the largest "
+                        "of the reference's sizes whose memory estimate fits the free memory of the GPU(s)")
     p.add_argument("--size-mode", choices=SIZE_MODES, default=DEFAULT_SIZE_MODE,
                    help="area (default, the reference rule and the nodes' default): W*H is an area budget, the image keeps its aspect ratio, sides snap to multiples of 64; exact: output is exactly WxH (image scaled to cover, centre-cropped)")
     p.add_argument("--ckpt-dir", required=req, help="Wan2.2-S2V-14B folder (official layout)")
@@ -66,7 +68,9 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "(the DiT's layers split over the GPUs, for cards too small for the whole model), "
                         "single, or auto (tpp when whole copies fit, else layers)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--fp8", action="store_true", help="fp8 linears in the DiT (Hopper/Ada GPUs)")
+    p.add_argument("--fp8", choices=AUTO_ON_OFF, nargs="?", const="on", default="off",
+                   help="fp8 linears in the DiT (Hopper/Ada GPUs): --fp8 (on), off (default), or auto (on when the "
+                        "job does not fit otherwise; the cheapest memory option, see --size auto)")
     p.add_argument("--fp8-scaling", choices=FP8_SCALINGS, default=DEFAULT_FP8_SCALING,
                    help="with --fp8: tensor (one scale per tensor, the reference's scheme, default) or row "
                         "(one scale per token and per output channel: robust to outlier tokens)")
@@ -80,6 +84,9 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--kv-prefetch", choices=AUTO_ON_OFF, nargs="?", const="on", default="auto",
                    help="with KV offload: page the next step's cache in while this one computes (one more "
                         "cache-sized GPU buffer): auto (whenever that buffer fits), on, off")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES + ("auto",), default=DEFAULT_KV_DTYPE,
+                   help="KV cache storage: bf16 (the model dtype, default), fp8 (one scale per token and head: "
+                        "about half the cache memory), or auto (fp8 only when bf16 caches do not fit)")
     p.add_argument("--out", default=None if req else str(REPO / "output" / "demo.mp4"), required=req,
                    help="output .mp4 path")
 
@@ -120,6 +127,28 @@ def _resolve_placement(args: argparse.Namespace) -> tuple[str, tuple[str, ...] |
     return gpus[0], gpus
 
 
+def _fit_to_devices(args: argparse.Namespace, devices, image_wh, config, dtype, size, fp8, cache):
+    """`--size auto` / `--fp8 auto` / `--kv-dtype auto`: `pipeline.fit.fit_job` on the devices' free
+    memory (before loading). Returns (OutputSize, Precision, CachePolicy), resolved; raises
+    NoFitError (a MemoryError: estimate, free memory, cheapest fitting options) when nothing fits."""
+    import dataclasses
+
+    from liveavatar.options import precision_from_flags
+    from liveavatar.pipeline.fit import fit_job, fp8_capable, measure_free
+    from liveavatar.sizes import resolve_size
+
+    free, host = measure_free(devices)
+    fit = fit_job(config, free, size=None if size is None else (size.width, size.height), image_wh=image_wh,
+                  size_mode=args.size_mode, steps=args.steps, weights_fp8=fp8,
+                  kv_fp8=None if args.kv_dtype == "auto" else cache.fp8, kv_offload=cache.offload,
+                  host_free=host, dtype=dtype, devices=[str(d) for d in devices], fp8_possible=fp8_capable(devices))
+    if size is None:
+        size = resolve_size(image_wh, fit.size_key, args.size_mode)  # logs the effective size once
+    precision = precision_from_flags(args.dtype, fit.options.weights_fp8, args.fp8_scaling)
+    cache = dataclasses.replace(cache, fp8=fit.options.kv_fp8, offload=True if fit.options.kv_offload else cache.offload)
+    return size, precision, cache
+
+
 def run_generate(args: argparse.Namespace) -> dict:
     """Validate every input, load the model, stream blocks to the mp4. Returns a summary dict."""
     import torch
@@ -129,12 +158,14 @@ def run_generate(args: argparse.Namespace) -> dict:
     from liveavatar.media.image import load_image
     from liveavatar.media.video_writer import VideoWriter
     from liveavatar.options import CachePolicy, precision_from_flags
+    from liveavatar.pipeline.fit import fp8_weights_choice
     from liveavatar.pipeline.model import LiveAvatar, resolve_dtype
     from liveavatar.pipeline.speed import fp8_scaling_for
     from liveavatar.sizes import parse_size, resolve_size
 
     # --- every option resolved and checked first: no model is loaded until every input is good
-    parse_size(args.size)
+    if args.size != "auto":
+        parse_size(args.size)
     out = Path(args.out).expanduser()
     if out.suffix.lower() != ".mp4":
         raise UserError(f"--out: {out} must end in .mp4")
@@ -143,16 +174,21 @@ def run_generate(args: argparse.Namespace) -> dict:
     if args.num_clip is not None and args.num_clip < 1:
         raise UserError("--num-clip: must be >= 1")
     device, gpus = _resolve_placement(args)
-    resolve_dtype(args.dtype)
-    precision = precision_from_flags(args.dtype, args.fp8, args.fp8_scaling)
+    dtype = resolve_dtype(args.dtype)
+    fp8 = fp8_weights_choice(args.fp8, gpus or [device])  # None: auto
+    precision = precision_from_flags(args.dtype, bool(fp8), args.fp8_scaling)
     fp8_scaling_for(precision.fp8, torch.device(device))
-    cache = CachePolicy.from_choices(args.kv_offload, args.kv_prefetch)
+    cache = CachePolicy.from_choices(args.kv_offload, args.kv_prefetch,
+                                     "bf16" if args.kv_dtype == "auto" else args.kv_dtype)
     image = load_image(Path(args.image).expanduser())
-    size = resolve_size(image.size, args.size, args.size_mode)  # the output size, resolved once
     audio = open_audio(Path(args.audio).expanduser())  # long clips spooled to disk: flat memory
     if args.pose_video is not None and not Path(args.pose_video).expanduser().is_file():
         raise UserError(f"--pose-video: no file at {Path(args.pose_video).expanduser().resolve()}")
-    find_official_checkpoint(Path(args.ckpt_dir).expanduser(), lora=args.lora)
+    ckpt = find_official_checkpoint(Path(args.ckpt_dir).expanduser(), lora=args.lora)
+    size = None if args.size == "auto" else resolve_size(image.size, args.size, args.size_mode)  # resolved once
+    if size is None or fp8 is None or args.kv_dtype == "auto":  # fitted to the free memory, before loading
+        size, precision, cache = _fit_to_devices(args, gpus or (device,), image.size, ckpt.config, dtype,
+                                                 size, fp8, cache)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
@@ -182,7 +218,8 @@ def run_generate(args: argparse.Namespace) -> dict:
         with VideoWriter(out, img.width, img.height, fps=fps, audio_rate=audio.sample_rate) as writer:
             for blk in model.generate(ctx, aud, img, seed=args.seed, steps=args.steps,
                                       num_clip=args.num_clip, pose_cond=pose,
-                                      kv_offload=cache.offload, kv_prefetch=cache.prefetch):
+                                      kv_offload=cache.offload, kv_prefetch=cache.prefetch,
+                                      kv_fp8=cache.fp8):
                 if first is None:
                     first = time.perf_counter() - t1
                 writer.write_frames(blk.frames)
@@ -261,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report_error(exc: BaseException, verbose: bool) -> int | None:
     """Print one `error:` line for a failure the user can act on and return the exit status (130
-    interrupted, 2 bad input, 1 a fault: file system, worker group); None lets the traceback through
+    interrupted, 2 bad input or a memory preflight refusal, 1 a fault: file system, worker group); None lets the traceback through
     (a bug, or --verbose)."""
     if isinstance(exc, KeyboardInterrupt):
         print("error: interrupted", file=sys.stderr)
@@ -270,6 +307,8 @@ def _report_error(exc: BaseException, verbose: bool) -> int | None:
         return None
     group = sys.modules.get("parallel.group")  # a worker-group fault can only come once it is imported
     if isinstance(exc, _user_error_types()):
+        code, text = 2, str(exc)
+    elif isinstance(exc, MemoryError) and str(exc):  # a preflight refusal (estimate, free memory, remedies)
         code, text = 2, str(exc)
     elif isinstance(exc, OSError):  # disk full, read-only or vanished output folder, I/O error
         code, text = 1, exc.strerror or str(exc)

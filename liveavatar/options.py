@@ -8,7 +8,7 @@ pipeline, worker ranks) receive the resolved values and never decide them again.
   --fp8-scaling` or the node's `precision` string (`PRECISIONS`);
 - fp8 scaling: `resolve_fp8_scaling` (the one place that knows the default scaling);
 - attention backend: `resolve_attention` over `ATTENTION_BACKENDS`;
-- KV cache placement: `CachePolicy` (offload / prefetch: auto, on, off);
+- KV cache placement and storage: `CachePolicy` (offload / prefetch: auto, on, off; fp8 storage);
 - GPU lists: `parse_gpus` ("0,1" or "cuda:0,cuda:1", checked against the visible GPUs).
 The output size is resolved by `liveavatar.sizes.resolve_size` into an `OutputSize`.
 """
@@ -25,6 +25,8 @@ from liveavatar.models.fp8 import SCALINGS as FP8_SCALINGS
 AUTO_ON_OFF = ("auto", "on", "off")  # the choices of --kv-offload / --kv-prefetch
 # worker-group layouts (`parallel.schedule`), the choices of --gpu-mode and of the loader's gpu_mode
 GPU_MODES = ("auto", "single", "tpp", "layers")
+KV_DTYPES = ("bf16", "fp8")  # storage of the KV caches (--kv-dtype, the nodes' kv_dtype); "auto": pipeline.fit
+DEFAULT_KV_DTYPE = "bf16"  # fp8 KV is an option until its quality is measured negligible (bench/fp8_kv_quality.py)
 
 
 def resolve_fp8_scaling(fp8: bool | str | None) -> str | None:
@@ -93,14 +95,25 @@ class CachePolicy:
         or None (only when they do not fit the GPU).
     prefetch: with offload, page the next step's cache in while this one computes: True, False,
         or None (whenever its second buffer fits).
+    fp8: keys and values stored as fp8 with a per-(token, head) scale (sink cache included):
+        about half the cache bytes (`resolve_kv_dtype`; "auto" is decided by `pipeline.fit`).
     """
 
     offload: bool | None = None
     prefetch: bool | None = None
+    fp8: bool = False
 
     @classmethod
-    def from_choices(cls, offload: str = "auto", prefetch: str = "auto") -> "CachePolicy":
-        return cls(auto_on_off(offload), auto_on_off(prefetch))
+    def from_choices(cls, offload: str = "auto", prefetch: str = "auto", kv_dtype: str = DEFAULT_KV_DTYPE) -> "CachePolicy":
+        return cls(auto_on_off(offload), auto_on_off(prefetch), resolve_kv_dtype(kv_dtype))
+
+
+def resolve_kv_dtype(name: str) -> bool:
+    """KV cache storage "bf16" / "fp8" -> fp8 (True / False); ValueError naming `kv_dtype` otherwise.
+    ("bf16" means the model's compute dtype; "auto" is resolved before this, by `pipeline.fit`.)"""
+    if name not in KV_DTYPES:
+        raise ValueError(f"kv_dtype: {name!r} is not one of {', '.join(KV_DTYPES)} (or auto, where sizes are fitted)")
+    return name == "fp8"
 
 
 def finite_float(text: str) -> float:
@@ -141,5 +154,5 @@ def parse_gpus(text: str, cuda_count: int) -> tuple[str, ...]:
 __all__ = [
     "ATTENTION_BACKENDS", "FP8_SCALINGS", "DEFAULT_FP8_SCALING", "AUTO_ON_OFF", "resolve_fp8_scaling",
     "resolve_attention", "Precision", "PRECISIONS", "precision_from_flags", "auto_on_off", "CachePolicy",
-    "finite_float", "parse_gpus",
+    "finite_float", "parse_gpus", "KV_DTYPES", "DEFAULT_KV_DTYPE", "resolve_kv_dtype",
 ]

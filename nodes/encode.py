@@ -104,9 +104,11 @@ class LiveAvatarAudioEncode(io.ComfyNode):
 
 
 def _size_problem(size) -> str | None:
-    """None if `size` parses (same rule as the CLI), else the message."""
+    """None if `size` parses (same rule as the CLI) or is "auto", else the message."""
     from liveavatar.sizes import SizeError, parse_size
 
+    if str(size).strip().lower() == "auto":
+        return None
     try:
         parse_size(size)
     except SizeError as exc:
@@ -122,7 +124,9 @@ def _size_tooltip() -> str:
     except Exception:
         named = "704*384, 720*400, 688*368, 384*256, ..."
     return (f"Output size W*H (or WxH), width first. Named sizes: {named}; or any W*H with both sides "
-            "multiples of 64 up to 1280*720 pixels.")
+            "multiples of 64 up to 1280*720 pixels. auto: the largest named size whose memory estimate "
+            "fits the memory ComfyUI can give the model (bf16 KV caches, offloaded when needed); the "
+            "choice and the reason are shown on the node.")
 
 
 class LiveAvatarReferenceImage(io.ComfyNode):
@@ -167,12 +171,23 @@ class LiveAvatarReferenceImage(io.ComfyNode):
         if size_mode not in SIZE_MODES:
             raise LiveAvatarInputError(cls.NAME, "size_mode", f"{size_mode!r} is not one of {', '.join(SIZE_MODES)}")
         pil = image_from_tensor(first_image(image, cls.NAME))
+        why, requested = "", size
+        if str(size).strip().lower() == "auto":  # the largest listed size that fits, decided here
+            from liveavatar.pipeline.fit import NoFitError
+
+            from .comfy_memory import fit_in_comfy
+
+            try:
+                fit = fit_in_comfy(model, size=None, image_wh=pil.size, size_mode=size_mode)
+            except NoFitError as exc:
+                raise LiveAvatarInputError(cls.NAME, "size", str(exc)) from exc
+            size, why = fit.size_key, f"; {fit.reason}"
         try:
             out = resolve_size(pil.size, size, size_mode)  # resolved once, here at the edge
         except SizeError as exc:
             raise LiveAvatarInputError(cls.NAME, "size", str(exc)) from exc
         ref = model.prepare_image(pil, out)
-        text = f"effective size {ref.width}x{ref.height} (requested '{size}', mode {size_mode})"
+        text = f"effective size {ref.width}x{ref.height} (requested '{requested}', mode {size_mode}{why})"
         show_text(text)
         return io.NodeOutput(ref, int(ref.width), int(ref.height), ui=ui.PreviewText(text))
 

@@ -29,6 +29,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from . import comfy_memory
 from .errors import LiveAvatarInputError
 
 log = logging.getLogger("liveavatar.nodes")
@@ -186,6 +187,7 @@ class LiveAvatarHandle:
         self.spec = spec
         self.closed = False
         self._refs: dict[int, tuple[weakref.ref, Any]] = {}
+        self.patcher = None  # the in-process model as ComfyUI's model management sees it (comfy_memory)
 
     @property
     def mode(self) -> str:
@@ -203,6 +205,14 @@ class LiveAvatarHandle:
             if isinstance(obj, int):
                 return obj
         return None
+
+    @property
+    def dit_config(self) -> Any:
+        """The DiT's config (a worker group's ranks hold it: the 14B config)."""
+        from liveavatar.config import DiTConfig
+
+        dit = getattr(self.backend, "dit", None)
+        return dit.cfg if dit is not None else DiTConfig()
 
     def _live(self) -> Any:
         if self.closed or self.backend is None:
@@ -233,9 +243,23 @@ class LiveAvatarHandle:
 
     def generate(self, context: Any, audio: Any, image: Any, **kwargs: Any) -> Iterator[Any]:
         backend = self._live()
+        self._make_room(backend, image, kwargs)
         if "reference" not in kwargs and callable(getattr(backend, "encode_reference", None)):
             kwargs["reference"] = self._reference_latents(backend, image)
         return backend.generate(context, audio, image, **kwargs)
+
+    def _make_room(self, backend: Any, image: Any, kwargs: dict) -> None:
+        """Before a job: ComfyUI frees what the job needs (its caches and activations; for an
+        in-process model also our DiT weights if ComfyUI had moved them to the host)."""
+        from liveavatar.pipeline.memory import estimate_memory
+
+        need = estimate_memory(self.dit_config, image.width, image.height, steps_owned=int(kwargs.get("steps", 4)),
+                               param_counts=(0, 0), kv_fp8=bool(kwargs.get("kv_fp8")),
+                               kv_offload=bool(kwargs.get("kv_offload"))).total
+        if self.patcher is not None:
+            comfy_memory.ensure_loaded(self.patcher, need)
+        else:
+            comfy_memory.free_for(self.spec.placement.devices, need)
 
     def _reference_latents(self, backend: Any, image: Any) -> Any:
         """VAE latents of the reference image, encoded once per ImageConditioning object.
@@ -261,6 +285,8 @@ class LiveAvatarHandle:
             return
         self.closed = True
         self._refs.clear()
+        comfy_memory.unregister(self.patcher)
+        self.patcher = None
         backend, self.backend = self.backend, None
         closer = getattr(backend, "close", None)
         if callable(closer):
@@ -294,21 +320,25 @@ def _empty_cache() -> None:
         pass
 
 
-def _free_comfy_models(placement: Placement) -> None:
-    """Ask ComfyUI to unload its own models before we load onto the same GPU(s) (nothing to do
-    outside ComfyUI; a failure to unload is logged, and the load then goes ahead)."""
-    if all(d == "cpu" for d in placement.devices):
-        return
+def _load_bytes(spec: LoadSpec) -> int:
+    """GPU bytes of loading `spec` on each of its devices (`memory.load_estimate`: the DiT in its
+    precision + the VAE), from the checkpoint's config (single files: the 14B config)."""
+    from liveavatar.config import DiTConfig
+    from liveavatar.pipeline.memory import load_estimate
+    from liveavatar.pipeline.model import resolve_dtype
+
+    cfg = DiTConfig()
+    paths = dict(spec.paths)
     try:
-        import comfy.model_management as mm
-    except ImportError:  # outside ComfyUI (tests, scripts)
-        return
-    try:
-        mm.unload_all_models()
-        mm.soft_empty_cache()
-    except (RuntimeError, AttributeError) as exc:  # a ComfyUI model that refuses to unload
-        log.warning("ComfyUI could not unload its models before LiveAvatar loads (%s: %s); "
-                    "loading anyway", type(exc).__name__, exc)
+        if spec.kind == "checkpoint":
+            from liveavatar.loading.official import find_official_checkpoint
+
+            cfg = find_official_checkpoint(paths["ckpt_dir"], lora=spec.lora if spec.lora != "none" else None).config
+        elif paths.get("config"):
+            cfg = DiTConfig.from_json(paths["config"])
+    except (OSError, ValueError):  # the loader reports a broken checkpoint itself, with its message
+        pass
+    return load_estimate(cfg, resolve_dtype(spec.dtype), bool(spec.fp8)).total
 
 
 def _open_in_process(spec: LoadSpec):
@@ -349,7 +379,8 @@ def get_or_open(spec: LoadSpec, opener: Callable[[LoadSpec], Any] | None = None)
         for old in list(_live.values()):
             old.close()
         _live.clear()
-        _free_comfy_models(spec.placement)
+        if any(d != "cpu" for d in spec.placement.devices):  # ComfyUI frees what our load needs
+            comfy_memory.free_for(spec.placement.devices, _load_bytes(spec))
         if opener is None:
             opener = _open_in_process if spec.placement.mode == "single" else _open_worker_group
         log.info("LiveAvatar: loading %s", spec.describe())
@@ -361,8 +392,28 @@ def get_or_open(spec: LoadSpec, opener: Callable[[LoadSpec], Any] | None = None)
         with torch.inference_mode(False):
             backend = opener(spec)
         handle = LiveAvatarHandle(backend, spec)
+        if spec.placement.mode == "single":  # ComfyUI may take this model's VRAM back when it needs it
+            handle.patcher = comfy_memory.register(backend)
         _live[spec] = handle
         return handle
+
+
+def status() -> dict:
+    """The live models for `/liveavatar/status`: spec, devices, whether ComfyUI's model management
+    has the model registered, whether the DiT weights are loaded on their device, where they are."""
+    with _lock:
+        models = []
+        for handle in _live.values():
+            p, backend = handle.patcher, handle.backend
+            dit_device = getattr(backend, "dit_device", None)
+            models.append({"model": handle.spec.describe(), "mode": handle.mode, "closed": handle.closed,
+                           "devices": list(handle.spec.placement.devices),
+                           "registered": comfy_memory.is_registered(p),
+                           "loaded": None if p is None else p.loaded,
+                           "offloads": None if p is None else p.offloads,
+                           "dit_bytes": None if p is None else p.size,
+                           "dit_device": None if dit_device is None else str(dit_device)})
+        return {"models": models}
 
 
 def close_all() -> None:
@@ -375,5 +426,5 @@ def close_all() -> None:
 
 __all__ = [
     "MODES", "PRECISIONS", "Placement", "parse_placement", "precision_options", "LoadSpec",
-    "file_stamps", "LiveAvatarHandle", "get_or_open", "close_all",
+    "file_stamps", "LiveAvatarHandle", "get_or_open", "close_all", "status",
 ]

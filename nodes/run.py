@@ -108,16 +108,18 @@ class BlockProgress:
 
 
 def run_generation(handle: Any, text: Any, audio: Any, reference: Any, *, seed: int, steps: int,
-                   num_clip: int, on_block: Callable[[Any], None], node_id: str | None = None) -> RunReport:
+                   num_clip: int, on_block: Callable[[Any], None], node_id: str | None = None,
+                   kv_fp8: bool = False) -> RunReport:
     """Generate every block and hand each to `on_block`; returns what was generated (also shown on the node).
 
-    num_clip 0 means "until the audio ends" (None to the library).
+    num_clip 0 means "until the audio ends" (None to the library). kv_fp8: fp8 KV caches (resolved).
     Raises `comfy.model_management.InterruptProcessingException` when the user interrupts.
     """
     progress = BlockProgress(steps, node_id)
     cancel = mm.processing_interrupted
     gen = handle.generate(text, audio, reference, seed=int(seed), steps=int(steps),
-                          num_clip=(int(num_clip) or None), progress=progress.on_event, cancel=cancel)
+                          num_clip=(int(num_clip) or None), progress=progress.on_event, cancel=cancel,
+                          kv_fp8=bool(kv_fp8))
     try:
         for block in gen:
             on_block(block)

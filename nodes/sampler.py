@@ -15,6 +15,7 @@ import folder_paths
 from comfy_api.latest import InputImpl, io, ui
 
 from liveavatar.config import DEFAULT_STREAM
+from liveavatar.options import DEFAULT_KV_DTYPE, KV_DTYPES
 
 from .convert import frames_to_image, samples_to_audio
 from .errors import LiveAvatarInputError
@@ -46,6 +47,34 @@ def _sampling_inputs() -> list[io.Input]:
     ]
 
 
+def _kv_input() -> io.Input:
+    """Last input of both nodes (optional: workflows saved before it keep their widget order)."""
+    return io.Combo.Input("kv_dtype", options=[*KV_DTYPES, "auto"], default=DEFAULT_KV_DTYPE, optional=True,
+                          tooltip="KV cache storage. bf16: the model dtype (default). fp8: one scale per token "
+                                  "and head, about half the cache memory (small quality loss). auto: fp8 only "
+                                  "when bf16 caches do not fit the memory ComfyUI can give.")
+
+
+def _kv_fp8(node: str, model, reference, kv_dtype: str, steps: int) -> bool:
+    """The sampler's kv_dtype resolved at the edge (auto: `pipeline.fit` at the reference's size)."""
+    from liveavatar.options import resolve_kv_dtype
+
+    if kv_dtype != "auto":
+        try:
+            return resolve_kv_dtype(kv_dtype)
+        except ValueError as exc:
+            raise LiveAvatarInputError(node, "kv_dtype", str(exc)) from None
+    from liveavatar.pipeline.fit import NoFitError
+
+    from .comfy_memory import fit_in_comfy
+
+    try:
+        fit = fit_in_comfy(model, size=(int(reference.width), int(reference.height)), steps=int(steps), kv_fp8=None)
+    except NoFitError as exc:
+        raise LiveAvatarInputError(node, "kv_dtype", str(exc)) from exc
+    return fit.options.kv_fp8
+
+
 def _check_inputs(node: str, model, text, audio, reference) -> None:
     from liveavatar.pipeline.payloads import AudioPayload, ImagePayload
 
@@ -70,7 +99,7 @@ class LiveAvatarSampler(io.ComfyNode):
             description="Generates the talking-avatar video block by block (live preview of each block) and "
                         "returns the frames and their audio for Create Video. For long videos use "
                         "LiveAvatar Save MP4 (streaming), which keeps memory flat.",
-            inputs=_sampling_inputs(),
+            inputs=[*_sampling_inputs(), _kv_input()],
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="Video frames [N, H, W, 3]."),
                 io.Audio.Output(display_name="audio", tooltip="The audio of exactly these frames (16 kHz mono)."),
@@ -79,8 +108,10 @@ class LiveAvatarSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, text, audio, reference, seed: int, steps: int, num_clip: int) -> io.NodeOutput:
+    def execute(cls, model, text, audio, reference, seed: int, steps: int, num_clip: int,
+                kv_dtype: str = DEFAULT_KV_DTYPE) -> io.NodeOutput:
         _check_inputs(cls.NAME, model, text, audio, reference)
+        kv_fp8 = _kv_fp8(cls.NAME, model, reference, kv_dtype, steps)
         frames, samples = [], []
         fps = [FPS]
 
@@ -91,7 +122,7 @@ class LiveAvatarSampler(io.ComfyNode):
 
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         report = run_generation(model, text, audio, reference, seed=seed, steps=steps, num_clip=num_clip,
-                                on_block=keep, node_id=node_id)
+                                on_block=keep, node_id=node_id, kv_fp8=kv_fp8)
         if not frames:
             raise LiveAvatarInputError(cls.NAME, "audio", "no frames were generated; the audio is too short")
         return io.NodeOutput(frames_to_image(frames), samples_to_audio(samples, SAMPLE_RATE), float(fps[0]),
@@ -114,6 +145,7 @@ class LiveAvatarSaveMP4(io.ComfyNode):
                 *_sampling_inputs(),
                 io.String.Input("filename_prefix", default="LiveAvatar/avatar",
                                 tooltip="File name prefix inside the output folder (sub-folders allowed)."),
+                _kv_input(),
             ],
             outputs=[
                 io.Video.Output(display_name="video", tooltip="The written mp4 (for Get Video Components etc.)."),
@@ -124,10 +156,11 @@ class LiveAvatarSaveMP4(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, text, audio, reference, seed: int, steps: int, num_clip: int,
-                filename_prefix: str) -> io.NodeOutput:
+                filename_prefix: str, kv_dtype: str = DEFAULT_KV_DTYPE) -> io.NodeOutput:
         from liveavatar.media.video_writer import VideoWriter
 
         _check_inputs(cls.NAME, model, text, audio, reference)
+        kv_fp8 = _kv_fp8(cls.NAME, model, reference, kv_dtype, steps)
         width, height = int(reference.width), int(reference.height)
         try:
             folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
@@ -145,7 +178,7 @@ class LiveAvatarSaveMP4(io.ComfyNode):
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         try:
             report = run_generation(model, text, audio, reference, seed=seed, steps=steps, num_clip=num_clip,
-                                    on_block=write, node_id=node_id)
+                                    on_block=write, node_id=node_id, kv_fp8=kv_fp8)
         finally:
             writer.close()
         rel = os.path.join(subfolder, file) if subfolder else file

@@ -121,6 +121,7 @@ class GroupModel:
                  num_clip: int | None = None, progress: Callable[[dict], None] | None = None,
                  cancel: Callable[[], bool] | None = None, sink_refresh: bool = True,
                  pose_cond: Any = None, kv_offload: bool | None = None, kv_prefetch: bool | None = None,
+                 kv_fp8: bool = False,
                  **_: Any) -> Iterator[Any]:
         from liveavatar.options import CachePolicy
         from parallel.engine import make_job
@@ -131,7 +132,7 @@ class GroupModel:
         pose_video = pose_cond.path if isinstance(pose_cond, PoseRef) else None
         job = make_job(image.image, audio.audio, prompt, size=image.size, seed=seed, steps=steps,
                        num_clip=num_clip, sink_refresh=sink_refresh, pose_cond=None if pose_video else pose_cond,
-                       pose_video=pose_video, cache=CachePolicy(kv_offload, kv_prefetch))
+                       pose_video=pose_video, cache=CachePolicy(kv_offload, kv_prefetch, bool(kv_fp8)))
         from liveavatar.pipeline.conditioning import GenerationCancelled
 
         cfg = self._config(steps, image.width, image.height)

@@ -117,6 +117,8 @@ def test_other_tiny_config_loads_without_code_changes(inputs, tmp_path):
     (("--gpu-mode", "tpp"), "--gpu-mode"),  # tpp without --gpus
     (("--fp8",), "fp8"),  # fp8 on the CPU
     (("--kv-offload", "maybe"), "--kv-offload"),
+    (("--kv-dtype", "fp16"), "--kv-dtype"),
+    (("--fp8", "maybe"), "--fp8"),
 ])
 def test_bad_input_fails_before_loading_with_one_error_line(inputs, args, field):
     """Exit 2, one `error:` line naming the option, and nothing else on stderr: no log line of

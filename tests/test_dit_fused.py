@@ -25,14 +25,14 @@ def _build(fixtures_dir, dtype=torch.float32) -> CausalS2VDiT:
     return model.eval().to(dtype)
 
 
-def _rollout(model, fixtures_dir, slot: bool, blocks: int = 6) -> torch.Tensor:
+def _rollout(model, fixtures_dir, slot: bool, blocks: int = 6, fp8: bool = False) -> torch.Tensor:
     fwd = fixtures_dir / "forward"
     inp = load_file(fwd / "inputs_shared.safetensors")
     cases = [load_file(fwd / "block0_step0.safetensors"), load_file(fwd / "block1_step0.safetensors")]
     text = model.encode_text(inp["context.0"])
-    sink = model.new_sink_cache(HW)
+    sink = model.new_sink_cache(HW, fp8=fp8)
     model.prefill_sink(inp["ref_latents"], inp["motion_latents"], text, sink)
-    caches = [model.new_step_cache(HW, sink_slot=slot) for _ in range(2)]
+    caches = [model.new_step_cache(HW, sink_slot=slot, fp8=fp8) for _ in range(2)]
     outs = []
     for b in range(blocks):
         case = cases[min(b, 1)]
@@ -65,6 +65,19 @@ def test_graph_mode_ring_rows_bitwise(fixtures_dir, slot):
     model.use_cuda_graphs()
     assert torch.equal(_rollout(model, fixtures_dir, slot), plain)
     assert model.cuda_graphs.captures == 0
+
+
+@pytest.mark.parametrize("slot", [False, True])
+def test_fp8_kv_fused_and_graph_rows(fixtures_dir, slot):
+    """fp8 KV caches on the fused path: close to the eager layers with fp8 caches, and the
+    graph-mode ring rows (index writes of packed rows) bitwise the slice writes."""
+    model = _build(fixtures_dir)
+    eager = _rollout(model, fixtures_dir, slot, blocks=5, fp8=True)
+    model.compile_blocks(compile=False)
+    plain = _rollout(model, fixtures_dir, slot, blocks=5, fp8=True)
+    assert _rel(plain, eager) < 1e-2
+    model.use_cuda_graphs()
+    assert torch.equal(_rollout(model, fixtures_dir, slot, blocks=5, fp8=True), plain)
 
 
 def test_fused_regions_bf16(fixtures_dir):

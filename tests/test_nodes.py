@@ -201,6 +201,29 @@ def test_reference_image_size_validation(env, model, conditioning):
     assert area[1] > area[2]  # the image's 2:1 aspect ratio decides the shape
 
 
+def test_reference_image_size_auto_and_kv_dtype_auto(env, model, conditioning):
+    """size "auto": the largest of the reference's sizes (resolved for the image's aspect ratio) whose
+    estimate fits what ComfyUI can give on the model's device (here the CPU: the host's available
+    memory; the tiny model fits the largest). kv_dtype "auto": bf16 caches fit, so not fp8."""
+    from liveavatar.pipeline.fit import size_candidates
+
+    node = env["nodes"]["LiveAvatarReferenceImage"]
+    assert node.validate_inputs(size="auto") is True
+    out = run(node, model=model, image=torch.rand(1, 120, 240, 3), size="auto", size_mode="area")
+    _, w, h = out.args
+    _, bw, bh = size_candidates((240, 120))[0]
+    assert (w, h) == (bw, bh) and w > h
+    text = out.ui.as_dict()["text"][0]
+    assert f"effective size {w}x{h} (requested 'auto'" in text and "size auto: the largest" in text
+    sampler = pack_submodule("nodes.sampler")
+    ref = conditioning["ref"].args[0]
+    assert sampler._kv_fp8("LiveAvatar Sampler", model, ref, "auto", 4) is False
+    assert sampler._kv_fp8("LiveAvatar Sampler", model, ref, "fp8", 4) is True
+    # ComfyUI's model management has the in-process model registered (its DiT loaded)
+    assert model.patcher is not None and model.patcher.loaded
+    assert any(m.model is model.patcher for m in env["mm"].current_loaded_models)
+
+
 def test_sampler_returns_native_frames_and_audio(env, model, conditioning, hook):
     rec = hook()
     out = run(env["nodes"]["LiveAvatarSampler"],

@@ -40,7 +40,7 @@ from .causal_audio import CausalAudioEncoder
 from .dit_blocks import DiTBlock, Head, fp32_linear
 from .framepack import FramePackMotioner
 from .tokens import clip_tokens, frame_tokens, sink_tokens
-from .kv_cache import KVWorkingBuffer, SinkCache, StepKVCache
+from .kv_cache import KVWorkingBuffer, SinkCache, StepKVCache, kv_row_width, kv_storage_dtype
 from .graphs import BlockGraphs
 from .rope import RopeFactors, grid_positions, rope_factors
 
@@ -205,14 +205,14 @@ class CausalS2VDiT(nn.Module):
 
     # ----------------------------------------------------------------------------- caches
 
-    def new_sink_cache(self, latent_hw: tuple[int, int], device=None, dtype=None) -> SinkCache:
-        """Empty sink cache for a latent size; capacity = `sink_tokens(latent_hw)`."""
+    def new_sink_cache(self, latent_hw: tuple[int, int], device=None, dtype=None, fp8: bool = False) -> SinkCache:
+        """Empty sink cache for a latent size; capacity = `sink_tokens(latent_hw)` (fp8: packed fp8 rows)."""
         c = self.cfg
         return SinkCache(len(self.layers), self.sink_tokens(latent_hw), c.num_heads, c.head_dim, tuple(latent_hw),
-                         self.frame_seqlen(latent_hw), device or self.device, dtype or self.dtype)
+                         self.frame_seqlen(latent_hw), device or self.device, dtype or self.dtype, fp8=fp8)
 
-    def new_step_cache(self, latent_hw: tuple[int, int], device=None, dtype=None,
-                       sink_slot: bool = False, working=None, resident_layers: int | None = None) -> StepKVCache:
+    def new_step_cache(self, latent_hw: tuple[int, int], device=None, dtype=None, sink_slot: bool = False,
+                       working=None, resident_layers: int | None = None, fp8: bool = False) -> StepKVCache:
         """Empty per-step cache: ring of one clip (`latent_frames_per_clip * fsl` tokens).
 
         `sink_slot=True` adds `sink_tokens` rows holding the rotated sink, so that steady-state
@@ -222,18 +222,21 @@ class CausalS2VDiT(nn.Module):
         `working`: a `KVWorkingBuffer` (see `new_working_buffer`) makes an offloaded cache.
         `resident_layers`: a per-layer paged cache (the first ones on the device, the others in
         host memory, paged by the layer stream: `stream_layers`).
+        `fp8`: rows stored as fp8 with a per-(token, head) scale (kv_cache.py), about half the bytes.
         """
         c = self.cfg
         slot = self.sink_tokens(latent_hw) if sink_slot else 0
         return StepKVCache(len(self.layers), self._ring_tokens(latent_hw), slot, c.num_heads, c.head_dim,
                            tuple(latent_hw), device or self.device, dtype or self.dtype, working=working,
-                           resident_layers=resident_layers)
+                           resident_layers=resident_layers, fp8=fp8)
 
-    def new_working_buffer(self, latent_hw: tuple[int, int], device=None, dtype=None) -> KVWorkingBuffer:
+    def new_working_buffer(self, latent_hw: tuple[int, int], device=None, dtype=None,
+                           fp8: bool = False) -> KVWorkingBuffer:
         """The device buffer offloaded step caches share (one step cache without sink slot)."""
         c = self.cfg
-        return KVWorkingBuffer(torch.zeros(len(self.layers), 2, 1, self._ring_tokens(latent_hw), c.num_heads, c.head_dim,
-                                           device=device or self.device, dtype=dtype or self.dtype))
+        return KVWorkingBuffer(torch.zeros(len(self.layers), 2, 1, self._ring_tokens(latent_hw), c.num_heads,
+                                           kv_row_width(c.head_dim, fp8), device=device or self.device,
+                                           dtype=kv_storage_dtype(dtype or self.dtype, fp8)))
 
     # ----------------------------------------------------------------------------- conditioning
 
@@ -335,6 +338,19 @@ class CausalS2VDiT(nn.Module):
         """Forget cached time embeddings and RoPE factors (call after changing weights in place)."""
         self._time_cache.clear()
         self._rope_cache.clear()
+
+    def move_weights(self, device: torch.device | str) -> None:
+        """Move every weight to `device` (e.g. the host, to give the GPU back, and back again) and
+        drop what was bound to the old storage: cached time / RoPE factors and ring rows, the fused
+        q/k/v copies of `compile_blocks`, captured CUDA graphs (they hold the old addresses)."""
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, also inside ComfyUI
+            self.to(device)
+        self.clear_caches()
+        self._rows_cache.clear()
+        if self._fused is not None:
+            self._fused._qkv.clear()
+        if self._graphs is not None:
+            self._graphs.clear()
 
     def compile_blocks(self, compile: bool = True) -> None:
         """Run streaming calls through fused layer regions (models/compiled.py), torch.compile'd once

@@ -28,6 +28,17 @@ Per-layer paging (`resident_layers=R`): the first R layers' rows stay on the dev
 others live in host memory (`host`, pinned on CUDA) and are lent a device slot per layer by the
 DiT's layer streamer (models/layer_stream.py: `bind_layer`, `write_back`) while that layer runs.
 Same numbers again (no sink slot either).
+
+fp8 storage (`fp8=True`, both caches): each cached row of one head (`head_dim` values) is stored
+as float8_e4m3fn values plus one bf16 scale, packed into `head_dim + 2` bytes (uint8 storage
+`[..., head, head_dim + 2]`), about half the bf16 bytes. The scale is per token and head, a power
+of two (exact in bf16, so dequantizing multiplies exactly) with the row's largest value mapped into
+(224, 448]: no calibration, no overflow whatever the activations do, and every row stands alone
+(a ring write never rescales older rows). e4m3 has the same relative step (3 mantissa bits) at
+every magnitude, so a per-tensor scale would gain nothing, a per-row one only the range. Rows are
+dequantized to the compute dtype for attention; the block being written attends to its own keys and
+values unquantized. Because the packed rows are plain byte tensors of the same layout, paging,
+ring offsets and the sink slot work unchanged.
 """
 
 from __future__ import annotations
@@ -43,19 +54,56 @@ from .rope import RopeFactors, apply_rope
 
 _uids = itertools.count()
 
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+_SCALE_BYTES = 2  # one bf16 scale per (token, head)
+
+
+def kv_row_width(head_dim: int, fp8: bool) -> int:
+    """Last-dimension size of the cache storage: `head_dim` (plain), `head_dim + 2` bytes (fp8)."""
+    return head_dim + _SCALE_BYTES if fp8 else head_dim
+
+
+def kv_storage_dtype(dtype: torch.dtype, fp8: bool) -> torch.dtype:
+    """Storage dtype of cached rows: the compute dtype, or uint8 packed fp8 rows + scales."""
+    return torch.uint8 if fp8 else dtype
+
+
+def pack_rows(x: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
+    """Rows `[..., head_dim]` -> storage rows (a dtype cast, or fp8 values + bf16 scale packed
+    into `[..., head_dim + 2]` uint8 when `storage` is uint8; see the module docstring)."""
+    if storage != torch.uint8:
+        return x.to(storage)
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))  # power of two: amax / scale <= 448
+    q = (xf / scale).to(torch.float8_e4m3fn).view(torch.uint8)
+    return torch.cat([q, scale.to(torch.bfloat16).view(torch.uint8)], dim=-1)
+
+
+def unpack_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Storage rows -> `[..., head_dim]` in `dtype` (the inverse of `pack_rows`)."""
+    if rows.dtype != torch.uint8:
+        return rows.to(dtype)
+    d = rows.shape[-1] - _SCALE_BYTES
+    values = rows[..., :d].view(torch.float8_e4m3fn).to(dtype)
+    return values * rows[..., d:].view(torch.bfloat16).to(dtype)
+
 
 class SinkCache:
     """Un-rotated keys and values of the conditioning (sink) tokens, all layers.
 
-    kv: `[layers, 2, 1, capacity, heads, head_dim]`. `length` rows are valid after a prefill.
+    kv: `[layers, 2, 1, capacity, heads, head_dim]` (fp8: uint8 `[..., head_dim + 2]`, module
+    docstring). `length` rows are valid after a prefill.
     `positions` (int64 `[length, 3]`, CPU) are the prefill RoPE positions; the first `ref_tokens`
     rows are the reference frame, whose temporal position moves per streaming call.
     """
 
     def __init__(self, num_layers: int, capacity: int, num_heads: int, head_dim: int,
                  latent_hw: tuple[int, int], ref_tokens: int,
-                 device: torch.device | str, dtype: torch.dtype):
-        self.kv = torch.zeros(num_layers, 2, 1, capacity, num_heads, head_dim, device=device, dtype=dtype)
+                 device: torch.device | str, dtype: torch.dtype, fp8: bool = False):
+        self.dtype = dtype  # compute dtype of keys() / values()
+        self.kv = torch.zeros(num_layers, 2, 1, capacity, num_heads, kv_row_width(head_dim, fp8), device=device,
+                              dtype=kv_storage_dtype(dtype, fp8))
         self.latent_hw = tuple(latent_hw)
         self.ref_tokens = ref_tokens
         self.uid = next(_uids)
@@ -87,10 +135,12 @@ class SinkCache:
         self.version += 1
 
     def keys(self, layer: int) -> torch.Tensor:
-        return self.kv[layer, 0, :, : self.length]
+        """Un-rotated sink keys `[1, length, heads, head_dim]` in the compute dtype."""
+        return unpack_rows(self.kv[layer, 0, :, : self.length], self.dtype)
 
     def values(self, layer: int) -> torch.Tensor:
-        return self.kv[layer, 1, :, : self.length]
+        """Sink values `[1, length, heads, head_dim]` in the compute dtype."""
+        return unpack_rows(self.kv[layer, 1, :, : self.length], self.dtype)
 
     def stream_positions(self, ref_t: int) -> torch.Tensor:
         """Sink positions for a streaming call: the reference tokens moved to temporal index `ref_t`."""
@@ -104,11 +154,11 @@ class SinkCache:
         """Self-attention policy of the prefill: store k/v un-rotated, attend among the sink tokens."""
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.kv[layer, 0, :, : self.length] = k
-            self.kv[layer, 1, :, : self.length] = v
+            self.kv[layer, 0, :, : self.length] = pack_rows(k, self.kv.dtype)
+            self.kv[layer, 1, :, : self.length] = pack_rows(v, self.kv.dtype)
             q_rot = apply_rope(q, rope, out_dtype=v.dtype)
             k_rot = apply_rope(k, rope, out_dtype=v.dtype)
-            return attention(q_rot, k_rot, self.values(layer).to(v.dtype), backend)
+            return attention(q_rot, k_rot, v, backend)
 
         return attend
 
@@ -159,18 +209,29 @@ def _host_zeros(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.
     return torch.zeros(shape, dtype=dtype)
 
 
+def _own_rows(x: torch.Tensor, own: torch.Tensor, plan: StreamWindow, rows: torch.Tensor | None) -> torch.Tensor:
+    """x `[1, n, H, D]` (a dequantized copy) with the block's rows replaced by `own` `[1, tokens, H, D]`."""
+    if rows is None:
+        x[:, plan.offset: plan.offset + plan.tokens] = own
+        return x
+    return x.index_copy_(1, rows, own.to(x.dtype))
+
+
 class StepKVCache:
     """Per-denoising-step ring buffer of block keys/values (+ the rotated sink slot if `sink_capacity`).
 
-    kv: `[layers, 2, 1, ring + sink_capacity, heads, head_dim]`; `ring` = one clip of tokens.
+    kv: `[layers, 2, 1, ring + sink_capacity, heads, head_dim]`; `ring` = one clip of tokens
+    (fp8: uint8 `[..., head_dim + 2]`, module docstring; `dtype` stays the compute dtype).
     `length`: ring rows written so far (the fill level, at most `ring`).
     `working`: offload mode (module docstring): `kv` is the shared device buffer, `host` the rows.
     """
 
     def __init__(self, num_layers: int, ring: int, sink_capacity: int, num_heads: int, head_dim: int,
                  latent_hw: tuple[int, int], device: torch.device | str, dtype: torch.dtype,
-                 working: KVWorkingBuffer | None = None, resident_layers: int | None = None):
-        shape = (num_layers, 2, 1, ring + sink_capacity, num_heads, head_dim)
+                 working: KVWorkingBuffer | None = None, resident_layers: int | None = None,
+                 fp8: bool = False):
+        shape = (num_layers, 2, 1, ring + sink_capacity, num_heads, kv_row_width(head_dim, fp8))
+        storage = kv_storage_dtype(dtype, fp8)
         self.working = working
         self.host: torch.Tensor | None = None
         self.num_layers = num_layers
@@ -183,21 +244,21 @@ class StepKVCache:
                 raise ValueError("StepKVCache: a per-layer paged cache has no sink slot and no working buffer")
             if not 0 <= self.resident_layers <= num_layers:
                 raise ValueError(f"StepKVCache: resident_layers must be in [0, {num_layers}], got {resident_layers}")
-            self.kv = torch.zeros((self.resident_layers, *shape[1:]), device=device, dtype=dtype)
+            self.kv = torch.zeros((self.resident_layers, *shape[1:]), device=device, dtype=storage)
             arena = HostArena(pin=torch.device(device).type == "cuda")  # pinned, without power-of-two rounding
             n = num_layers - self.resident_layers
-            nbytes = torch.Size(shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
-            self._host_pages = [arena.take(nbytes, n - k).view(dtype).view(shape[1:]).zero_() for k in range(n)]
+            nbytes = torch.Size(shape[1:]).numel() * torch.empty((), dtype=storage).element_size()
+            self._host_pages = [arena.take(nbytes, n - k).view(storage).view(shape[1:]).zero_() for k in range(n)]
         elif working is None:
-            self.kv = torch.zeros(shape, device=device, dtype=dtype)
+            self.kv = torch.zeros(shape, device=device, dtype=storage)
         else:
             if sink_capacity:
                 raise ValueError("StepKVCache: an offloaded cache has no sink slot (sink_capacity must be 0)")
-            if tuple(working.tensor.shape) != shape or working.tensor.dtype != dtype:
+            if tuple(working.tensor.shape) != shape or working.tensor.dtype != storage:
                 raise ValueError(f"StepKVCache: working buffer {tuple(working.tensor.shape)} {working.tensor.dtype} "
-                                 f"does not match {shape} {dtype}")
+                                 f"does not match {shape} {storage}")
             self.kv = working.tensor
-            self.host = _host_zeros(shape, dtype, pin=working.tensor.is_cuda)
+            self.host = _host_zeros(shape, storage, pin=working.tensor.is_cuda)
         self._last: StreamWindow | None = None
         self._out_event = None  # torch.cuda.Event of the last page_out (offload on CUDA)
         self.ring = ring
@@ -381,33 +442,37 @@ class StepKVCache:
         rotate = rotate or apply_rope
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            buf = self.layer_kv(layer)  # [2, 1, rows, H, D]
+            buf = self.layer_kv(layer)  # [2, 1, rows, H, D] (fp8: packed uint8 rows)
             r, s = self.ring, plan.sink_len
+            fp8, dt = buf.dtype == torch.uint8, v.dtype
             if rope is None:
                 q_rot, k_rot = q, k
             else:
-                q_rot, k_rot = apply_rope(q, rope, out_dtype=v.dtype), apply_rope(k, rope, out_dtype=v.dtype)
+                q_rot, k_rot = apply_rope(q, rope, out_dtype=dt), apply_rope(k, rope, out_dtype=dt)
             if rows is None:
-                buf[0, :, plan.offset: plan.offset + plan.tokens] = k_rot
-                buf[1, :, plan.offset: plan.offset + plan.tokens] = v
+                buf[0, :, plan.offset: plan.offset + plan.tokens] = pack_rows(k_rot, buf.dtype)
+                buf[1, :, plan.offset: plan.offset + plan.tokens] = pack_rows(v, buf.dtype)
             else:
-                buf[0].index_copy_(1, rows, k_rot.to(buf.dtype))
-                buf[1].index_copy_(1, rows, v.to(buf.dtype))
+                buf[0].index_copy_(1, rows, pack_rows(k_rot, buf.dtype))
+                buf[1].index_copy_(1, rows, pack_rows(v, buf.dtype))
             if not self.sink_slot:  # reference way: rotate and concatenate every time
-                sink_k = rotate(sink.keys(layer), sink_rope, out_dtype=v.dtype)
-                keys = torch.cat([buf[0, :, : plan.window].to(v.dtype), sink_k], dim=1)
-                values = torch.cat([buf[1, :, : plan.window], sink.values(layer)], dim=1)
-                return attention(q_rot, keys, values.to(v.dtype), backend)
-            if plan.refresh_keys:
-                buf[0, :, r: r + s] = rotate(sink.keys(layer), sink_rope, out_dtype=v.dtype)
-            if plan.refresh_values:
-                buf[1, :, r: r + s] = sink.values(layer)
-            if plan.window == r:
-                keys, values = buf[0, :, : r + s], buf[1, :, : r + s]
+                sink_k = rotate(sink.keys(layer), sink_rope, out_dtype=dt)
+                keys = torch.cat([unpack_rows(buf[0, :, : plan.window], dt), sink_k], dim=1)
+                values = torch.cat([unpack_rows(buf[1, :, : plan.window], dt), sink.values(layer).to(dt)], dim=1)
             else:
-                keys = torch.cat([buf[0, :, : plan.window], buf[0, :, r: r + s]], dim=1)
-                values = torch.cat([buf[1, :, : plan.window], buf[1, :, r: r + s]], dim=1)
-            return attention(q_rot, keys.to(v.dtype), values.to(v.dtype), backend)
+                if plan.refresh_keys:
+                    buf[0, :, r: r + s] = pack_rows(rotate(sink.keys(layer), sink_rope, out_dtype=dt), buf.dtype)
+                if plan.refresh_values:
+                    buf[1, :, r: r + s] = pack_rows(sink.values(layer), buf.dtype)
+                if plan.window == r:
+                    keys, values = buf[0, :, : r + s], buf[1, :, : r + s]
+                else:
+                    keys = torch.cat([buf[0, :, : plan.window], buf[0, :, r: r + s]], dim=1)
+                    values = torch.cat([buf[1, :, : plan.window], buf[1, :, r: r + s]], dim=1)
+                keys, values = unpack_rows(keys, dt), unpack_rows(values, dt)
+            if fp8:  # the block attends to its own rows unquantized (they sit at the same positions)
+                keys, values = _own_rows(keys, k_rot, plan, rows), _own_rows(values, v, plan, rows)
+            return attention(q_rot, keys, values, backend)
 
         return attend
 

@@ -40,7 +40,7 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
              cancel: Callable[[], bool] | None = None,
              reference: ReferenceLatents | None = None,
              overlap_decode: bool | None = None, kv_offload: bool | None = None,
-             kv_prefetch: bool | None = None) -> Iterator[DecodedBlock]:
+             kv_prefetch: bool | None = None, kv_fp8: bool = False) -> Iterator[DecodedBlock]:
     """Yield every decoded block of the avatar video, in order, as soon as it is decoded.
 
     context: umT5 context [L, text_dim]. audio / image: from `model.encode_audio` /
@@ -59,6 +59,8 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
     second device buffer so that the next step's page-in overlaps this step's compute; None (the
     default): whenever that buffer fits (704x384 fp8 on an H100: 9.1 instead of 6.9 FPS for
     +7.2 GiB), True: asked for (a log line when it does not fit), False: never.
+    kv_fp8: step and sink KV caches stored as fp8 with a per-(token, head) scale (about half the
+    cache bytes; `liveavatar.options.resolve_kv_dtype`).
     """
     cuda = model.device.type == "cuda"
     if overlap_decode and not cuda:
@@ -66,7 +68,7 @@ def generate(model, context: torch.Tensor, audio: AudioConditioning, image: Imag
                          "pass overlap_decode=False or None")
     overlap = (cuda and OVERLAP_DEFAULT_CUDA) if overlap_decode is None else bool(overlap_decode)
     options = JobOptions(seed=seed, steps=steps, num_clip=num_clip, sink_refresh=sink_refresh,
-                         cache=CachePolicy(kv_offload, kv_prefetch))
+                         cache=CachePolicy(kv_offload, kv_prefetch, bool(kv_fp8)))
     job = RankJob(model, options, image, audio.audio, audio=audio, context=context, pose_cond=pose_cond,
                   reference=reference)
     plan, fps = job.plan, model.stream.fps

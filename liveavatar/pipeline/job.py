@@ -51,8 +51,8 @@ def plan_rank_caches(model, image: ImageConditioning, steps_owned: int, policy: 
     stream = getattr(model.dit, "layer_stream", None)
     if model.device.type != "cuda":
         if stream is not None:
-            return CachePlan(resident_kv_layers=stream.residency.kv)
-        return CachePlan(offload=bool(policy.offload))
+            return CachePlan(resident_kv_layers=stream.residency.kv, fp8=policy.fp8)
+        return CachePlan(offload=bool(policy.offload), fp8=policy.fp8)
     from liveavatar.pipeline.memory import GIB, available_host_bytes, host_cache_bytes, plan_caches
 
     free, total = torch.cuda.mem_get_info(model.device)
@@ -65,7 +65,7 @@ def plan_rank_caches(model, image: ImageConditioning, steps_owned: int, policy: 
                        decode_here=decode_here, device=model.device,
                        what=f"generating at {w}x{h} with {steps_owned} step caches", layers=layers)
     if plan.offload:
-        host = host_cache_bytes(model.dit.cfg, w, h, steps_owned, model.dtype, model.stream, layers)
+        host = host_cache_bytes(model.dit.cfg, w, h, steps_owned, model.dtype, model.stream, layers, kv_fp8=plan.fp8)
         if policy.prefetch and not plan.prefetch:
             log.info("KV prefetch off: its second %.1f GiB buffer does not fit", host / steps_owned / GIB)
         log.info("KV caches offloaded to host memory (%.1f GiB; %d step cache(s) of %.1f GiB on the GPU): "
@@ -94,11 +94,11 @@ def _plan_paged_caches(model, stream, w: int, h: int, steps_owned: int, free: in
 
 def make_runner(model, context: torch.Tensor, image: ImageConditioning, *, seed: int, steps: int,
                 owned: Sequence[int] | None = None, kv_offload: bool | None = None,
-                kv_prefetch: bool | None = None, decode_here: bool = True) -> StepRunner:
+                kv_prefetch: bool | None = None, decode_here: bool = True, kv_fp8: bool = False) -> StepRunner:
     """A StepRunner on the model's device owning `owned` steps (all by default), its caches placed
-    by `plan_rank_caches` (kv_offload / kv_prefetch: the `CachePolicy`; None = when it fits)."""
+    by `plan_rank_caches` (kv_offload / kv_prefetch / kv_fp8: the `CachePolicy`; None = when it fits)."""
     owned = list(range(steps)) if owned is None else list(owned)
-    caches = plan_rank_caches(model, image, len(owned), CachePolicy(kv_offload, kv_prefetch), decode_here)
+    caches = plan_rank_caches(model, image, len(owned), CachePolicy(kv_offload, kv_prefetch, kv_fp8), decode_here)
     return _new_runner(model, context, image, seed, steps, owned, caches)
 
 

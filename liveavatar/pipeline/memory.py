@@ -88,20 +88,25 @@ def _latent_hw(width: int, height: int, stream: StreamConfig) -> tuple[int, int]
     return height // stream.vae_stride_hw, width // stream.vae_stride_hw
 
 
-def _kv_bytes_per_token(cfg: DiTConfig, dtype: torch.dtype, layers: range | None = None) -> int:
-    """Bytes of one cached token over all layers (or the slice `layers`), keys + values."""
+def _kv_bytes_per_token(cfg: DiTConfig, dtype: torch.dtype, layers: range | None = None, kv_fp8: bool = False) -> int:
+    """Bytes of one cached token over all layers (or the slice `layers`), keys + values; kv_fp8: 1
+    byte per value plus a 2-byte scale per head (`models.kv_cache.kv_row_width`)."""
     n = cfg.num_layers if layers is None else len(layers)
+    if kv_fp8:
+        from liveavatar.models.kv_cache import kv_row_width
+
+        return n * 2 * cfg.num_heads * kv_row_width(cfg.dim // cfg.num_heads, True)
     return n * 2 * cfg.dim * torch.tensor([], dtype=dtype).element_size()
 
 
 def kv_layer_bytes(cfg: DiTConfig, width: int, height: int, dtype: torch.dtype = torch.bfloat16,
-                   stream: StreamConfig = DEFAULT_STREAM) -> int:
+                   stream: StreamConfig = DEFAULT_STREAM, kv_fp8: bool = False) -> int:
     """Bytes of one layer of one step cache (its ring of keys and values) at W x H pixels: what
     the layer stream copies per paged layer and step."""
     from liveavatar.models.tokens import clip_tokens
 
     ring = clip_tokens(_latent_hw(width, height, stream), cfg.patch_size, stream)
-    return ring * _kv_bytes_per_token(cfg, dtype) // cfg.num_layers
+    return ring * _kv_bytes_per_token(cfg, dtype, kv_fp8=kv_fp8) // cfg.num_layers
 
 
 def block_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool) -> int:
@@ -112,7 +117,7 @@ def block_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool) -> int:
 def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int = 4,
                     dtype: torch.dtype = torch.bfloat16, fp8: bool = False, decode_here: bool = True,
                     stream: StreamConfig = DEFAULT_STREAM, param_counts: tuple[int, int] | None = None,
-                    sink_slot: bool = False, kv_offload: bool = False,
+                    sink_slot: bool = False, kv_offload: bool = False, kv_fp8: bool = False,
                     residency: LayerResidency | None = None, layers: range | None = None) -> MemoryEstimate:
     """Resident GPU bytes of one rank that owns `steps_owned` denoising steps at W x H pixels.
 
@@ -122,6 +127,7 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
     when it fits: `plan_caches`; +2.5 fsl tokens per step cache).
     kv_offload: the step caches live in host memory and share one device buffer (one cache's
     rows on the GPU; see `host_cache_bytes` for the host side).
+    kv_fp8: step and sink caches stored as fp8 (about half the bytes).
     param_counts: (0, 0) for weights already resident (not counted).
     residency: layer streaming (models/layer_stream.py): weights = the resident blocks (and the
     rest of the DiT) plus `buffers` block slots when any block is streamed; step caches = the
@@ -133,7 +139,7 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
     elt = torch.tensor([], dtype=dtype).element_size()
     weights = dit_weight_bytes(cfg, dtype, fp8, param_counts, layers) if steps_owned else 0
     hw = _latent_hw(width, height, stream)
-    kv = _kv_bytes_per_token(cfg, dtype, layers)
+    kv = _kv_bytes_per_token(cfg, dtype, layers, kv_fp8)
     sink = sink_tokens(hw, cfg.patch_size, stream)
     resident = min(steps_owned, 1) if kv_offload else steps_owned
     step_caches = resident * (clip_tokens(hw, cfg.patch_size, stream) + (0 if kv_offload or not sink_slot else sink)) * kv
@@ -144,13 +150,15 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
             weights -= (streamed - min(residency.buffers, streamed)) * block_bytes(cfg, dtype, fp8)
         paged = steps_owned * (n - residency.kv)
         step_caches = (steps_owned * residency.kv + min(residency.buffers, paged)) * kv_layer_bytes(
-            cfg, width, height, dtype, stream)
+            cfg, width, height, dtype, stream, kv_fp8)
     sink_cache = sink * kv if steps_owned else 0
     text_state = kv * cfg.text_len if steps_owned else 0  # per layer: text_len keys and values
     vae = VAE_BYTES if decode_here else 0
     block_tokens = stream.frames_per_block_latent * frame_tokens(hw, cfg.patch_size)
     # FFN hidden + q/k/v/o of one block in flight, plus decoder feature maps at full resolution
     working = 4 * block_tokens * max(cfg.ffn_dim, 4 * cfg.dim) * elt if steps_owned else 0
+    if kv_fp8 and steps_owned:  # one layer's window + sink keys and values dequantized for attention
+        working += 2 * (clip_tokens(hw, cfg.patch_size, stream) + sink) * cfg.dim * elt
     if decode_here:
         working += int(stream.frames_per_block * height * width * 96 * 2 * 4)
     return MemoryEstimate(weights, step_caches, sink_cache, text_state, vae, int(working + RESERVE_BYTES))
@@ -232,12 +240,12 @@ def fit_residency(cfg: DiTConfig, width: int, height: int, steps_owned: int, fre
 
 def host_cache_bytes(cfg: DiTConfig, width: int, height: int, steps_owned: int,
                      dtype: torch.dtype = torch.bfloat16, stream: StreamConfig = DEFAULT_STREAM,
-                     layers: range | None = None) -> int:
+                     layers: range | None = None, kv_fp8: bool = False) -> int:
     """Host (CPU) bytes of `steps_owned` offloaded step caches (of the slice `layers`) at W x H pixels."""
     from liveavatar.models.tokens import clip_tokens
 
     ring = clip_tokens(_latent_hw(width, height, stream), cfg.patch_size, stream)
-    return steps_owned * ring * _kv_bytes_per_token(cfg, dtype, layers)
+    return steps_owned * ring * _kv_bytes_per_token(cfg, dtype, layers, kv_fp8)
 
 
 def available_host_bytes() -> int | None:
@@ -277,13 +285,15 @@ class CachePlan:
 
     offload: in host memory, paged through a device buffer; prefetch: a second device buffer so the
     next step's page-in overlaps this step's compute; sink_slot: resident caches with rows for the
-    rotated sink (faster attention, +2.5 fsl tokens per cache).
+    rotated sink (faster attention, +2.5 fsl tokens per cache); fp8: step and sink caches stored
+    as fp8 (`CachePolicy.fp8`, passed through).
     """
 
     offload: bool = False
     prefetch: bool = False
     sink_slot: bool = False
     resident_kv_layers: int | None = None  # per-layer paging by the DiT's layer stream: layers kept
+    fp8: bool = False
 
 
 def plan_caches(cfg: DiTConfig, width: int, height: int, steps_owned: int, *, policy: "CachePolicy",
@@ -301,22 +311,22 @@ def plan_caches(cfg: DiTConfig, width: int, height: int, steps_owned: int, *, po
     """
     def est(**kw) -> MemoryEstimate:
         return estimate_memory(cfg, width, height, steps_owned=steps_owned, dtype=dtype, stream=stream,
-                               decode_here=decode_here, param_counts=(0, 0), layers=layers, **kw)
+                               decode_here=decode_here, param_counts=(0, 0), layers=layers, kv_fp8=policy.fp8, **kw)
 
     resident = est()
     if not policy.offload:
         if fits(resident, free):
-            return CachePlan(sink_slot=steps_owned > 0 and fits(est(sink_slot=True), free))
+            return CachePlan(sink_slot=steps_owned > 0 and fits(est(sink_slot=True), free), fp8=policy.fp8)
         if policy.offload is False or steps_owned < 2:
             raise memory_error(resident, free, total, device, what)
     offloaded = est(kv_offload=True)
     if not fits(offloaded, free):
         raise memory_error(offloaded, free, total, device, what + " (KV caches offloaded to host memory)")
-    host_need = host_cache_bytes(cfg, width, height, steps_owned, dtype, stream, layers)
+    host_need = host_cache_bytes(cfg, width, height, steps_owned, dtype, stream, layers, kv_fp8=policy.fp8)
     if host_available is not None and host_need > host_available:
         raise MemoryError(f"{what}: the KV cache offload needs {host_need / GIB:.1f} GiB of host memory, "
                           f"{host_available / GIB:.1f} GiB are available. Remedies: a smaller size (384*256), fp8 "
                           "weights so the caches fit the GPU, or more GPUs in 'tpp' mode.")
     two_buffers = dataclasses.replace(offloaded, step_caches=2 * offloaded.step_caches)
     prefetch = policy.prefetch is not False and steps_owned > 1 and fits(two_buffers, free)
-    return CachePlan(offload=True, prefetch=prefetch)
+    return CachePlan(offload=True, prefetch=prefetch, fp8=policy.fp8)

@@ -6,6 +6,7 @@ Generation itself lives in `liveavatar.pipeline.generate` (one loop for every GP
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,27 @@ class LiveAvatar:
                             compile=self.opts.compile, device=self.opts.device)
         if self.opts.compile and self.opts.device.type == "cuda" and self.vae is not None:
             self.vae.compile_decoder()
+
+    # ------------------------------------------------------------------ weights placement
+    @property
+    def dit_bytes(self) -> int:
+        """Bytes of the DiT weights (parameters and buffers; 0 without a DiT)."""
+        if self.dit is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in itertools.chain(self.dit.parameters(), self.dit.buffers()))
+
+    @property
+    def dit_device(self) -> torch.device | None:
+        """Where the DiT weights are now (`self.device` unless `place_dit` moved them away)."""
+        return None if self.dit is None else self.dit.device
+
+    def place_dit(self, device: str | torch.device) -> None:
+        """Move the DiT weights to `device`: the host to give the GPU memory back (e.g. when ComfyUI
+        needs it for another model), `self.device` before the next job. Jobs need them on `self.device`."""
+        if self.dit is not None and self.dit.device != torch.device(device):
+            self.dit.move_weights(device)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ encoders
     @property

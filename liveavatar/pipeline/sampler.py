@@ -42,7 +42,8 @@ class StepRunner:
     `pipeline.job.plan_rank_caches`); the runner follows it: offload (host memory, one shared
     device buffer), prefetch (two device buffers, the next step's rows copied in on a side CUDA
     stream while this step computes), sink_slot (resident caches with rows for the rotated sink),
-    resident_kv_layers (per-layer paging through the DiT's layer stream, `dit.stream_layers`).
+    resident_kv_layers (per-layer paging through the DiT's layer stream, `dit.stream_layers`),
+    fp8 (step and sink caches stored as fp8, dequantized for attention).
     """
 
     def __init__(self, dit, text, latent_hw: tuple[int, int], schedule: FlowMatchSchedule,
@@ -59,7 +60,8 @@ class StepRunner:
         self.dtype = dtype
         if caches.prefetch and not (caches.offload and self.device.type == "cuda"):
             raise ValueError(f"kv_prefetch: needs the KV offload on a CUDA device (this runner: {self.device})")
-        self.sink = dit.new_sink_cache(latent_hw, device=self.device, dtype=dtype)
+        self.kv_fp8 = caches.fp8
+        self.sink = dit.new_sink_cache(latent_hw, device=self.device, dtype=dtype, fp8=caches.fp8)
         self.kv_offload = caches.offload
         self.kv_prefetch = caches.prefetch
         self.working = None
@@ -69,11 +71,12 @@ class StepRunner:
             if dit.layer_stream is None:
                 raise ValueError("resident_kv_layers: the DiT streams no layers (call dit.stream_layers first)")
             self.caches = {s: dit.new_step_cache(latent_hw, device=self.device, dtype=dtype,
-                                                 resident_layers=caches.resident_kv_layers) for s in self.steps}
+                                                 resident_layers=caches.resident_kv_layers, fp8=caches.fp8)
+                           for s in self.steps}
             dit.layer_stream.attach_caches([self.caches[s] for s in self.steps])
             return
         if self.kv_offload:  # device buffer(s), the step caches' rows in host memory
-            self.buffers = [dit.new_working_buffer(latent_hw, device=self.device, dtype=dtype)
+            self.buffers = [dit.new_working_buffer(latent_hw, device=self.device, dtype=dtype, fp8=caches.fp8)
                             for _ in range(2 if self.kv_prefetch else 1)]
             self.working = self.buffers[0]
             if self.kv_prefetch:
@@ -81,12 +84,12 @@ class StepRunner:
                 for buf in self.buffers:  # freed (e.g. after a cancel) only once its copies are done
                     buf.tensor.record_stream(self.copy_stream)
             self.caches = {s: dit.new_step_cache(latent_hw, device=self.device, dtype=dtype,
-                                                 working=self.buffers[i % len(self.buffers)])
+                                                 working=self.buffers[i % len(self.buffers)], fp8=caches.fp8)
                            for i, s in enumerate(self.steps)}
             return
         # sink slot: no per-layer concatenation of [window, sink]
-        self.caches = {s: dit.new_step_cache(latent_hw, device=self.device, dtype=dtype, sink_slot=caches.sink_slot)
-                       for s in self.steps}
+        self.caches = {s: dit.new_step_cache(latent_hw, device=self.device, dtype=dtype, sink_slot=caches.sink_slot,
+                                             fp8=caches.fp8) for s in self.steps}
 
     @property
     def num_steps(self) -> int:
