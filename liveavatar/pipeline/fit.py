@@ -22,7 +22,6 @@ Search order:
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Sequence
 import torch
 
 from liveavatar.config import DEFAULT_STREAM, DiTConfig, StreamConfig
+from liveavatar.models.layer_stream import LayerResidency
 from liveavatar.pipeline.memory import GIB, MemoryEstimate, dit_param_counts, estimate_memory, fits, host_cache_bytes
 
 log = logging.getLogger("liveavatar")
@@ -40,9 +40,7 @@ log = logging.getLogger("liveavatar")
 OPTION_COSTS = {"weights_fp8": 1, "kv_offload": 2, "kv_fp8": 3, "streaming_quarter": 4}
 STREAMING_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.125)  # resident-layer fractions tried by resident_layers="auto"
 
-# Weight streaming (`estimate_memory(..., resident_layers=...)`) arrives with the layer-streaming
-# work; until its estimate takes the parameter, only "all layers resident" can be estimated.
-_STREAMING_ESTIMATE = "resident_layers" in inspect.signature(estimate_memory).parameters
+STREAM_BUFFERS = 3  # device slots of the layer stream (models/layer_stream.py) in every streamed estimate
 
 
 class NoFitError(MemoryError):
@@ -124,8 +122,6 @@ def _resident_choices(cfg: DiTConfig, resident_layers: int | str | None) -> list
     if resident_layers is None or resident_layers == cfg.num_layers:
         return [None]
     if resident_layers == "auto":
-        if not _STREAMING_ESTIMATE:
-            return [None]
         return [None] + sorted({max(1, int(cfg.num_layers * f)) for f in STREAMING_FRACTIONS[1:]}, reverse=True)
     if not 0 < int(resident_layers) <= cfg.num_layers:
         raise ValueError(f"resident_layers: {resident_layers} is not in 1..{cfg.num_layers} (or auto)")
@@ -156,7 +152,9 @@ def rank_estimates(cfg: DiTConfig, width: int, height: int, opt: Options, layout
     """`estimate_memory` of every rank of `layout` with options `opt` (a decode-only rank: the VAE)."""
     extra = {}
     if opt.resident_layers is not None and opt.resident_layers < cfg.num_layers:
-        extra["resident_layers"] = opt.resident_layers
+        # streamed blocks, every KV layer paged (the least memory; the job keeps more KV layers
+        # resident when they fit: pipeline.job.plan_rank_caches)
+        extra["residency"] = LayerResidency(opt.resident_layers, 0, STREAM_BUFFERS)
     return tuple(estimate_memory(cfg, width, height, steps_owned=r.steps, dtype=dtype, fp8=opt.weights_fp8,
                                  decode_here=r.decodes, stream=stream, param_counts=param_counts,
                                  kv_offload=opt.kv_offload and r.steps > 1, kv_fp8=opt.kv_fp8, **extra)
