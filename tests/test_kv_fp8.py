@@ -63,7 +63,7 @@ def test_fp8_caches_halve_the_bytes_and_the_estimate_follows():
     step = dit.new_step_cache(hw, device="cpu", dtype=torch.bfloat16, fp8=True)
     assert step.nbytes == host_cache_bytes(ckpt_cfg, hw[1] * 8, hw[0] * 8, 1, torch.bfloat16, kv_fp8=True)
     big = DiTConfig()
-    assert _kv_bytes_per_token(big, torch.bfloat16, True) / _kv_bytes_per_token(big, torch.bfloat16) == 130 / 256
+    assert _kv_bytes_per_token(big, torch.bfloat16, kv_fp8=True) / _kv_bytes_per_token(big, torch.bfloat16) == 130 / 256
     a, b = (estimate_memory(big, 704, 384, param_counts=(0, 0), kv_fp8=f) for f in (False, True))
     assert b.step_caches / a.step_caches == b.sink_cache / a.sink_cache == 130 / 256
     assert (a.weights, a.text_state) == (b.weights, b.text_state)
