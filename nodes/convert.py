@@ -89,9 +89,11 @@ def frames_to_image(chunks: Sequence[Tensor]) -> Tensor:
     """uint8 frame chunks `[n, H, W, 3]` -> native IMAGE float32 `[N, H, W, 3]` in 0..1."""
     if not chunks:
         raise ValueError("no frames were generated")
-    frames = torch.cat([c.to("cpu") for c in chunks], dim=0)
-    out = torch.empty(frames.shape, dtype=torch.float32)
-    torch.div(frames, 255.0, out=out)
+    out = torch.empty((sum(int(c.shape[0]) for c in chunks), *chunks[0].shape[1:]), dtype=torch.float32)
+    start = 0
+    for c in chunks:  # chunk by chunk: no uint8 copy of the whole video next to the float32 one
+        torch.div(c.to("cpu"), 255.0, out=out[start:start + c.shape[0]])
+        start += int(c.shape[0])
     return out
 
 
