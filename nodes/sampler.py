@@ -30,7 +30,7 @@ SEED_MAX = 2**53 - 1  # exact in the browser's numbers
 NUM_CLIP_MAX = 100000
 FPS = DEFAULT_STREAM.fps  # the model's frame rate (StreamConfig.fps)
 SAMPLE_RATE = DEFAULT_STREAM.sample_rate
-RAM_LIMIT_GB = 8.0  # IMAGE frames of about 80 s at 704x384 (15 bytes per pixel while collecting)
+RAM_LIMIT_GB = 8.0  # IMAGE frames of about 100 s at 704x384 (12 bytes per pixel)
 
 
 def _sampling_inputs() -> list[io.Input]:
@@ -109,8 +109,8 @@ class LiveAvatarSampler(io.ComfyNode):
             inputs=[
                 *_sampling_inputs(),
                 io.Boolean.Input("keep_frames", default=False,
-                                 tooltip="Also return the frames (IMAGE) and their audio, held in RAM (15 bytes "
-                                         "per pixel: about 4 GB per 1000 frames at 704x384). Off: only the "
+                                 tooltip="Also return the frames (IMAGE) and their audio, held in RAM (12 bytes "
+                                         "per pixel: about 3.2 GB per 1000 frames at 704x384). Off: only the "
                                          "video output, whose frames stay on disk."),
                 io.Float.Input("ram_limit_gb", default=RAM_LIMIT_GB, min=0.0, max=4096.0, step=0.5,
                                tooltip="With keep_frames: the most RAM the frames may take (GB). A longer "
@@ -136,14 +136,15 @@ class LiveAvatarSampler(io.ComfyNode):
         node_id = getattr(hidden, "unique_id", None)
         width, height = int(reference.width), int(reference.height)
         frames = _planned_frames(audio, num_clip)
-        plan = plan_frames(cls.NAME, bool(keep_frames), ram_limit_gb, frames, width, height,
-                           frames * SAMPLE_RATE // FPS, linked_outputs(getattr(hidden, "prompt", None), node_id))
+        samples = frames * SAMPLE_RATE // FPS
+        plan = plan_frames(cls.NAME, bool(keep_frames), ram_limit_gb, frames, width, height, samples,
+                           linked_outputs(getattr(hidden, "prompt", None), node_id))
         path = temp_video_path("LiveAvatar/sampler", width, height)
         logger.info("%s: streaming %d frames to %s (playable while it grows)", cls.NAME, frames, path)
         if plan.warning:
             logger.warning("%s: %s", cls.NAME, plan.warning)
         show_text("\n".join(filter(None, [f"writing {path}", plan.warning])), node_id)
-        collector = FrameCollector(plan, SAMPLE_RATE)
+        collector = FrameCollector(plan, width, height, samples, SAMPLE_RATE)
         report = _stream_to_mp4(path, model, text, audio, reference, seed=seed, steps=steps, num_clip=num_clip,
                                 node_id=node_id, also=collector.add)
         if report.frames == 0:

@@ -23,16 +23,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from .convert import frames_to_image, samples_to_audio
+from .convert import ImageBuffer
 from .errors import LiveAvatarInputError
 
 
 GB = 1e9
-# bytes per frame pixel while collecting: the uint8 block kept (3) + the float32 IMAGE (12)
-COLLECT_BYTES_PER_PIXEL = 3 + 12
-SAMPLE_BYTES = 4 + 4  # float32 sample kept + the float32 AUDIO output
+COLLECT_BYTES_PER_PIXEL = 12  # float32 RGB IMAGE, filled in place (convert.ImageBuffer)
+SAMPLE_BYTES = 4  # float32 mono AUDIO
 FRAME_OUTPUTS = (0, 1)  # the Sampler's output slots fed from RAM: frames (IMAGE), audio (AUDIO)
 
 
@@ -95,29 +92,24 @@ def plan_frames(node: str, keep_frames: bool, ram_limit_gb: float, frames: int, 
 
 
 class FrameCollector:
-    """Keeps each decoded block's uint8 frames `[n, H, W, 3]` and mono samples `[m]` on the CPU when
-    the plan says so; `outputs()` -> (IMAGE or blocker, AUDIO or blocker)."""
+    """Fills an `ImageBuffer` with each decoded block (uint8 frames `[n, H, W, 3]`, mono samples `[m]`)
+    when the plan says so; `outputs()` -> (IMAGE or blocker, AUDIO or blocker)."""
 
-    def __init__(self, plan: FramePlan, sample_rate: int) -> None:
+    def __init__(self, plan: FramePlan, width: int, height: int, samples: int, sample_rate: int) -> None:
         self.plan = plan
-        self.sample_rate = sample_rate
-        self.frames: list[torch.Tensor] = []
-        self.samples: list[torch.Tensor] = []
+        self.buffer = ImageBuffer(plan.frames, height, width, samples, sample_rate) if plan.keep else None
 
     def add(self, block: Any) -> None:
-        if self.plan.keep:
-            self.frames.append(block.frames.to("cpu"))
-            self.samples.append(block.audio.to("cpu"))
+        if self.buffer is not None:
+            self.buffer.add(block.frames, block.audio)
 
     def outputs(self) -> tuple[Any, Any]:
-        if not self.plan.keep:
+        if self.buffer is None:
             from comfy_execution.graph_utils import ExecutionBlocker
 
             blocker = ExecutionBlocker(self.plan.blocked)
             return blocker, blocker
-        image = frames_to_image(self.frames)
-        self.frames.clear()
-        return image, samples_to_audio(self.samples, self.sample_rate)
+        return self.buffer.image(), self.buffer.audio()
 
 
 def temp_video_path(prefix: str, width: int, height: int) -> str:

@@ -7,7 +7,7 @@ Sampler's growing mp4 in temp/ is opened (playable mid-run). Asserted:
 - the saved video lasts as long as the audio, within one frame, and has an AAC audio stream;
 - frames were never held in RAM: the server's peak RSS stays under the baseline (after a warm-up run
   of the same graph) plus what the IMAGE path would have collected for this run
-  (`video_out.collect_bytes`: 15 bytes per pixel per frame), printed with the margin.
+  (`video_out.collect_bytes`: 12 bytes per pixel per frame), printed with the margin.
 """
 
 from __future__ import annotations

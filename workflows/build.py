@@ -213,7 +213,7 @@ def workflows() -> dict[str, list[N]]:
                      "(H.264 + AAC, fragmented, in ComfyUI's temp folder) and hands it to Save Video as a "
                      "VIDEO: no frame is held in RAM, memory stays flat for hours of audio. Watch it grow: "
                      "the Sampler shows the file's path (`ffplay` or VLC open it while it is written). "
-                     "keep_frames stays off (IMAGE frames: 4 GB per 1000 frames at 704x384). "
+                     "keep_frames stays off (IMAGE frames: 3.2 GB per 1000 frames at 704x384). "
                      "num_clip 0 = until the audio ends."),
             *encoders(10, 1, 2, "704*384"), *to_saved_video("LiveAvatar/long"),
         ],
