@@ -12,7 +12,7 @@ Pure tensor code, importable without ComfyUI. Native layouts (ComfyUI `comfy_api
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -85,23 +85,44 @@ def encoder_output_states(out: Any, node: str, input_name: str = "audio_encoder_
     return states.float()
 
 
-def frames_to_image(chunks: Sequence[Tensor]) -> Tensor:
-    """uint8 frame chunks `[n, H, W, 3]` -> native IMAGE float32 `[N, H, W, 3]` in 0..1."""
-    if not chunks:
-        raise ValueError("no frames were generated")
-    frames = torch.cat([c.to("cpu") for c in chunks], dim=0)
-    out = torch.empty(frames.shape, dtype=torch.float32)
-    torch.div(frames, 255.0, out=out)
-    return out
+class ImageBuffer:
+    """Native IMAGE + AUDIO filled block by block into buffers allocated once for the planned length.
 
+    frames: float32 `[frames, H, W, 3]` in 0..1 (12 bytes per pixel, touched as it fills); samples:
+    mono float32 `[samples]`. Nothing is kept per block (small per-block tensors held for the whole
+    run fragment the heap: measured at 8x the frames' own size on a 750-frame 64x64 run). More than
+    planned still fits: the buffers grow.
+    """
 
-def samples_to_audio(chunks: Sequence[Tensor], sample_rate: int) -> dict[str, Any]:
-    """Mono float32 sample chunks `[n]` -> native AUDIO `{"waveform": [1, 1, T], "sample_rate"}`."""
-    if chunks:
-        samples = torch.cat([c.to("cpu", torch.float32).reshape(-1) for c in chunks])
-    else:
-        samples = torch.zeros(0)
-    return {"waveform": samples.reshape(1, 1, -1), "sample_rate": int(sample_rate)}
+    def __init__(self, frames: int, height: int, width: int, samples: int, sample_rate: int) -> None:
+        self.frames = torch.empty((max(0, frames), height, width, 3), dtype=torch.float32)
+        self.samples = torch.empty(max(0, samples), dtype=torch.float32)
+        self.sample_rate = int(sample_rate)
+        self.n_frames = self.n_samples = 0
+
+    @staticmethod
+    def _room(buf: Tensor, used: int, more: int) -> Tensor:
+        if used + more <= buf.shape[0]:
+            return buf
+        return torch.cat([buf[:used], torch.empty((more, *buf.shape[1:]), dtype=buf.dtype)])
+
+    def add(self, frames: Tensor, samples: Tensor) -> None:
+        """uint8 frames `[n, H, W, 3]` and their mono samples `[m]` (any device)."""
+        n, m = int(frames.shape[0]), int(samples.numel())
+        self.frames = self._room(self.frames, self.n_frames, n)
+        self.samples = self._room(self.samples, self.n_samples, m)
+        torch.div(frames.to("cpu"), 255.0, out=self.frames[self.n_frames:self.n_frames + n])
+        self.samples[self.n_samples:self.n_samples + m] = samples.to("cpu", torch.float32).reshape(-1)
+        self.n_frames += n
+        self.n_samples += m
+
+    def image(self) -> Tensor:
+        """Native IMAGE float32 `[N, H, W, 3]` in 0..1 (a view of the buffer)."""
+        return self.frames[:self.n_frames]
+
+    def audio(self) -> dict[str, Any]:
+        """Native AUDIO `{"waveform": [1, 1, T], "sample_rate"}` of exactly these frames."""
+        return {"waveform": self.samples[:self.n_samples].reshape(1, 1, -1), "sample_rate": self.sample_rate}
 
 
 def preview_image(frame: Tensor, max_size: int = 512):
@@ -116,5 +137,5 @@ def preview_image(frame: Tensor, max_size: int = 512):
 
 __all__ = [
     "first_image", "native_audio", "text_from_conditioning", "encoder_output_states",
-    "frames_to_image", "samples_to_audio", "preview_image",
+    "ImageBuffer", "preview_image",
 ]

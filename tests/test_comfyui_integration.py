@@ -197,7 +197,9 @@ def test_tiny_workflow_twice_then_interrupt(server):
     assert history_text[sampler_id].startswith(f"{frames} frames ({frames / 25:.2f} s at 25 fps), 2 blocks in ")
     for node_id, shown in history_text.items():
         assert texts[node_id][-1] == shown, node_id  # the node's last drawn text is the final one
-    assert texts[sampler_id][0].startswith("block 1/2: ")  # and a line per block while it runs
+    assert texts[sampler_id][0].startswith("writing ") and texts[sampler_id][0].endswith(".mp4")  # its mp4
+    assert texts[sampler_id][1].startswith("block 1/2: ")  # and a line per block while it runs
+    assert history_text[sampler_id].endswith(f"{frames} frames as IMAGE: about 0.00 GB of RAM")
 
     # 2nd run, new seed: the loader (and encoders) are cached, the model is not reloaded
     sampler["inputs"]["seed"] = 7

@@ -33,6 +33,7 @@ def env(tmp_path_factory):
     make_tiny(root / "liveavatar" / TINY_NAME)
     out = tmp_path_factory.mktemp("output")
     folder_paths.set_output_directory(str(out))
+    folder_paths.set_temp_directory(str(tmp_path_factory.mktemp("temp")))  # the Sampler's streamed mp4
     pack = load_pack()
     ext = asyncio.run(pack.comfy_entrypoint())
     nodes = {n.GET_SCHEMA().node_id: n for n in asyncio.run(ext.get_node_list())}
@@ -228,8 +229,8 @@ def test_sampler_returns_native_frames_and_audio(env, model, conditioning, hook)
     rec = hook()
     out = run(env["nodes"]["LiveAvatarSampler"],
         model=model, text=conditioning["text"], audio=conditioning["audio"].args[0],
-        reference=conditioning["ref"].args[0], seed=3, steps=3, num_clip=0)
-    frames, audio, fps = out.args
+        reference=conditioning["ref"].args[0], seed=3, steps=3, num_clip=0, keep_frames=True, ram_limit_gb=1.0)
+    frames, audio, fps, streamed = out.args
     n = conditioning["audio"].args[1]
     assert frames.shape == (n, 64, 64, 3) and frames.dtype == torch.float32
     assert 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0 and float(frames.std()) > 0
@@ -237,6 +238,8 @@ def test_sampler_returns_native_frames_and_audio(env, model, conditioning, hook)
     assert fps == 25.0
     shown = out.ui.as_dict()["text"][0]  # what the node shows after the run (and /history carries)
     assert shown.startswith(f"{n} frames ({n / 25:.2f} s at 25 fps), 2 blocks in ") and "s per block" in shown
+    assert f"{n} frames as IMAGE: about 0.00 GB of RAM" in shown
+    assert streamed.get_dimensions() == (64, 64)  # the VIDEO output is there with the frames too
     values = [v for v, _, _ in rec.calls]
     assert values == sorted(values) and values[-1] == rec.calls[-1][1] == 2 * 4  # 2 blocks x (3 steps + decode)
     previews = [p for _, _, p in rec.calls if p is not None]
@@ -253,6 +256,56 @@ def test_sampler_returns_native_frames_and_audio(env, model, conditioning, hook)
     info = probe_video(path)
     assert info["frames"] == n and (info["width"], info["height"]) == (64, 64)
     assert info["audio_duration_s"] == pytest.approx(n / 25, abs=0.05)
+
+
+def sampler_with_prompt(env, prompt: dict, node_id: str = "20"):
+    """The Sampler class as ComfyUI's executor prepares it: hidden PROMPT (the API graph) and UNIQUE_ID."""
+    from comfy_api.latest import io
+
+    return env["nodes"]["LiveAvatarSampler"].PREPARE_CLASS_CLONE({io.Hidden.prompt: prompt,
+                                                                   io.Hidden.unique_id: node_id})
+
+
+def test_sampler_video_output_keeps_no_frames(env, model, conditioning, hook):
+    """keep_frames off: the VIDEO is the streamed mp4 in the temp folder; the IMAGE / AUDIO outputs
+    block their users with the fix; a graph that connects them is refused before generating."""
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    from liveavatar.media.video_writer import probe_video
+
+    rec = hook()
+    video_only = {"20": {"class_type": "LiveAvatarSampler", "inputs": {}},
+                  "22": {"class_type": "SaveVideo", "inputs": {"video": ["20", 3]}}}
+    kw = dict(model=model, text=conditioning["text"], audio=conditioning["audio"].args[0],
+              reference=conditioning["ref"].args[0], seed=3, steps=3, num_clip=0)
+    out = run(sampler_with_prompt(env, video_only), **kw, keep_frames=False, ram_limit_gb=8.0)
+    frames, audio, fps, video = out.args
+    assert isinstance(frames, ExecutionBlocker) and isinstance(audio, ExecutionBlocker)
+    assert "keep_frames" in frames.message and "video output" in frames.message and fps == 25.0
+    path = video.get_stream_source()
+    assert str(path).startswith(env["fp"].get_temp_directory()) and str(path).endswith(".mp4")
+    n = conditioning["audio"].args[1]
+    info = probe_video(path)
+    assert info["frames"] == n and info["audio_duration_s"] == pytest.approx(n / 25, abs=0.05)
+    assert len([p for _, _, p in rec.calls if p is not None]) == 2  # the per-block preview is still there
+
+    # keep_frames on but over ram_limit_gb, frames not connected: a warning with the estimate, no frames
+    out = run(sampler_with_prompt(env, video_only), **kw, keep_frames=True, ram_limit_gb=0.0)
+    shown = out.ui.as_dict()["text"][0]
+    assert "warning: frames not kept" in shown and "GB of RAM" in shown and "ram_limit_gb = 0" in shown
+    assert isinstance(out.args[0], ExecutionBlocker) and "ram_limit_gb" in out.args[0].message
+
+    # frames connected: refused before any block, naming the input to change
+    errors = pack_submodule("nodes.errors")
+    with_frames = {**video_only, "21": {"class_type": "CreateVideo", "inputs": {"images": ["20", 0]}}}
+    rec = hook()
+    with pytest.raises(errors.LiveAvatarInputError, match="'keep_frames'.*connected"):
+        run(sampler_with_prompt(env, with_frames), **kw, keep_frames=False, ram_limit_gb=8.0)
+    with pytest.raises(errors.LiveAvatarInputError, match="'ram_limit_gb'.*GB of RAM"):
+        run(sampler_with_prompt(env, with_frames), **kw, keep_frames=True, ram_limit_gb=0.0)
+    with pytest.raises(errors.LiveAvatarInputError, match="'ram_limit_gb'.*finite"):
+        run(sampler_with_prompt(env, with_frames), **kw, keep_frames=True, ram_limit_gb=float("nan"))
+    assert rec.calls == []
 
 
 def test_save_mp4_streams_to_the_output_folder(env, model, conditioning, hook):

@@ -72,12 +72,14 @@ def test_native_conversions():
         convert.native_audio({"waveform": torch.zeros(1, 1, 0), "sample_rate": 16000}, "N")
     with pytest.raises(Err, match="'audio'"):
         convert.native_audio(torch.zeros(1, 1, 10), "N")
-    chunks = [torch.full((2, 4, 4, 3), 255, dtype=torch.uint8), torch.zeros(1, 4, 4, 3, dtype=torch.uint8)]
-    frames = convert.frames_to_image(chunks)
+    buf = convert.ImageBuffer(frames=2, height=4, width=4, samples=1280, sample_rate=16000)
+    buf.add(torch.full((2, 4, 4, 3), 255, dtype=torch.uint8), torch.ones(1, 1280))
+    buf.add(torch.zeros(1, 4, 4, 3, dtype=torch.uint8), torch.zeros(640))  # one more than planned: grows
+    frames, audio = buf.image(), buf.audio()
     assert frames.shape == (3, 4, 4, 3) and frames.dtype == torch.float32
-    assert float(frames[0].min()) == 1.0 and float(frames[2].max()) == 0.0
-    audio = convert.samples_to_audio([torch.ones(640), torch.zeros(1280)], 16000)
+    assert float(frames[:2].min()) == 1.0 and float(frames[2].max()) == 0.0
     assert audio["waveform"].shape == (1, 1, 1920) and audio["sample_rate"] == 16000
+    assert float(audio["waveform"][0, 0, :1280].min()) == 1.0 and float(audio["waveform"][0, 0, 1280:].max()) == 0.0
     states = convert.encoder_output_states(
         {"encoded_audio_all_layers": tuple(torch.randn(1, 7, 8) for _ in range(3))}, "N")
     assert states.shape == (3, 7, 8)

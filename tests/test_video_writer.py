@@ -206,3 +206,37 @@ def test_classic_mp4_when_not_fragmented(tmp_path):
     p = probe_video(out)
     assert p["frames"] == 30 and abs(p["audio_duration_s"] - 1.2) <= 1 / FPS
     assert p["video_start_s"] == 0.0
+
+
+# what the README gives a player to follow the growing file (ffplay -follow 1 -seekable 0 -rw_timeout ...)
+FOLLOW = {"follow": "1", "seekable": "0", "rw_timeout": "2000000"}
+
+
+def test_a_reader_follows_the_growing_file(tmp_path):
+    """A libavformat reader opened after the first block, with the file protocol's follow options,
+    decodes every frame as the blocks arrive (it ends when no byte came for rw_timeout)."""
+    import threading
+
+    path = tmp_path / "growing.mp4"
+    first = threading.Event()
+
+    def write() -> None:
+        with VideoWriter(path, 64, 64, fps=FPS, audio_rate=SR) as w:
+            for b in range(6):
+                w.write_frames(_frames(12, 64, 64, 12 * b))
+                w.write_audio(_tone(12 / FPS))
+                first.set()
+                time.sleep(0.3)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    assert first.wait(60)
+    frames = 0
+    with av.open(str(path), format="mp4", options=FOLLOW) as box:
+        try:
+            for _ in box.decode(video=0):
+                frames += 1
+        except av.error.OSError:  # rw_timeout after the last fragment: how a follow read ends
+            pass
+    writer.join()
+    assert frames == 72

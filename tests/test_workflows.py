@@ -68,7 +68,11 @@ def test_workflows_use_our_nodes_and_native_video():
     loader = next(n for n in tpp.values() if n["class_type"] == "LiveAvatarModelLoader")
     assert loader["inputs"]["gpu_mode"] == "tpp" and len(loader["inputs"]["devices"].split(",")) == 5
     long = _read(REPO / "workflows" / "api" / "liveavatar_long_streaming.json")
-    assert any(n["class_type"] == "LiveAvatarSaveMP4" for n in long.values())
+    sampler_id, sampler = next((k, n) for k, n in long.items() if n["class_type"] == "LiveAvatarSampler")
+    save = next(n for n in long.values() if n["class_type"] == "SaveVideo")
+    # the VIDEO path: the Sampler's streamed mp4 (output 3) straight into Save Video, no frames in RAM
+    assert save["inputs"]["video"] == [sampler_id, 3] and sampler["inputs"]["keep_frames"] is False
+    assert not any(n["class_type"] == "CreateVideo" for n in long.values())
 
 
 def test_checker_catches_broken_workflows():

@@ -47,8 +47,8 @@ TITLES = {  # name -> (title, what it is for, its model and output)
                               "Wan2.2-S2V-14B folder + LoRA, bf16 -> Save Video"),
     "liveavatar_multi_gpu_tpp": ("5 GPUs, pipeline parallel", "one denoising step per GPU + a decode GPU",
                                  "Wan2.2-S2V-14B folder + LoRA, GPUs 0-4 -> Save MP4"),
-    "liveavatar_long_streaming": ("Long videos, streamed", "every block written to the mp4 at once",
-                                  "Wan2.2-S2V-14B folder + LoRA, fp8 -> Save MP4"),
+    "liveavatar_long_streaming": ("Long videos, streamed", "a VIDEO streamed to disk: no frame in RAM",
+                                  "Wan2.2-S2V-14B folder + LoRA, fp8 -> Save Video"),
     "liveavatar_single_files": ("ComfyUI single files", "Comfy-Org's Wan2.2 S2V files + the LoRA",
                                 "ComfyUI model folders + LoRA -> Save Video"),
 }
@@ -148,14 +148,27 @@ def sampling_links() -> dict[str, tuple[int, int]]:
     return {"model": (10, 0), "text": (11, 0), "audio": (12, 0), "reference": (13, 0)}
 
 
+def sampler(keep_frames: bool, column: int) -> N:
+    return N(20, "LiveAvatarSampler", dict(seed=42, steps=4, num_clip=0, keep_frames=keep_frames, ram_limit_gb=8.0),
+             sampling_links(), column=column)
+
+
 def to_native_video(prefix: str, column: int = 2) -> list[N]:
+    """Sampler frames (IMAGE, held in RAM: short clips) -> Create Video -> Save Video."""
     return [
-        N(20, "LiveAvatarSampler", dict(seed=42, steps=4, num_clip=0), sampling_links(), column=column),
+        sampler(True, column),
         N(21, "CreateVideo", dict(fps=25.0), {"images": (20, 0), "audio": (20, 1), "fps": (20, 2)},
           column=column + 1),
         N(22, "SaveVideo", dict(filename_prefix=prefix, format="mp4", codec="h264"), {"video": (21, 0)},
           column=column + 1),
     ]
+
+
+def to_saved_video(prefix: str, column: int = 2) -> list[N]:
+    """Sampler video (the streamed mp4, never in RAM) -> Save Video."""
+    return [sampler(False, column),
+            N(22, "SaveVideo", dict(filename_prefix=prefix, format="mp4", codec="h264"), {"video": (20, 3)},
+              column=column + 1)]
 
 
 def to_streamed_mp4(prefix: str, column: int = 2) -> list[N]:
@@ -196,10 +209,13 @@ def workflows() -> dict[str, list[N]]:
         ],
         "liveavatar_long_streaming": [
             loader(10, OFFICIAL_CHECKPOINT, precision="fp8"), *media(),
-            note(30, OFFICIAL + "\n\n## Long-form\nEvery decoded block is written to the mp4 at once "
-                     "(H.264 + AAC, fragmented): memory stays flat for hours of audio and an interrupted "
-                     "run leaves a playable file. num_clip 0 = until the audio ends."),
-            *encoders(10, 1, 2, "704*384"), *to_streamed_mp4("LiveAvatar/long"),
+            note(30, OFFICIAL + "\n\n## Long-form\nThe Sampler writes every decoded block to an mp4 at once "
+                     "(H.264 + AAC, fragmented, in ComfyUI's temp folder) and hands it to Save Video as a "
+                     "VIDEO: no frame is held in RAM, memory stays flat for hours of audio. Watch it grow: "
+                     "the Sampler shows the file's path (`ffplay` or VLC open it while it is written). "
+                     "keep_frames stays off (IMAGE frames: 3.2 GB per 1000 frames at 704x384). "
+                     "num_clip 0 = until the audio ends."),
+            *encoders(10, 1, 2, "704*384"), *to_saved_video("LiveAvatar/long"),
         ],
         "liveavatar_single_files": [
             N(10, "LiveAvatarModelLoaderFiles", dict(

@@ -1,0 +1,123 @@
+"""The long workflow's VIDEO path in real ComfyUI: minutes of output never held in RAM (needs COMFYUI_DIR).
+
+`workflows/api/liveavatar_long_streaming.json` (Sampler video -> core Save Video) on the session
+server (tests/comfy_server.py), switched to the tiny checkpoint on the CPU at its smallest size, runs
+`LONG_S` seconds of audio. While it runs the server's RSS is sampled (psutil on its pid) and the
+Sampler's growing mp4 in temp/ is opened (playable mid-run). Asserted:
+- the saved video lasts as long as the audio, within one frame, and has an AAC audio stream;
+- frames were never held in RAM: the server's peak RSS stays under the baseline (after a warm-up run
+  of the same graph) plus what the IMAGE path would have collected for this run
+  (`video_out.collect_bytes`: 12 bytes per pixel per frame), printed with the margin.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from comfy_server import Server, needs_server
+from test_nodes_support import AUDIO_NAME, REPO, TINY_NAME, pack_submodule, write_wav
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow, needs_server()]
+
+FPS = 25
+LONG_S = 30.0  # audio seconds: 750 frames, 63 blocks (see the README's test notes for the timing)
+SIZE = "64*64"  # the tiny checkpoint's smallest size
+LONG_AUDIO = "speech_minutes.wav"
+
+
+class RssSampler:
+    """Samples a process's resident memory (psutil) every `period` seconds on a thread; bytes."""
+
+    def __init__(self, pid: int, period: float = 0.2):
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.period = period
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self.proc.memory_info().rss)
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def long_prompt(audio_name: str, prefix: str) -> dict:
+    """The shipped long workflow on the tiny checkpoint, CPU, smallest size, the given input audio."""
+    prompt = json.loads((REPO / "workflows" / "api" / "liveavatar_long_streaming.json").read_text())
+    for node in prompt.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "LiveAvatarModelLoader":
+            inputs.update(checkpoint=TINY_NAME, precision="fp32", devices="cpu", gpu_mode="single", compile=False)
+        elif kind == "LiveAvatarReferenceImage":
+            inputs.update(size=SIZE)
+        elif kind == "LoadAudio":
+            inputs.update(audio=audio_name)
+        elif kind == "SaveVideo":
+            inputs.update(filename_prefix=prefix)
+    return prompt
+
+
+def saved_video(srv: Server, hist: dict) -> Path:
+    status = hist["status"]
+    assert status["status_str"] == "success", json.dumps(dict(status["messages"]).get("execution_error"))[:4000]
+    (item,) = [i for out in hist["outputs"].values() for i in out.get("images", []) if i["type"] == "output"]
+    return srv.base / "output" / item["subfolder"] / item["filename"]
+
+
+def test_long_workflow_streams_video_without_frames_in_ram(comfyui_server):
+    from liveavatar.media.video_writer import probe_video
+
+    srv = comfyui_server
+    write_wav(srv.base / "input" / LONG_AUDIO, LONG_S, rate=16000, channels=1)
+    temp = srv.base / "temp" / "LiveAvatar"
+
+    # warm-up: the same graph on the 0.44 s input loads the model and imports everything
+    warm = saved_video(srv, srv.wait_history(srv.queue(long_prompt(AUDIO_NAME, "LiveAvatar/warm"), "long")))
+    assert probe_video(warm)["frames"] == 11
+    before = set(temp.glob("*.mp4"))
+
+    t0 = time.time()
+    with RssSampler(srv.proc.pid) as rss:
+        baseline = rss.proc.memory_info().rss
+        pid = srv.queue(long_prompt(LONG_AUDIO, "LiveAvatar/long"), "long")
+        growing = None  # the Sampler's mp4, opened while it is written
+        while growing is None and time.time() - t0 < 600:
+            fresh = sorted(set(temp.glob("*.mp4")) - before)
+            if fresh and fresh[0].stat().st_size > 20_000:
+                growing = probe_video(fresh[0])
+            time.sleep(0.5)
+        hist = srv.wait_history(pid, timeout=900)
+    wall = time.time() - t0
+
+    path = saved_video(srv, hist)
+    info = probe_video(path)
+    frames = round(LONG_S * FPS)
+    assert info["codecs"] == {"video": "h264", "audio": "aac"} and info["audio_rate"] == 16000
+    assert abs(info["frames"] / FPS - LONG_S) <= 1 / FPS, info
+    assert abs(info["audio_duration_s"] - LONG_S) <= 1 / FPS, info
+    assert growing is not None and 0 < growing["frames"] < frames, growing  # playable while it grows
+
+    width, height = (int(v) for v in SIZE.split("*"))
+    image_path = pack_submodule("nodes.video_out").collect_bytes(frames, width, height, frames * 640)
+    peak = max(rss.samples)
+    bound = baseline + image_path
+    print(f"\n{LONG_S:.0f} s audio, {frames} frames at {SIZE}: {wall:.1f} s; server RSS baseline "
+          f"{baseline / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB (+{(peak - baseline) / 2**20:.1f} MiB, "
+          f"{len(rss.samples)} samples); the IMAGE path would hold +{image_path / 2**20:.1f} MiB more: "
+          f"bound {bound / 2**20:.1f} MiB, margin {(bound - peak) / 2**20:.1f} MiB")
+    assert peak < bound
