@@ -25,6 +25,7 @@ import argparse
 import datetime as _dt
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -117,7 +118,8 @@ def run(args: argparse.Namespace) -> dict:
     res: dict = {"bench": "long_run", "command": "python -m bench.long_run " + " ".join(sys.argv[1:]),
                  "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                  "device": device_name(device), "torch": torch.__version__, "dtype": dtype, "size": args.size,
-                 "minutes": args.minutes, "wav_write_s": round(wav_s, 2)}
+                 "minutes": args.minutes, "wav_write_s": round(wav_s, 2),
+                 "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
     sampler = MemorySampler(device, args.sample_s)
     t = time.perf_counter()
     model = LiveAvatar.from_checkpoint(ckpt, device=device, dtype=dtype)

@@ -8,7 +8,9 @@
 # Results come back under $OUT (one JSON line + the PNG plot); copy them into bench/results/.
 # Environment: LONG_RUN_MINUTES (60), LONG_RUN_BUDGET_S (generation cap, 400 s: the whole call must
 # end inside 10 minutes; when the cap stops it early the JSON says complete=false and gives
-# projected_full_s), LONG_RUN_DEVICE (cuda).
+# projected_full_s), LONG_RUN_DEVICE (cuda), LONG_RUN_MMAP_THRESHOLD (131072: glibc maps every buffer over
+# 128 KiB on its own, so RSS follows live allocations instead of swinging +-50 MB with the allocator's
+# retention, as in tests/test_long_memory.py; set it empty for glibc's default).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,6 +26,7 @@ if [ "${1:-}" = "prepare" ]; then
   exit 0
 fi
 export PYTHONUNBUFFERED=1
+[ -n "${LONG_RUN_MMAP_THRESHOLD-131072}" ] && export MALLOC_MMAP_THRESHOLD_=${LONG_RUN_MMAP_THRESHOLD-131072}
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}

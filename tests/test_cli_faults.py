@@ -29,6 +29,7 @@ def job(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("faults")
     Image.new("RGB", (160, 96), (200, 150, 120)).save(d / "face.png")
     write_wav(d / "speech.wav", 3.0)
+    write_wav(d / "long.wav", 130.0)  # > IN_MEMORY_S: spooled to disk, wav2vec2 features in windows
     res = run_cli("make-tiny-checkpoint", str(d / "ckpt"), "--seed", "3")
     assert res.returncode == 0, res.stderr
     return {"dir": d, "args": ["generate", "--image", str(d / "face.png"), "--audio", str(d / "speech.wav"),
@@ -41,12 +42,13 @@ def _popen_cli(*args: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-@pytest.mark.parametrize("kill_after", [1, 2])
-def test_sigkill_after_a_block_keeps_every_written_block(job, tmp_path, kill_after):
+@pytest.mark.parametrize("kill_after,audio", [(1, "speech.wav"), (2, "speech.wav"), (1, "long.wav")])
+def test_sigkill_after_a_block_keeps_every_written_block(job, tmp_path, kill_after, audio):
     """The CLI logs `block k/n` after writing block k; SIGKILL as soon as that line appears: the mp4
-    plays and holds every frame of every block logged (and at most the block being written next)."""
+    plays and holds every frame of every block logged (and at most the block being written next).
+    long.wav (130 s) takes the long-audio path: spooled samples, windowed wav2vec2 features."""
     out = tmp_path / "killed.mp4"
-    proc = _popen_cli(*job["args"], "--out", str(out))
+    proc = _popen_cli(*job["args"], "--audio", str(job["dir"] / audio), "--out", str(out))
     seen: list[int] = []
     total = None
     try:
