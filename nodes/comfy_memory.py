@@ -92,7 +92,11 @@ class LiveAvatarPatcher:
         return self._offload(device_to)
 
     def detach(self, unpatch_all: bool = True) -> Any:
-        self._offload(self.offload_device)
+        """ComfyUI unloads the model: the weights go to the offload device. `unpatch_all=False`
+        is `load_models_gpu` re-listing the same model (it detaches every clone first, ours
+        included): nothing moves, as for ComfyUI's own ModelPatcher."""
+        if unpatch_all:
+            self._offload(self.offload_device)
         return self.model
 
     def _offload(self, device_to: torch.device) -> int:
