@@ -9,7 +9,8 @@ pipeline, worker ranks) receive the resolved values and never decide them again.
 - fp8 scaling: `resolve_fp8_scaling` (the one place that knows the default scaling);
 - attention backend: `resolve_attention` over `ATTENTION_BACKENDS`;
 - KV cache placement: `CachePolicy` (offload / prefetch: auto, on, off);
-- GPU lists: `parse_gpus` ("0,1" or "cuda:0,cuda:1", checked against the visible GPUs).
+- GPU lists: `parse_gpus` ("0,1" or "cuda:0,cuda:1", checked against the visible GPUs);
+- numbers: `finite_float`, `lora_strength` (finite, in `LORA_STRENGTH_RANGE`), `seed` (0..`SEED_MAX`).
 The output size is resolved by `liveavatar.sizes.resolve_size` into an `OutputSize`.
 """
 
@@ -23,6 +24,8 @@ from liveavatar.models.fp8 import DEFAULT_SCALING as DEFAULT_FP8_SCALING
 from liveavatar.models.fp8 import SCALINGS as FP8_SCALINGS
 
 AUTO_ON_OFF = ("auto", "on", "off")  # the choices of --kv-offload / --kv-prefetch
+SEED_MAX = 2**53 - 1  # the largest seed (exact in the browser's numbers, so the CLI and the nodes agree)
+LORA_STRENGTH_RANGE = (0.0, 2.0)  # the LoRA scale a user may ask for (1.0: as distilled)
 
 
 def resolve_fp8_scaling(fp8: bool | str | None) -> str | None:
@@ -109,6 +112,31 @@ def finite_float(text: str) -> float:
     return value
 
 
+def lora_strength(value: str | float) -> float:
+    """The LoRA scale: a finite number in `LORA_STRENGTH_RANGE` (ValueError naming `lora-strength`)."""
+    lo, hi = LORA_STRENGTH_RANGE
+    try:
+        scale = finite_float(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"lora-strength: {value!r} is not a finite number; give one from {lo} to {hi}, "
+                         "e.g. 1.0") from exc
+    if not lo <= scale <= hi:
+        raise ValueError(f"lora-strength: {value!r} is outside {lo} .. {hi}; 1.0 is the strength the LoRA "
+                         "was distilled for")
+    return scale
+
+
+def seed(value: str | int) -> int:
+    """A noise seed: an integer from 0 to `SEED_MAX` (ValueError naming `seed`)."""
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"seed: {value!r} is not an integer; give one from 0 to {SEED_MAX}") from None
+    if not 0 <= number <= SEED_MAX:
+        raise ValueError(f"seed: {number} is outside 0 .. {SEED_MAX}")
+    return number
+
+
 def parse_gpus(text: str, cuda_count: int) -> tuple[str, ...]:
     """"0,1" / "cuda:0, cuda:1" / "cuda" -> ("cuda:0", "cuda:1"), every index checked against the
     `cuda_count` visible GPUs (CLI `--gpus`, the loader nodes' `devices`). ValueError naming `gpus`
@@ -139,5 +167,5 @@ def parse_gpus(text: str, cuda_count: int) -> tuple[str, ...]:
 __all__ = [
     "ATTENTION_BACKENDS", "FP8_SCALINGS", "DEFAULT_FP8_SCALING", "AUTO_ON_OFF", "resolve_fp8_scaling",
     "resolve_attention", "Precision", "PRECISIONS", "precision_from_flags", "auto_on_off", "CachePolicy",
-    "finite_float", "parse_gpus",
+    "finite_float", "parse_gpus", "SEED_MAX", "LORA_STRENGTH_RANGE", "lora_strength", "seed",
 ]

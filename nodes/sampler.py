@@ -15,6 +15,7 @@ import folder_paths
 from comfy_api.latest import InputImpl, io, ui
 
 from liveavatar.config import DEFAULT_STREAM
+from liveavatar.options import SEED_MAX
 
 from .convert import frames_to_image, samples_to_audio
 from .errors import LiveAvatarInputError
@@ -22,7 +23,6 @@ from .run import run_generation
 from .types import (CATEGORY_OUTPUT, CATEGORY_SAMPLING, LiveAvatarAudio, LiveAvatarImage, LiveAvatarModel,
                     LiveAvatarText)
 
-SEED_MAX = 2**53 - 1  # exact in the browser's numbers
 NUM_CLIP_MAX = 100000
 FPS = DEFAULT_STREAM.fps  # the model's frame rate (StreamConfig.fps)
 SAMPLE_RATE = DEFAULT_STREAM.sample_rate

@@ -108,12 +108,14 @@ def _one_error_line(res: subprocess.CompletedProcess) -> str:
 
 
 def test_read_only_out_is_one_error_line_naming_the_path(job, tmpfs):
+    """Refused at the edge (a file is created and dropped in --out's folder first): exit 2, before
+    any model load."""
     out = tmpfs("ro,size=64k") / "video.mp4"
     res = run_cli(*job["args"], "--out", str(out))
-    assert res.returncode == 1
+    assert res.returncode == 2
     line = _one_error_line(res)
-    assert str(out) in line and "Read-only file system" in line
-    assert not out.exists()
+    assert line.startswith(f"error: --out: cannot write {out}") and "Read-only file system" in line
+    assert "loading" not in res.stderr.lower() and not out.exists()
 
 
 def test_disk_full_is_one_error_line_and_the_partial_mp4_plays(job, tmpfs):

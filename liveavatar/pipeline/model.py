@@ -37,7 +37,10 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -192,13 +195,11 @@ class LiveAvatar:
     def encode_audio(self, audio, lead_in_frames: int | None = None) -> AudioConditioning:
         """wav2vec2 features for every generated frame of `audio` (an `Audio16k`); lead_in_frames:
         silent frames in front (None: `stream.lead_in_frames`)."""
-        from liveavatar.media.audio import num_video_frames
+        from liveavatar.pipeline.plan import audio_frames
 
         lead_in_frames = self.stream.lead_in_frames if lead_in_frames is None else lead_in_frames
         fps = self.stream.fps
-        num_frames = num_video_frames(audio, fps=fps)
-        if num_frames < 1:
-            raise ValueError(f"audio: {audio.duration_s:.3f} s is shorter than one frame at {fps} fps")
+        num_frames = audio_frames(audio, self.stream)
         lead = torch.zeros(lead_in_frames * audio.sample_rate // fps, dtype=torch.float32)
         padded = torch.cat([lead, audio.samples.float()])
         feats = self.audio_encoder.video_frame_features(padded, fps=fps,
