@@ -310,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    memory = sys.modules.get("liveavatar.pipeline.memory")  # loaded with the model: no import at error time
+    return memory is not None and memory.is_out_of_memory(exc) or isinstance(exc, MemoryError)
+
+
 def _report_error(exc: BaseException, verbose: bool) -> int | None:
     """Print one `error:` line for a failure the user can act on and return the exit status (130
     interrupted, 2 bad input, 1 a fault: file system, worker group); None lets the traceback through
@@ -328,6 +333,11 @@ def _report_error(exc: BaseException, verbose: bool) -> int | None:
             text += f": {exc.filename}"
     elif group is not None and isinstance(exc, group.GroupError):
         code, text = 1, str(exc).partition("; its last traceback:")[0]
+    elif _out_of_memory(exc):  # in this process (the single-device path); a rank's comes as a GroupError
+        from liveavatar.pipeline.memory import OOM_REMEDY
+
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        code, text = 1, f"{type(exc).__name__}: {first} [{OOM_REMEDY}]"
     else:
         return None
     text = text.strip().splitlines()[0] if text.strip() else type(exc).__name__

@@ -150,15 +150,18 @@ def parse_gpus(text: str, cuda_count: int) -> tuple[str, ...]:
         if set(items) != {"cpu"}:
             raise ValueError(f"gpus: {text!r} mixes 'cpu' with GPUs; list GPUs only, or only cpu entries")
         return tuple(items)
-    out = []
-    for item in items:
+    indices = []
+    for item in items:  # every entry's spelling first, then whether the GPUs exist
         idx = "0" if item == "cuda" else item[5:] if item.startswith("cuda:") else item
         if not idx.isdigit():
             raise ValueError(f"gpus: {item!r} is not a device; list GPU indices like 0,1 (or cuda:0, cuda:1)")
-        if int(idx) >= cuda_count:
+        indices.append(int(idx))
+    out = []
+    for idx in indices:
+        if idx >= cuda_count:
             seen = ", ".join(f"cuda:{i}" for i in range(cuda_count)) or "none (no CUDA GPU is visible)"
-            raise ValueError(f"gpus: cuda:{int(idx)} does not exist; visible GPUs: {seen}")
-        out.append(f"cuda:{int(idx)}")
+            raise ValueError(f"gpus: cuda:{idx} does not exist; visible GPUs: {seen}")
+        out.append(f"cuda:{idx}")
     if len(set(out)) != len(out):
         raise ValueError(f"gpus: {text!r} lists a device twice")
     return tuple(out)
