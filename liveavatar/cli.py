@@ -153,7 +153,11 @@ def _check_writable(out: Path) -> None:
         with tempfile.TemporaryFile(dir=out.parent):
             pass
     except OSError as exc:
-        raise UserError(f"--out: cannot write {out} ({exc.strerror}); choose a folder you can write to") from None
+        raise _out_error(out, exc) from None
+
+
+def _out_error(out: Path, exc: OSError) -> UserError:
+    return UserError(f"--out: cannot write {out} ({exc.strerror}); choose a folder you can write to")
 
 
 def run_generate(args: argparse.Namespace) -> dict:
@@ -176,7 +180,11 @@ def run_generate(args: argparse.Namespace) -> dict:
     out = Path(args.out).expanduser()
     if out.suffix.lower() != ".mp4":
         raise UserError(f"--out: {out} must end in .mp4")
-    if out.is_dir():
+    try:
+        taken = out.is_dir()
+    except OSError as exc:  # a folder on the way that cannot be searched
+        raise _out_error(out, exc) from None
+    if taken:
         raise UserError(f"--out: {out.resolve()} is a directory; name the .mp4 file to write")
     if args.num_clip is not None and args.num_clip < 1:
         raise UserError("--num-clip: must be >= 1")

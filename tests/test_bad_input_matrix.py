@@ -131,7 +131,7 @@ CASES: dict[str, Case] = {
     "image missing": Case(("--image", "{d}/nope.png"), "error: --image: no file at {d}/nope.png",
                           ("image", _image("nope.png"), ("queue", "1", "Invalid image file"))),
     "image is a folder": Case(("--image", "{d}"), "error: --image: {d} is a directory; name a file"),
-    "image unreadable": Case(("--image", "{u}/locked.png"), "error: --image: cannot read {u}/locked.png (Permission denied)"),
+    "image unreadable": Case(("--image", "{u}/locked.png", "--out", "{u}/video.mp4"), "error: --image: cannot read {u}/locked.png (Permission denied)"),
     "audio missing": Case(("--audio", "nope.wav"), "error: --audio: no file at nope.wav (= ",
                           ("audio", _audio("nope.wav"), ("queue", "2", "Invalid audio file"))),
     "audio is a folder": Case(("--audio", "{d}"), "error: --audio: {d} is a directory"),
@@ -184,7 +184,7 @@ CASES: dict[str, Case] = {
                               ("image", _loader(lora_strength=float("nan")), ("run", "10", "'lora_strength': nan is not a finite"))),
     "lora strength inf": Case(("--lora-strength", "inf"), "error: argument --lora-strength: 'inf' is not a finite number",
                               ("image", _loader(lora_strength=float("inf")), ("queue", "10", "lora_strength"))),
-    "lora strength -inf": Case(("--lora-strength", "-inf"), "error: argument --lora-strength: '-inf' is not a finite number"),
+    "lora strength -inf": Case(("--lora-strength=-inf",), "error: argument --lora-strength: '-inf' is not a finite number"),
     "lora strength out of range": Case(("--lora-strength", "5"), "error: argument --lora-strength: '5' is outside 0.0 .. 2.0",
                                        ("image", _loader(lora_strength=5.0), ("queue", "10", "lora_strength"))),
     "lora strength negative": Case(("--lora-strength=-1",), "error: argument --lora-strength: '-1' is outside 0.0 .. 2.0"),
@@ -307,15 +307,22 @@ def _cli(media: dict, case: Case, out: Path) -> subprocess.CompletedProcess:
     return run_cli(*argv, env=env)
 
 
+def _selected(request, test: str) -> list[str]:
+    """The case names of `test` that this session runs (all of them unless -k chose some)."""
+    return [item.callspec.params["name"] for item in request.session.items
+            if getattr(item, "originalname", "") == test and item.module.__name__ == __name__]
+
+
 @pytest.fixture(scope="module")
-def cli_results(media) -> dict:
-    """Every case's CLI run, two at a time (each is a fresh interpreter importing torch)."""
+def cli_results(request, media) -> dict:
+    """The selected cases' CLI runs, two at a time (each is a fresh interpreter importing torch)."""
+    names = _selected(request, "test_cli")
     outs = {name: media["dir"] / "out" / f"case{i}.mp4" for i, name in enumerate(CASES)}
     for name, case in CASES.items():
         if "--out" in case.args:
-            outs[name] = Path(case.args[case.args.index("--out") + 1].format(d=media["dir"]))
+            outs[name] = Path(case.args[case.args.index("--out") + 1].format(d=media["dir"], u=media["locked"]))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = {name: pool.submit(_cli, media, case, outs[name]) for name, case in CASES.items()}
+        futures = {name: pool.submit(_cli, media, CASES[name], outs[name]) for name in names}
         return {name: (f.result(), outs[name]) for name, f in futures.items()}
 
 
@@ -397,7 +404,7 @@ COMFY = {name: case for name, case in CASES.items() if case.comfy}
 
 
 @pytest.fixture(scope="module")
-def comfy_results(comfyui_server, media) -> dict:
+def comfy_results(request, comfyui_server, media) -> dict:
     """Every ComfyUI case on the session's server, one prompt each; then a real job on unusual inputs."""
     srv = comfyui_server
     d = media["dir"]
@@ -412,8 +419,8 @@ def comfy_results(comfyui_server, media) -> dict:
             shutil.copytree(media["ckpts"] / slug, dest)
     client = str(uuid.uuid4())
     results = {}
-    for name, case in COMFY.items():
-        results[name] = _comfy_case(srv, client, case.comfy)
+    for name in _selected(request, "test_comfyui"):
+        results[name] = _comfy_case(srv, client, COMFY[name].comfy)
         results[name] += (srv.proc.poll() is None,)
     # then a real job: the shipped tiny workflow on an RGBA image and a 48 kHz FLAC, non-ASCII names
     from test_comfyui_integration import _api
