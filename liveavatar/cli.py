@@ -230,7 +230,7 @@ def run_generate(args: argparse.Namespace) -> dict:
     if args.pose_video is not None:
         pose = model.encode_pose(Path(args.pose_video).expanduser(), img, aud.num_frames)
     t1 = time.perf_counter()
-    first = None
+    first = writer = None
     fps = model.stream.fps
     try:
         with VideoWriter(out, img.width, img.height, fps=fps, audio_rate=audio.sample_rate) as writer:
@@ -244,6 +244,10 @@ def run_generate(args: argparse.Namespace) -> dict:
                 log.info("block %d/%d: %d frames (dit %.2fs, decode %.2fs)", blk.index + 1, blk.total_blocks,
                          blk.frames.shape[0], blk.timings.get("dit", 0), blk.timings.get("decode", 0))
             info = writer.close()
+    except BaseException:
+        if first is None and writer is not None:  # no block written: leave no file that could pass for a video
+            out.unlink(missing_ok=True)
+        raise
     finally:
         if hasattr(model, "close"):
             model.close()
