@@ -21,16 +21,20 @@ DEMO_PROMPT = "A friendly cartoon person talking to the camera, plain background
 from liveavatar.options import DEFAULT_FP8_SCALING, FP8_SCALINGS, GPU_MODES
 from liveavatar.options import ATTENTION_BACKENDS, AUTO_ON_OFF, auto_on_off, finite_float  # noqa: F401 (bench)
 from liveavatar.options import DEFAULT_KV_DTYPE, KV_DTYPES
+from liveavatar.options import LORA_STRENGTH_RANGE, SEED_MAX, lora_strength, seed
 from liveavatar.sizes import DEFAULT_MODE as DEFAULT_SIZE_MODE
 from liveavatar.sizes import MODES as SIZE_MODES
 
 
-def _finite(text: str) -> float:
-    """argparse type: a finite float (nan / inf are refused with one error line)."""
-    try:
-        return finite_float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if "finite" in str(exc) else f"{text!r} is not a number") from None
+def _option(check):
+    """argparse type from an `options` check (ValueError "name: problem" -> one argparse error line)."""
+    def parse(text: str):
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).partition(": ")[2] or str(exc)) from None
+    parse.__name__ = check.__name__
+    return parse
 
 
 class UserError(Exception):
@@ -55,11 +59,12 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="area (default, the reference rule and the nodes' default): W*H is an area budget, the image keeps its aspect ratio, sides snap to multiples of 64; exact: output is exactly WxH (image scaled to cover, centre-cropped)")
     p.add_argument("--ckpt-dir", required=req, help="Wan2.2-S2V-14B folder (official layout)")
     p.add_argument("--lora", default=None, help="Live Avatar LoRA (liveavatar.safetensors); default: look beside the checkpoint")
-    p.add_argument("--lora-strength", type=_finite, default=1.0, help="LoRA scale (a finite number, 1.0 by default)")
+    p.add_argument("--lora-strength", type=_option(lora_strength), default=1.0,
+                   help=f"LoRA scale, {LORA_STRENGTH_RANGE[0]} to {LORA_STRENGTH_RANGE[1]} (1.0 by default)")
     p.add_argument("--pose-video", default=None, help="optional pose (DW-pose) video driving the body, as the reference's --pose_video")
     p.add_argument("--num-clip", type=int, default=None, help="max 48-frame clips (default: until the audio ends)")
     p.add_argument("--steps", type=int, default=4, choices=(3, 4, 5))
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=_option(seed), default=42, help=f"noise seed, 0 to {SEED_MAX}")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (one device, in-process)")
     p.add_argument("--gpus", default=None,
                    help="several GPUs, e.g. 0,1,2,3,4: runs a worker group (timestep-forcing pipeline parallelism)")
@@ -89,6 +94,9 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "about half the cache memory), or auto (fp8 only when bf16 caches do not fit)")
     p.add_argument("--out", default=None if req else str(REPO / "output" / "demo.mp4"), required=req,
                    help="output .mp4 path")
+    p.add_argument("--check", action="store_true",
+                   help="check every input (options, files, size, audio length, checkpoint headers), print "
+                        "what would be made, and exit without loading the model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,10 +157,45 @@ def _fit_to_devices(args: argparse.Namespace, devices, image_wh, config, dtype, 
     return size, precision, cache
 
 
+def _input_file(flag: str, text: str) -> Path:
+    """The file an option names, checked to exist, be a file and be readable (else `UserError`
+    naming the option and the path)."""
+    p = Path(text).expanduser()
+    shown = str(p) if p.is_absolute() else f"{p} (= {p.resolve()})"
+    if not p.exists():
+        raise UserError(f"{flag}: no file at {shown}")
+    if p.is_dir():
+        raise UserError(f"{flag}: {shown} is a directory; name a file")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{flag}: cannot read {shown} ({exc.strerror}); make it readable, e.g. chmod a+r") from None
+    return p
+
+
+def _check_writable(out: Path) -> None:
+    """Make `out`'s folder and check a file can be created there (an unnamed temporary file: nothing
+    is left behind), so a read-only or missing output folder is refused before the model loads."""
+    import tempfile
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise _out_error(out, exc) from None
+
+
+def _out_error(out: Path, exc: OSError) -> UserError:
+    return UserError(f"--out: cannot write {out} ({exc.strerror}); choose a folder you can write to")
+
+
 def run_generate(args: argparse.Namespace) -> dict:
     """Validate every input, load the model, stream blocks to the mp4. Returns a summary dict."""
     import torch
 
+    from liveavatar.config import DEFAULT_STREAM
     from liveavatar.loading.official import find_official_checkpoint
     from liveavatar.media.audio import open_audio
     from liveavatar.media.image import load_image
@@ -160,6 +203,7 @@ def run_generate(args: argparse.Namespace) -> dict:
     from liveavatar.options import CachePolicy, precision_from_flags
     from liveavatar.pipeline.fit import fp8_weights_choice
     from liveavatar.pipeline.model import LiveAvatar, resolve_dtype
+    from liveavatar.pipeline.plan import audio_frames
     from liveavatar.pipeline.speed import fp8_scaling_for
     from liveavatar.sizes import parse_size, resolve_size
 
@@ -169,7 +213,11 @@ def run_generate(args: argparse.Namespace) -> dict:
     out = Path(args.out).expanduser()
     if out.suffix.lower() != ".mp4":
         raise UserError(f"--out: {out} must end in .mp4")
-    if out.is_dir():
+    try:
+        taken = out.is_dir()
+    except OSError as exc:  # a folder on the way that cannot be searched
+        raise _out_error(out, exc) from None
+    if taken:
         raise UserError(f"--out: {out.resolve()} is a directory; name the .mp4 file to write")
     if args.num_clip is not None and args.num_clip < 1:
         raise UserError("--num-clip: must be >= 1")
@@ -180,16 +228,24 @@ def run_generate(args: argparse.Namespace) -> dict:
     fp8_scaling_for(precision.fp8, torch.device(device))
     cache = CachePolicy.from_choices(args.kv_offload, args.kv_prefetch,
                                      "bf16" if args.kv_dtype == "auto" else args.kv_dtype)
-    image = load_image(Path(args.image).expanduser())
-    audio = open_audio(Path(args.audio).expanduser())  # long clips spooled to disk: flat memory
-    if args.pose_video is not None and not Path(args.pose_video).expanduser().is_file():
-        raise UserError(f"--pose-video: no file at {Path(args.pose_video).expanduser().resolve()}")
+    image = load_image(_input_file("--image", args.image))
+    audio = open_audio(_input_file("--audio", args.audio))  # long clips spooled to disk: flat memory
+    frames = audio_frames(audio, DEFAULT_STREAM)
+    if args.pose_video is not None:
+        _input_file("--pose-video", args.pose_video)
+    if args.lora not in (None, "none") and not Path(args.lora).expanduser().exists():
+        raise UserError(f"--lora: no file at {Path(args.lora).expanduser().resolve()}; give the Live Avatar LoRA "
+                        "(liveavatar.safetensors, or its folder), or none for the base model")
     ckpt = find_official_checkpoint(Path(args.ckpt_dir).expanduser(), lora=args.lora)
     size = None if args.size == "auto" else resolve_size(image.size, args.size, args.size_mode)  # resolved once
     if size is None or fp8 is None or args.kv_dtype == "auto":  # fitted to the free memory, before loading
         size, precision, cache = _fit_to_devices(args, gpus or (device,), image.size, ckpt.config, dtype,
                                                  size, fp8, cache)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
+    if args.check:
+        return {"check": True, "size": f"{size.width}x{size.height}", "frames": frames, "fps": DEFAULT_STREAM.fps,
+                "ckpt": str(ckpt.root), "lora": str(ckpt.lora_path or "none"),
+                "path": str(out.resolve())}
 
     t0 = time.perf_counter()
     if gpus:
@@ -212,7 +268,7 @@ def run_generate(args: argparse.Namespace) -> dict:
     if args.pose_video is not None:
         pose = model.encode_pose(Path(args.pose_video).expanduser(), img, aud.num_frames)
     t1 = time.perf_counter()
-    first = None
+    first = writer = None
     fps = model.stream.fps
     try:
         with VideoWriter(out, img.width, img.height, fps=fps, audio_rate=audio.sample_rate) as writer:
@@ -227,6 +283,10 @@ def run_generate(args: argparse.Namespace) -> dict:
                 log.info("block %d/%d: %d frames (dit %.2fs, decode %.2fs)", blk.index + 1, blk.total_blocks,
                          blk.frames.shape[0], blk.timings.get("dit", 0), blk.timings.get("decode", 0))
             info = writer.close()
+    except BaseException:
+        if first is None and writer is not None:  # no block written: leave no file that could pass for a video
+            out.unlink(missing_ok=True)
+        raise
     finally:
         if hasattr(model, "close"):
             model.close()
@@ -241,6 +301,11 @@ def run_generate(args: argparse.Namespace) -> dict:
 
 
 def _print_summary(summary: dict) -> None:
+    if summary.get("check"):
+        print(f"inputs ok: effective size {summary['size']}, {summary['frames']} frames "
+              f"({summary['frames'] / summary['fps']:.2f} s at {summary['fps']} fps), checkpoint {summary['ckpt']} "
+              f"(LoRA {summary['lora']}), would write {summary['path']}")
+        return
     print(f"wrote {summary['path']}")
     print(f"effective size {summary['size']}, {summary['fps']} fps, {summary['frames']} frames "
           f"({summary['seconds']} s of video), generated in {summary['generate_s']} s "
@@ -296,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    memory = sys.modules.get("liveavatar.pipeline.memory")  # loaded with the model: no import at error time
+    return memory is not None and memory.is_out_of_memory(exc) or isinstance(exc, MemoryError)
+
+
 def _report_error(exc: BaseException, verbose: bool) -> int | None:
     """Print one `error:` line for a failure the user can act on and return the exit status (130
     interrupted, 2 bad input or a memory preflight refusal, 1 a fault: file system, worker group); None lets the traceback through
@@ -316,6 +386,11 @@ def _report_error(exc: BaseException, verbose: bool) -> int | None:
             text += f": {exc.filename}"
     elif group is not None and isinstance(exc, group.GroupError):
         code, text = 1, str(exc).partition("; its last traceback:")[0]
+    elif _out_of_memory(exc):  # in this process (the single-device path); a rank's comes as a GroupError
+        from liveavatar.pipeline.memory import OOM_REMEDY
+
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        code, text = 1, f"{type(exc).__name__}: {first} [{OOM_REMEDY}]"
     else:
         return None
     text = text.strip().splitlines()[0] if text.strip() else type(exc).__name__

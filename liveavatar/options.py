@@ -9,7 +9,8 @@ pipeline, worker ranks) receive the resolved values and never decide them again.
 - fp8 scaling: `resolve_fp8_scaling` (the one place that knows the default scaling);
 - attention backend: `resolve_attention` over `ATTENTION_BACKENDS`;
 - KV cache placement and storage: `CachePolicy` (offload / prefetch: auto, on, off; fp8 storage);
-- GPU lists: `parse_gpus` ("0,1" or "cuda:0,cuda:1", checked against the visible GPUs).
+- GPU lists: `parse_gpus` ("0,1" or "cuda:0,cuda:1", checked against the visible GPUs);
+- numbers: `finite_float`, `lora_strength` (finite, in `LORA_STRENGTH_RANGE`), `seed` (0..`SEED_MAX`).
 The output size is resolved by `liveavatar.sizes.resolve_size` into an `OutputSize`.
 """
 
@@ -27,6 +28,8 @@ AUTO_ON_OFF = ("auto", "on", "off")  # the choices of --kv-offload / --kv-prefet
 GPU_MODES = ("auto", "single", "tpp", "layers")
 KV_DTYPES = ("bf16", "fp8")  # storage of the KV caches (--kv-dtype, the nodes' kv_dtype); "auto": pipeline.fit
 DEFAULT_KV_DTYPE = "bf16"  # fp8 KV is an option until its quality is measured negligible (bench/fp8_kv_quality.py)
+SEED_MAX = 2**53 - 1  # the largest seed (exact in the browser's numbers, so the CLI and the nodes agree)
+LORA_STRENGTH_RANGE = (0.0, 2.0)  # the LoRA scale a user may ask for (1.0: as distilled)
 
 
 def resolve_fp8_scaling(fp8: bool | str | None) -> str | None:
@@ -124,6 +127,31 @@ def finite_float(text: str) -> float:
     return value
 
 
+def lora_strength(value: str | float) -> float:
+    """The LoRA scale: a finite number in `LORA_STRENGTH_RANGE` (ValueError naming `lora-strength`)."""
+    lo, hi = LORA_STRENGTH_RANGE
+    try:
+        scale = finite_float(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"lora-strength: {value!r} is not a finite number; give one from {lo} to {hi}, "
+                         "e.g. 1.0") from exc
+    if not lo <= scale <= hi:
+        raise ValueError(f"lora-strength: {value!r} is outside {lo} .. {hi}; 1.0 is the strength the LoRA "
+                         "was distilled for")
+    return scale
+
+
+def seed(value: str | int) -> int:
+    """A noise seed: an integer from 0 to `SEED_MAX` (ValueError naming `seed`)."""
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"seed: {value!r} is not an integer; give one from 0 to {SEED_MAX}") from None
+    if not 0 <= number <= SEED_MAX:
+        raise ValueError(f"seed: {number} is outside 0 .. {SEED_MAX}")
+    return number
+
+
 def parse_gpus(text: str, cuda_count: int) -> tuple[str, ...]:
     """"0,1" / "cuda:0, cuda:1" / "cuda" -> ("cuda:0", "cuda:1"), every index checked against the
     `cuda_count` visible GPUs (CLI `--gpus`, the loader nodes' `devices`). ValueError naming `gpus`
@@ -137,15 +165,18 @@ def parse_gpus(text: str, cuda_count: int) -> tuple[str, ...]:
         if set(items) != {"cpu"}:
             raise ValueError(f"gpus: {text!r} mixes 'cpu' with GPUs; list GPUs only, or only cpu entries")
         return tuple(items)
-    out = []
-    for item in items:
+    indices = []
+    for item in items:  # every entry's spelling first, then whether the GPUs exist
         idx = "0" if item == "cuda" else item[5:] if item.startswith("cuda:") else item
         if not idx.isdigit():
             raise ValueError(f"gpus: {item!r} is not a device; list GPU indices like 0,1 (or cuda:0, cuda:1)")
-        if int(idx) >= cuda_count:
+        indices.append(int(idx))
+    out = []
+    for idx in indices:
+        if idx >= cuda_count:
             seen = ", ".join(f"cuda:{i}" for i in range(cuda_count)) or "none (no CUDA GPU is visible)"
-            raise ValueError(f"gpus: cuda:{int(idx)} does not exist; visible GPUs: {seen}")
-        out.append(f"cuda:{int(idx)}")
+            raise ValueError(f"gpus: cuda:{idx} does not exist; visible GPUs: {seen}")
+        out.append(f"cuda:{idx}")
     if len(set(out)) != len(out):
         raise ValueError(f"gpus: {text!r} lists a device twice")
     return tuple(out)
@@ -155,4 +186,5 @@ __all__ = [
     "ATTENTION_BACKENDS", "FP8_SCALINGS", "DEFAULT_FP8_SCALING", "AUTO_ON_OFF", "resolve_fp8_scaling",
     "resolve_attention", "Precision", "PRECISIONS", "precision_from_flags", "auto_on_off", "CachePolicy",
     "finite_float", "parse_gpus", "KV_DTYPES", "DEFAULT_KV_DTYPE", "resolve_kv_dtype",
+    "SEED_MAX", "LORA_STRENGTH_RANGE", "lora_strength", "seed",
 ]

@@ -235,6 +235,20 @@ def area_fit(width: int, height: int, area: int, divisor: int = 64) -> tuple[int
     return out
 
 
+MIN_IMAGE_SIDE = 32  # pixels: a smaller reference image carries no face to animate
+
+
+def _check_image_size(image_wh) -> None:
+    """A reference image of at least `MIN_IMAGE_SIDE` pixels per side (SizeError, field "image")."""
+    try:
+        iw, ih = int(image_wh[0]), int(image_wh[1])
+    except (TypeError, ValueError, IndexError) as exc:
+        raise SizeError(f"image_wh: expected (width, height), got {image_wh!r}", field="image") from exc
+    if min(iw, ih) < MIN_IMAGE_SIDE:
+        raise SizeError(f"image: {iw}x{ih} is too small, the reference needs at least {MIN_IMAGE_SIDE} pixels "
+                        f"per side; use a photo of the person (e.g. 512x512 or larger)", field="image")
+
+
 def resolve_output_size(
     image_wh: tuple[int, int],
     size: str | Sequence[int],
@@ -249,6 +263,7 @@ def resolve_output_size(
     """
     if mode not in MODES:
         raise SizeError(f"mode: {mode!r} is not one of {', '.join(MODES)}", field="mode")
+    _check_image_size(image_wh)
     w_req, h_req = parse_size(size, stream)
     requested = size.strip() if isinstance(size, str) else f"{w_req}*{h_req}"
     m = stream.size_multiple

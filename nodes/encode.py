@@ -185,7 +185,7 @@ class LiveAvatarReferenceImage(io.ComfyNode):
         try:
             out = resolve_size(pil.size, size, size_mode)  # resolved once, here at the edge
         except SizeError as exc:
-            raise LiveAvatarInputError(cls.NAME, "size", str(exc)) from exc
+            raise LiveAvatarInputError(cls.NAME, "image" if exc.field == "image" else "size", str(exc)) from exc
         ref = model.prepare_image(pil, out)
         text = f"effective size {ref.width}x{ref.height} (requested '{requested}', mode {size_mode}{why})"
         show_text(text)

@@ -103,9 +103,9 @@ def parse_placement(devices: str, mode: str, *, node: str = "LiveAvatar Model Lo
         if not items:
             raise LiveAvatarInputError(node, "devices", "empty; write 'auto', 'cpu', 'cuda:0' or '0,1,2,3,4'")
         if "cpu" in items:
-            if len(items) > 1:
+            if set(items) != {"cpu"}:
                 raise LiveAvatarInputError(node, "devices", "'cpu' cannot be combined with GPUs")
-            devs = ("cpu",)
+            devs = tuple(items)  # "cpu": this process; "cpu,cpu": CPU worker ranks (gloo; tests, development)
         else:
             try:
                 devs = parse_gpus(",".join(items), count)

@@ -14,7 +14,8 @@ from .handle import MODES, PRECISIONS, LoadSpec, file_stamps, get_or_open, parse
 from .paths import confine
 from .types import CATEGORY_LOADERS, LiveAvatarModel
 
-from liveavatar.options import ATTENTION_BACKENDS, finite_float
+from liveavatar.options import ATTENTION_BACKENDS, LORA_STRENGTH_RANGE
+from liveavatar.options import lora_strength as check_lora_strength
 
 
 def attention_backends() -> list[str]:
@@ -48,7 +49,7 @@ def _placement_inputs() -> list[io.Input]:
 
 def _common_inputs() -> list:
     """LoRA strength + the placement inputs, shared by both loaders."""
-    return [io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
+    return [io.Float.Input("lora_strength", default=1.0, min=LORA_STRENGTH_RANGE[0], max=LORA_STRENGTH_RANGE[1], step=0.05,
                            tooltip="LoRA scale (1.0 = as trained)."),
             *_placement_inputs()]
 
@@ -98,9 +99,9 @@ def _open(kind: str, paths: dict[str, str], lora: str | None, lora_strength: flo
           attention: str, devices: str, gpu_mode: str, compile: bool, node: str) -> io.NodeOutput:
     prec = precision_options(precision, node)
     try:
-        lora_strength = finite_float(lora_strength)
-    except (TypeError, ValueError) as exc:
-        raise LiveAvatarInputError(node, "lora_strength", f"{exc}; give a number like 1.0") from None
+        lora_strength = check_lora_strength(lora_strength)
+    except ValueError as exc:
+        raise LiveAvatarInputError(node, "lora_strength", str(exc).partition(": ")[2]) from None
     if attention not in attention_backends():
         raise LiveAvatarInputError(node, "attention", f"{attention!r} is not one of {', '.join(attention_backends())}")
     placement = parse_placement(devices, gpu_mode, node=node)

@@ -17,7 +17,7 @@ import folder_paths
 from comfy_api.latest import InputImpl, io, ui
 
 from liveavatar.config import DEFAULT_STREAM
-from liveavatar.options import DEFAULT_KV_DTYPE, KV_DTYPES
+from liveavatar.options import DEFAULT_KV_DTYPE, KV_DTYPES, SEED_MAX
 
 from .errors import LiveAvatarInputError
 from .run import RunReport, run_generation, show_text
@@ -27,7 +27,6 @@ from .video_out import FrameCollector, linked_outputs, plan_frames, temp_video_p
 
 logger = logging.getLogger("liveavatar")
 
-SEED_MAX = 2**53 - 1  # exact in the browser's numbers
 NUM_CLIP_MAX = 100000
 FPS = DEFAULT_STREAM.fps  # the model's frame rate (StreamConfig.fps)
 SAMPLE_RATE = DEFAULT_STREAM.sample_rate

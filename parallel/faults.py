@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from liveavatar.pipeline.memory import OOM_REMEDY
+
 
 class GroupError(RuntimeError):
     """The worker group cannot run (start failure, worker fault, closed group)."""
@@ -26,10 +28,6 @@ class WorkerError(GroupError):
 
 class JobInputError(GroupError):
     """`engine.prepare` refused the job on some rank; the group is still usable."""
-
-
-OOM_REMEDY = ("out of memory on that rank's device: stop other processes using it, or lower the need: a "
-              "smaller size, fp8 weights, KV caches offloaded to the host, or more GPUs")
 
 
 def with_remedy(text: str) -> str:

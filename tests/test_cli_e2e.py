@@ -1,8 +1,8 @@
 """End to end through the real CLI in subprocesses: tiny checkpoint -> generate -> mp4 with audio.
 
 Checks what a user checks: the file's size equals the logged effective size, frame count and fps
-follow the audio length, the audio track is there and as long as the video (within one frame),
-and bad input fails early with exit status 2 and a one-line cause.
+follow the audio length, the audio track is there and as long as the video (within one frame).
+Bad input (exit status 2, a one-line cause) is the matrix of `test_bad_input_matrix.py`.
 """
 
 from __future__ import annotations
@@ -99,55 +99,4 @@ def test_other_tiny_config_loads_without_code_changes(inputs, tmp_path):
     assert info["frames"] == 32
 
 
-@pytest.mark.parametrize("args, field", [
-    (("--size", "704-384"), "size"),
-    (("--size", "700x384", "--size-mode", "exact"), "size"),
-    (("--size", "720*400", "--size-mode", "exact"), "size"),  # a named size, not multiples of 64
-    (("--out", "video.avi"), "--out"),
-    (("--steps", "9"), "--steps"),
-    (("--attn", "efficient"), "--attn"),  # was offered by --help, is not a backend
-    (("--attn", "nope"), "--attn"),
-    (("--lora-strength", "nan"), "--lora-strength"),
-    (("--lora-strength", "inf"), "--lora-strength"),
-    (("--lora-strength", "-inf"), "--lora-strength"),
-    (("--lora-strength", "abc"), "--lora-strength"),
-    (("--gpus", "0,1"), "--gpus"),  # no CUDA GPU visible: refused, not run on the CPU
-    (("--gpus", "0,1", "--gpu-mode", "tpp"), "--gpus"),
-    (("--gpus", "0,x"), "--gpus"),
-    (("--gpu-mode", "tpp"), "--gpu-mode"),  # tpp without --gpus
-    (("--fp8",), "fp8"),  # fp8 on the CPU
-    (("--kv-offload", "maybe"), "--kv-offload"),
-    (("--kv-dtype", "fp16"), "--kv-dtype"),
-    (("--fp8", "maybe"), "--fp8"),
-])
-def test_bad_input_fails_before_loading_with_one_error_line(inputs, args, field):
-    """Exit 2, one `error:` line naming the option, and nothing else on stderr: no log line of
-    a model load (every option is checked before loading), no output file. No GPU is visible."""
-    out = inputs["dir"] / "bad.mp4"
-    res = generate(inputs, out, *args, env={"CUDA_VISIBLE_DEVICES": ""})
-    assert res.returncode == 2, res.stderr[-2000:]
-    err = res.stderr.strip().splitlines()
-    errors = [ln for ln in err if "error:" in ln]
-    assert len(errors) == 1 and errors[0] == err[-1], err
-    assert field in err[-1], err[-1]
-    assert not any(ln.startswith(("INFO", "WARNING", "Traceback")) for ln in err), err
-    assert not out.exists()
-
-
-def test_out_naming_a_directory_is_refused_before_loading(inputs):
-    folder = inputs["dir"] / "taken.mp4"
-    folder.mkdir(exist_ok=True)
-    res = generate(inputs, folder)
-    assert res.returncode == 2
-    err = res.stderr.strip().splitlines()
-    assert err == [f"error: --out: {folder.resolve()} is a directory; name the .mp4 file to write"]
-
-
-def test_missing_files_are_named(inputs, tmp_path):
-    res = run_cli("generate", "--image", "nope.png", "--audio", str(inputs["audio"]), "--prompt", "x",
-                  "--ckpt-dir", str(inputs["ckpt"]), "--out", str(tmp_path / "x.mp4"), "--device", "cpu")
-    assert res.returncode == 2 and "nope.png" in res.stderr
-    res = run_cli("generate", "--image", str(inputs["image"]), "--audio", str(inputs["audio"]), "--prompt", "x",
-                  "--ckpt-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "x.mp4"), "--device", "cpu")
-    assert res.returncode == 2 and "empty" in res.stderr and "not found" in res.stderr
-    assert not (tmp_path / "x.mp4").exists()
+# Bad input through the CLI (sizes, options, files, checkpoints): tests/test_bad_input_matrix.py

@@ -110,12 +110,14 @@ def _one_error_line(res: subprocess.CompletedProcess) -> str:
 
 
 def test_read_only_out_is_one_error_line_naming_the_path(job, tmpfs):
+    """Refused at the edge (a file is created and dropped in --out's folder first): exit 2, before
+    any model load."""
     out = tmpfs("ro,size=64k") / "video.mp4"
     res = run_cli(*job["args"], "--out", str(out))
-    assert res.returncode == 1
+    assert res.returncode == 2
     line = _one_error_line(res)
-    assert str(out) in line and "Read-only file system" in line
-    assert not out.exists()
+    assert line.startswith(f"error: --out: cannot write {out}") and "Read-only file system" in line
+    assert "loading" not in res.stderr.lower() and not out.exists()
 
 
 def test_disk_full_is_one_error_line_and_the_partial_mp4_plays(job, tmpfs):
@@ -182,3 +184,91 @@ def test_killed_or_stopped_worker_is_one_error_line_naming_the_rank(job, tmp_pat
     assert not [p for p in workers if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     blocks = [int(m.group(3)) for m in BLOCK_LINE.finditer(text)]
     assert probe_video(out, decode=True)["frames"] >= sum(blocks) >= 1
+
+
+# --------------------------------------------------------------------------- interrupts, out of memory
+
+LOAD_LINE = {"single": "liveavatar.loading", "group": "group of 2 ready"}  # logged while the model loads
+
+
+@pytest.mark.parametrize("phase", ["load", "generation"])
+@pytest.mark.parametrize("placement", ["single", "group"])
+def test_ctrl_c_ends_the_job_with_one_line_and_no_process_left(job, tmp_path, placement, phase):
+    """Ctrl-C (SIGINT to the CLI's whole process group, as a terminal sends it) while the model loads
+    or after the first block: exit 130 within 30 s, `error: interrupted` last and alone, no
+    traceback, no process of the job left (`--gpus cpu,cpu`: both workers); interrupted during load
+    there is no mp4 at all (nor when the interrupt lands before the first block), during generation
+    it plays and holds every logged block."""
+    import psutil
+
+    out = tmp_path / "video.mp4"
+    extra = ["--gpus", "cpu,cpu", "--gpu-mode", "tpp"] if placement == "group" else []
+    proc = subprocess.Popen([sys.executable, "-m", "liveavatar", *job["args"], "--out", str(out), *extra],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    lines: list[str] = []
+    family: list[int] = []
+    t0 = None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if (LOAD_LINE[placement] in line) if phase == "load" else BLOCK_LINE.search(line):
+                family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+                os.killpg(proc.pid, signal.SIGINT)
+                t0 = time.monotonic()
+                break
+        lines += proc.stdout.readlines()
+        proc.wait(60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(lines)
+    assert t0 is not None, text[-3000:]
+    assert time.monotonic() - t0 < 30.0
+    assert proc.returncode == 130 and "Traceback" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == "error: interrupted" and text.count("error:") == 1, text[-3000:]
+    alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, alive
+    if phase == "load":
+        assert not out.exists()
+    else:
+        blocks = [int(m.group(3)) for m in BLOCK_LINE.finditer(text)]
+        info = probe_video(out, decode=True)
+        assert not info["truncated"] and sum(blocks) <= info["frames"] <= sum(blocks) + BLOCK_FRAMES
+
+
+def test_the_next_job_after_faults_succeeds(job, tmp_path):
+    """After the faults above (same checkpoint, same folders), a plain job writes its whole video."""
+    out = tmp_path / "after.mp4"
+    write_wav(tmp_path / "short.wav", 0.38)  # 9 frames: one block
+    res = run_cli(*job["args"], "--audio", str(tmp_path / "short.wav"), "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert probe_video(out, decode=True)["frames"] == 9
+
+
+def test_out_of_memory_in_the_cli_process_is_one_error_line_with_the_remedy(capsys):
+    """The single-device path runs the model in the CLI's own process: an allocation failure there
+    (the CPU allocator's real error; CUDA's `torch.OutOfMemoryError`, which a CPU cannot raise for
+    real, by its type) is one `error:` line, exit status 1, with what to do about it."""
+    import logging
+
+    import torch
+
+    from liveavatar import cli
+    from liveavatar.pipeline.memory import OOM_REMEDY
+
+    try:
+        torch.empty(2**60, dtype=torch.uint8)
+    except RuntimeError as exc:
+        cpu = exc
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
+                                  "capacity of 79.11 GiB of which 3.12 GiB is free.\nOf the allocated memory ...")
+    try:
+        for exc, words in ((cpu, "can't allocate memory"), (cuda, "Tried to allocate 20.00 GiB")):
+            assert cli._report_error(exc, verbose=False) == 1
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"error: {type(exc).__name__}: "), err
+            assert words in err[0] and err[0].endswith(f"[{OOM_REMEDY}]")
+        assert cli._report_error(RuntimeError("a bug"), verbose=False) is None  # a bug keeps its traceback
+    finally:
+        logging.disable(logging.NOTSET)

@@ -33,6 +33,7 @@ logger = logging.getLogger("liveavatar")
 
 FIT_MODES: tuple[str, ...] = ("exact", "area")
 BACKGROUND = (255, 255, 255)  # transparency is composited on white
+MAX_IMAGE_PIXELS = 8192 * 8192  # larger files are refused before decoding (memory, decompression bombs)
 
 
 def _to_8bit_grey(img: Image.Image) -> Image.Image:
@@ -78,9 +79,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise FileNotFoundError(f"image: no file at {where}")
     try:
         with Image.open(p) as raw:
+            if raw.width * raw.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"image: {p} is {raw.width}x{raw.height} pixels, more than {MAX_IMAGE_PIXELS} "
+                                 "(8192x8192); scale it down (the video is at most 1280 pixels wide)")
             raw.load()
             img = ImageOps.exif_transpose(raw)
             return to_rgb(img)
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, checked when the header is read
+        raise ValueError(f"image: {p} is too large to decode ({exc}); scale it down") from None
     except UnidentifiedImageError as exc:
         raise ValueError(f"image: {p} is not an image Pillow can read (use PNG, JPEG or WebP)") from exc
     except OSError as exc:

@@ -18,6 +18,16 @@ from liveavatar.models.layer_stream import LayerResidency
 from liveavatar.options import CachePolicy
 
 GIB = 1024 ** 3
+OOM_REMEDY = ("out of memory on the device: stop other processes using it, or lower the need: a smaller "
+              "size, fp8 weights, KV caches offloaded to the host, or more GPUs")  # the CLI's and the ranks'
+
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation failure: torch's `OutOfMemoryError` (CUDA), the CPU
+    allocator's RuntimeError ("can't allocate memory"), or Python's `MemoryError`."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 @functools.lru_cache(maxsize=8)

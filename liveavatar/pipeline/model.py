@@ -38,7 +38,10 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -222,14 +225,12 @@ class LiveAvatar:
 
         Clips up to a minute are encoded here in one pass; longer ones window by window while the
         blocks run (`pipeline.audio_features`): memory stays flat whatever the length."""
-        from liveavatar.media.audio import num_video_frames
         from liveavatar.pipeline.audio_features import WindowedAudioFeatures
+        from liveavatar.pipeline.plan import audio_frames
 
         lead_in_frames = self.stream.lead_in_frames if lead_in_frames is None else lead_in_frames
         fps = self.stream.fps
-        num_frames = num_video_frames(audio, fps=fps)
-        if num_frames < 1:
-            raise ValueError(f"audio: {audio.duration_s:.3f} s is shorter than one frame at {fps} fps")
+        num_frames = audio_frames(audio, self.stream)  # refused when shorter than one block
         # in the model dtype (the reference holds them in bf16): ~1.3 MB per second in bf16, one window held
         feats = WindowedAudioFeatures(self.audio_encoder, audio, lead_in_samples=lead_in_frames * audio.sample_rate // fps,
                                       fps=fps, feature_fps=self.stream.audio_feature_fps,

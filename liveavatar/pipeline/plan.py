@@ -67,6 +67,21 @@ class BlockPlan:
         return self.blocks[-1].clip + 1 if self.blocks else 0
 
 
+def audio_frames(audio, stream: StreamConfig) -> int:
+    """Video frames `audio` (an `Audio16k`) drives at `stream.fps`, refused (ValueError naming
+    `audio`) when shorter than the first block's written frames (`frames_per_block - lead_in_frames`,
+    9 frames = 0.36 s by default): the model makes a video a block at a time."""
+    from liveavatar.media.audio import num_video_frames
+
+    frames = num_video_frames(audio, fps=stream.fps)
+    least = stream.frames_per_block - stream.lead_in_frames
+    if frames < least:
+        raise ValueError(f"audio: {audio.duration_s:.3f} s ({frames} frames at {stream.fps} fps) is shorter than "
+                         f"one block ({least} frames, {least / stream.fps:.2f} s); give at least "
+                         f"{least / stream.fps:.2f} s of speech")
+    return frames
+
+
 def make_plan(num_audio_frames: int, stream: StreamConfig, num_clip: int | None = None,
               lead_in_frames: int | None = None) -> BlockPlan:
     """Plan the blocks needed to cover `num_audio_frames` written frames.
