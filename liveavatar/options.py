@@ -23,6 +23,10 @@ from liveavatar.models.fp8 import DEFAULT_SCALING as DEFAULT_FP8_SCALING
 from liveavatar.models.fp8 import SCALINGS as FP8_SCALINGS
 
 AUTO_ON_OFF = ("auto", "on", "off")  # the choices of --kv-offload / --kv-prefetch
+# Where the DiT's blocks live (--weights, the loader nodes' `weights`): auto (all on the GPU when
+# they and the caches fit, else as many as fit, the rest streamed from pinned host memory),
+# resident (all on the GPU), stream (as many as fit on the GPU with every KV layer paged).
+WEIGHTS_MODES = ("auto", "resident", "stream")
 
 
 def resolve_fp8_scaling(fp8: bool | str | None) -> str | None:
@@ -101,6 +105,14 @@ class CachePolicy:
         return cls(auto_on_off(offload), auto_on_off(prefetch))
 
 
+def resolve_weights_mode(mode: str | None) -> str:
+    """The `weights` option checked against `WEIGHTS_MODES` (None: "auto"); ValueError naming it."""
+    mode = "auto" if mode is None else str(mode).strip().lower()
+    if mode not in WEIGHTS_MODES:
+        raise ValueError(f"weights: {mode!r} is not one of {', '.join(WEIGHTS_MODES)}")
+    return mode
+
+
 def finite_float(text: str) -> float:
     """A float that is finite (argparse type / node check): ValueError for nan, inf, garbage."""
     value = float(text)
@@ -139,5 +151,5 @@ def parse_gpus(text: str, cuda_count: int) -> tuple[str, ...]:
 __all__ = [
     "ATTENTION_BACKENDS", "FP8_SCALINGS", "DEFAULT_FP8_SCALING", "AUTO_ON_OFF", "resolve_fp8_scaling",
     "resolve_attention", "Precision", "PRECISIONS", "precision_from_flags", "auto_on_off", "CachePolicy",
-    "finite_float", "parse_gpus",
+    "finite_float", "parse_gpus", "WEIGHTS_MODES", "resolve_weights_mode",
 ]
