@@ -14,7 +14,7 @@ from .handle import MODES, PRECISIONS, LoadSpec, file_stamps, get_or_open, parse
 from .paths import confine
 from .types import CATEGORY_LOADERS, LiveAvatarModel
 
-from liveavatar.options import ATTENTION_BACKENDS, finite_float
+from liveavatar.options import ATTENTION_BACKENDS, WEIGHTS_MODES, finite_float
 
 
 def attention_backends() -> list[str]:
@@ -41,6 +41,11 @@ def _placement_inputs() -> list[io.Input]:
                                "auto: tpp when several devices are listed, else single."),
         io.Boolean.Input("compile", default=False,
                          tooltip="torch.compile the DiT and the VAE decoder: faster blocks after a long first run (cached across runs)."),
+        io.Combo.Input("weights", options=list(WEIGHTS_MODES), default="auto", optional=True,
+                       tooltip="Where the DiT's 40 layers live (one device). auto: all on the GPU when they and "
+                               "the KV caches fit at 704*384, else as many as fit and the rest streamed layer by "
+                               "layer from pinned host memory (24 GB cards). resident: all on the GPU. stream: "
+                               "as many as fit, KV caches paged per layer too."),
     ]
 
 
@@ -93,7 +98,7 @@ def has_embedded_tokenizer(t5_path: str) -> bool:
 
 
 def _open(kind: str, paths: dict[str, str], lora: str | None, lora_strength: float, precision: str,
-          attention: str, devices: str, gpu_mode: str, compile: bool, node: str) -> io.NodeOutput:
+          attention: str, devices: str, gpu_mode: str, compile: bool, node: str, weights: str = "auto") -> io.NodeOutput:
     prec = precision_options(precision, node)
     try:
         lora_strength = finite_float(lora_strength)
@@ -102,6 +107,11 @@ def _open(kind: str, paths: dict[str, str], lora: str | None, lora_strength: flo
     if attention not in attention_backends():
         raise LiveAvatarInputError(node, "attention", f"{attention!r} is not one of {', '.join(attention_backends())}")
     placement = parse_placement(devices, gpu_mode, node=node)
+    if weights not in WEIGHTS_MODES:
+        raise LiveAvatarInputError(node, "weights", f"{weights!r} is not one of {', '.join(WEIGHTS_MODES)}")
+    if weights == "stream" and placement.mode != "single":
+        raise LiveAvatarInputError(node, "weights", "stream runs on one device (gpu_mode single) for now; "
+                                   "worker groups keep their layers resident: use auto")
     for name, path in paths.items():
         confine(node, name, path)
     if lora not in (None, "none"):
@@ -109,7 +119,7 @@ def _open(kind: str, paths: dict[str, str], lora: str | None, lora_strength: flo
     stamps = file_stamps(list(paths.values()) + ([lora] if lora else []))
     spec = LoadSpec(kind=kind, paths=tuple(sorted(paths.items())), lora=lora,
                     lora_strength=float(lora_strength), dtype=prec.dtype, fp8=prec.fp8, attn=attention,
-                    compile=bool(compile), placement=placement, stamps=stamps)
+                    compile=bool(compile), placement=placement, stamps=stamps, weights=weights)
     handle = get_or_open(spec)
     return io.NodeOutput(handle)
 
@@ -148,7 +158,7 @@ class LiveAvatarModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, checkpoint: str, lora: str, lora_strength: float, precision: str, attention: str,
-                devices: str, gpu_mode: str, compile: bool) -> io.NodeOutput:
+                devices: str, gpu_mode: str, compile: bool, weights: str = "auto") -> io.NodeOutput:
         ckpt = mf.checkpoint_path(checkpoint)
         if ckpt is None:
             raise LiveAvatarInputError(cls.NAME, "checkpoint", f"{checkpoint!r} is not a checkpoint folder "
@@ -163,7 +173,7 @@ class LiveAvatarModelLoader(io.ComfyNode):
             if lora_path is None:
                 raise LiveAvatarInputError(cls.NAME, "lora", f"{lora!r} is not in models/loras")
         return _open("checkpoint", {"ckpt_dir": ckpt}, lora_path, lora_strength, precision, attention,
-                     devices, gpu_mode, compile, cls.NAME)
+                     devices, gpu_mode, compile, cls.NAME, weights)
 
 
 class LiveAvatarModelLoaderFiles(io.ComfyNode):
@@ -214,7 +224,8 @@ class LiveAvatarModelLoaderFiles(io.ComfyNode):
 
     @classmethod
     def execute(cls, dit: str, t5: str, vae: str, wav2vec: str, tokenizer: str, lora: str, lora_strength: float,
-                precision: str, attention: str, devices: str, gpu_mode: str, compile: bool) -> io.NodeOutput:
+                precision: str, attention: str, devices: str, gpu_mode: str, compile: bool,
+                weights: str = "auto") -> io.NodeOutput:
         paths = {}
         for name, folder, value in (("dit", "diffusion_models", dit), ("t5", "text_encoders", t5),
                                     ("vae", "vae", vae), ("wav2vec", "audio_encoders", wav2vec)):
@@ -242,7 +253,7 @@ class LiveAvatarModelLoaderFiles(io.ComfyNode):
             if lora_path is None:
                 raise LiveAvatarInputError(cls.NAME, "lora", f"{lora!r} is not in models/loras")
         return _open("files", paths, lora_path, lora_strength, precision, attention, devices, gpu_mode,
-                     compile, cls.NAME)
+                     compile, cls.NAME, weights)
 
 
 __all__ = ["LiveAvatarModelLoader", "LiveAvatarModelLoaderFiles", "attention_backends", "EMBEDDED_TOKENIZER",
