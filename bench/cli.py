@@ -53,6 +53,7 @@ import torch
 from bench import benchlib
 from bench.random_model import BenchRun, BenchUsageError, apply_options, bench_config, build_random_dit
 from bench.placement import cap_device_memory, job_estimate, preflight, stream_fields
+from liveavatar.options import WEIGHTS_MODES
 from bench.scopes import run_dit_scope, run_end_to_end
 from liveavatar.cli import AUTO_ON_OFF, auto_on_off
 from liveavatar.options import DEFAULT_KV_DTYPE, KV_DTYPES, resolve_kv_dtype
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scope dit: profile one extra block; kernel table + Chrome trace into DIR")
     p.add_argument("--memory-cap-gb", type=float, default=None, metavar="X",
                    help="emulate a card with X GiB free: occupy the rest of the device memory and cap the process")
-    p.add_argument("--weights", default="auto", choices=("auto", "stream", "resident"),
+    p.add_argument("--weights", default="auto", choices=WEIGHTS_MODES,
                    help="DiT blocks resident on the device, streamed per layer from pinned host memory, or "
                         "auto (resident when the weights and every step cache fit, else streaming)")
     p.add_argument("--resident-layers", default=None, metavar="W[,KV]",

@@ -43,21 +43,16 @@ def cap_device_memory(device: torch.device, cap_gib: float) -> int:
 def preflight(args, cfg, width: int, height: int, device: torch.device, dtype: torch.dtype, fp8: bool):
     """The placement (`LayerResidency`, or None: every block resident) and the loading check,
     from the free memory now; raises MemoryError with the numbers when nothing fits."""
+    from liveavatar.loading.placement import PlacementTarget, place_dit
     from liveavatar.models.layer_stream import LayerResidency
-    from liveavatar.pipeline.memory import check_fits, load_estimate, place_layers
+    from liveavatar.pipeline.memory import check_fits, load_estimate
 
-    decode_here = args.scope == "end_to_end"
     forced = getattr(args, "resident_layers", None)
-    if forced is not None:  # explicit "W" or "W,KV" (tests, experiments)
-        w, _, kv = forced.partition(",")
-        res = LayerResidency(int(w), int(kv or 0), args.stream_buffers)
-    elif device.type != "cuda":
-        res = None if args.weights != "stream" else LayerResidency(cfg.num_layers // 2, 0, args.stream_buffers)
-    else:
-        free, total = torch.cuda.mem_get_info(device)
-        res = place_layers(cfg, width, height, args.steps, free, total, mode=args.weights, dtype=dtype, fp8=fp8,
-                           decode_here=decode_here, buffers=args.stream_buffers, device=device,
-                           what=f"generating at {width}x{height} with {args.steps} steps")
+    if forced is None:  # the product's decision (loading does the same)
+        target = PlacementTarget(width, height, args.steps, decode_here=args.scope == "end_to_end")
+        return place_dit(cfg, device, dtype, fp8, args.weights, target, args.stream_buffers)
+    w, _, kv = forced.partition(",")  # explicit "W" or "W,KV" (tests, experiments)
+    res = LayerResidency(int(w), int(kv or 0), args.stream_buffers)
     check_fits(device, load_estimate(cfg, dtype, fp8, res), "loading the DiT weights")
     return res
 

@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_IMAGE = REPO / "assets" / "avatar.png"
 DEMO_AUDIO = REPO / "assets" / "speech.wav"
 DEMO_PROMPT = "A friendly cartoon person talking to the camera, plain background."
-from liveavatar.options import DEFAULT_FP8_SCALING, FP8_SCALINGS, GPU_MODES
-from liveavatar.options import ATTENTION_BACKENDS, AUTO_ON_OFF, auto_on_off, finite_float  # noqa: F401 (bench)
+from liveavatar.options import DEFAULT_FP8_SCALING, FP8_SCALINGS, GPU_MODES, WEIGHTS_MODES
+from liveavatar.options import ATTENTION_BACKENDS, AUTO_ON_OFF, auto_on_off  # noqa: F401 (bench)
 from liveavatar.options import DEFAULT_KV_DTYPE, KV_DTYPES
 from liveavatar.options import LORA_STRENGTH_RANGE, SEED_MAX, lora_strength, seed
 from liveavatar.sizes import DEFAULT_MODE as DEFAULT_SIZE_MODE
@@ -92,6 +92,10 @@ def _add_generate_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--kv-dtype", choices=KV_DTYPES + ("auto",), default=DEFAULT_KV_DTYPE,
                    help="KV cache storage: bf16 (the model dtype, default), fp8 (one scale per token and head: "
                         "about half the cache memory), or auto (fp8 only when bf16 caches do not fit)")
+    p.add_argument("--weights", choices=WEIGHTS_MODES, default="auto",
+                   help="where the DiT's layers live: auto (all on the GPU when they and the KV caches fit, "
+                        "else as many as fit, the rest streamed layer by layer from pinned host memory), "
+                        "resident (all on the GPU), stream (as many as fit, every KV layer paged)")
     p.add_argument("--out", default=None if req else str(REPO / "output" / "demo.mp4"), required=req,
                    help="output .mp4 path")
     p.add_argument("--check", action="store_true",
@@ -197,6 +201,7 @@ def run_generate(args: argparse.Namespace) -> dict:
 
     from liveavatar.config import DEFAULT_STREAM
     from liveavatar.loading.official import find_official_checkpoint
+    from liveavatar.loading.placement import PlacementTarget
     from liveavatar.media.audio import open_audio
     from liveavatar.media.image import load_image
     from liveavatar.media.video_writer import VideoWriter
@@ -222,6 +227,9 @@ def run_generate(args: argparse.Namespace) -> dict:
     if args.num_clip is not None and args.num_clip < 1:
         raise UserError("--num-clip: must be >= 1")
     device, gpus = _resolve_placement(args)
+    if gpus and args.weights == "stream":
+        raise UserError("--weights stream: one device only for now (worker groups keep their layers resident); "
+                        "drop --gpus or use --weights auto")
     dtype = resolve_dtype(args.dtype)
     fp8 = fp8_weights_choice(args.fp8, gpus or [device])  # None: auto
     precision = precision_from_flags(args.dtype, bool(fp8), args.fp8_scaling)
@@ -259,7 +267,8 @@ def run_generate(args: argparse.Namespace) -> dict:
         model = LiveAvatar.from_checkpoint(Path(args.ckpt_dir).expanduser(), lora=args.lora,
                                            lora_strength=args.lora_strength, device=device,
                                            dtype=precision.dtype, fp8=precision.fp8, attn=args.attn,
-                                           compile=args.compile)
+                                           compile=args.compile, weights=args.weights,
+                                           target=PlacementTarget(size.width, size.height, args.steps))
     t_load = time.perf_counter() - t0
     img = model.prepare_image(image, size)
     ctx = model.encode_prompt(args.prompt)

@@ -30,6 +30,10 @@ KV_DTYPES = ("bf16", "fp8")  # storage of the KV caches (--kv-dtype, the nodes' 
 DEFAULT_KV_DTYPE = "bf16"  # fp8 KV is an option until its quality is measured negligible (bench/fp8_kv_quality.py)
 SEED_MAX = 2**53 - 1  # the largest seed (exact in the browser's numbers, so the CLI and the nodes agree)
 LORA_STRENGTH_RANGE = (0.0, 2.0)  # the LoRA scale a user may ask for (1.0: as distilled)
+# Where the DiT's blocks live (--weights, the loader nodes' `weights`): auto (all on the GPU when
+# they and the caches fit, else as many as fit, the rest streamed from pinned host memory),
+# resident (all on the GPU), stream (as many as fit on the GPU with every KV layer paged).
+WEIGHTS_MODES = ("auto", "resident", "stream")
 
 
 def resolve_fp8_scaling(fp8: bool | str | None) -> str | None:
@@ -119,6 +123,14 @@ def resolve_kv_dtype(name: str) -> bool:
     return name == "fp8"
 
 
+def resolve_weights_mode(mode: str | None) -> str:
+    """The `weights` option checked against `WEIGHTS_MODES` (None: "auto"); ValueError naming it."""
+    mode = "auto" if mode is None else str(mode).strip().lower()
+    if mode not in WEIGHTS_MODES:
+        raise ValueError(f"weights: {mode!r} is not one of {', '.join(WEIGHTS_MODES)}")
+    return mode
+
+
 def finite_float(text: str) -> float:
     """A float that is finite (argparse type / node check): ValueError for nan, inf, garbage."""
     value = float(text)
@@ -187,4 +199,5 @@ __all__ = [
     "resolve_attention", "Precision", "PRECISIONS", "precision_from_flags", "auto_on_off", "CachePolicy",
     "finite_float", "parse_gpus", "KV_DTYPES", "DEFAULT_KV_DTYPE", "resolve_kv_dtype",
     "SEED_MAX", "LORA_STRENGTH_RANGE", "lora_strength", "seed",
+    "finite_float", "parse_gpus", "WEIGHTS_MODES", "resolve_weights_mode",
 ]

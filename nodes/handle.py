@@ -146,6 +146,7 @@ class LoadSpec:
     compile: bool
     placement: Placement
     stamps: tuple[tuple[str, int, float], ...] = field(default=(), compare=True)
+    weights: str = "auto"  # DiT placement in-process (`options.WEIGHTS_MODES`); worker groups: resident
 
     def library_kwargs(self, device: str) -> dict[str, Any]:
         kw: dict[str, Any] = dict(self.paths)
@@ -345,6 +346,7 @@ def _open_in_process(spec: LoadSpec):
     from liveavatar.pipeline import LiveAvatar
 
     kw = spec.library_kwargs(spec.placement.devices[0])
+    kw["weights"] = spec.weights
     if spec.kind == "checkpoint":
         ckpt = kw.pop("ckpt_dir")
         return LiveAvatar.from_checkpoint(ckpt, **kw)

@@ -14,7 +14,7 @@ from .handle import MODES, PRECISIONS, LoadSpec, file_stamps, get_or_open, parse
 from .paths import confine
 from .types import CATEGORY_LOADERS, LiveAvatarModel
 
-from liveavatar.options import ATTENTION_BACKENDS, LORA_STRENGTH_RANGE
+from liveavatar.options import ATTENTION_BACKENDS, LORA_STRENGTH_RANGE, WEIGHTS_MODES
 from liveavatar.options import lora_strength as check_lora_strength
 
 
@@ -44,6 +44,11 @@ def _placement_inputs() -> list[io.Input]:
                                "tpp when whole copies fit the free memory, else layers; else single."),
         io.Boolean.Input("compile", default=False,
                          tooltip="torch.compile the DiT and the VAE decoder: faster blocks after a long first run (cached across runs)."),
+        io.Combo.Input("weights", options=list(WEIGHTS_MODES), default="auto", optional=True,
+                       tooltip="Where the DiT's 40 layers live (one device). auto: all on the GPU when they and "
+                               "the KV caches fit at 704*384, else as many as fit and the rest streamed layer by "
+                               "layer from pinned host memory (24 GB cards). resident: all on the GPU. stream: "
+                               "as many as fit, KV caches paged per layer too."),
     ]
 
 
@@ -96,7 +101,7 @@ def has_embedded_tokenizer(t5_path: str) -> bool:
 
 
 def _open(kind: str, paths: dict[str, str], lora: str | None, lora_strength: float, precision: str,
-          attention: str, devices: str, gpu_mode: str, compile: bool, node: str) -> io.NodeOutput:
+          attention: str, devices: str, gpu_mode: str, compile: bool, node: str, weights: str = "auto") -> io.NodeOutput:
     prec = precision_options(precision, node)
     try:
         lora_strength = check_lora_strength(lora_strength)
@@ -105,6 +110,11 @@ def _open(kind: str, paths: dict[str, str], lora: str | None, lora_strength: flo
     if attention not in attention_backends():
         raise LiveAvatarInputError(node, "attention", f"{attention!r} is not one of {', '.join(attention_backends())}")
     placement = parse_placement(devices, gpu_mode, node=node)
+    if weights not in WEIGHTS_MODES:
+        raise LiveAvatarInputError(node, "weights", f"{weights!r} is not one of {', '.join(WEIGHTS_MODES)}")
+    if weights == "stream" and placement.mode != "single":
+        raise LiveAvatarInputError(node, "weights", "stream runs on one device (gpu_mode single) for now; "
+                                   "worker groups keep their layers resident: use auto")
     for name, path in paths.items():
         confine(node, name, path)
     if lora not in (None, "none"):
@@ -112,7 +122,7 @@ def _open(kind: str, paths: dict[str, str], lora: str | None, lora_strength: flo
     stamps = file_stamps(list(paths.values()) + ([lora] if lora else []))
     spec = LoadSpec(kind=kind, paths=tuple(sorted(paths.items())), lora=lora,
                     lora_strength=float(lora_strength), dtype=prec.dtype, fp8=prec.fp8, attn=attention,
-                    compile=bool(compile), placement=placement, stamps=stamps)
+                    compile=bool(compile), placement=placement, stamps=stamps, weights=weights)
     handle = get_or_open(spec)
     return io.NodeOutput(handle)
 
@@ -151,7 +161,7 @@ class LiveAvatarModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, checkpoint: str, lora: str, lora_strength: float, precision: str, attention: str,
-                devices: str, gpu_mode: str, compile: bool) -> io.NodeOutput:
+                devices: str, gpu_mode: str, compile: bool, weights: str = "auto") -> io.NodeOutput:
         ckpt = mf.checkpoint_path(checkpoint)
         if ckpt is None:
             raise LiveAvatarInputError(cls.NAME, "checkpoint", f"{checkpoint!r} is not a checkpoint folder "
@@ -166,7 +176,7 @@ class LiveAvatarModelLoader(io.ComfyNode):
             if lora_path is None:
                 raise LiveAvatarInputError(cls.NAME, "lora", f"{lora!r} is not in models/loras")
         return _open("checkpoint", {"ckpt_dir": ckpt}, lora_path, lora_strength, precision, attention,
-                     devices, gpu_mode, compile, cls.NAME)
+                     devices, gpu_mode, compile, cls.NAME, weights)
 
 
 class LiveAvatarModelLoaderFiles(io.ComfyNode):
@@ -217,7 +227,8 @@ class LiveAvatarModelLoaderFiles(io.ComfyNode):
 
     @classmethod
     def execute(cls, dit: str, t5: str, vae: str, wav2vec: str, tokenizer: str, lora: str, lora_strength: float,
-                precision: str, attention: str, devices: str, gpu_mode: str, compile: bool) -> io.NodeOutput:
+                precision: str, attention: str, devices: str, gpu_mode: str, compile: bool,
+                weights: str = "auto") -> io.NodeOutput:
         paths = {}
         for name, folder, value in (("dit", "diffusion_models", dit), ("t5", "text_encoders", t5),
                                     ("vae", "vae", vae), ("wav2vec", "audio_encoders", wav2vec)):
@@ -245,7 +256,7 @@ class LiveAvatarModelLoaderFiles(io.ComfyNode):
             if lora_path is None:
                 raise LiveAvatarInputError(cls.NAME, "lora", f"{lora!r} is not in models/loras")
         return _open("files", paths, lora_path, lora_strength, precision, attention, devices, gpu_mode,
-                     compile, cls.NAME)
+                     compile, cls.NAME, weights)
 
 
 __all__ = ["LiveAvatarModelLoader", "LiveAvatarModelLoaderFiles", "attention_backends", "EMBEDDED_TOKENIZER",

@@ -121,7 +121,8 @@ class LiveAvatarEngine:
         device = torch.device(role.device)
         opts = dict(lora_strength=float(config.get("lora_strength", 1.0)),
                     device=device, dtype=config.get("dtype", "bf16"), fp8=config.get("fp8") or False,
-                    attn=config.get("attn", "sdpa"), compile=bool(config.get("compile")))
+                    attn=config.get("attn", "sdpa"), compile=bool(config.get("compile")),
+                    weights="resident")  # a rank's layers stay on its GPU (placement planned for one device)
         if role.is_dit:
             layers = role.layers(dit_num_layers(config)) if role.sliced else None  # a slice loads only its layers
             if "files" in config:

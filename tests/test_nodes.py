@@ -369,3 +369,25 @@ def test_files_loader_tokenizer_from_the_umt5_file(env, tmp_path):
     assert not has(str(tmp_path / "text_encoders" / names["text_encoders"]))
     save_file({"spiece_model": torch.zeros(4, dtype=torch.uint8)}, str(tmp_path / "with_tok.safetensors"))
     assert has(str(tmp_path / "with_tok.safetensors"))
+
+
+def test_loader_weights_option(env, model):
+    """The optional `weights` input (default auto): checked by name, and a "stream" spec loads the
+    DiT with its second half in host memory (CPU: half the layers streamed)."""
+    import dataclasses
+
+    from liveavatar.options import WEIGHTS_MODES
+
+    loader = env["nodes"]["LiveAvatarModelLoader"]
+    weights = next(i for i in loader.GET_SCHEMA().inputs if i.id == "weights")
+    assert list(weights.options) == list(WEIGHTS_MODES) and weights.default == "auto" and weights.optional
+    assert model.spec.weights == "auto"
+    errors = pack_submodule("nodes.errors")
+    base = dict(checkpoint=TINY_NAME, lora="auto", lora_strength=1.0, precision="fp32", attention="sdpa",
+                devices="cpu", gpu_mode="single", compile=False)
+    with pytest.raises(errors.LiveAvatarInputError, match="'weights'.*'half'"):
+        run(loader, **base, weights="half")
+    assert not model.closed  # refused before any load: the live model stays
+    streamed = pack_submodule("nodes.handle")._open_in_process(dataclasses.replace(model.spec, weights="stream"))
+    n = streamed.dit.cfg.num_layers
+    assert streamed.dit.layer_stream.streamed == list(range(n // 2, n))

@@ -16,11 +16,13 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..config import OFFICIAL_FILES, ConfigError, DiTConfig, T5Config, VAEConfig, dataclass_from_json
+from ..models.layer_stream import LayerResidency, pack_to_host
+from ..models.pinned import HostArena
 from .comfy_layout import infer_dit_config, infer_t5_config, infer_vae_config, open_single_file
 from .lora import plan_lora
 from .preflight import check_dit_weights
@@ -165,7 +167,8 @@ def find_official_checkpoint(ckpt_dir: str | Path, lora: str | Path | None = Non
 def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch.device | str,
                           dtype: torch.dtype, lora_path: str | Path | None = None,
                           lora_strength: float = 1.0, fp8: bool | str = False,
-                          fp8_allow_cpu: bool = False, layers: range | None = None) -> torch.nn.Module:
+                          fp8_allow_cpu: bool = False, layers: range | None = None,
+                          residency: LayerResidency | None = None) -> torch.nn.Module:
     """Meta-build `CausalS2VDiT(config)`, stream `source` into it, eval().
 
     `layers`: build and read only this layer slice (its layers and audio injectors; the tensors
@@ -176,6 +179,11 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
     `FP8Linear` right away, so loading peaks near the fp8 size (15.9 GiB for the 14B) instead of
     the bf16 size (30.4 GiB). Same values as loading, merging and converting one after the other.
     `fp8_allow_cpu`: tests only (fp8 emulation on the CPU).
+
+    residency (`loading.placement.place_dit`): the blocks from `residency.weights` on are packed
+    into (pinned) host memory as soon as each is complete (read, LoRA merged, fp8 converted), and
+    the model streams them (`CausalS2VDiT.stream_layers`): the device never holds more than the
+    resident weights plus one block in flight.
     """
     from ..models.dit import CausalS2VDiT
     from ..models.fp8 import FP8Linear, fp8_emulation_needed, fp8_linears
@@ -194,6 +202,9 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
     plan = plan_lora(model, lora_source, strength=lora_strength) if lora_source is not None else None
     to_fp8 = set(fp8_linears(model)) if scaling else set()
     watched = to_fp8 | (set(plan.layers) if plan is not None else set())
+    if residency is not None and layers is not None:
+        raise ValueError("layer streaming is whole-model only: residency and layers exclude each other")
+    packer = _BlockPacker(model, residency)
 
     def finish_layer(tensor_name: str) -> None:
         name = tensor_name.rpartition(".")[0]
@@ -211,10 +222,14 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
             setattr(modules[parent] if parent else model, child, modules[name])
             del linear  # no reference to the bf16 layer is left: its weight is freed now
 
+    def on_assigned(tensor_name: str) -> None:
+        finish_layer(tensor_name)
+        packer.tensor_done(tensor_name)
+
     keep = getattr(model, "keep_fp32", None)
     try:
         load_into_module(model, source, device=device, dtype=dtype, strict=True, key_map=key_map,
-                         keep_fp32=keep if callable(keep) else None, on_assigned=finish_layer)
+                         keep_fp32=keep if callable(keep) else None, on_assigned=on_assigned)
     finally:
         if lora_source is not None:
             lora_source.close()
@@ -226,18 +241,51 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
         log.info("fp8 (%s scales): linears converted while loading", scaling)
     if hasattr(model, "clear_caches"):
         model.clear_caches()
+    packer.finish()
     return model.eval()
+
+
+class _BlockPacker:
+    """Packs each streamed DiT block into host memory (`layer_stream.pack_to_host`) the moment its
+    last tensor is in place, then hands the model its `LayerResidency` (`finish`)."""
+
+    def __init__(self, model: torch.nn.Module, residency: LayerResidency | None):
+        self.model, self.residency = model, residency
+        n = len(model.blocks) if residency is not None else 0
+        self.streamed = set(range(residency.weights, n)) if residency is not None else set()
+        self.arena = HostArena(pin=False)  # pinned once the device is known (first block)
+        self.packed: set[int] = set()
+
+    def tensor_done(self, name: str) -> None:
+        head, _, rest = name.partition(".")
+        index = rest.partition(".")[0]
+        if head != "blocks" or not index.isdigit() or int(index) not in self.streamed:
+            return
+        i = int(index)
+        block = self.model.blocks[i]
+        if i in self.packed or any(t.is_meta for t in (*block.parameters(), *block.buffers())):
+            return
+        if not self.packed:
+            self.arena.pin = next(block.parameters()).device.type == "cuda"
+        pack_to_host(block, self.arena, len(self.streamed) - len(self.packed))
+        self.packed.add(i)
+
+    def finish(self) -> None:
+        if self.residency is not None:
+            self.model.stream_layers(self.residency)
 
 
 def load_dit(ckpt: OfficialCheckpoint, device: torch.device | str, dtype: torch.dtype,
              lora_path: str | Path | None = None, lora_strength: float = 1.0,
-             fp8: bool | str = False, layers: range | None = None) -> torch.nn.Module:
+             fp8: bool | str = False, layers: range | None = None,
+             residency: LayerResidency | None = None) -> torch.nn.Module:
     """The causal S2V DiT with base weights and the LoRA (`lora_path` or `ckpt.lora_path`) merged
     (and fp8 linears when `fp8`, converted while loading). `lora_path="none"`: base weights only.
+    residency: the streamed blocks go to host memory as they load (`build_dit_from_source`).
     """
     return build_dit_from_source(ckpt.dit, ckpt.config, device, dtype,
                                  lora_path if lora_path is not None else ckpt.lora_path, lora_strength, fp8=fp8,
-                                 layers=layers)
+                                 layers=layers, residency=residency)
 
 
 def t5_config_for(ckpt: OfficialCheckpoint, sd: dict[str, torch.Tensor]) -> T5Config:
@@ -289,8 +337,9 @@ def check_consistency(dit: DiTConfig, t5_dim: int | None, w2v_hidden: int | None
 
 def load_components(ckpt: OfficialCheckpoint, device: torch.device | str, dtype: torch.dtype,
                     lora_strength: float = 1.0, lora_path: str | Path | None = None,
-                    fp8: bool | str = False, layers: range | None = None) -> dict[str, Any]:
-    """{"dit", "text_encoder", "vae", "audio_encoder"} from an official folder (`fp8`, `layers`:
+                    fp8: bool | str = False, layers: range | None = None,
+                    residency: LayerResidency | None = None) -> dict[str, Any]:
+    """{"dit", "text_encoder", "vae", "audio_encoder"} from an official folder (`fp8`, `layers`, `residency`:
     see `build_dit_from_source`)."""
     t5_sd = load_pth_state_dict(ckpt.t5_path)  # memory-mapped: only the header is read here
     w2v = json.loads((ckpt.wav2vec_dir / "config.json").read_text())
@@ -304,7 +353,7 @@ def load_components(ckpt: OfficialCheckpoint, device: torch.device | str, dtype:
         "text_encoder": load_text_encoder(ckpt, "cpu", dtype),
         "vae": load_vae(ckpt, device, dtype),
         "dit": load_dit(ckpt, device, dtype, lora_path=lora_path, lora_strength=lora_strength, fp8=fp8,
-                        layers=layers),
+                        layers=layers, residency=residency),
     }
 
 
@@ -313,14 +362,18 @@ def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Pa
                                lora_strength: float = 1.0, config: str | Path | None = None,
                                device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
                                dit_overrides: dict[str, Any] | None = None,
-                               fp8: bool | str = False, layers: range | None = None) -> dict[str, Any]:
+                               fp8: bool | str = False, layers: range | None = None,
+                               placement: Callable[[DiTConfig], LayerResidency | None] | None = None,
+                               ) -> dict[str, Any]:
     """The four components from single files (ComfyUI model folders) or official files.
 
     Layouts are detected from the keys (see `comfy_layout`). `config`: a DiT config.json; without
     it the DiT config is inferred from the shapes (`dit_overrides` for what shapes cannot tell).
     `wav2vec` may be an HF folder or a single safetensors file. `tokenizer_dir` is the umT5
     tokenizer folder (google/umt5-xxl); None uses the SentencePiece model embedded in the umT5
-    file (`spiece_model`, as ComfyUI's umT5 files carry it).
+    file (`spiece_model`, as ComfyUI's umT5 files carry it). `placement(config)`: the DiT's
+    residency (`loading.placement.place_dit`), decided once the config is known, before any
+    weight is read (its MemoryError stops the load there).
     """
     from ..models.text_encoder import TextEncoder
     from ..models.vae import WanVAE
@@ -335,6 +388,7 @@ def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Pa
     if missing:
         raise CheckpointError("; ".join(missing))
     check_dit_weights(dit_src, cfg, _absolute(config) if config is not None else None, lora_path)
+    residency = placement(cfg) if placement is not None else None
     t5_src, _ = open_single_file(_absolute(t5), "t5")
     t5_cfg = infer_t5_config(t5_src, text_len=cfg.text_len)
     w2v_path = _absolute(wav2vec)
@@ -372,7 +426,8 @@ def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Pa
     vae_sd = {k: vae_src.get(k) for k in vae_src.keys()}
     vae_model = WanVAE.from_official_state_dict(vae_sd, infer_vae_config(vae_src), device=device, dtype=dtype)
     log.info("DiT %s: layout %s", dit, layout)
-    model = build_dit_from_source(dit_src, cfg, device, dtype, lora_path, lora_strength, fp8=fp8, layers=layers)
+    model = build_dit_from_source(dit_src, cfg, device, dtype, lora_path, lora_strength, fp8=fp8, layers=layers,
+                                  residency=residency)
     return {"dit": model, "text_encoder": text, "vae": vae_model, "audio_encoder": audio}
 
 

@@ -15,7 +15,7 @@ import torch
 
 from liveavatar.config import DEFAULT_STREAM, DiTConfig, StreamConfig
 from liveavatar.models.layer_stream import LayerResidency
-from liveavatar.options import CachePolicy
+from liveavatar.options import WEIGHTS_MODES, CachePolicy
 
 GIB = 1024 ** 3
 OOM_REMEDY = ("out of memory on the device: stop other processes using it, or lower the need: a smaller "
@@ -185,9 +185,6 @@ def load_estimate(cfg: DiTConfig, dtype: torch.dtype, fp8: bool,
         streamed = cfg.num_layers - residency.weights
         weights -= (streamed - min(residency.buffers, streamed)) * block_bytes(cfg, dtype, fp8)
     return MemoryEstimate(weights, 0, 0, 0, VAE_BYTES, RESERVE_BYTES)
-
-
-WEIGHTS_MODES = ("auto", "resident", "stream")
 
 
 def place_layers(cfg: DiTConfig, width: int, height: int, steps_owned: int, free: int, total: int, *,

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from liveavatar.config import DEFAULT_STREAM, StreamConfig
+from liveavatar.loading.placement import PlacementTarget
 from liveavatar.pipeline.conditioning import AudioConditioning, DecodedBlock, ImageConditioning, ReferenceLatents
 from liveavatar.pipeline.speed import fp8_scaling_for
 from liveavatar.sizes import DEFAULT_MODE as DEFAULT_SIZE_MODE
@@ -59,28 +60,28 @@ class LoadOptions:
     fp8: str | None = None
     compile: bool = False
     t5_device: str = "same"  # "same" (run on device, then park on CPU) or "cpu"
+    weights: str = "auto"  # DiT placement mode (`options.WEIGHTS_MODES`), decided by `place`
+    target: PlacementTarget = PlacementTarget()  # the job the placement is for (size, steps)
 
     @classmethod
     def resolve(cls, device: str | torch.device | None, dtype: str | torch.dtype, fp8: bool | str | None,
-                attn: str, compile: bool) -> "LoadOptions":
+                attn: str, compile: bool, weights: str | None = "auto",
+                target: PlacementTarget | None = None) -> "LoadOptions":
         """Check and resolve every load option before any file is read (fp8 against the device)."""
-        from liveavatar.options import resolve_attention
+        from liveavatar.options import resolve_attention, resolve_weights_mode
 
         opts = cls(device=resolve_device(device), dtype=resolve_dtype(dtype), attn=resolve_attention(attn),
-                   compile=bool(compile))
+                   compile=bool(compile), weights=resolve_weights_mode(weights), target=target or PlacementTarget())
         opts.fp8 = fp8_scaling_for(fp8, opts.device)
         return opts
 
+    def place(self, config, layers: range | None = None):
+        """The DiT's `LayerResidency` (None: all resident) for this device's free memory, after the
+        loading preflight (`loading.placement.place_dit`; MemoryError with the numbers). `layers`:
+        a layer slice (sharded rank): resident, only its weights checked."""
+        from liveavatar.loading.placement import place_dit
 
-def _check_load_fits(opts: LoadOptions, config, layers: range | None = None) -> None:
-    """Refuse early when the DiT weights (of `layers`, a slice) cannot even be loaded on the GPU
-    (`memory.load_estimate`)."""
-    if opts.device.type != "cuda":
-        return
-    from liveavatar.pipeline.memory import check_fits, load_estimate
-
-    check_fits(opts.device, load_estimate(config, opts.dtype, bool(opts.fp8), layers=layers),
-               "loading the DiT weights" + (f" (layers {layers.start}-{layers.stop - 1})" if layers else ""))
+        return place_dit(config, self.device, self.dtype, bool(self.fp8), self.weights, self.target, layers=layers)
 
 
 class LiveAvatar:
@@ -103,20 +104,22 @@ class LiveAvatar:
                         lora_strength: float = 1.0, device: str | torch.device | None = "auto",
                         dtype: str | torch.dtype = "bf16", fp8: bool | str = False, attn: str = "sdpa",
                         compile: bool = False, stream: StreamConfig = DEFAULT_STREAM,
-                        layers: range | None = None) -> "LiveAvatar":
+                        layers: range | None = None, weights: str = "auto",
+                        target: PlacementTarget | None = None) -> "LiveAvatar":
         """Load the official Wan2.2-S2V-14B folder layout (+ the Live Avatar LoRA); `layers`: only
-        this DiT layer slice (a rank of a layer-sharded worker group)."""
+        this DiT layer slice (a rank of a layer-sharded worker group). weights / target: where the
+        DiT's blocks go (`LoadOptions.place`), for the job `target` (size, steps)."""
         from liveavatar.loading.official import find_official_checkpoint, load_components
 
-        opts = LoadOptions.resolve(device, dtype, fp8, attn, compile)  # before any file is read
+        opts = LoadOptions.resolve(device, dtype, fp8, attn, compile, weights, target)  # before any file is read
         ckpt = find_official_checkpoint(ckpt_dir, lora=lora)
         if ckpt.lora_path is None:
             log.warning("no Live Avatar LoRA found beside %s: running the BASE Wan2.2-S2V weights, which are not "
                         "distilled for %s-step streaming (expect poor video); pass --lora liveavatar.safetensors",
                         ckpt.root, "4")
-        _check_load_fits(opts, ckpt.config, layers)
+        residency = opts.place(ckpt.config, layers)
         parts = load_components(ckpt, device=opts.device, dtype=opts.dtype, lora_strength=lora_strength,
-                                fp8=opts.fp8, layers=layers)
+                                fp8=opts.fp8, layers=layers, residency=residency)
         model = cls(parts["dit"], parts["vae"], parts["text_encoder"], parts["audio_encoder"], opts,
                     stream=stream, source=str(ckpt.root))
         model._apply_speed_options()
@@ -128,16 +131,18 @@ class LiveAvatar:
                    lora_strength: float = 1.0, config: str | Path | None = None,
                    device: str | torch.device | None = "auto", dtype: str | torch.dtype = "bf16",
                    fp8: bool | str = False, attn: str = "sdpa", compile: bool = False,
-                   stream: StreamConfig = DEFAULT_STREAM, layers: range | None = None) -> "LiveAvatar":
+                   stream: StreamConfig = DEFAULT_STREAM, layers: range | None = None, weights: str = "auto",
+                   target: PlacementTarget | None = None) -> "LiveAvatar":
         """Load ComfyUI-style single files (layouts detected from the keys and converted);
-        `layers`: only this DiT layer slice."""
+        `layers`: only this DiT layer slice; weights / target: as `from_checkpoint`."""
         from liveavatar.loading.official import load_components_from_files
 
-        opts = LoadOptions.resolve(device, dtype, fp8, attn, compile)  # before any file is read
+        opts = LoadOptions.resolve(device, dtype, fp8, attn, compile, weights, target)  # before any file is read
         parts = load_components_from_files(dit=dit, t5=t5, vae=vae, wav2vec=wav2vec,
                                            tokenizer_dir=tokenizer_dir, lora=lora,
                                            lora_strength=lora_strength, config=config,
-                                           device=opts.device, dtype=opts.dtype, fp8=opts.fp8, layers=layers)
+                                           device=opts.device, dtype=opts.dtype, fp8=opts.fp8, layers=layers,
+                                           placement=lambda cfg: opts.place(cfg, layers))
         model = cls(parts["dit"], parts["vae"], parts["text_encoder"], parts["audio_encoder"], opts,
                     stream=stream, source=str(dit))
         model._apply_speed_options()
