@@ -144,6 +144,7 @@ class LiveAvatarSampler(io.ComfyNode):
                                tooltip="With keep_frames: the most RAM the frames may take (GB). A longer "
                                        "job keeps no frames and warns, with the estimate; if the frames "
                                        "output is connected it is refused before generating."),
+                _kv_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="Video frames [N, H, W, 3] (keep_frames only)."),
