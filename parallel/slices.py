@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from parallel.schedule import Role
-from parallel.tpp import DATA, STOP, TAG_RING, TAG_STREAM, BlockFrames, JobPlan, Links, RankStats
+from parallel.tpp import DATA, STOP, TAG_RING, TAG_STREAM, BlockFrames, JobPlan, Links, RankStats, run_rank
 
 TAG_HIDDEN = 5  # header tag of the tokens between slices (payload 6), beside tpp's tags
 PREFILL, STEP = 0, 1
@@ -62,9 +62,25 @@ def item_order(num_blocks: int, num_steps: int, blocks_per_clip: int, refresh: b
             + diagonals(range(blocks_per_clip, num_blocks)))
 
 
+def run_any(engine: Any, role: Role, plan: JobPlan, cancelled: Callable[[], bool],
+            stats: RankStats | None = None, links: Links | None = None) -> Iterator[BlockFrames]:
+    """This rank's part of one prepared job in any layout: a layer slice runs `run_slices`, every
+    other rank `tpp.run_rank` (the one entry of worker processes)."""
+    if not role.sliced:
+        yield from run_rank(engine, role, plan, cancelled, stats, links)
+        return
+    stats = stats if stats is not None else RankStats(role.rank)
+    if plan.num_steps is not None:
+        role = role.for_steps(plan.num_steps)
+    if role.world_size > 1 and links is None:
+        raise ValueError("run_any: a world of several ranks needs Links")
+    yield from run_slices(engine, role, plan, cancelled, stats, links)
+
+
 def run_slices(engine: Any, role: Role, plan: JobPlan, cancelled: Callable[[], bool],
                stats: RankStats, links: Links) -> Iterator[BlockFrames]:
-    """This slice's part of one prepared job (`tpp.run_rank` hands sliced DiT ranks here).
+    """This slice's part of one prepared job (`run_any` hands sliced DiT ranks here; `role` already
+    for the job's step count).
 
     The engine provides `slice_prefill(phase, first_block, hidden)`, `slice_step(clip, block,
     step, x, hidden)`, `initial_latents(clip, block)` and, on the decoding slice, `decode`.

@@ -287,11 +287,8 @@ def run_rank(engine: Engine, role: Role, plan: JobPlan, cancelled: Callable[[], 
         role = role.for_steps(plan.num_steps)
     if role.world_size > 1 and links is None:
         raise ValueError("run_rank: a world of several ranks needs Links")
-    if role.sliced:  # a layer slice (schedule kind "layers"): its own loop
-        from parallel.slices import run_slices
-
-        yield from run_slices(engine, role, plan, cancelled, stats, links)
-        return
+    if role.sliced:
+        raise ValueError("run_rank: a layer slice runs parallel.slices.run_slices (see parallel.slices.run_any)")
     t_start = time.perf_counter()
     device = torch.device(role.device)
     total, per_clip = plan.num_blocks, plan.blocks_per_clip

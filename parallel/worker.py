@@ -212,7 +212,8 @@ class Worker:
     def _job(self, job_id: int, job: dict) -> None:
         import torch
 
-        from parallel.tpp import Links, RankStats, run_rank
+        from parallel.slices import run_any
+        from parallel.tpp import Links, RankStats
 
         self.current_job = job_id
         engine = self.engine
@@ -235,7 +236,7 @@ class Worker:
             return self.cancel_id == job_id or self.shutting_down
 
         try:
-            for bf in run_rank(engine, self.role, plan, cancelled, stats, links):
+            for bf in run_any(engine, self.role, plan, cancelled, stats, links):
                 self.chan.send(("frames", job_id, bf.clip, bf.block, _to_host(bf.frames)))
         finally:
             engine.end_job()

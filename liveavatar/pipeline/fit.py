@@ -81,7 +81,7 @@ class Options:
         out = ["--fp8" if self.weights_fp8 else "", "--kv-dtype fp8" if self.kv_fp8 else "",
                "--kv-offload on" if self.kv_offload else ""]
         if self.resident_layers is not None and self.resident_layers < num_layers:
-            out.append(f"--resident-layers {self.resident_layers}")
+            out.append(f"--weights stream ({self.resident_layers} of {num_layers} layers resident)")
         return " ".join(o for o in out if o) or "no memory options"
 
 

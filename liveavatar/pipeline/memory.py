@@ -162,7 +162,7 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
         step_caches = (steps_owned * residency.kv + min(residency.buffers, paged)) * kv_layer_bytes(
             cfg, width, height, dtype, stream, kv_fp8)
     sink_cache = sink * kv if steps_owned else 0
-    text_state = kv * cfg.text_len if steps_owned else 0  # per layer: text_len keys and values
+    text_state = _kv_bytes_per_token(cfg, dtype, layers) * cfg.text_len if steps_owned else 0  # text K/V: model dtype
     vae = VAE_BYTES if decode_here else 0
     block_tokens = stream.frames_per_block_latent * frame_tokens(hw, cfg.patch_size)
     # FFN hidden + q/k/v/o of one block in flight, plus decoder feature maps at full resolution
