@@ -26,6 +26,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -406,18 +407,23 @@ COMFY = {name: case for name, case in CASES.items() if case.comfy}
 
 
 @pytest.fixture(scope="module")
-def comfy_results(request, comfyui_server, media) -> dict:
+def comfy_results(request, comfyui_server, media) -> Iterator[dict]:
     """Every ComfyUI case on the session's server, one prompt each; then a real job on unusual inputs."""
     srv = comfyui_server
     d = media["dir"]
+    added = []  # removed again afterwards: the session server is shared with the other ComfyUI tests
     for f in d.iterdir():
-        if f.is_file():
-            shutil.copy(f, srv.base / "input" / f.name)
-    shutil.copy(d / SPACED / VOICE, srv.base / "input" / VOICE)
-    shutil.copy(d / SPACED / FACE, srv.base / "input" / FACE)
+        if f.is_file() and not (srv.base / "input" / f.name).exists():
+            added.append(srv.base / "input" / f.name)
+            shutil.copy(f, added[-1])
+    for name in (VOICE, FACE):
+        if not (srv.base / "input" / name).exists():
+            added.append(srv.base / "input" / name)
+        shutil.copy(d / SPACED / name, srv.base / "input" / name)
     for slug in ("truncated", "wav2vec_as_dit", "t2v", "garbage_config", "other_lora"):
         dest = srv.base / "models" / "liveavatar" / slug
         if not dest.exists():
+            added.append(dest)
             shutil.copytree(media["ckpts"] / slug, dest)
     client = str(uuid.uuid4())
     results = {}
@@ -434,7 +440,9 @@ def comfy_results(request, comfyui_server, media) -> dict:
     prompt["20"]["inputs"]["seed"] = 17
     hist = srv.wait_history(srv.queue(prompt, client))
     results["_after"] = hist
-    return results
+    yield results
+    for path in added:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 @pytest.mark.comfyui
