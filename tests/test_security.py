@@ -140,7 +140,7 @@ def _findings(path: Path) -> list[str]:
 
 def test_no_shell_command_is_built_from_strings():
     files = [p for p in REPO.rglob("*.py") if ".venv" not in p.parts and ".cache" not in p.parts
-             and "tests" not in p.parts]
+             and "tests" not in p.parts and "third_party" not in p.parts]  # third_party: a local reference copy (bench), not ours
     assert len(files) > 40
     findings = [f for p in files for f in _findings(p)]
     assert findings == []
