@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from liveavatar.media.audio_spool import Moments, SpooledAudio16k, moments_of_chunks, spool_mono
+from liveavatar.media.audio_spool import Moments, SpooledAudio16k, moments_of_chunks, read_window, spool_mono
 
 DEFAULT_SAMPLE_RATE = 16000
 IN_MEMORY_S = 120.0  # longer clips are spooled to disk by open_audio / audio_from_waveform (7.7 MB at 16 kHz)
@@ -90,13 +90,7 @@ class Audio16k:
 
     def read(self, start: int, stop: int) -> Tensor:
         """Samples `[start, stop)` -> `[stop - start]` float32, zeros outside `[0, T)`."""
-        if stop < start:
-            raise ValueError(f"read: stop ({stop}) < start ({start})")
-        out = torch.zeros(stop - start, dtype=torch.float32)
-        lo, hi = max(0, start), min(self.num_samples, stop)
-        if hi > lo:
-            out[lo - start:hi - start] = self.samples[lo:hi]
-        return out
+        return read_window(start, stop, self.num_samples, lambda lo, hi: self.samples[lo:hi])
 
     def moments(self) -> Moments:
         """Count, mean and squared deviations of the samples (float64)."""

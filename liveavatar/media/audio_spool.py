@@ -30,6 +30,19 @@ CHUNK_SAMPLES = 1 << 16  # samples per read while computing statistics (256 KiB 
 _BYTES = 4  # float32
 
 
+def read_window(start: int, stop: int, num_samples: int, fetch) -> Tensor:
+    """Samples `[start, stop)` of a clip of `num_samples` as `[stop - start]` float32, zeros outside
+    `[0, num_samples)`; `fetch(lo, hi)` returns the stored samples `[lo, hi)` (the in-RAM clip and
+    the spool file share this window rule)."""
+    if stop < start:
+        raise ValueError(f"read: stop ({stop}) < start ({start})")
+    out = torch.zeros(stop - start, dtype=torch.float32)
+    lo, hi = max(0, start), min(num_samples, stop)
+    if hi > lo:
+        out[lo - start:hi - start] = fetch(lo, hi)
+    return out
+
+
 @dataclass(frozen=True)
 class Moments:
     """Count, mean and sum of squared deviations (`m2`) of a sample sequence, in float64.
@@ -102,14 +115,11 @@ class SpooledAudio16k:
 
     def read(self, start: int, stop: int) -> Tensor:
         """Samples `[start, stop)` -> `[stop - start]` float32, zeros outside `[0, num_samples)`."""
-        if stop < start:
-            raise ValueError(f"read: stop ({stop}) < start ({start})")
-        out = np.zeros(stop - start, dtype=np.float32)
-        lo, hi = max(0, start), min(self.num_samples, stop)
-        if hi > lo:
+        def fetch(lo: int, hi: int) -> Tensor:
             data = os.pread(self._file(), (hi - lo) * _BYTES, lo * _BYTES)
-            out[lo - start:hi - start] = np.frombuffer(data, dtype=np.float32)
-        return torch.from_numpy(out)
+            return torch.from_numpy(np.frombuffer(data, dtype=np.float32).copy())
+
+        return read_window(start, stop, self.num_samples, fetch)
 
     def moments(self) -> Moments:
         """Statistics of all samples (computed once, in chunks)."""
@@ -172,4 +182,4 @@ def spool_mono(chunks: Iterable[np.ndarray], source_rate: int, target_rate: int,
     return SpooledAudio16k(path, n_out, target_rate, source, owner=True)
 
 
-__all__ = ["Moments", "SpooledAudio16k", "moments_of_chunks", "spool_mono", "CHUNK_SAMPLES"]
+__all__ = ["Moments", "SpooledAudio16k", "moments_of_chunks", "read_window", "spool_mono", "CHUNK_SAMPLES"]
