@@ -137,6 +137,27 @@ def test_batch_equals_one_by_one(vae, vae_dir):
         dec.decode(latents[:, :, 1:2])
 
 
+def test_graphed_stream_decode_updates_caches_in_place_bit_for_bit(vae, vae_dir):
+    """use_cuda_graphs(): the steady call's body (run eagerly on CPU, captured on CUDA) decodes
+    into static caches updated in place; the frames stay the reference's bits, batch included."""
+    data = load_file(vae_dir / "stream_decode.safetensors")
+    latents = data["latents"][None]
+    vae.use_cuda_graphs()
+    try:
+        dec = vae.streaming_decoder()
+        for i, (a, b) in enumerate([(0, 7), (7, 10), (10, 13)]):
+            assert torch.equal(dec.decode(latents[:, :, a:b])[0], data[f"stream_out.{i}"]), i
+        graph = dec._graphs[0]
+        assert graph.static_x is not None and all(c is s for c, s in zip(dec._caches[0], graph.static_caches))
+        pair = torch.cat([latents, latents.flip(2)])
+        dec.reset()
+        parts = [dec.decode(pair[:, :, i : i + 1]) for i in range(pair.shape[2])]
+        assert len(dec._graphs) == 2 and dec._graphs[0].static_caches[0] is not dec._graphs[1].static_caches[0]
+    finally:
+        vae.use_cuda_graphs(False)
+    assert torch.equal(torch.cat(parts, dim=2), vae.decode(pair))
+
+
 def test_bad_shapes_are_refused(vae):
     with pytest.raises(ValueError, match="1 \\+ 4k"):
         vae.encode(torch.zeros(1, 3, 4, 16, 16))

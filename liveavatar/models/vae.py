@@ -197,6 +197,7 @@ class WanVAE:
         self.inv_std = 1.0 / torch.tensor(cfg.latents_std, dtype=torch.float32, device=self.device)
         self.num_encoder_caches = _count_causal_convs(model.encoder)
         self.num_decoder_caches = _count_causal_convs(model.decoder)
+        self.cuda_graphs = False  # use_cuda_graphs(): streaming decoders replay their steady call
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -291,6 +292,13 @@ class WanVAE:
         use_cache_dir()
         self.model.decoder.compile(dynamic=False)
 
+    def use_cuda_graphs(self, enable: bool = True) -> None:
+        """Streaming decoders made from now on replay their steady-state per-latent-frame call
+        from a CUDA graph (`vae_graphs.FrameGraph`: the same kernels, the same frames; on CPU the
+        same body eagerly). For small sizes, where launching ~500 kernels per latent frame costs
+        more than running them. Not with `compile_decoder`."""
+        self.cuda_graphs = bool(enable)
+
 
 class StreamingDecoder:
     """Decoder with causal caches that persist across `decode` calls.
@@ -308,6 +316,7 @@ class StreamingDecoder:
     def reset(self) -> None:
         """Forget the history: the next latent frame is decoded as the first of a video."""
         self._caches: list[list] = []  # one cache list per batch element, made on first use
+        self._graphs: list = []  # with vae.cuda_graphs: one FrameGraph per cache list
         self.frames_in = 0
 
     @property
@@ -328,6 +337,10 @@ class StreamingDecoder:
         batch = latents.shape[0]
         if self.fresh:
             self._caches = [[None] * vae.num_decoder_caches for _ in range(batch)]
+            if vae.cuda_graphs:
+                from liveavatar.models.vae_graphs import FrameGraph
+
+                self._graphs = [FrameGraph(vae.model.decoder) for _ in range(batch)]
         elif batch != len(self._caches):
             raise ValueError(
                 f"StreamingDecoder.decode: batch size changed from {len(self._caches)} to {batch}; call reset() first"
@@ -339,13 +352,15 @@ class StreamingDecoder:
         for b in range(batch):
             x = vae.model.post_quant_conv(z[b : b + 1])
             frames = []
+            call = self._graphs[b].decode if self._graphs else self._eager
             for i in range(x.shape[2]):
-                frames.append(vae.model.decoder(
-                    x[:, :, i : i + 1], feat_cache=self._caches[b], feat_idx=[0], first_chunk=first and i == 0
-                ))
+                frames.append(call(x[:, :, i : i + 1], self._caches[b], first and i == 0))
             videos.append(torch.cat(frames, dim=2))
         self.frames_in += latents.shape[2]
         return torch.cat(videos, dim=0).float().clamp_(-1.0, 1.0)
+
+    def _eager(self, x: torch.Tensor, caches: list, first_chunk: bool) -> torch.Tensor:
+        return self.vae.model.decoder(x, feat_cache=caches, feat_idx=[0], first_chunk=first_chunk)
 
 
 __all__ = [
