@@ -68,6 +68,17 @@ def test_graph_mode_ring_rows_bitwise(fixtures_dir, slot):
 
 
 @pytest.mark.parametrize("slot", [False, True])
+def test_graph_mode_eager_layers_bitwise(fixtures_dir, slot):
+    """use_cuda_graphs() without compile_blocks: the eager layers write the ring rows through the
+    index too (what a captured graph replays on CUDA): bitwise the slice writes."""
+    model = _build(fixtures_dir)
+    plain = _rollout(model, fixtures_dir, slot)
+    model.use_cuda_graphs()
+    assert torch.equal(_rollout(model, fixtures_dir, slot), plain)
+    assert model.cuda_graphs.captures == 0
+
+
+@pytest.mark.parametrize("slot", [False, True])
 def test_fp8_kv_fused_and_graph_rows(fixtures_dir, slot):
     """fp8 KV caches on the fused path: close to the eager layers with fp8 caches, and the
     graph-mode ring rows (index writes of packed rows) bitwise the slice writes."""

@@ -364,8 +364,9 @@ class CausalS2VDiT(nn.Module):
         self._fused = FusedLayers(self, compile=compile)
 
     def use_cuda_graphs(self, enable: bool = True) -> None:
-        """Replay repeated streaming calls from CUDA graphs (models/graphs.py). Needs
-        `compile_blocks()` (the fused path) and a CUDA device; other calls stay eager."""
+        """Replay repeated streaming calls from CUDA graphs (models/graphs.py) on a CUDA device,
+        the fused regions of `compile_blocks()` or the eager layers (both write the ring rows
+        through an index, so one graph serves every ring offset); other calls stay eager."""
         if enable and self._stream is not None:
             raise ValueError("cuda_graphs: not with layer streaming (the copies are paced per layer)")
         if self._graphs is not None:
@@ -486,7 +487,7 @@ class CausalS2VDiT(nn.Module):
                              f"[1, {tokens_in}, dim] as hidden")
         hidden = hidden.to(self.device, self.dtype) if not self.first_slice else None
 
-        graphs = self._graphs if self._fused is not None else None  # (on CPU: same path, never captured)
+        graphs = self._graphs  # (on CPU: same path, never captured)
 
         def body(x, audio_global, audio_tokens, rope_cos, rope_sin, e, e0, *rest):
             rest = list(rest)
@@ -565,7 +566,7 @@ class CausalS2VDiT(nn.Module):
             if fused is not None:  # compile_blocks(): RoPE inside the fused region
                 return cache.stream_attend(i - first, plan, None, sink, sink_rope, backend,
                                            rotate=fused.rotate_factors, rows=rows)
-            return cache.stream_attend(i - first, plan, rope, sink, sink_rope, backend)
+            return cache.stream_attend(i - first, plan, rope, sink, sink_rope, backend, rows=rows)
 
         layers = self._layers(cache, (plan.offset, plan.offset + plan.tokens))
         tokens = self._run_layers(tokens, e0_block, rope, attend_of, text, nf, audio_global, audio_tokens, layers)
