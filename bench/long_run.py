@@ -13,6 +13,11 @@ records them too. After the run, the mp4 is read back: frame count and durations
 within one frame), A/V drift at the start, middle and end (cross-correlation of the decoded AAC
 against the source audio), and decodes at cut points (1 min, middle, 1 min before the end).
 
+Speed: at 64*64 a block is thousands of tiny kernels, so on CUDA the steady-state DiT and VAE
+decoder calls are replayed from CUDA graphs (`--cuda-graphs`, on by default on CUDA;
+bench/long_run_graphs.py); the first `--parity-blocks` blocks are generated with and without them
+first and must be the same bits (`graphs_parity` in the result).
+
 Budget: generation stops after `--budget-s` seconds (the run must fit a device call); the result
 then says so (`complete: false`) and gives the measured rate and the time the full length would
 take. Output: one JSON line appended to `bench/results/<date>_<device>_long_run.jsonl` and a PNG
@@ -50,6 +55,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample-s", type=float, default=1.0, help="memory sampling period (default 1 s)")
     p.add_argument("--results", default=str(RESULTS), help="folder of the JSON line and the plot")
     p.add_argument("--tag", default="", help="suffix of the result file names")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="replay the steady DiT / VAE calls from CUDA graphs (auto: on CUDA)")
+    p.add_argument("--parity-blocks", type=int, default=12,
+                   help="with graphs: blocks generated with and without them first, compared bitwise (0: skip)")
     return p.parse_args(argv)
 
 
@@ -131,9 +140,17 @@ def run(args: argparse.Namespace) -> dict:
 
     img = model.prepare_image(Image.open(image_path).convert("RGB"), args.size, "exact")
     ctx, aud = model.encode_prompt("a person talking"), model.encode_audio(audio)
+    graphs = args.cuda_graphs == "on" or (args.cuda_graphs == "auto" and device.type == "cuda")
+    res["cuda_graphs"] = graphs
+    if graphs:
+        from bench.long_run_graphs import parity, set_graphs
+
+        res["graphs_parity"] = parity(model, ctx, aud, img, args.parity_blocks) if args.parity_blocks else None
+        set_graphs(model, True)  # counts from zero for the run
     fps, spf = model.stream.fps, audio.sample_rate // model.stream.fps
     out = work / "long_run.mp4"
     blocks, frames_written, samples_written, bad_audio_blocks = [], 0, 0, 0
+    spent = {"dit": 0.0, "decode": 0.0, "write": 0.0, "sample": 0.0}  # seconds, summed over blocks
     sampler.start()
     t_gen = time.perf_counter()
     complete, total_blocks = True, None
@@ -141,14 +158,20 @@ def run(args: argparse.Namespace) -> dict:
     with VideoWriter(out, img.width, img.height, fps=fps, audio_rate=audio.sample_rate) as writer:
         for blk in gen:
             total_blocks = blk.total_blocks
+            t_w = time.perf_counter()
             writer.write_frames(blk.frames)
             writer.write_audio(blk.audio)
+            t_s = time.perf_counter()
             n = blk.frames.shape[0]
             if blk.audio.shape[0] != n * spf:  # exactly 640 samples per frame at 16 kHz / 25 fps
                 bad_audio_blocks += 1
             frames_written += n
             samples_written += blk.audio.shape[0]
             blocks.append((blk.index, *sampler.sample()))
+            spent["write"] += t_s - t_w
+            spent["sample"] += time.perf_counter() - t_s
+            spent["dit"] += blk.timings.get("dit", 0.0)
+            spent["decode"] += blk.timings.get("decode", 0.0)
             if blk.index % 500 == 0:
                 print(f"block {blk.index + 1}/{blk.total_blocks} at {time.perf_counter() - t_gen:.1f} s, "
                       f"rss {blocks[-1][2] / 2**20:.0f} MiB", flush=True)
@@ -165,7 +188,12 @@ def run(args: argparse.Namespace) -> dict:
                 "projected_full_s": round(gen_s * total_blocks / done, 1) if done else None,
                 "audio_windows_computed": getattr(aud.features, "windows_computed", None),
                 "frames_written": frames_written, "audio_samples_written": samples_written,
-                "blocks_with_wrong_audio_samples": bad_audio_blocks, "writer": info})
+                "blocks_with_wrong_audio_samples": bad_audio_blocks, "writer": info,
+                "ms_per_block": {k: round(1e3 * v / max(done, 1), 2) for k, v in spent.items()}})
+    if graphs:
+        from bench.long_run_graphs import stats
+
+        res["graphs"] = stats(model)
     # --- the file, read back
     probe = probe_video(out)
     expect_frames = num_video_frames(audio, fps=fps)
@@ -230,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING)
     res = run(args)
-    summary = {k: res[k] for k in ("device", "complete", "blocks", "total_blocks", "generate_s", "projected_full_s",
-                                   "duration_check", "av_drift", "cut_points", "plot")}
+    summary = {k: res.get(k) for k in ("device", "complete", "blocks", "total_blocks", "generate_s", "blocks_per_s",
+                                       "projected_full_s", "ms_per_block", "graphs_parity", "graphs", "duration_check",
+                                       "av_drift", "cut_points", "plot")}
     summary["memory"] = {k: v for k, v in res["memory"].items()}
     print(json.dumps(summary, indent=1))
     return 0

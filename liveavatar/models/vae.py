@@ -198,6 +198,7 @@ class WanVAE:
         self.num_encoder_caches = _count_causal_convs(model.encoder)
         self.num_decoder_caches = _count_causal_convs(model.decoder)
         self.cuda_graphs = False  # use_cuda_graphs(): streaming decoders replay their steady call
+        self.graph_counts = None  # vae_graphs.GraphCounts of those decoders, once enabled
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -296,8 +297,11 @@ class WanVAE:
         """Streaming decoders made from now on replay their steady-state per-latent-frame call
         from a CUDA graph (`vae_graphs.FrameGraph`: the same kernels, the same frames; on CPU the
         same body eagerly). For small sizes, where launching ~500 kernels per latent frame costs
-        more than running them. Not with `compile_decoder`."""
+        more than running them. Not with `compile_decoder`. `graph_counts`: captures / replays."""
+        from liveavatar.models.vae_graphs import GraphCounts
+
         self.cuda_graphs = bool(enable)
+        self.graph_counts = GraphCounts() if enable else None
 
 
 class StreamingDecoder:
@@ -340,7 +344,7 @@ class StreamingDecoder:
             if vae.cuda_graphs:
                 from liveavatar.models.vae_graphs import FrameGraph
 
-                self._graphs = [FrameGraph(vae.model.decoder) for _ in range(batch)]
+                self._graphs = [FrameGraph(vae.model.decoder, vae.graph_counts) for _ in range(batch)]
         elif batch != len(self._caches):
             raise ValueError(
                 f"StreamingDecoder.decode: batch size changed from {len(self._caches)} to {batch}; call reset() first"

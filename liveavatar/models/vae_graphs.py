@@ -20,6 +20,7 @@ tested without a GPU.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -29,16 +30,26 @@ log = logging.getLogger("liveavatar")
 DecoderCall = Callable[..., torch.Tensor]  # decoder(x, feat_cache=list, feat_idx=[0], first_chunk=bool)
 
 
+@dataclass
+class GraphCounts:
+    """Captures and replays of the frame graphs that share it (e.g. all decoders of one VAE);
+    disabled: the last capture failure, if any."""
+
+    captures: int = 0
+    replays: int = 0
+    disabled: str | None = None
+
+
 class FrameGraph:
     """The graphed steady-state decoder call of ONE cache list (one video of a batch).
 
     `decode(x, caches, first_chunk)` = `decoder(x, feat_cache=caches, feat_idx=[0],
     first_chunk=first_chunk)`: x `[1, z_dim, 1, h, w]` (decoder dtype) -> `[1, 3, 4, 8h, 8w]`
     (1 frame for the first chunk). `caches` is updated as by the eager call (its entries may
-    become this graph's static buffers). `pool`: a CUDA graph memory pool to share, or None.
+    become this graph's static buffers). `counts`: where captures / replays are counted.
     """
 
-    def __init__(self, decoder: DecoderCall, pool=None):
+    def __init__(self, decoder: DecoderCall, counts: GraphCounts | None = None, pool=None):
         self.decoder = decoder
         self.pool = pool
         self.key: tuple | None = None  # the steady call shape last seen (eager) or captured
@@ -46,8 +57,7 @@ class FrameGraph:
         self.static_x: torch.Tensor | None = None
         self.static_caches: list[torch.Tensor] = []
         self.out: torch.Tensor | None = None
-        self.captures = 0
-        self.replays = 0
+        self.counts = counts if counts is not None else GraphCounts()
         self.disabled_reason: str | None = None
 
     def decode(self, x: torch.Tensor, caches: list, first_chunk: bool) -> torch.Tensor:
@@ -65,7 +75,7 @@ class FrameGraph:
             return self.decoder(x, feat_cache=caches, feat_idx=[0], first_chunk=False)
         self._bind(x, caches)
         self.graph.replay()
-        self.replays += 1
+        self.counts.replays += 1
         return self.out.clone()
 
     def _bind(self, x: torch.Tensor, caches: list) -> None:
@@ -99,7 +109,7 @@ class FrameGraph:
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 out = self._body()
         except Exception as exc:  # a kernel that cannot be captured: stay eager
-            self.disabled_reason = f"{type(exc).__name__}: {exc}"[:300]
+            self.disabled_reason = self.counts.disabled = f"{type(exc).__name__}: {exc}"[:300]
             log.warning("VAE cuda graphs: capture failed (%s); decoding eagerly", self.disabled_reason)
             torch.cuda.synchronize(x.device)
             return False
@@ -107,7 +117,7 @@ class FrameGraph:
         # the state before this frame, which the first replay (by the caller) advances.
         self.graph, self.out = graph, out
         self.pool = graph.pool() if self.pool is None else self.pool
-        self.captures += 1
+        self.counts.captures += 1
         return True
 
 
@@ -126,4 +136,4 @@ def _call_key(x: torch.Tensor, caches: list) -> tuple | None:
     return tuple(x.shape), x.dtype, x.device, tuple(kinds)
 
 
-__all__ = ["FrameGraph"]
+__all__ = ["FrameGraph", "GraphCounts"]
