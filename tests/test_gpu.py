@@ -112,6 +112,47 @@ def test_cuda_graphs_replay_bitwise_equal():
     assert torch.equal(replayed, plain)
 
 
+def test_cuda_graphs_eager_layers_replay_bitwise_equal():
+    """use_cuda_graphs without compile_blocks: the eager layers' steady calls are captured and
+    replayed, and the latents are bitwise those of the eager layers."""
+    graphs = {}
+
+    def graphed(model):
+        model.use_cuda_graphs()
+        graphs["g"] = model.cuda_graphs
+
+    plain = _rollout(torch.bfloat16, blocks=8)
+    replayed = _rollout(torch.bfloat16, blocks=8, prepare=graphed)
+    g = graphs["g"]
+    assert g.disabled_reason is None and g.captures >= 4 and g.replays >= 4 * 3
+    assert torch.equal(replayed, plain)
+
+
+def test_vae_cuda_graphs_stream_decode_bitwise_equal():
+    """WanVAE.use_cuda_graphs: the streaming decoder's steady frames come from replayed graphs
+    (static caches updated in place), bitwise the eager decoder's, block after block."""
+    from liveavatar.config import VAEConfig
+    from liveavatar.loading.tiny import draw_state_dict, vae_key_shapes
+    from liveavatar.models.vae import WanVAE
+
+    cfg = VAEConfig(base_dim=8)
+    vae = WanVAE.from_official_state_dict(draw_state_dict(vae_key_shapes(cfg), torch.Generator().manual_seed(0)),
+                                          cfg, device="cuda", dtype=torch.bfloat16)
+    latents = torch.randn(1, 16, 7 + 3 * 6, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def stream() -> torch.Tensor:
+        dec = vae.streaming_decoder()
+        return torch.cat([dec.decode(latents[:, :, :7])] + [dec.decode(latents[:, :, a:a + 3])
+                                                            for a in range(7, latents.shape[2], 3)], dim=2)
+
+    plain = stream()
+    vae.use_cuda_graphs()
+    replayed = stream()
+    counts = vae.graph_counts
+    assert counts.disabled is None and counts.captures == 1 and counts.replays >= 3 * 5
+    assert torch.equal(replayed, plain)
+
+
 @pytest.mark.parametrize("steps", [4, 3])
 def test_kv_offload_pinned_paging_bitwise_equal(steps):
     """Offloaded step caches (pinned host rows, non-blocking copies) give the frames of resident
