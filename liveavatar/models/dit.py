@@ -28,6 +28,7 @@ Initialisation is PyTorch's default: load a checkpoint before use.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -385,17 +386,19 @@ class CausalS2VDiT(nn.Module):
         e0 = fp32_linear(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.cfg.dim))
         return e[:frames], e0.unflatten(0, (2, frames))
 
-    def _rope(self, positions: torch.Tensor, key: tuple | None = None):
-        """Factors for `positions` (built on the model's device); kept under `key` when given
-        (a block's factors serve all its denoising steps, the sink's until it moves)."""
-        if key is None:
-            return rope_factors(positions, self.cfg.head_dim, self.rope_fp16_tables, self.device,
-                                self.rope_compute_dtype)
+    def _rope(self, positions: torch.Tensor):
+        """Factors for `positions` `[L, 3]` (built on the model's device)."""
+        return rope_factors(positions, self.cfg.head_dim, self.rope_fp16_tables, self.device,
+                            self.rope_compute_dtype)
+
+    def _rope_kept(self, key: tuple, positions: Callable[[], torch.Tensor]):
+        """`_rope(positions())` kept under `key` (a block's factors serve all its denoising
+        steps, the sink's until it moves); positions are only made on a miss."""
         key = (*key, self.device, self.rope_compute_dtype, self.rope_fp16_tables)
         if key not in self._rope_cache:
             if len(self._rope_cache) >= 8:
                 self._rope_cache.clear()
-            self._rope_cache[key] = self._rope(positions)
+            self._rope_cache[key] = self._rope(positions())
         return self._rope_cache[key]
 
     def _patchify(self, conv: nn.Conv3d, latents: torch.Tensor) -> torch.Tensor:
@@ -526,13 +529,13 @@ class CausalS2VDiT(nn.Module):
             raise ValueError(f"start_frame must be >= 0, got {start_frame}")
         hp, wp = self._grid(hw)
         fsl = hp * wp
-        rope = self._rope(grid_positions(list(range(start_frame, start_frame + nf)), list(range(hp)), list(range(wp))),
-                          key=("block", start_frame, hp, wp))
+        rope = self._rope_kept(("block", start_frame, hp, wp), lambda: grid_positions(
+            list(range(start_frame, start_frame + nf)), list(range(hp)), list(range(wp))))
         ref_t = self.reference_position(start_frame, sink_offset)
         plan = cache.plan(start_frame * fsl, nf * fsl, sink, ref_t)
         sink_rope = None
         if plan.refresh_keys:
-            sink_rope = self._rope(sink.stream_positions(ref_t), key=("sink", sink.uid, sink.version, ref_t))
+            sink_rope = self._rope_kept(("sink", sink.uid, sink.version, ref_t), lambda: sink.stream_positions(ref_t))
         e, e0 = self._time(timestep, nf)
         return hw, rope, ref_t, plan, sink_rope, e, e0
 

@@ -20,6 +20,8 @@ there is no upper limit on the temporal index (the reference's table stops at 45
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,13 +38,15 @@ def rope_axis_pairs(head_dim: int) -> tuple[int, int, int]:
     return (c - 2 * (c // 3), c // 3, c // 3)
 
 
-def rope_inv_freqs(head_dim: int, theta: float = ROPE_THETA) -> list[torch.Tensor]:
-    """Angular speed per pair, one float64 CPU tensor per axis: `theta ** (-2j / (2n))`."""
+@functools.lru_cache(maxsize=16)
+def rope_inv_freqs(head_dim: int, theta: float = ROPE_THETA) -> tuple[torch.Tensor, ...]:
+    """Angular speed per pair, one float64 CPU tensor per axis: `theta ** (-2j / (2n))`.
+    Kept per (head_dim, theta): the same tensors every call (read only)."""
     out = []
     for n in rope_axis_pairs(head_dim):
         exps = torch.arange(0, 2 * n, 2, dtype=torch.float64).div(2 * n)
         out.append(1.0 / torch.pow(theta, exps))
-    return out
+    return tuple(out)
 
 
 def linspace_int(start: float, stop: float, num: int) -> list[int]:
