@@ -172,6 +172,34 @@ def test_rope_fp16_switch_is_real(ref):
     assert maxdiff(out, ref["b0"]["out.0"]) < 1e-3  # a precision change, not a different model
 
 
+@pytest.mark.parametrize("fp16_tables", [True, False])
+def test_kept_rope_factors_are_rope_factors_bit_for_bit(ref, fp16_tables):
+    """Block and sink factors composed from kept time rows (made 64 temporal indices at a time)
+    and position bases are the bits `rope_factors` gives for their positions: block grids on and
+    across a chunk boundary, the sink's reference tokens at several temporal indices."""
+    from liveavatar.models.rope import grid_positions, rope_factors
+
+    model = build(ref["dir"], rope_fp16_tables=fp16_tables)
+    inp = ref["inputs"]
+    sink = model.new_sink_cache(HW)
+    model.prefill_sink(inp["ref_latents"], inp["motion_latents"], model.encode_text(inp["context.0"]), sink)
+    hp, wp = model._grid(HW)
+    for dtype in (torch.float64, torch.float32):
+        model.rope_compute_dtype = dtype
+
+        def direct(positions):
+            return rope_factors(positions, model.cfg.head_dim, fp16_tables, None, dtype)
+
+        for f0 in (0, 3, 62, 63, 64, 301):
+            got, want = model._block_rope(f0, 3, hp, wp), direct(grid_positions([f0, f0 + 1, f0 + 2], list(range(hp)),
+                                                                                  list(range(wp))))
+            assert torch.equal(got.cos, want.cos) and torch.equal(got.sin, want.sin), (dtype, f0)
+        for ref_t in (30, 47, 63, 64, 1000):
+            got, want = model._sink_rope(sink, ref_t), direct(sink.stream_positions(ref_t))
+            assert got.cos.shape == want.cos.shape and got.cos.dtype == dtype
+            assert torch.equal(got.cos, want.cos) and torch.equal(got.sin, want.sin), (dtype, ref_t)
+
+
 def test_attention_backend_switch(model, primed, ref):
     """The 'math' kernel gives the same block up to kernel rounding (amplified by the bf16 cast)."""
     text, sink = primed

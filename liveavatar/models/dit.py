@@ -43,7 +43,7 @@ from .framepack import FramePackMotioner
 from .tokens import clip_tokens, frame_tokens, sink_tokens
 from .kv_cache import KVWorkingBuffer, SinkCache, StepKVCache, kv_row_width, kv_storage_dtype
 from .graphs import BlockGraphs
-from .rope import RopeFactors, grid_positions, rope_factors
+from .rope import RopeFactors, grid_factors, grid_positions, rope_axis_pairs, rope_factors, with_time
 
 # trainable_cond_mask rows
 _NOISY, _REF, _MOTION = 0, 1, 2
@@ -112,6 +112,7 @@ class CausalS2VDiT(nn.Module):
         self.rope_compute_dtype = rope_compute_dtype
         self._time_cache: dict = {}
         self._rope_cache: dict = {}
+        self._rope_parts: dict = {}  # time rows and position bases the kept factors are made of
         self._rows_cache: dict = {}
         self._fused = None  # FusedLayers once compile_blocks() ran
         self._graphs: BlockGraphs | None = None  # once use_cuda_graphs() ran
@@ -161,7 +162,7 @@ class CausalS2VDiT(nn.Module):
     @rope_compute_dtype.setter
     def rope_compute_dtype(self, dtype: torch.dtype | None) -> None:
         self._rope_dtype = dtype
-        self._rope_cache = {}
+        self._rope_cache, self._rope_parts = {}, {}
 
     @property
     def first_slice(self) -> bool:
@@ -339,6 +340,7 @@ class CausalS2VDiT(nn.Module):
         """Forget cached time embeddings and RoPE factors (call after changing weights in place)."""
         self._time_cache.clear()
         self._rope_cache.clear()
+        self._rope_parts.clear()
 
     def move_weights(self, device: torch.device | str) -> None:
         """Move every weight to `device` (e.g. the host, to give the GPU back, and back again) and
@@ -391,15 +393,37 @@ class CausalS2VDiT(nn.Module):
         return rope_factors(positions, self.cfg.head_dim, self.rope_fp16_tables, self.device,
                             self.rope_compute_dtype)
 
-    def _rope_kept(self, key: tuple, positions: Callable[[], torch.Tensor]):
-        """`_rope(positions())` kept under `key` (a block's factors serve all its denoising
-        steps, the sink's until it moves); positions are only made on a miss."""
+    def _rope_kept(self, key: tuple, make: Callable[[], RopeFactors], parts: bool = False) -> RopeFactors:
+        """`make()` kept under `key` (a block's factors serve all its denoising steps, the sink's
+        until it moves); parts: a building block of those (time rows, position bases), kept longer."""
+        store, limit = (self._rope_parts, 512) if parts else (self._rope_cache, 8)
         key = (*key, self.device, self.rope_compute_dtype, self.rope_fp16_tables)
-        if key not in self._rope_cache:
-            if len(self._rope_cache) >= 8:
-                self._rope_cache.clear()
-            self._rope_cache[key] = self._rope(positions())
-        return self._rope_cache[key]
+        if key not in store:
+            if len(store) >= limit:
+                store.clear()
+            store[key] = make()
+        return store[key]
+
+    def _time_row(self, t: int, chunk: int = 64) -> RopeFactors:
+        """Factors `[1, 1, D/2]` of position (t, 0, 0): its temporal pairs are those of any token
+        at t. Made `chunk` temporal indices at a time (rows of `rope_factors` are independent)."""
+        c0 = t // chunk * chunk
+        table = self._rope_kept(("t", c0, chunk), lambda: self._rope(
+            torch.tensor([[c, 0, 0] for c in range(c0, c0 + chunk)])), parts=True)
+        return RopeFactors(table.cos[t - c0: t - c0 + 1], table.sin[t - c0: t - c0 + 1])
+
+    def _block_rope(self, start_frame: int, frames: int, hp: int, wp: int) -> RopeFactors:
+        """Factors of the block's t-major grid (frames from `start_frame`, hp x wp tokens each)."""
+        plane = self._rope_kept(("plane", hp, wp), lambda: self._rope(
+            grid_positions([0], list(range(hp)), list(range(wp)))), parts=True)
+        times = [self._time_row(t) for t in range(start_frame, start_frame + frames)]
+        return grid_factors(times, plane, rope_axis_pairs(self.cfg.head_dim)[0])
+
+    def _sink_rope(self, sink: SinkCache, ref_t: int) -> RopeFactors:
+        """Factors of the sink's positions with the reference tokens at temporal index ref_t."""
+        base = self._rope_kept(("sink", sink.uid, sink.version), lambda: self._rope(sink.stream_positions(0)),
+                               parts=True)
+        return with_time(base, sink.ref_tokens, self._time_row(ref_t), rope_axis_pairs(self.cfg.head_dim)[0])
 
     def _patchify(self, conv: nn.Conv3d, latents: torch.Tensor) -> torch.Tensor:
         """`[1, C, T, h, w]` -> tokens `[1, T*hp*wp, dim]` (t-major, then h, w)."""
@@ -529,13 +553,12 @@ class CausalS2VDiT(nn.Module):
             raise ValueError(f"start_frame must be >= 0, got {start_frame}")
         hp, wp = self._grid(hw)
         fsl = hp * wp
-        rope = self._rope_kept(("block", start_frame, hp, wp), lambda: grid_positions(
-            list(range(start_frame, start_frame + nf)), list(range(hp)), list(range(wp))))
+        rope = self._rope_kept(("block", start_frame, hp, wp), lambda: self._block_rope(start_frame, nf, hp, wp))
         ref_t = self.reference_position(start_frame, sink_offset)
         plan = cache.plan(start_frame * fsl, nf * fsl, sink, ref_t)
         sink_rope = None
         if plan.refresh_keys:
-            sink_rope = self._rope_kept(("sink", sink.uid, sink.version, ref_t), lambda: sink.stream_positions(ref_t))
+            sink_rope = self._rope_kept(("sink", sink.uid, sink.version, ref_t), lambda: self._sink_rope(sink, ref_t))
         e, e0 = self._time(timestep, nf)
         return hw, rope, ref_t, plan, sink_rope, e, e0
 

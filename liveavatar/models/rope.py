@@ -121,6 +121,29 @@ def rope_factors(
     return RopeFactors(cos[:, None, :].to(device, compute_dtype), sin[:, None, :].to(device, compute_dtype))
 
 
+def with_time(base: RopeFactors, rows: int, time: RopeFactors, t_pairs: int) -> RopeFactors:
+    """`base` `[L, 1, D/2]` with the temporal pairs (the first `t_pairs`) of its first `rows` rows
+    taken from `time` (`[1, 1, D/2]`, the factors of one position at the new temporal index).
+
+    Every pair depends on its own axis's coordinate only, so this gives the factors of the same
+    positions with those rows moved to the new temporal index, the same bits as `rope_factors`
+    of them (two cats per table instead of recomputing every row)."""
+
+    def one(b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        head = torch.cat([t[:, :, :t_pairs].expand(rows, -1, -1), b[:rows, :, t_pairs:]], dim=2)
+        return head if rows == b.shape[0] else torch.cat([head, b[rows:]], dim=0)
+
+    return RopeFactors(one(base.cos, time.cos), one(base.sin, time.sin))
+
+
+def grid_factors(times: list[RopeFactors], plane: RopeFactors, t_pairs: int) -> RopeFactors:
+    """Factors of a t-major token grid: for each entry of `times` (one position's factors
+    `[1, 1, D/2]` at that frame's temporal index), the rows of `plane` (one frame's (h, w) grid,
+    `[HW, 1, D/2]`) moved to it (`with_time`) -> `[len(times) * HW, 1, D/2]`."""
+    parts = [with_time(plane, len(plane), t, t_pairs) for t in times]
+    return RopeFactors(torch.cat([p.cos for p in parts]), torch.cat([p.sin for p in parts]))
+
+
 def apply_rope(x: torch.Tensor, factors: RopeFactors, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Rotate `x` `[B, L, H, D]` by `factors` (L rows); returns `out_dtype` (default: x's dtype).
 
@@ -143,6 +166,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: tor
 
 
 __all__ = [
-    "ROPE_THETA", "rope_axis_pairs", "rope_inv_freqs", "linspace_int", "grid_positions",
+    "ROPE_THETA", "rope_axis_pairs", "rope_inv_freqs", "linspace_int", "grid_positions", "with_time", "grid_factors",
     "RopeFactors", "rope_factors", "apply_rope", "rotate",
 ]
