@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
@@ -50,6 +52,7 @@ def _run(cache: Path, precompile: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_second_process_loads_the_precompiled_region(tmp_path):
     cache = tmp_path / "compile-cache"
     first = _run(cache, precompile=True)
@@ -62,6 +65,7 @@ def test_second_process_loads_the_precompiled_region(tmp_path):
     assert second["y"] == first["y"]
 
 
+@pytest.mark.slow
 def test_precompile_off_writes_no_dynamo_cache(tmp_path):
     cache = tmp_path / "compile-cache"
     got = _run(cache, precompile=False)

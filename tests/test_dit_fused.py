@@ -88,6 +88,7 @@ def test_fused_regions_bf16(fixtures_dir):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.slow
 def test_compiled_regions_one_graph_each_no_recompiles(fixtures_dir):
     """torch.compile: one graph per region shared by all layers, none made after the first block."""
     from torch._dynamo.utils import counters

@@ -51,7 +51,7 @@ def setup(tmp_path_factory):
 
 @pytest.mark.parametrize("sched", [
     schedule.single(4),
-    schedule.tpp(4, 2, separate_decode=True),
+    pytest.param(schedule.tpp(4, 2, separate_decode=True), marks=pytest.mark.slow),
     pytest.param(schedule.tpp(4, 2), marks=SLOW),
     pytest.param(schedule.tpp(4, 4, separate_decode=True), marks=SLOW),
 ], ids=["world1", "world3-2dit+decode", "world2", "world5-4dit+decode"])
@@ -78,6 +78,7 @@ def test_group_frames_equal_inprocess(setup, sched):
         assert torch.equal(g.audio, w.audio)
 
 
+@pytest.mark.slow
 def test_group_with_pose_video_equals_inprocess(setup, tmp_path):
     """A pose video given as a path: each DiT rank encodes it itself, and the frames equal
     in-process generation with `LiveAvatar.encode_pose` latents (and differ from no pose)."""

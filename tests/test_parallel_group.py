@@ -97,6 +97,7 @@ def test_world_sizes_give_identical_frames(sched, want):
     assert gone(pids)  # close() ends every worker
 
 
+@pytest.mark.slow
 def test_two_ranks_identical_and_idle_past_collective_timeout(two, want):
     blocks, result = run(two, JOB)
     assert torch.equal(video(blocks), want) and result.status == "ok"

@@ -59,6 +59,7 @@ def _config(ckpt, sched) -> GroupConfig:
     schedule.layers(4, 5),
     schedule.layers(4, 2, separate_decode=True),
 ], ids=["2-slices", "3-slices", "5-slices", "2-slices+decode"])
+@pytest.mark.slow
 def test_layer_slices_equal_inprocess(setup, sched):
     ckpt, job, want, want3 = setup
     with WorkerGroup(_config(ckpt, sched)) as group:
@@ -151,6 +152,7 @@ def test_gpu_mode_layers_is_a_choice_everywhere_and_checked_before_spawning(setu
     assert group.manager.group is None  # nothing started
 
 
+@pytest.mark.slow
 def test_sharded_bench_plumbing_on_cpu(tmp_path):
     """`python -m bench.sharded` (the lead's 5 x 22 GiB GPU run) on CPU ranks with the tiny
     random DiT: one rank, then 2 layer slices; same frames hash, one JSON line appended."""
