@@ -10,41 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from parallel import GroupConfig, WorkerGroup, schedule
-from parallel.engine import make_job
+from tiny_support import group_reference
 from parallel.schedule import ScheduleError
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from liveavatar.loading.tiny import TINY_DIT, make_tiny_checkpoint
-    from liveavatar.media.audio import Audio16k
-    from liveavatar.pipeline.model import LiveAvatar
 
     cfg = dataclasses.replace(TINY_DIT, num_layers=5, audio_inject_layers=(0, 2, 4))
     ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny5") / "Wan2.2-S2V-14B", seed=0, dit=cfg)
-    rng = np.random.default_rng(0)
-    image = Image.fromarray((rng.random((80, 64, 3)) * 255).astype(np.uint8))
-    t = torch.arange(int(16000 * 2.5)) / 16000
-    audio = Audio16k((0.3 * torch.sin(2 * torch.pi * 220 * t)).float())  # 62 frames: 6 blocks, 2 clips
-    job = make_job(image, audio, "a person talking", size="64*64", seed=3, steps=4)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = LiveAvatar.from_checkpoint(ckpt, device="cpu", dtype="fp32")
-        img = model.prepare_image(image, "64*64")
-        blocks = list(model.generate(model.encode_prompt(job["prompt"]), model.encode_audio(audio),
-                                     img, seed=3, steps=4))
-        three = [b.frames for b in model.generate(model.encode_prompt(job["prompt"]), model.encode_audio(audio),
-                                                  img, seed=3, steps=3, num_clip=1)]
-    finally:
-        torch.set_num_threads(threads)
-    assert [b.index for b in blocks] == list(range(6))
+    job, blocks, three = group_reference(ckpt, other_steps=3)
     return ckpt, job, blocks, three
 
 
