@@ -149,10 +149,12 @@ class JobHandle:
             p = g.progress.get(r, RankProgress())
             done, since = (p.blocks, p.since) if p.job_id == self.job_id else (0, self._t0)
             text = f"reported {done} block{'s' if done != 1 else ''} done, the last {now - since:.1f} s ago"
-            if r in silent:
-                return text + (f", no heartbeat for {now - g._last_hb.get(r, self._t0):.1f} s: the process "
-                               "is stopped or frozen (no stack)")
-            return text + f", in {stacks.get(r) or '(no stack in its log)'}"
+            spot = stacks.get(r)
+            if r in silent:  # a stopped process writes no stack; one frozen holding the GIL may
+                quiet = now - g._last_hb.get(r, self._t0)
+                text += f", no heartbeat for {quiet:.1f} s: the process is stopped or frozen"
+                return text + (f", in {spot}" if spot else " (no stack)")
+            return text + f", in {spot or '(no stack in its log)'}"
 
         first = blamed[0] if blamed else -1
         who = f"rank{'s' if len(blamed) > 1 else ''} {', '.join(map(str, blamed))}"
