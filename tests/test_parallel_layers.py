@@ -9,6 +9,7 @@ through the slices too. A slice reads only its layers' tensors (a file without t
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -153,3 +154,19 @@ def test_sharded_bench_plumbing_on_cpu(tmp_path):
     assert row["single"]["blocks"] == row["sharded"]["blocks"] == 5
     assert [r["layers"] for r in row["sharded"]["ranks"]] == [[0, 2], [2, 4]]
     assert all(r["estimate_gib"] > 0 for r in row["sharded"]["ranks"])
+
+
+def test_stopped_slice_ends_the_job_after_a_few_block_times_naming_it(setup):
+    """The stall rule covers layer slices as it covers tpp (`test_parallel_stall`): slice 0 of 2
+    is stopped (SIGSTOP) after 2 of the 6 blocks; the job ends once no block came for 4 x the
+    slowest block (floor 1 s), naming rank 0, with nothing left running."""
+    from test_parallel_stall import STALL, stop_rank_and_check
+
+    ckpt, job, _, _ = setup
+    cfg = dataclasses.replace(_config(ckpt, schedule.layers(4, 2)), stall=STALL, heartbeat_s=0.2,
+                              heartbeat_timeout_s=300.0)
+    with WorkerGroup(cfg) as group:
+        text = stop_rank_and_check(group, job, victim=0, after=2, rule=STALL)
+    # rank 1 (the last slice) waits for rank 0's next item
+    assert re.search(r"rank 1: reported \d+ blocks? done, the last [\d.]+ s ago, in tpp\.py:\d+ in wait; "
+                     r".*slices\.py:\d+ in _wait_item", text), text
