@@ -156,6 +156,7 @@ def test_sharded_bench_plumbing_on_cpu(tmp_path):
     assert all(r["estimate_gib"] > 0 for r in row["sharded"]["ranks"])
 
 
+@pytest.mark.slow
 def test_stopped_slice_ends_the_job_after_a_few_block_times_naming_it(setup):
     """The stall rule covers layer slices as it covers tpp (`test_parallel_stall`): slice 0 of 2
     is stopped (SIGSTOP) after 2 of the 6 blocks; the job ends once no block came for 4 x the

@@ -131,6 +131,7 @@ def stop_rank_and_check(group: WorkerGroup, job: dict, victim: int, after: int, 
     return text
 
 
+@pytest.mark.slow
 def test_a_job_that_keeps_getting_slower_is_not_cut_off(two):
     """Each block's steps sleep twice as long as the last block's (32 x from the first block to
     the last): the last block takes more than the factor (4) x the first steady block and more
@@ -148,6 +149,7 @@ def test_a_job_that_keeps_getting_slower_is_not_cut_off(two):
     assert gaps[-1] > max(STALL.floor_s, STALL.factor * gaps[1]), gaps  # a fixed limit would have cut it
 
 
+@pytest.mark.slow
 def test_stopped_rank_ends_the_job_after_a_few_block_times_naming_it(two):
     """Rank 1 (steps 2-3 and the decoder) is stopped after 4 blocks of ~0.4 s: the job ends once
     no block came for 4 x the slowest block (floor 1 s) with rank 1 named, rank 0's position
