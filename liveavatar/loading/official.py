@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import OFFICIAL_FILES, ConfigError, DiTConfig, T5Config, VAEConfig, dataclass_from_json
-from ..models.layer_stream import LayerResidency, pack_to_host
+from ..models.layer_stream import LayerResidency, pack_on_device, pack_to_host
 from ..models.pinned import HostArena
 from .comfy_layout import infer_dit_config, infer_t5_config, infer_vae_config, open_single_file
 from .lora import plan_lora
@@ -246,8 +246,10 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
 
 
 class _BlockPacker:
-    """Packs each streamed DiT block into host memory (`layer_stream.pack_to_host`) the moment its
-    last tensor is in place, then hands the model its `LayerResidency` (`finish`)."""
+    """Packs each DiT block the moment its last tensor is in place: a streamed one into host
+    memory (`layer_stream.pack_to_host`), a resident one into one device buffer
+    (`layer_stream.pack_on_device`: the allocator rounds it once); then hands the model its
+    `LayerResidency` (`finish`)."""
 
     def __init__(self, model: torch.nn.Module, residency: LayerResidency | None):
         self.model, self.residency = model, residency
@@ -259,16 +261,18 @@ class _BlockPacker:
     def tensor_done(self, name: str) -> None:
         head, _, rest = name.partition(".")
         index = rest.partition(".")[0]
-        if head != "blocks" or not index.isdigit() or int(index) not in self.streamed:
+        if head != "blocks" or not index.isdigit():
             return
         i = int(index)
         block = self.model.blocks[i]
         if i in self.packed or any(t.is_meta for t in (*block.parameters(), *block.buffers())):
             return
-        if not self.packed:
-            self.arena.pin = next(block.parameters()).device.type == "cuda"
-        pack_to_host(block, self.arena, len(self.streamed) - len(self.packed))
         self.packed.add(i)
+        if i not in self.streamed:
+            pack_on_device(block)
+            return
+        self.arena.pin = next(block.parameters()).device.type == "cuda"
+        pack_to_host(block, self.arena, len(self.streamed - self.packed) + 1)
 
     def finish(self) -> None:
         if self.residency is not None:

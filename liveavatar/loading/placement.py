@@ -48,7 +48,7 @@ def place_dit(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, fp8: boo
     the loading preflight. Raises MemoryError (numbers and remedies) when nothing fits, ValueError
     for an unknown mode. Logs the decision once. `layers`: a layer slice of a sharded worker rank:
     always resident (streaming is whole-model only), only the slice's weights checked."""
-    from ..pipeline.memory import GIB, block_bytes, check_fits, load_estimate, place_layers
+    from ..pipeline.memory import GIB, block_bytes, check_fits, device_free, load_estimate, place_layers
 
     mode = resolve_weights_mode(mode)
     if layers is not None:
@@ -60,7 +60,7 @@ def place_dit(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, fp8: boo
     if device.type != "cuda":
         res = LayerResidency(cfg.num_layers // 2, 0, buffers) if mode == "stream" else None
     else:
-        free, total = torch.cuda.mem_get_info(device)
+        free, total = device_free(device)
         res = place_layers(cfg, target.width, target.height, target.steps, free, total, mode=mode, dtype=dtype,
                            fp8=fp8, decode_here=target.decode_here, buffers=buffers, device=device,
                            what=f"generating at {target.width}x{target.height} with {target.steps} steps")
