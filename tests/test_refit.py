@@ -111,3 +111,20 @@ def test_refusal_when_every_block_streamed_does_not_fit(ckpt):
     assert f"but only {room / GIB:.1f} of {total / GIB:.1f} GiB are free" in msg
     assert "weights 0.0" in msg and "Remedies:" in msg
     assert model.dit.layer_stream.residency == LayerResidency(4, 0, 3)  # refused before moving anything
+
+
+def test_placement_counts_the_audio_encoder_as_loaded(ckpt):
+    """The wav2vec2 encoder stays on the device beside the DiT for the whole job: the bytes the
+    placement subtracts from the free memory (`AudioFeatureExtractor.device_bytes`, from its
+    config alone) are those of the loaded encoder."""
+    import json
+
+    from liveavatar.loading.official import find_official_checkpoint
+    from liveavatar.models.wav2vec import AudioFeatureExtractor
+
+    folder = find_official_checkpoint(ckpt).wav2vec_dir
+    config = json.loads((folder / "config.json").read_text())
+    for dtype in (torch.float32, torch.bfloat16):
+        loaded = AudioFeatureExtractor.from_pretrained(folder, dtype=dtype).model
+        held = sum(t.numel() * t.element_size() for t in (*loaded.parameters(), *loaded.buffers()))
+        assert AudioFeatureExtractor.device_bytes(config, dtype) == held > 0
