@@ -16,6 +16,7 @@ import torch
 from liveavatar.config import DEFAULT_STREAM, DiTConfig, StreamConfig
 from liveavatar.models.layer_stream import LayerResidency
 from liveavatar.options import WEIGHTS_MODES, CachePolicy
+from liveavatar.pipeline.allocator import allocation_bytes, device_free, expandable_segments  # noqa: F401 (re-exported)
 
 GIB = 1024 ** 3
 OOM_REMEDY = ("out of memory on the device: stop other processes using it, or lower the need: a smaller "
@@ -124,34 +125,6 @@ def block_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool) -> int:
     return dit_weight_bytes(cfg, dtype, fp8, block_param_counts(cfg))
 
 
-# The CUDA caching allocator's rules (c10/cuda/CUDACachingAllocator.cpp): blocks are multiples of
-# 512 bytes; with its default segments a tensor of 10 MiB or more gets a segment of its own,
-# rounded up to 2 MiB, and a rest of at most 1 MiB is not split off (it stays with the tensor).
-_ALLOC_BLOCK = 512
-_LARGE_ALONE = 10 * 2**20
-_SEGMENT_ROUND = 2 * 2**20
-_UNSPLIT_REST = 2**20
-
-
-def expandable_segments() -> bool:
-    """Whether the CUDA allocator maps memory in expandable segments (PYTORCH_CUDA_ALLOC_CONF /
-    PYTORCH_ALLOC_CONF `expandable_segments:True`): then tensors are packed back to back."""
-    import os
-
-    conf = ",".join(os.environ.get(k, "") for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
-    return "expandable_segments:true" in conf.replace(" ", "").lower()
-
-
-def allocation_bytes(nbytes: int, expandable: bool | None = None) -> int:
-    """Device bytes the CUDA caching allocator holds for one tensor of `nbytes` (see the rules
-    above; an fp8 5120 x 5120 weight of 25 MiB holds 26 MiB with default segments)."""
-    size = max(_ALLOC_BLOCK, -(-nbytes // _ALLOC_BLOCK) * _ALLOC_BLOCK)
-    if (expandable_segments() if expandable is None else expandable) or size < _LARGE_ALONE:
-        return size
-    segment = -(-size // _SEGMENT_ROUND) * _SEGMENT_ROUND
-    return segment if segment - size <= _UNSPLIT_REST else size
-
-
 @functools.lru_cache(maxsize=16)
 def _packed_block_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool) -> int:
     """Bytes of one DiT block packed into one buffer as loading leaves it (`layer_stream.pack_on_device`
@@ -180,17 +153,6 @@ def block_rounding_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool, expandab
     under 2 MiB. Tensor by tensor it would be 9 MiB per fp8 14B block with default segments,
     hence the packing)."""
     return allocation_bytes(_packed_block_bytes(cfg, dtype, fp8), expandable) - block_bytes(cfg, dtype, fp8)
-
-
-def device_free(device: torch.device) -> tuple[int, int]:
-    """(free, total) bytes of a CUDA device, as every preflight measures them: the caching
-    allocator's cached blocks are released first (`torch.cuda.empty_cache`). They are this
-    process's to reuse (loading leaves the bf16 staging of the last block, fp32 temporaries of the
-    fp8 conversion and the device copies of blocks packed to host memory there), but
-    `torch.cuda.mem_get_info` alone counts them as used."""
-    torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info(device)
-    return int(free), int(total)
 
 
 def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int = 4,
@@ -253,8 +215,8 @@ def device_weight_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool, residency
                         layers: range | None = None, param_counts: tuple[int, int] | None = None) -> int:
     """Device bytes of the DiT weights as placed: every weight (of the slice `layers`) in `dtype`
     (fp8 linears: 1 byte), less the blocks `residency` streams from host memory, plus the
-    stream's `buffers` block slots, plus the allocator's rounding of every resident block's tensors
-    (`block_rounding_bytes`) and of the slots (one allocation each). param_counts (0, 0): weights
+    stream's `buffers` block slots, plus the allocator's rounding of every resident block (one
+    packed buffer each, `block_rounding_bytes`) and of every slot. param_counts (0, 0): weights
     already resident (measured, not counted): 0."""
     weights = dit_weight_bytes(cfg, dtype, fp8, param_counts, layers)
     if not weights:
