@@ -233,6 +233,11 @@ class FusedLayers:
         return self.ffn(r, c, e0, blk.modulation, linear_args(ca.o), linear_args(blk.ffn[0]),
                         linear_args(blk.ffn[2]), x.dtype)
 
+    def forget(self, blocks: list[nn.Module]) -> None:
+        """Drop the fused q|k|v arguments of `blocks` (their weights moved, e.g. to host memory)."""
+        for blk in blocks:
+            self._qkv.pop(id(blk.self_attn), None)
+
     def _qkv_args(self, sa: nn.Module) -> tuple:
         """q/k/v projections of a self-attention as one fused LinearArgs when they can share a
         GEMM (bf16, row-wise fp8), else the three LinearArgs. Fused once per layer; fused again
