@@ -7,8 +7,9 @@ caches make the next process start warm:
   PyTorch; they live in `TORCHINDUCTOR_CACHE_DIR` (PyTorch's default: `/tmp/torchinductor_<user>`,
   which a reboot empties). `use_cache_dir` points them at a lasting folder.
 - dynamo's precompile cache (`torch._dynamo.config.caching_precompile`, opt-in with
-  `LIVEAVATAR_PRECOMPILE=1`): the traced graphs and guards of the DiT's full-graph regions, so a
-  warm start skips their tracing too. PyTorch writes it only when asked
+  `LIVEAVATAR_PRECOMPILE=1`): the traced graphs and guards of the full-graph regions made by
+  `compiled_region` (the DiT's fused layer regions, the VAE decoder's frame steps), so a warm
+  start skips their tracing too. PyTorch writes it only when asked
   (`torch.compiler.save_cache_artifacts()`): `save_compiled` does that once per process, after
   the second decoded block.
 
@@ -25,6 +26,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger("liveavatar")
 
@@ -74,14 +76,34 @@ def recording() -> bool:
 
 def precompile_scope():
     """Context in which `torch.compile` wrappers are created and first called to take part in
-    dynamo's precompile cache. Only the DiT's full-graph regions use it: the VAE decoder compiles
-    with graph breaks, which PyTorch 2.11's precompile cache cannot reload (its resume functions
-    collide on a warm start), and dynamo drops identity guards of whatever it traces in this mode."""
+    dynamo's precompile cache. Only full-graph regions may use it (`compiled_region`): PyTorch
+    2.11's precompile cache cannot reload graph breaks (its resume functions collide on a warm
+    start), and dynamo drops identity guards of whatever it traces in this mode."""
     if not recording():
         return contextlib.nullcontext()
     import torch._dynamo.config as dynamo_config
 
     return dynamo_config.patch(caching_precompile=True)
+
+
+def compiled_region(fn: Callable) -> Callable:
+    """`torch.compile(fn, fullgraph=True, dynamic=False)`, taking part in dynamo's precompile cache:
+    created, and called while `recording()`, inside `precompile_scope()` (a warm start loads the
+    traced graph at the first call instead of tracing). `fn` must be a pure function of its
+    arguments (tensors, tuples of them, modules whose weights it reads), one graph, no breaks."""
+    import torch
+
+    with precompile_scope():
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+
+    def run(*args):
+        if recording():
+            with precompile_scope():
+                return compiled(*args)
+        return compiled(*args)
+
+    run.__name__ = run.__qualname__ = f"compiled_{getattr(fn, '__name__', 'region')}"
+    return run
 
 
 def save_compiled() -> float | None:
@@ -109,4 +131,4 @@ def state() -> dict:
             "saved": _state["saved"]}
 
 
-__all__ = ["default_cache_dir", "precompile_scope", "recording", "save_compiled", "state", "use_cache_dir"]
+__all__ = ["compiled_region", "default_cache_dir", "precompile_scope", "recording", "save_compiled", "state", "use_cache_dir"]
