@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,6 +34,8 @@ log = logging.getLogger("liveavatar")
 ENV_DIR = "LIVEAVATAR_COMPILE_CACHE"
 ENV_PRECOMPILE = "LIVEAVATAR_PRECOMPILE"  # "1" turns dynamo's precompile cache on
 _state = {"dir": None, "saved": False, "precompile": False}
+_scope = {"depth": 0, "prior": False}  # precompile_scope's nesting over all threads
+_scope_lock = threading.Lock()
 
 
 def default_cache_dir() -> Path:
@@ -64,9 +67,44 @@ def use_cache_dir(path: Path | None = None, precompile: bool | None = None) -> P
 
         # the dynamo cache object takes its folder when torch._dynamo.package is imported: re-point it
         dynamo_package.DynamoCache = dynamo_package.DiskDynamoCache(str(path / "dynamo"))
+        _fresh_global_names()
     _state.update(dir=path, precompile=bool(precompile), saved=False)
     log.info("torch.compile caches in %s (precompile %s)", path, "on" if precompile else "off")
     return path
+
+
+def _fresh_global_names() -> None:
+    """Start dynamo's counter of installed-global names (`__builtins_dict___<n>`, ...) at a random
+    offset. A region loaded from the precompile cache puts the names of the process that traced it
+    into its module's globals; dynamo numbers new ones from 0 in each process, so in PyTorch 2.11
+    the first trace after a load (a frame size not in the cache) would reuse a loaded name and fail
+    (`assert name not in scope`)."""
+    import itertools
+    import secrets
+
+    import torch._dynamo.bytecode_transformation as bt
+
+    if hasattr(bt, "_unique_id_counter"):
+        bt._unique_id_counter = itertools.count(secrets.randbelow(1 << 40) * 1000)
+
+
+def _precompile_mode():
+    """`caching_precompile=True` for dynamo while any thread is inside (a count under a lock: the
+    overlapped decode calls VAE regions while the DiT thread calls its own)."""
+    import torch._dynamo.config as dynamo_config
+
+    with _scope_lock:
+        if _scope["depth"] == 0:
+            _scope["prior"] = dynamo_config.caching_precompile
+            dynamo_config.caching_precompile = True
+        _scope["depth"] += 1
+    try:
+        yield
+    finally:
+        with _scope_lock:
+            _scope["depth"] -= 1
+            if _scope["depth"] == 0:
+                dynamo_config.caching_precompile = _scope["prior"]
 
 
 def recording() -> bool:
@@ -78,18 +116,19 @@ def precompile_scope():
     """Context in which `torch.compile` wrappers are created and first called to take part in
     dynamo's precompile cache. Only full-graph regions may use it (`compiled_region`): PyTorch
     2.11's precompile cache cannot reload graph breaks (its resume functions collide on a warm
-    start), and dynamo drops identity guards of whatever it traces in this mode."""
-    if not recording():
+    start), and dynamo drops identity guards of whatever it traces in this mode. Active for the
+    whole process once precompile is on, not only until `save_compiled`: a region traced in this
+    mode leaves globals behind that a later trace outside it trips over (a new frame size in the
+    same process would fail instead of compiling)."""
+    if not _state["precompile"]:
         return contextlib.nullcontext()
-    import torch._dynamo.config as dynamo_config
-
-    return dynamo_config.patch(caching_precompile=True)
+    return contextlib.contextmanager(_precompile_mode)()
 
 
 def compiled_region(fn: Callable) -> Callable:
     """`torch.compile(fn, fullgraph=True, dynamic=False)`, taking part in dynamo's precompile cache:
-    created, and called while `recording()`, inside `precompile_scope()` (a warm start loads the
-    traced graph at the first call instead of tracing). `fn` must be a pure function of its
+    created and called inside `precompile_scope()` (a warm start loads the traced graph at the
+    first call instead of tracing; the scope costs a few us per call, with precompile on only). `fn` must be a pure function of its
     arguments (tensors, tuples of them, modules whose weights it reads), one graph, no breaks."""
     import torch
 
@@ -97,7 +136,7 @@ def compiled_region(fn: Callable) -> Callable:
         compiled = torch.compile(fn, fullgraph=True, dynamic=False)
 
     def run(*args):
-        if recording():
+        if _state["precompile"]:
             with precompile_scope():
                 return compiled(*args)
         return compiled(*args)

@@ -342,11 +342,12 @@ class StreamingDecoder:
             x = vae.model.post_quant_conv(z[b : b + 1])
             frames = []
             for i in range(x.shape[2]):
+                frame = x[:, :, i : i + 1].contiguous()  # one layout whatever n: no recompiles
                 if first and i == 0:
-                    out, caches = vae.first_frame(vae.model.decoder, x[:, :, :1])
+                    out, caches = vae.first_frame(vae.model.decoder, frame)
                     self._caches.append(caches)
                 else:
-                    out, self._caches[b] = vae.next_frame(vae.model.decoder, x[:, :, i : i + 1], self._caches[b])
+                    out, self._caches[b] = vae.next_frame(vae.model.decoder, frame, self._caches[b])
                 frames.append(out)
             videos.append(torch.cat(frames, dim=2))
         self.frames_in += latents.shape[2]

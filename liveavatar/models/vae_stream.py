@@ -7,7 +7,7 @@ cache cannot reload graph breaks. Here the same decoder (its own diffusers modul
 runs as two pure functions of tensors, each one full graph:
 
     first_frame(decoder, x)          -> (frames [B, 3, 1, H, W], caches)
-    next_frame(decoder, x, caches)   -> (frames [B, 3, 4, H, W], caches)
+    next_frame(decoder, x, caches)   -> (frames [B, 3, 4, H, W], caches)   (4 = 2 ** temporal upsamplers)
 
 x is one latent frame after `post_quant_conv`, `[B, z_dim, 1, h, w]`. `caches` is a tuple with
 one tensor per causal 3x3x3 conv (and per temporal upsampler), each holding the last two frames
@@ -26,10 +26,11 @@ CACHE_T = 2  # past frames a causal conv of temporal kernel 3 reads
 
 
 def _keep(past: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """The last CACHE_T frames of `past` then `x` (zeros before a first frame) `[B, C, 2, h, w]`."""
+    """The last CACHE_T frames of `past` then `x` (zeros before a first frame) `[B, C, 2, h, w]`,
+    contiguous: every call sees caches of one layout, so the compiled step never recompiles."""
     if past is None:
         past = x.new_zeros(*x.shape[:2], CACHE_T, *x.shape[3:])
-    return torch.cat([past, x], dim=2)[:, :, -CACHE_T:]
+    return torch.cat([past, x], dim=2)[:, :, -CACHE_T:].contiguous()
 
 
 class _Walk:
