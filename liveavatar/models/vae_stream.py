@@ -28,9 +28,12 @@ CACHE_T = 2  # past frames a causal conv of temporal kernel 3 reads
 def _keep(past: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """The last CACHE_T frames of `past` then `x` (zeros before a first frame) `[B, C, 2, h, w]`,
     contiguous: every call sees caches of one layout, so the compiled step never recompiles."""
+    t = x.shape[2]
+    if t >= CACHE_T:  # static shapes: a Python branch, no graph break
+        return x[:, :, -CACHE_T:].contiguous()
     if past is None:
-        past = x.new_zeros(*x.shape[:2], CACHE_T, *x.shape[3:])
-    return torch.cat([past, x], dim=2)[:, :, -CACHE_T:].contiguous()
+        past = x.new_zeros(*x.shape[:2], CACHE_T - t, *x.shape[3:])
+    return torch.cat([past[:, :, t - CACHE_T:], x], dim=2)
 
 
 class _Walk:
