@@ -342,12 +342,13 @@ class StreamingDecoder:
             x = vae.model.post_quant_conv(z[b : b + 1])
             frames = []
             for i in range(x.shape[2]):
-                frame = x[:, :, i : i + 1].contiguous()  # one layout whatever n: no recompiles
+                (frame,) = vae_stream.same_layout((x[:, :, i : i + 1],))  # one layout whatever n: no recompiles
                 if first and i == 0:
                     out, caches = vae.first_frame(vae.model.decoder, frame)
-                    self._caches.append(caches)
+                    self._caches.append(vae_stream.same_layout(caches))
                 else:
-                    out, self._caches[b] = vae.next_frame(vae.model.decoder, frame, self._caches[b])
+                    out, caches = vae.next_frame(vae.model.decoder, frame, self._caches[b])
+                    self._caches[b] = vae_stream.same_layout(caches)
                 frames.append(out)
             videos.append(torch.cat(frames, dim=2))
         self.frames_in += latents.shape[2]

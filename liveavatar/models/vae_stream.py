@@ -27,13 +27,29 @@ CACHE_T = 2  # past frames a causal conv of temporal kernel 3 reads
 
 def _keep(past: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """The last CACHE_T frames of `past` then `x` (zeros before a first frame) `[B, C, 2, h, w]`,
-    contiguous: every call sees caches of one layout, so the compiled step never recompiles."""
+    a fresh contiguous tensor (strides included: dynamo guards on them even for B = 1), so every
+    call after the first sees caches of one layout and the compiled step never recompiles."""
     t = x.shape[2]
     if t >= CACHE_T:  # static shapes: a Python branch, no graph break
-        return x[:, :, -CACHE_T:].contiguous()
+        return x[:, :, -CACHE_T:].clone(memory_format=torch.contiguous_format)
     if past is None:
         past = x.new_zeros(*x.shape[:2], CACHE_T - t, *x.shape[3:])
-    return torch.cat([past[:, :, t - CACHE_T:], x], dim=2)
+    return torch.cat([past[:, :, t - CACHE_T:], x], dim=2).contiguous()
+
+
+def same_layout(ts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """`ts` made contiguous, as views with the textbook strides also on their size-1 dims (free for
+    an already contiguous tensor). Dynamo guards on every stride, and inductor picks the stride of a
+    size-1 dim of an output as it likes: without this, caches made by `first_frame` and by
+    `next_frame` differ there and the compiled `next_frame` would be traced twice."""
+    out = []
+    for t in ts:
+        t = t.contiguous()
+        stride = [1] * t.dim()
+        for d in range(t.dim() - 2, -1, -1):
+            stride[d] = stride[d + 1] * t.shape[d + 1]
+        out.append(t.as_strided(t.shape, stride, t.storage_offset()))
+    return tuple(out)
 
 
 class _Walk:
@@ -67,7 +83,7 @@ class _Walk:
         if up.mode == "upsample3d":
             past = self._past()
             if self.caches is None:
-                self.new.append(_keep(None, x[:, :, :0]))
+                self.new.append(x.new_zeros(*x.shape[:2], CACHE_T, *x.shape[3:]))
             else:
                 b, c, t, h, w = x.shape
                 self.new.append(_keep(past, x))
@@ -106,4 +122,4 @@ def next_frame(decoder: nn.Module, x: torch.Tensor,
     return out, tuple(walk.new)
 
 
-__all__ = ["CACHE_T", "first_frame", "next_frame"]
+__all__ = ["CACHE_T", "first_frame", "next_frame", "same_layout"]
