@@ -263,7 +263,7 @@ class RankJob:
         """The `DecodedBlock` of decoded frames, with the user's audio of exactly those frames."""
         from liveavatar.media.audio import slice_for_frames
 
-        if block.index == 1:  # every compiled region (the VAE's three cache states) has run by now
+        if block.index == 1:  # every compiled region (the VAE's first and next frame steps) has run by now
             from liveavatar.compile_cache import save_compiled
 
             save_compiled()
