@@ -18,13 +18,20 @@
 # CAPPED_BUDGET_S (default 560 s) lasts, and prints a table; call it again until it says
 # "all rows done". The results file comes back under $OUT: copy it to bench/results/ (and commit)
 # so that a fresh machine resumes too. CAPPED_ROWS="cap46_704x384 ..." picks rows; CAPPED_FORCE=1
-# reruns done ones; CAPPED_EXTRA adds bench flags (e.g. "--tiny --device cpu" for a dry run).
+# reruns done ones; CAPPED_EXTRA adds bench flags (e.g. "--tiny --device cpu" for a dry run);
+# CAPPED_BLOCKS / CAPPED_WARMUP: timed / warm-up blocks (default 6 / 4). The 22 GiB 704*384 row of
+# issue 15 (placement, re-fit after load, estimate vs peak), alone:
+#   CAPPED_ROWS=cap22_704x384 CAPPED_FORCE=1 CAPPED_BLOCKS=4 CAPPED_WARMUP=2 bash bench/capped_rows.sh
+# Columns: W = resident DiT blocks (placed>after the re-fit), plan = the placement's job estimate
+# (GiB), free / cache = driver-free GiB and the allocator's cache at the caches' preflight.
 set -u
 # shellcheck source=bench/capped_run.sh
 source "$(dirname "$0")/capped_run.sh"
 start_runs capped_rows "${CAPPED_BUDGET_S:-560}"
-# fewer fragmentation losses under the allocator cap (the caps leave little slack by design)
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# fewer fragmentation losses under the allocator cap (the caps leave little slack by design);
+# CAPPED_ALLOC=default runs with PyTorch's default segments (what the CLI and ComfyUI get unless set)
+if [ "${CAPPED_ALLOC:-}" = default ]; then unset PYTORCH_CUDA_ALLOC_CONF; else
+  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}; fi
 DATE=$(date -u +%F)
 RESULTS=bench/results/${DATE}_h200_capped_rows.jsonl
 STATE=${CAPPED_STATE:-/tmp/capped_rows_state.jsonl}
@@ -77,14 +84,21 @@ cp "$RESULTS" "$OUT/" 2>/dev/null
 "$PY" - "$RESULTS" <<'PYEOF'
 import json, sys
 r = lambda x, n=2: round(x, n) if isinstance(x, (int, float)) and x is not None else x
-print(f"{'run':15s} {'fps':>6s} {'ttff':>6s} {'est':>6s} {'peak':>6s} {'e/p':>5s} {'W':>3s} {'KV':>3s} "
-      f"{'GB/blk':>7s} {'GB/s':>6s} {'pcie4':>6s}  error")
+print(f"{'run':15s} {'fps':>6s} {'ttff':>6s} {'est':>6s} {'peak':>6s} {'e/p':>5s} {'W':>5s} {'KV':>3s} "
+      f"{'GB/blk':>7s} {'GB/s':>6s} {'pcie4':>6s} {'plan':>5s} {'free':>5s} {'cache':>5s}  error")
 for line in open(sys.argv[1]):
     d = json.loads(line)
     gb = (d.get("h2d_bytes_per_block") or 0) / 1e9
+    placed, final = d.get("resident_layers_placed"), d.get("resident_layers")
+    w = f"{placed}>{final}" if placed is not None and final is not None and placed != final else str(final or placed)
+    # the placement's job estimate; at the caches' preflight (after loading): driver-free GiB and
+    # the allocator's cache (reserved - allocated) that the preflight releases first
+    at = {m.get("at"): m for m in d.get("memory_trace") or []}.get("vae_loaded", {})
+    cache = at["reserved_gib"] - at["allocated_gib"] if at else None
     print(f"{d.get('run', '?'):15s} {r(d.get('fps'))!s:>6s} {r(d.get('ttff_s'), 0)!s:>6s} {r(d.get('estimate_gib'), 1)!s:>6s} "
-          f"{r(d.get('peak_gib'), 1)!s:>6s} {r(d.get('estimate_vs_peak'))!s:>5s} {d.get('resident_layers')!s:>3s} "
+          f"{r(d.get('peak_gib'), 1)!s:>6s} {r(d.get('estimate_vs_peak'))!s:>5s} {w:>5s} "
           f"{d.get('resident_kv_layers')!s:>3s} {gb:7.1f} {r(d.get('copy_gbps'), 1)!s:>6s} "
-          f"{r(d.get('projected_fps_pcie4'))!s:>6s}  {str(d.get('error') or '')[:160]}")
+          f"{r(d.get('projected_fps_pcie4'))!s:>6s} {r(d.get('placement_estimate_gib'), 1)!s:>5s} "
+          f"{r(at.get('free_gib'), 1)!s:>5s} {r(cache, 2)!s:>5s}  {str(d.get('error') or '')[:160]}")
 PYEOF
 if [ "$left" -eq 0 ]; then echo "all rows done: $RESULTS (also in \$OUT)"; else echo "$left row(s) left: call again"; fi

@@ -52,7 +52,8 @@ import torch
 
 from bench import benchlib
 from bench.random_model import BenchRun, BenchUsageError, apply_options, bench_config, build_random_dit
-from bench.placement import cap_device_memory, job_estimate, preflight, stream_fields
+from bench.placement import (TRACE, cap_device_memory, job_estimate, memory_mark, placement_fields, preflight,
+                             stream_fields)
 from liveavatar.options import WEIGHTS_MODES
 from bench.scopes import run_dit_scope, run_end_to_end
 from liveavatar.cli import AUTO_ON_OFF, auto_on_off
@@ -213,11 +214,15 @@ def bench(args) -> dict:
     if peak is None and device.type == "cuda":
         peak = benchlib.matmul_peak_tflops(device)
     filler = cap_device_memory(device, args.memory_cap_gb) if args.memory_cap_gb else 0
+    memory_mark("capped", device)
     run = BenchRun(args, cfg, device, dtype)
     residency = preflight(args, cfg, run.width, run.height, device, dtype, bool(scaling))
+    placed = placement_fields(cfg, residency, run.width, run.height, args, dtype, bool(scaling))
+    memory_mark("placed", device, **placed)
     benchlib.reset_peak_mem(device)
     dit, winfo = build_random_dit(cfg, device, dtype, args.seed, fp8=scaling, allow_cpu_fp8=args.allow_cpu_fp8,
                                   residency=residency)
+    memory_mark("dit_loaded", device)
     opt = apply_options(dit, args, device)
     with torch.no_grad():
         res = (run_dit_scope if args.scope == "dit" else run_end_to_end)(args, cfg, dit, device, dtype, run)
@@ -279,6 +284,7 @@ def bench(args) -> dict:
         out["overlap_decode"] = res["overlap_decode"]
     out["est_mem_gb"] = _estimate(cfg, run, args, dtype)
     out["memory_cap_gb"] = args.memory_cap_gb
+    out["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or None  # None: PyTorch's default segments
     out["weights"] = args.weights
     out["peak_gib"] = peak_mem
     out["estimate_gib"] = job_estimate(cfg, dit, run.width, run.height, args, dtype, bool(scaling),
@@ -287,6 +293,7 @@ def bench(args) -> dict:
     stream = dit.layer_stream
     res["resident_kv_layers"] = stream.attached_kv if stream is not None else None
     out.update(stream_fields(dit, res, args.blocks, blk, s.frames_per_block))
+    out.update(placed, demoted_layers=placed["resident_layers_placed"] - out["resident_layers"], memory_trace=TRACE)
     if args.save_latents and res["latents"]:
         torch.save(res["latents"], args.save_latents)
     if args.compare_latents and res["latents"]:
@@ -364,5 +371,6 @@ def failure_record(args, error: str) -> dict:
                size=args.size, steps=args.steps, fp8=args.fp8,
                compile=args.compile, attn=args.attn, scope=args.scope,
                peak_mem_gb=[benchlib.peak_mem_gib(device)], tiny=args.tiny,
-               memory_cap_gb=getattr(args, "memory_cap_gb", None), weights=getattr(args, "weights", None))
+               memory_cap_gb=getattr(args, "memory_cap_gb", None), weights=getattr(args, "weights", None),
+               memory_trace=TRACE)
     return benchlib.rounded(out)

@@ -9,6 +9,8 @@ estimate next to the measured peak, and the layer stream's bytes and bandwidth.
   against the free memory, as loading does: a run that cannot fit ends with the MemoryError
   naming the numbers, before any weight exists.
 - `stream_fields`: bytes per block and copy bandwidth, with the FPS projected for PCIe 4.0 x16.
+- `memory_mark` / `placement_fields`: the device memory at each phase (driver free, allocated,
+  reserved) and the placement's expectation, so a row shows what loading took beyond it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,33 @@ import torch
 GIB = 2**30
 PCIE4_BYTES_PER_S = 25e9  # PCIe 4.0 x16, effective host-to-device
 _filler: list[torch.Tensor] = []  # kept alive for the whole run
+TRACE: list[dict] = []  # memory_mark's records (also in a failed run's JSON line)
+
+
+def memory_mark(at: str, device: torch.device, **extra) -> None:
+    """Record the device memory at point `at` (GiB, the filler left out): the driver's free
+    bytes (`mem_get_info`, what a preflight sees before releasing the cache), the allocator's
+    allocated and reserved bytes (reserved - allocated: its cache, freed blocks it keeps), and `extra`."""
+    if device.type != "cuda":
+        return
+    filler = sum(t.numel() for t in _filler)
+    free, _ = torch.cuda.mem_get_info(device)
+    TRACE.append({"at": at, "free_gib": round(free / GIB, 3),
+                  "allocated_gib": round((torch.cuda.memory_allocated(device) - filler) / GIB, 3),
+                  "reserved_gib": round((torch.cuda.memory_reserved(device) - filler) / GIB, 3), **extra})
+
+
+def placement_fields(cfg, residency, width: int, height: int, args, dtype: torch.dtype, fp8: bool) -> dict:
+    """The placement's own expectation: resident blocks and the job's estimate as placed (weights
+    counted, every KV layer paged when streaming), for the JSON line beside what happened."""
+    from liveavatar.models.layer_stream import LayerResidency
+    from liveavatar.pipeline.memory import estimate_memory
+
+    kw = dict(steps_owned=args.steps, dtype=dtype, fp8=fp8, decode_here=args.scope == "end_to_end")
+    res = None if residency is None else LayerResidency(residency.weights, 0, residency.buffers)
+    est = estimate_memory(cfg, width, height, residency=res, **kw)
+    return {"resident_layers_placed": cfg.num_layers if residency is None else residency.weights,
+            "placement_estimate_gib": est.total / GIB}
 
 
 def cap_device_memory(device: torch.device, cap_gib: float) -> int:
@@ -103,4 +132,5 @@ def stream_fields(dit, res: dict, timed_blocks: int, block_ms: float, frames_per
     return out
 
 
-__all__ = ["cap_device_memory", "preflight", "job_estimate", "stream_fields", "PCIE4_BYTES_PER_S"]
+__all__ = ["cap_device_memory", "preflight", "job_estimate", "stream_fields", "memory_mark", "placement_fields",
+           "TRACE", "PCIE4_BYTES_PER_S"]

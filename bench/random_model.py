@@ -33,7 +33,8 @@ def build_random_dit(cfg, device: torch.device, dtype: torch.dtype, seed: int, *
     """Our DiT with random weights, built the way the product loads a checkpoint: on the meta
     device, then part by part on `device` (each DiT block alone: random values, fp8 linears when
     `fp8` is a scaling, then packed into pinned host memory when the placement `residency`
-    streams it), so the device never holds more than the placed weights plus one bf16 block.
+    streams it, else into one device buffer as loading does), so the device never holds more
+    than the placed weights plus one bf16 block.
     Values as `benchlib.materialize_random_` gives the whole model (full parameter names); `layers`:
     only that layer slice (the values of a name do not depend on the slice).
     Returns (dit, {"params", "bytes" (placed on the device + host), "seconds"})."""
@@ -41,7 +42,7 @@ def build_random_dit(cfg, device: torch.device, dtype: torch.dtype, seed: int, *
 
     from liveavatar.models.dit import CausalS2VDiT
     from liveavatar.models.fp8 import convert_to_fp8
-    from liveavatar.models.layer_stream import pack_to_host
+    from liveavatar.models.layer_stream import pack_on_device, pack_to_host
     from liveavatar.models.pinned import HostArena
 
     t0 = time.perf_counter()
@@ -61,6 +62,8 @@ def build_random_dit(cfg, device: torch.device, dtype: torch.dtype, seed: int, *
         info["bytes"] += sum(t.numel() * t.element_size() for t in (*part.parameters(), *part.buffers()))
         if name.startswith("blocks.") and int(name[7:]) in streamed:
             pack_to_host(part, arena, cfg.num_layers - int(name[7:]))
+        elif name.startswith("blocks.") and any(True for _ in part.parameters()):  # held: one device buffer
+            pack_on_device(part)
     left = [n for n, p in dit.named_parameters() if p.is_meta]
     if left:
         raise RuntimeError(f"random DiT: parameters left on the meta device: {left[:3]}")

@@ -68,10 +68,11 @@ def _run(sched: Any, bench_argv: list[str], cap: float | None, frames: list) -> 
     """One group, one job: frames hash, blocks, per-rank stats, seconds (load, job); the uint8
     frames of every block are appended to `frames`."""
     from parallel.group import GroupConfig, WorkerGroup
+    from parallel.stall import StallLimit
 
     config = GroupConfig(schedule=sched, engine="bench.sharded:CappedEngine",
                          engine_config={"bench_argv": bench_argv, "memory_cap_gib": cap},
-                         load_timeout_s=900.0, first_block_timeout_s=900.0)
+                         load_timeout_s=900.0, stall=StallLimit(first_block_s=900.0))
     digest, blocks, t0 = hashlib.sha256(), 0, time.perf_counter()
     with WorkerGroup(config) as group:
         load_s = time.perf_counter() - t0

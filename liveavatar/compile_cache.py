@@ -7,8 +7,9 @@ caches make the next process start warm:
   PyTorch; they live in `TORCHINDUCTOR_CACHE_DIR` (PyTorch's default: `/tmp/torchinductor_<user>`,
   which a reboot empties). `use_cache_dir` points them at a lasting folder.
 - dynamo's precompile cache (`torch._dynamo.config.caching_precompile`, opt-in with
-  `LIVEAVATAR_PRECOMPILE=1`): the traced graphs and guards of the DiT's full-graph regions, so a
-  warm start skips their tracing too. PyTorch writes it only when asked
+  `LIVEAVATAR_PRECOMPILE=1`): the traced graphs and guards of the full-graph regions made by
+  `compiled_region` (the DiT's fused layer regions, the VAE decoder's frame steps), so a warm
+  start skips their tracing too. PyTorch writes it only when asked
   (`torch.compiler.save_cache_artifacts()`): `save_compiled` does that once per process, after
   the second decoded block.
 
@@ -23,14 +24,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger("liveavatar")
 
 ENV_DIR = "LIVEAVATAR_COMPILE_CACHE"
 ENV_PRECOMPILE = "LIVEAVATAR_PRECOMPILE"  # "1" turns dynamo's precompile cache on
 _state = {"dir": None, "saved": False, "precompile": False}
+_scope = {"depth": 0, "prior": False}  # precompile_scope's nesting over all threads
+_scope_lock = threading.Lock()
 
 
 def default_cache_dir() -> Path:
@@ -62,9 +67,44 @@ def use_cache_dir(path: Path | None = None, precompile: bool | None = None) -> P
 
         # the dynamo cache object takes its folder when torch._dynamo.package is imported: re-point it
         dynamo_package.DynamoCache = dynamo_package.DiskDynamoCache(str(path / "dynamo"))
+        _fresh_global_names()
     _state.update(dir=path, precompile=bool(precompile), saved=False)
     log.info("torch.compile caches in %s (precompile %s)", path, "on" if precompile else "off")
     return path
+
+
+def _fresh_global_names() -> None:
+    """Start dynamo's counter of installed-global names (`__builtins_dict___<n>`, ...) at a random
+    offset. A region loaded from the precompile cache puts the names of the process that traced it
+    into its module's globals; dynamo numbers new ones from 0 in each process, so in PyTorch 2.11
+    the first trace after a load (a frame size not in the cache) would reuse a loaded name and fail
+    (`assert name not in scope`)."""
+    import itertools
+    import secrets
+
+    import torch._dynamo.bytecode_transformation as bt
+
+    if hasattr(bt, "_unique_id_counter"):
+        bt._unique_id_counter = itertools.count(secrets.randbelow(1 << 40) * 1000)
+
+
+def _precompile_mode():
+    """`caching_precompile=True` for dynamo while any thread is inside (a count under a lock: the
+    overlapped decode calls VAE regions while the DiT thread calls its own)."""
+    import torch._dynamo.config as dynamo_config
+
+    with _scope_lock:
+        if _scope["depth"] == 0:
+            _scope["prior"] = dynamo_config.caching_precompile
+            dynamo_config.caching_precompile = True
+        _scope["depth"] += 1
+    try:
+        yield
+    finally:
+        with _scope_lock:
+            _scope["depth"] -= 1
+            if _scope["depth"] == 0:
+                dynamo_config.caching_precompile = _scope["prior"]
 
 
 def recording() -> bool:
@@ -74,14 +114,35 @@ def recording() -> bool:
 
 def precompile_scope():
     """Context in which `torch.compile` wrappers are created and first called to take part in
-    dynamo's precompile cache. Only the DiT's full-graph regions use it: the VAE decoder compiles
-    with graph breaks, which PyTorch 2.11's precompile cache cannot reload (its resume functions
-    collide on a warm start), and dynamo drops identity guards of whatever it traces in this mode."""
-    if not recording():
+    dynamo's precompile cache. Only full-graph regions may use it (`compiled_region`): PyTorch
+    2.11's precompile cache cannot reload graph breaks (its resume functions collide on a warm
+    start), and dynamo drops identity guards of whatever it traces in this mode. Active for the
+    whole process once precompile is on, not only until `save_compiled`: a region traced in this
+    mode leaves globals behind that a later trace outside it trips over (a new frame size in the
+    same process would fail instead of compiling)."""
+    if not _state["precompile"]:
         return contextlib.nullcontext()
-    import torch._dynamo.config as dynamo_config
+    return contextlib.contextmanager(_precompile_mode)()
 
-    return dynamo_config.patch(caching_precompile=True)
+
+def compiled_region(fn: Callable) -> Callable:
+    """`torch.compile(fn, fullgraph=True, dynamic=False)`, taking part in dynamo's precompile cache:
+    created and called inside `precompile_scope()` (a warm start loads the traced graph at the
+    first call instead of tracing; the scope costs a few us per call, with precompile on only). `fn` must be a pure function of its
+    arguments (tensors, tuples of them, modules whose weights it reads), one graph, no breaks."""
+    import torch
+
+    with precompile_scope():
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+
+    def run(*args):
+        if _state["precompile"]:
+            with precompile_scope():
+                return compiled(*args)
+        return compiled(*args)
+
+    run.__name__ = run.__qualname__ = f"compiled_{getattr(fn, '__name__', 'region')}"
+    return run
 
 
 def save_compiled() -> float | None:
@@ -109,4 +170,4 @@ def state() -> dict:
             "saved": _state["saved"]}
 
 
-__all__ = ["default_cache_dir", "precompile_scope", "recording", "save_compiled", "state", "use_cache_dir"]
+__all__ = ["compiled_region", "default_cache_dir", "precompile_scope", "recording", "save_compiled", "state", "use_cache_dir"]

@@ -7,7 +7,8 @@ Importing this package is cheap: submodules (and torch) load on first attribute 
 - `parallel.channel`: authenticated loopback control channel.
 - `parallel.tpp`: the per-rank runner around an `Engine` (the same loop in-process and in workers).
 - `parallel.group`: launch, lifetime, faults and teardown of a group (`WorkerGroup`, `GroupManager`);
-  `parallel.jobs`: one job on it (`JobHandle`); `parallel.faults`: their errors.
+  `parallel.jobs`: one job on it (`JobHandle`); `parallel.faults`: their errors;
+  `parallel.stall`: when a job with every rank alive counts as stuck (`StallLimit`).
 - `parallel.worker`: the worker process (`python -m parallel.worker`).
 - `parallel.engine`: Live Avatar (`liveavatar.pipeline`) as a per-rank engine.
 """
@@ -21,6 +22,7 @@ _EXPORTS = {
     "GroupConfig": "parallel.group", "WorkerGroup": "parallel.group", "GroupManager": "parallel.group",
     "GroupError": "parallel.faults", "GroupStartError": "parallel.faults", "WorkerError": "parallel.faults",
     "JobInputError": "parallel.faults", "JobResult": "parallel.jobs", "JobHandle": "parallel.jobs",
+    "StallLimit": "parallel.stall",
     "Engine": "parallel.tpp", "JobPlan": "parallel.tpp", "BlockFrames": "parallel.tpp",
     "RankStats": "parallel.tpp", "run_rank": "parallel.tpp", "run_inprocess": "parallel.tpp",
     "Schedule": "parallel.schedule", "Role": "parallel.schedule", "make_schedule": "parallel.schedule",
@@ -35,7 +37,7 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     if name in ("schedule", "channel", "tpp", "group", "jobs", "faults", "worker", "engine", "procs", "handle",
-                "slices"):
+                "slices", "stall"):
         return importlib.import_module(f"parallel.{name}")
     raise AttributeError(f"module 'parallel' has no attribute {name!r}")
 

@@ -19,8 +19,11 @@ Launch modes:
 Faults: a worker that exits, closes its channel or misses heartbeats for `heartbeat_timeout_s`
 ends the current job with `WorkerError` (rank, detail, its last traceback from the log) and the
 group is torn down; `GroupManager` starts a fresh one for the next job. So does a job that
-yields no block for `block_timeout_s` (`first_block_timeout_s` for the first, compile included)
-while every rank is alive: the message says where each rank stands (from the stacks it dumps).
+yields no block for longer than `GroupConfig.stall` allows (`parallel.stall.StallLimit`: a
+multiple of the measured block time, with a floor and a cap, and a generous limit for the first
+block, compile included) while every rank is alive: the message names the rank(s) that stopped
+making progress first, the measured block time and the limit, and where each rank stands (from
+the stacks it dumps).
 A job whose inputs fail `engine.prepare` raises `JobInputError` and leaves the group usable.
 """
 
@@ -49,6 +52,7 @@ from parallel.faults import GroupError, GroupStartError, WorkerError, with_remed
 from parallel.jobs import JobHandle
 from parallel.procs import exit_text, last_traceback, popen, tail
 from parallel.schedule import Schedule
+from parallel.stall import RankProgress, StallLimit
 from parallel.tpp import BlockFrames
 
 log = logging.getLogger(__name__)
@@ -79,11 +83,11 @@ class GroupConfig:
     load_timeout_s: float = 3600.0
     heartbeat_s: float = 1.0
     heartbeat_timeout_s: float = 15.0
-    # a job that yields no block for this long is stuck (ranks alive, heartbeats fine, e.g. in a
-    # GPU kernel or a collective): stacks dumped, job ended with WorkerError, group torn down.
-    # The first block includes torch.compile (a few minutes cold for the 14B + VAE).
-    first_block_timeout_s: float = 1800.0
-    block_timeout_s: float = 300.0
+    # a job that yields no block for longer than this allows is stuck (ranks alive, heartbeats
+    # fine, e.g. in a GPU kernel or a collective): stacks dumped, job ended with WorkerError,
+    # group torn down. A multiple of the measured block time (floor, cap); the first block has
+    # its own limit (torch.compile: a few minutes cold for the 14B + VAE).
+    stall: StallLimit = StallLimit()
     env: Mapping[str, str] = field(default_factory=dict)  # extra worker env (NCCL_* ...)
     sys_path: tuple[str, ...] = ()  # extra import paths for the engine module
     log_dir: str | None = None  # per-rank logs (default: a fresh temp dir)
@@ -114,6 +118,7 @@ class WorkerGroup:
         self.secret_file: Path | None = None
         self._events: queue.Queue = queue.Queue()
         self._last_hb: dict[int, float] = {}
+        self.progress: dict[int, RankProgress] = {}  # what each rank's heartbeat says of its job
         self._reported: set[int] = set()
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
@@ -336,6 +341,9 @@ class WorkerGroup:
                 self._last_hb[rank] = time.monotonic()
                 if msg[0] != "hb":
                     self._events.put(msg)
+                elif len(msg) >= 6:
+                    self.progress.setdefault(rank, RankProgress()).update(msg[3], msg[4],
+                                                                          self._last_hb[rank] - msg[5])
             now = time.monotonic()
             for rank, proc in self.procs.items():
                 if proc.poll() is not None:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from parallel.faults import GroupError, JobInputError, WorkerError, with_remedy
 from parallel.procs import innermost_frames, last_traceback, tail
+from parallel.stall import RankProgress, stalled_ranks
 from parallel.tpp import BlockFrames
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,13 @@ class JobHost(Protocol):
     """What a `JobHandle` uses of the `parallel.group.WorkerGroup` that submitted it (that module
     imports this one, so the handle only knows the group by these members)."""
 
-    config: Any  # GroupConfig: schedule.decode_rank, block_timeout_s, first_block_timeout_s
+    config: Any  # GroupConfig: schedule.decode_rank, stall (StallLimit), heartbeat_s
     world_size: int
     state: str
     chans: dict  # rank -> parallel.channel.Channel
     log_dir: Path
+    progress: dict  # rank -> parallel.stall.RankProgress (from the heartbeats)
+    _last_hb: dict  # rank -> monotonic seconds of its last message
     _job_lock: threading.Lock
 
     def log_path(self, rank: int) -> Path: ...
@@ -56,7 +59,8 @@ class JobHandle:
         self._done: dict[int, tuple[bool, dict]] = {}
         self._input_errors: list[tuple[int, str]] = []
         self._blocks = 0
-        self._t0 = self._last_progress = time.monotonic()
+        self._block_s: list[float] = []  # seconds each block took to arrive (StallLimit.limit_s)
+        self._t0 = self._last_block = self._last_progress = time.monotonic()
 
     def cancel(self) -> None:
         """Ask every rank to stop this job at its next block or step boundary (any thread)."""
@@ -103,8 +107,10 @@ class JobHandle:
         """Account one event; returns frames of this job, raises on faults."""
         kind = msg[0]
         if kind == "frames" and msg[1] == self.job_id:
+            now = time.monotonic()
             self._blocks += 1
-            self._last_progress = time.monotonic()
+            self._block_s.append(now - self._last_block)
+            self._last_block = self._last_progress = now
             return BlockFrames(msg[2], msg[3], msg[4])
         if kind == "done" and msg[1] == self.job_id:
             self._done[msg[2]] = (msg[3], msg[4])
@@ -122,27 +128,56 @@ class JobHandle:
         return None
 
     def _check_stalled(self) -> None:
-        """Raise WorkerError (group torn down) when no block arrived for the config's limit."""
-        cfg = self.group.config
-        limit = cfg.block_timeout_s if self._blocks else cfg.first_block_timeout_s
+        """Raise WorkerError (group torn down) when no block arrived for the stall limit
+        (`GroupConfig.stall`, `parallel.stall.StallLimit`, from the block times so far)."""
+        g = self.group
+        policy = g.config.stall
+        limit = policy.limit_s(self._block_s)
         idle = time.monotonic() - self._last_progress
         if not limit or idle <= limit:
             return
-        g = self.group
-        g.dump_stacks()
-        time.sleep(1.0)  # faulthandler writes the stacks to the rank logs
-        where = []
-        for rank in range(g.world_size):
-            spot = innermost_frames(tail(g.log_path(rank), 20000))
-            where.append(f"rank {rank} in {spot or '(no stack in its log)'}")
+        stacks = self._dump_stacks()
+        now = time.monotonic()
+        hb_s = g.config.heartbeat_s
+        silent = [r for r in range(g.world_size) if now - g._last_hb.get(r, self._t0) > 2 * hb_s + 1.0]
+        blamed = stalled_ranks({r: g.progress.get(r, RankProgress()) for r in range(g.world_size)},
+                               silent, self.job_id, self._t0,
+                               0.25 * policy.block_time_s(self._block_s) if self._block_s else 0.1)
         g._break()
-        which = "the first block" if not self._blocks else f"a block after block {self._blocks}"
+
+        def rank_text(r: int) -> str:
+            p = g.progress.get(r, RankProgress())
+            done, since = (p.blocks, p.since) if p.job_id == self.job_id else (0, self._t0)
+            text = f"reported {done} block{'s' if done != 1 else ''} done, the last {now - since:.1f} s ago"
+            spot = stacks.get(r)
+            if r in silent:  # a stopped process writes no stack; one frozen holding the GIL may
+                quiet = now - g._last_hb.get(r, self._t0)
+                text += f", no heartbeat for {quiet:.1f} s: the process is stopped or frozen"
+                return text + (f", in {spot}" if spot else " (no stack)")
+            return text + f", in {spot or '(no stack in its log)'}"
+
+        first = blamed[0] if blamed else -1
+        who = f"rank{'s' if len(blamed) > 1 else ''} {', '.join(map(str, blamed))}"
         raise WorkerError(
-            f"job {self.job_id}: no progress for {idle:.0f} s while waiting for {which} (limit "
-            f"{limit:g} s; the ranks are alive but stuck, e.g. in a GPU kernel or a collective): "
-            + "; ".join(where) + f". Full stacks in {g.log_dir}. The group was stopped; the next "
-            "job starts a fresh one. If this GPU is just slow, raise GroupConfig.block_timeout_s "
-            "/ first_block_timeout_s.", -1, "")
+            f"{who} made no progress (job {self.job_id} stalled: no new block for {idle:.1f} s after "
+            f"{self._blocks} block{'s' if self._blocks != 1 else ''}, {policy.explain(self._block_s)}): "
+            + "; ".join(f"rank {r}: {rank_text(r)}" for r in sorted(range(g.world_size), key=lambda r: r not in blamed))
+            + f". Stacks in {g.log_dir}/rank*.log. The group was stopped; the next job starts a fresh "
+            "one. If the GPU is just slow, give GroupConfig a larger stall=StallLimit(...).", first, "")
+
+    def _dump_stacks(self, wait_s: float = 1.0) -> dict[int, str]:
+        """Ask every rank for its stacks; returns, per rank, where its signalled thread stands
+        ("file:line in func; ..."), read from what its log gained in the next `wait_s` seconds."""
+        g = self.group
+        sizes = {r: g.log_path(r).stat().st_size if g.log_path(r).exists() else 0 for r in range(g.world_size)}
+        g.dump_stacks()
+        time.sleep(wait_s)  # faulthandler writes the stacks to the rank logs
+        out = {}
+        for r, size in sizes.items():
+            text = tail(g.log_path(r), 20000)
+            grown = g.log_path(r).stat().st_size - size if g.log_path(r).exists() else 0
+            out[r] = innermost_frames(text[-grown:] if grown > 0 else "")
+        return out
 
     def frames(self, should_cancel: Callable[[], bool] | None = None) -> Iterator[BlockFrames]:
         """Yield BlockFrames as the decode rank finishes blocks; polls `should_cancel` ~10x/s.
@@ -159,6 +194,7 @@ class JobHandle:
                 out = self._handle(g._next_event(None))
                 if out is not None:
                     yield out
+                    self._last_progress = time.monotonic()  # the consumer's time is not the ranks' stall
                 else:
                     self._check_stalled()
             finished = True

@@ -131,7 +131,8 @@ def run_slices(engine: Any, role: Role, plan: JobPlan, cancelled: Callable[[], b
                 stats.block_compute_s.append(block_s.pop(item.block))
         if not last:
             _send_item(links, nxt, item, plan, DATA, idx, x, out)
-            stats.blocks += int(item.kind == STEP and item.step == steps - 1)
+            if item.kind == STEP and item.step == steps - 1:
+                stats.block_done()
             continue
         if item.kind == PREFILL:
             continue
@@ -230,13 +231,13 @@ def _finish_block(engine: Any, role: Role, links: Links, stats: RankStats, block
     clip, blk = divmod(block, per_clip)
     if not role.decodes:
         links.send(role.rank + 1, TAG_STREAM, DATA, block, x)
-        stats.blocks += 1
+        stats.block_done()
         return
     t0 = time.perf_counter()
     frames = engine.decode(clip, blk, x)
     _sync(role.device)
     stats.decode_s += time.perf_counter() - t0
-    stats.blocks += 1
+    stats.block_done()
     if frames is not None:
         yield BlockFrames(clip, blk, frames)
 

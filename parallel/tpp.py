@@ -84,9 +84,16 @@ class RankStats:
     wall_s: float = 0.0
     block_compute_s: list = field(default_factory=list)  # DiT compute of each block, in order
     extra: dict = field(default_factory=dict)
+    last_block_at: float = field(default_factory=time.monotonic)  # when `blocks` last grew (job start)
+
+    def block_done(self) -> None:
+        """Count one block this rank finished (its heartbeat reports the count and its age)."""
+        self.blocks += 1
+        self.last_block_at = time.monotonic()
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
+        d.pop("last_block_at")
         d["wait_share"] = (self.recv_wait_s + self.send_wait_s) / self.wall_s if self.wall_s else 0.0
         return d
 
@@ -362,12 +369,12 @@ def run_rank(engine: Engine, role: Role, plan: JobPlan, cancelled: Callable[[], 
             frames = engine.decode(clip, block, x)
             _sync(device)
             stats.decode_s += time.perf_counter() - t0
-            stats.blocks += 1
+            stats.block_done()
             if frames is not None:
                 yield BlockFrames(clip, block, frames)
         else:
             links.send(role.next_rank, TAG_STREAM, DATA, i, x)
-            stats.blocks += 1
+            stats.block_done()
         i += 1
     if i < total:  # ended early (upstream STOP or cancel on rank 0): tell downstream
         stop_downstream()

@@ -18,7 +18,9 @@ Messages in: ("init", params), ("load", engine_spec, engine_config, role, sys_pa
 Messages out: ("hello", rank, pid, info), ("store", port), ("ready", rank, info),
 ("loaded", rank, seconds), ("frames", job_id, clip, block, frames),
 ("done", job_id, rank, complete, stats), ("error", rank, phase, job_id, message, traceback),
-("hb", rank, time).
+("hb", rank, time, job_id, blocks, age) (the current or last job, the blocks this rank finished of
+it and the seconds since the last one: the controller names the ranks that stopped first when a
+job stalls, `parallel.stall`).
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class Worker:
         self.inbox: queue.Queue = queue.Queue()
         self.cancel_id: int | None = None
         self.current_job: int | None = None
+        self.stats: Any = None  # RankStats of the current job (its `blocks` go out with each heartbeat)
         self.shutting_down = False
         self.engine: Any = None
         self.role: Any = None
@@ -124,7 +127,9 @@ class Worker:
     def _heartbeat(self) -> None:
         while True:
             try:
-                self.chan.send(("hb", self.rank, time.time()))
+                stats = self.stats
+                self.chan.send(("hb", self.rank, time.time(), self.current_job,
+                                *((stats.blocks, time.monotonic() - stats.last_block_at) if stats else (0, 0.0))))
             except ChannelClosed:
                 os._exit(0)
             time.sleep(self.heartbeat_s)
@@ -215,7 +220,7 @@ class Worker:
         from parallel.slices import run_any
         from parallel.tpp import Links, RankStats
 
-        self.current_job = job_id
+        self.current_job, self.stats = job_id, None
         engine = self.engine
         plan = None
         try:
@@ -228,7 +233,7 @@ class Worker:
             finally:
                 self.chan.send(("done", job_id, self.rank, False, {"prepare_failed": True}))
             return
-        stats = RankStats(self.rank)
+        stats = self.stats = RankStats(self.rank)
         links = (Links(plan, torch.device("cpu"), stats, self.rank, self.link_groups)  # gloo links
                  if self.world_size > 1 else None)
 

@@ -278,7 +278,7 @@ def media(tmp_path_factory) -> dict:
                        ("T2V DiT", "t2v"), ("config.json not JSON", "garbage_config"),
                        ("LoRA for another model", "other_lora")):
         BROKEN_CHECKPOINTS[name][0](shutil.copytree(tiny, c / slug))
-    # unreadable: chmod 000 (root reads anything: the CLI then runs as nobody, see `_cli`)
+    # unreadable: chmod 000 (root reads anything: the CLI then runs without the DAC capabilities, see `_cli`)
     u = Path(tempfile.mkdtemp(prefix="matrix_locked_"))
     u.chmod(0o755)
     shutil.copy(d / "face.png", u / "locked.png")
@@ -303,10 +303,14 @@ def _cli(media: dict, case: Case, out: Path) -> subprocess.CompletedProcess:
     rest = [a for i, a in enumerate(extra) if a not in args and (i == 0 or extra[i - 1] not in args)]
     argv = ["generate", *flat, *rest] + ([] if case.run == MP4 or case.want.startswith("error") else ["--check"])
     env = {"CUDA_VISIBLE_DEVICES": ""}
-    if "{u}" in "".join(case.args) and os.geteuid() == 0:  # root reads a mode-000 file: run as nobody
-        return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+    if "{u}" in "".join(case.args) and os.geteuid() == 0:
+        # root reads a mode-000 file through CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH: run the CLI as root
+        # without them (still the owner of the repository and of pytest's 0700 tmp folders, where a
+        # switch to `nobody` could not even import the package)
+        drop = "-dac_override,-dac_read_search"
+        return subprocess.run(["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", sys.executable,
                                "-m", "liveavatar", *argv], cwd=REPO, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "PYTHONPATH": str(REPO), "HOME": "/tmp", **env})
+                              env={**os.environ, "PYTHONPATH": str(REPO), **env})
     return run_cli(*argv, env=env)
 
 

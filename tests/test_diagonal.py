@@ -11,25 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from liveavatar.config import DiTConfig
+from tiny_support import HW, fixture_dit, forward_fixture
 from liveavatar.models.diagonal import DiagonalCall, forward_diagonal
-from liveavatar.models.dit import CausalS2VDiT
 from liveavatar.models.layer_stream import LayerResidency
 
-HW = (16, 24)
 BLOCKS, STEPS = 5, 3
 
 
 def _setup(fixtures_dir, fused: bool):
-    cfg = DiTConfig.from_json(fixtures_dir / "tiny_s2v" / "config.json")
-    model = CausalS2VDiT(cfg)
-    model.load_state_dict(load_file(fixtures_dir / "tiny_s2v" / "diffusion_pytorch_model.safetensors"))
-    model.eval()
+    model = fixture_dit(fixtures_dir)
     if fused:
         model.compile_blocks(compile=False)
-    fwd = fixtures_dir / "forward"
-    inp = load_file(fwd / "inputs_shared.safetensors")
-    cases = [load_file(fwd / "block0_step0.safetensors"), load_file(fwd / "block1_step0.safetensors")]
+    inp, cases = forward_fixture(fixtures_dir)
     text = model.encode_text(inp["context.0"])
     sink = model.new_sink_cache(HW)
     model.prefill_sink(inp["ref_latents"], inp["motion_latents"], text, sink)

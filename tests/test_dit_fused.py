@@ -10,25 +10,16 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from liveavatar.config import DiTConfig
-from liveavatar.models.dit import CausalS2VDiT
-
-HW = (16, 24)
+from tiny_support import HW, fixture_dit, forward_fixture
 
 
-def _build(fixtures_dir, dtype=torch.float32) -> CausalS2VDiT:
-    cfg = DiTConfig.from_json(fixtures_dir / "tiny_s2v" / "config.json")
-    model = CausalS2VDiT(cfg)
-    model.load_state_dict(load_file(fixtures_dir / "tiny_s2v" / "diffusion_pytorch_model.safetensors"))
-    return model.eval().to(dtype)
+
+_build = fixture_dit
 
 
 def _rollout(model, fixtures_dir, slot: bool, blocks: int = 6, fp8: bool = False) -> torch.Tensor:
-    fwd = fixtures_dir / "forward"
-    inp = load_file(fwd / "inputs_shared.safetensors")
-    cases = [load_file(fwd / "block0_step0.safetensors"), load_file(fwd / "block1_step0.safetensors")]
+    inp, cases = forward_fixture(fixtures_dir)
     text = model.encode_text(inp["context.0"])
     sink = model.new_sink_cache(HW, fp8=fp8)
     model.prefill_sink(inp["ref_latents"], inp["motion_latents"], text, sink)
@@ -99,6 +90,7 @@ def test_fused_regions_bf16(fixtures_dir):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.slow
 def test_compiled_regions_one_graph_each_no_recompiles(fixtures_dir):
     """torch.compile: one graph per region shared by all layers, none made after the first block."""
     from torch._dynamo.utils import counters

@@ -14,15 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from liveavatar.config import DiTConfig
+from tiny_support import HW, fixture_dit
 from liveavatar.models.causal_audio import CausalAudioEncoder
-from liveavatar.models.dit import CausalS2VDiT
 
 # Outputs are O(5). The smallest reference quirk (fp16 RoPE factors) moves them by ~1e-4; a
 # different attention kernel moves them by up to ~5e-5 (bf16 rounding before norm3 amplifies
 # last-bit differences). Override on a machine whose BLAS/ISA gives other roundings.
 ATOL = float(os.environ.get("LIVEAVATAR_PARITY_ATOL", "1e-5"))
-HW = (16, 24)
 FSL = 96
 LAYERS = 4
 
@@ -48,11 +46,7 @@ def ref(fixtures_dir):
     }
 
 
-def build(fixtures_dir, **kwargs) -> CausalS2VDiT:
-    cfg = DiTConfig.from_json(fixtures_dir / "tiny_s2v" / "config.json")
-    model = CausalS2VDiT(cfg, **kwargs)
-    model.load_state_dict(load_file(fixtures_dir / "tiny_s2v" / "diffusion_pytorch_model.safetensors"))
-    return model.eval()
+build = fixture_dit
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,10 @@ import math
 
 import pytest
 import torch
-from PIL import Image
 
 from liveavatar.config import DiTConfig
-from liveavatar.loading.tiny import make_tiny_checkpoint
-from liveavatar.media.audio import audio_from_waveform
 from liveavatar.models.kv_cache import kv_row_width, pack_rows, unpack_rows
-from liveavatar.pipeline import LiveAvatar
+from tiny_support import job_fixture, model_fixture  # noqa: F401 (the module's `model` and `job` fixtures)
 from liveavatar.pipeline.memory import _kv_bytes_per_token, estimate_memory, host_cache_bytes
 
 
@@ -72,22 +69,6 @@ def test_fp8_caches_halve_the_bytes_and_the_estimate_follows():
 
     rows = clip_tokens((48, 88), big.patch_size, DEFAULT_STREAM) + sink_tokens((48, 88), big.patch_size, DEFAULT_STREAM)
     assert b.working - a.working == 2 * rows * big.dim * 2  # one layer's rows dequantized for attention
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> LiveAvatar:
-    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=5)
-    return LiveAvatar.from_checkpoint(ckpt, device="cpu", dtype="fp32")
-
-
-@pytest.fixture(scope="module")
-def job(model):
-    t = torch.arange(int(2.2 * 16000)) / 16000
-    wave = 0.3 * torch.sin(2 * math.pi * 200 * t) * (t * 3 % 1 > 0.4)
-    audio = audio_from_waveform(wave[None], 16000)
-    image = model.prepare_image(Image.new("RGB", (64, 64), (180, 120, 90)), "64*64")
-    return {"ctx": model.encode_prompt("a person"), "aud": model.encode_audio(audio), "img": image,
-            "ref": model.encode_reference(image)}
 
 
 def _frames(model, job, blocks: int = 2, **kw) -> torch.Tensor:

@@ -9,28 +9,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from liveavatar.config import DiTConfig
-from liveavatar.models.dit import CausalS2VDiT
+from tiny_support import HW, fixture_dit, forward_fixture
 from liveavatar.models.layer_stream import LayerResidency
 
-HW = (16, 24)
 
 
-def _build(fixtures_dir) -> CausalS2VDiT:
-    cfg = DiTConfig.from_json(fixtures_dir / "tiny_s2v" / "config.json")
-    model = CausalS2VDiT(cfg)
-    model.load_state_dict(load_file(fixtures_dir / "tiny_s2v" / "diffusion_pytorch_model.safetensors"))
-    return model.eval()
+_build = fixture_dit
 
 
 def _rollout(model, fixtures_dir, kv_layers: int | None, blocks: int = 5, steps: int = 2,
              on_call=None) -> torch.Tensor:
     """blocks x steps streaming calls (window grows in clip 0, then the ring wraps)."""
-    fwd = fixtures_dir / "forward"
-    inp = load_file(fwd / "inputs_shared.safetensors")
-    cases = [load_file(fwd / "block0_step0.safetensors"), load_file(fwd / "block1_step0.safetensors")]
+    inp, cases = forward_fixture(fixtures_dir)
     text = model.encode_text(inp["context.0"])
     sink = model.new_sink_cache(HW)
     model.prefill_sink(inp["ref_latents"], inp["motion_latents"], text, sink)

@@ -10,8 +10,9 @@ README's test command.
   fixtures, assets, output - is the clone's own). The demo: exit status, the printed summary
   (`wrote <path>`, `effective size WxH, F fps, N frames`) and the mp4 itself through PyAV
   (`probe_video`): size, fps, frame count, audio track. The test command: pytest's summary shows
-  passes and no failure or error. That nested run has `LIVEAVATAR_NEWCOMER_RUN=1`, so these
-  clone tests skip there instead of recursing.
+  passes and no failure or error. That nested run has `LIVEAVATAR_NEWCOMER_RUN=1`: these clone
+  tests skip there instead of recursing, and it leaves out the `slow` tests (conftest.py; the
+  outer run has run them), so that CI stays within its 30 minutes.
 - `test_other_folder_names_collect_and_pass`: clones named `comfyui-liveavatar` and `comfyui_liveavatar`
   run a few test files (the pack's own import included) without errors.
 - `test_ci_runs_the_readme_test_command`: `.ci/run` executes the README's second command.
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import NEWCOMER_RUN
 from test_nodes_support import COMFYUI_DIR, needs_comfy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,8 +114,8 @@ def test_readme_documents_every_cli_flag() -> None:
 
 
 # Set in the environment of the suite that `test_readme_test_command_on_a_fresh_clone` runs inside
-# the clone: that nested run does not clone and run itself again.
-NESTED = "LIVEAVATAR_NEWCOMER_RUN"
+# the clone: that nested run does not clone and run itself again, and leaves out the slow tests.
+NESTED = NEWCOMER_RUN
 outer_run_only = pytest.mark.skipif(os.environ.get(NESTED) == "1",
                                     reason="inside the newcomer test's own run of the suite (no recursion)")
 SUMMARY = re.compile(r"^=*\s*(?P<counts>\d+ \w+(?:, \d+ \w+)*) in [\d.]+s", re.M)
@@ -211,9 +213,10 @@ def test_readme_demo_command_on_a_fresh_clone(newcomer_clone: Path) -> None:
 @outer_run_only
 @pytest.mark.slow
 def test_readme_test_command_on_a_fresh_clone(newcomer_clone: Path) -> None:
-    """The README's second command, as written, in the clone: the whole suite passes there (a folder
-    name with a hyphen, fixtures from the repository, nothing beside it). The nested run is not CI
-    and has no ComfyUI around it: its ComfyUI and browser tests skip (this run has them)."""
+    """The README's second command, as written, in the clone: the suite passes there (a folder name
+    with a hyphen, fixtures from the repository, nothing beside it). The nested run is not CI, has
+    no ComfyUI around it (its ComfyUI and browser tests skip) and leaves out the slow tests: this
+    outer run has all of them."""
     command = quick_start_commands((newcomer_clone / "README.md").read_text(encoding="utf-8"))[1]
     proc, log = run_in_clone(newcomer_clone, command, timeout=2400)
     counts = pytest_counts(proc.stdout)

@@ -21,6 +21,7 @@ def _run(*extra: str, timeout: float = 300) -> tuple[int, dict | None, str]:
     return proc.returncode, (json.loads(lines[-1]) if lines else None), proc.stderr
 
 
+@pytest.mark.slow
 def test_tpp_group_bench_on_cpu_ranks():
     code, out, err = _run("--devices", "cpu,cpu,cpu", "--blocks", "1", "--warmup", "1")
     assert code == 0, err[-2000:]

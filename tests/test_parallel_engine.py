@@ -14,11 +14,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from parallel import GroupConfig, WorkerGroup, schedule
 from parallel.faults import JobInputError
-from parallel.engine import make_job
+from tiny_support import group_reference
 
 SLOW = pytest.mark.skipif(not os.environ.get("LIVEAVATAR_SLOW_TESTS"),
                           reason="set LIVEAVATAR_SLOW_TESTS=1 (loads the tiny model in 2-5 workers)")
@@ -27,31 +26,15 @@ SLOW = pytest.mark.skipif(not os.environ.get("LIVEAVATAR_SLOW_TESTS"),
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from liveavatar.loading.tiny import make_tiny_checkpoint
-    from liveavatar.media.audio import Audio16k
-    from liveavatar.pipeline.model import LiveAvatar
 
     ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "Wan2.2-S2V-14B", seed=0)
-    rng = np.random.default_rng(0)
-    image = Image.fromarray((rng.random((80, 64, 3)) * 255).astype(np.uint8))
-    t = torch.arange(int(16000 * 2.5)) / 16000
-    audio = Audio16k((0.3 * torch.sin(2 * torch.pi * 220 * t)).float())  # 62 frames: 6 blocks, 2 clips
-    job = make_job(image, audio, "a person talking", size="64*64", seed=3, steps=4)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = LiveAvatar.from_checkpoint(ckpt, device="cpu", dtype="fp32")
-        img = model.prepare_image(image, "64*64")
-        blocks = list(model.generate(model.encode_prompt(job["prompt"]), model.encode_audio(audio),
-                                     img, seed=3, steps=4))
-    finally:
-        torch.set_num_threads(threads)
-    assert [b.index for b in blocks] == list(range(6)) and sum(b.frames.shape[0] for b in blocks) == 62
+    job, blocks, _ = group_reference(ckpt)
     return ckpt, job, blocks
 
 
 @pytest.mark.parametrize("sched", [
     schedule.single(4),
-    schedule.tpp(4, 2, separate_decode=True),
+    pytest.param(schedule.tpp(4, 2, separate_decode=True), marks=pytest.mark.slow),
     pytest.param(schedule.tpp(4, 2), marks=SLOW),
     pytest.param(schedule.tpp(4, 4, separate_decode=True), marks=SLOW),
 ], ids=["world1", "world3-2dit+decode", "world2", "world5-4dit+decode"])
@@ -78,6 +61,7 @@ def test_group_frames_equal_inprocess(setup, sched):
         assert torch.equal(g.audio, w.audio)
 
 
+@pytest.mark.slow
 def test_group_with_pose_video_equals_inprocess(setup, tmp_path):
     """A pose video given as a path: each DiT rank encodes it itself, and the frames equal
     in-process generation with `LiveAvatar.encode_pose` latents (and differ from no pose)."""

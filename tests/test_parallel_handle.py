@@ -28,6 +28,7 @@ def test_schedule_choices():
         schedule_for("ring", ["cuda:0"], 4, None)
 
 
+@pytest.mark.slow
 def test_two_rank_group_matches_in_process(tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", seed=2)
     t = torch.arange(int(1.2 * 16000)) / 16000
@@ -65,6 +66,7 @@ def test_two_rank_group_matches_in_process(tmp_path):
         assert torch.equal(g.audio, w.audio)
 
 
+@pytest.mark.slow
 def test_cancel_raises_like_in_process_and_group_stays_usable(tmp_path):
     from liveavatar.pipeline import GenerationCancelled
 

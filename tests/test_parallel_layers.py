@@ -9,42 +9,23 @@ through the slices too. A slice reads only its layers' tensors (a file without t
 from __future__ import annotations
 
 import dataclasses
+import re
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from parallel import GroupConfig, WorkerGroup, schedule
-from parallel.engine import make_job
+from tiny_support import group_reference
 from parallel.schedule import ScheduleError
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from liveavatar.loading.tiny import TINY_DIT, make_tiny_checkpoint
-    from liveavatar.media.audio import Audio16k
-    from liveavatar.pipeline.model import LiveAvatar
 
     cfg = dataclasses.replace(TINY_DIT, num_layers=5, audio_inject_layers=(0, 2, 4))
     ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny5") / "Wan2.2-S2V-14B", seed=0, dit=cfg)
-    rng = np.random.default_rng(0)
-    image = Image.fromarray((rng.random((80, 64, 3)) * 255).astype(np.uint8))
-    t = torch.arange(int(16000 * 2.5)) / 16000
-    audio = Audio16k((0.3 * torch.sin(2 * torch.pi * 220 * t)).float())  # 62 frames: 6 blocks, 2 clips
-    job = make_job(image, audio, "a person talking", size="64*64", seed=3, steps=4)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = LiveAvatar.from_checkpoint(ckpt, device="cpu", dtype="fp32")
-        img = model.prepare_image(image, "64*64")
-        blocks = list(model.generate(model.encode_prompt(job["prompt"]), model.encode_audio(audio),
-                                     img, seed=3, steps=4))
-        three = [b.frames for b in model.generate(model.encode_prompt(job["prompt"]), model.encode_audio(audio),
-                                                  img, seed=3, steps=3, num_clip=1)]
-    finally:
-        torch.set_num_threads(threads)
-    assert [b.index for b in blocks] == list(range(6))
+    job, blocks, three = group_reference(ckpt, other_steps=3)
     return ckpt, job, blocks, three
 
 
@@ -59,6 +40,7 @@ def _config(ckpt, sched) -> GroupConfig:
     schedule.layers(4, 5),
     schedule.layers(4, 2, separate_decode=True),
 ], ids=["2-slices", "3-slices", "5-slices", "2-slices+decode"])
+@pytest.mark.slow
 def test_layer_slices_equal_inprocess(setup, sched):
     ckpt, job, want, want3 = setup
     with WorkerGroup(_config(ckpt, sched)) as group:
@@ -151,6 +133,7 @@ def test_gpu_mode_layers_is_a_choice_everywhere_and_checked_before_spawning(setu
     assert group.manager.group is None  # nothing started
 
 
+@pytest.mark.slow
 def test_sharded_bench_plumbing_on_cpu(tmp_path):
     """`python -m bench.sharded` (the lead's 5 x 22 GiB GPU run) on CPU ranks with the tiny
     random DiT: one rank, then 2 layer slices; same frames hash, one JSON line appended."""
@@ -171,3 +154,20 @@ def test_sharded_bench_plumbing_on_cpu(tmp_path):
     assert row["single"]["blocks"] == row["sharded"]["blocks"] == 5
     assert [r["layers"] for r in row["sharded"]["ranks"]] == [[0, 2], [2, 4]]
     assert all(r["estimate_gib"] > 0 for r in row["sharded"]["ranks"])
+
+
+@pytest.mark.slow
+def test_stopped_slice_ends_the_job_after_a_few_block_times_naming_it(setup):
+    """The stall rule covers layer slices as it covers tpp (`test_parallel_stall`): slice 0 of 2
+    is stopped (SIGSTOP) after 2 of the 6 blocks; the job ends once no block came for 4 x the
+    slowest block (floor 1 s), naming rank 0, with nothing left running."""
+    from test_parallel_stall import STALL, stop_rank_and_check
+
+    ckpt, job, _, _ = setup
+    cfg = dataclasses.replace(_config(ckpt, schedule.layers(4, 2)), stall=STALL, heartbeat_s=0.2,
+                              heartbeat_timeout_s=300.0)
+    with WorkerGroup(cfg) as group:
+        text = stop_rank_and_check(group, job, victim=0, after=2, rule=STALL)
+    # rank 1 (the last slice) waits for rank 0's next item
+    assert re.search(r"rank 1: reported \d+ blocks? done, the last [\d.]+ s ago, in tpp\.py:\d+ in wait; "
+                     r".*slices\.py:\d+ in _wait_item", text), text

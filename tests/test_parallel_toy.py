@@ -14,7 +14,8 @@ makes scheduling mistakes visible in the output:
 Job keys: seed, num_clips, blocks_per_clip (4), height/width (latent, 4x6), step_sleep (s),
 fail_at [rank, clip, block] (raise there), oom_at [rank, clip, block] (raise torch.OutOfMemoryError
 there), crash_at [rank, clip, block] (abort the process),
-hang_at [rank, clip, block] (never return from there; the process stays alive),
+hang_at [rank, clip, block] (never return from there; the process stays alive), sleep_growth
+(step_sleep x sleep_growth ** block index: a job that gets slower block by block),
 bad_input (refused in prepare), no_sink_refresh. Config keys: num_steps, channels, weight_seed,
 fail_load_rank, path.
 """
@@ -111,7 +112,8 @@ class ToyEngine:
             cache.append(x.mean(dim=1))  # what this block looked like at step s
             x = x + (self.sig[s + 1] - self.sig[s]) * v
             if self.job.get("step_sleep"):
-                time.sleep(float(self.job["step_sleep"]))
+                index = clip * self.blocks + block
+                time.sleep(float(self.job["step_sleep"]) * float(self.job.get("sleep_growth", 1.0)) ** index)
         return x
 
     def decode(self, clip: int, block: int, x: torch.Tensor) -> torch.Tensor:

@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
-from PIL import Image
 
-from liveavatar.loading.tiny import make_tiny_checkpoint
-from liveavatar.media.audio import audio_from_waveform
-from liveavatar.pipeline import GenerationCancelled, LiveAvatar
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> LiveAvatar:
-    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=5)
-    return LiveAvatar.from_checkpoint(ckpt, device="cpu", dtype="fp32")
-
-
-@pytest.fixture(scope="module")
-def job(model):
-    t = torch.arange(int(2.2 * 16000)) / 16000
-    wave = 0.3 * torch.sin(2 * math.pi * 200 * t) * (t * 3 % 1 > 0.4)
-    audio = audio_from_waveform(wave[None], 16000)
-    img = Image.new("RGB", (64, 64), (180, 120, 90))
-    image = model.prepare_image(img, "64*64")
-    return {"ctx": model.encode_prompt("a person"), "aud": model.encode_audio(audio), "img": image,
-            "ref": model.encode_reference(image), "audio": audio}
+from liveavatar.pipeline import GenerationCancelled
+from tiny_support import job_fixture, model_fixture  # noqa: F401 (the module's `model` and `job` fixtures)
 
 
 _RUNS: dict = {}

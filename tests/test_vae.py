@@ -148,7 +148,7 @@ def test_graphed_stream_decode_updates_caches_in_place_bit_for_bit(vae, vae_dir)
         for i, (a, b) in enumerate([(0, 7), (7, 10), (10, 13)]):
             assert torch.equal(dec.decode(latents[:, :, a:b])[0], data[f"stream_out.{i}"]), i
         graph = dec._graphs[0]
-        assert graph.static_x is not None and all(c is s for c, s in zip(dec._caches[0], graph.static_caches))
+        assert graph.static_x is not None and all(c.data_ptr() == s.data_ptr() for c, s in zip(dec._caches[0], graph.static_caches))
         pair = torch.cat([latents, latents.flip(2)])
         dec.reset()
         parts = [dec.decode(pair[:, :, i : i + 1]) for i in range(pair.shape[2])]

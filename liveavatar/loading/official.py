@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import OFFICIAL_FILES, ConfigError, DiTConfig, T5Config, VAEConfig, dataclass_from_json
-from ..models.layer_stream import LayerResidency, pack_to_host
+from ..models.layer_stream import LayerResidency, pack_on_device, pack_to_host
 from ..models.pinned import HostArena
 from .comfy_layout import infer_dit_config, infer_t5_config, infer_vae_config, open_single_file
 from .lora import plan_lora
@@ -246,8 +246,10 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
 
 
 class _BlockPacker:
-    """Packs each streamed DiT block into host memory (`layer_stream.pack_to_host`) the moment its
-    last tensor is in place, then hands the model its `LayerResidency` (`finish`)."""
+    """Packs each DiT block the moment its last tensor is in place: a streamed one into host
+    memory (`layer_stream.pack_to_host`), a resident one into one device buffer
+    (`layer_stream.pack_on_device`: the allocator rounds it once); then hands the model its
+    `LayerResidency` (`finish`)."""
 
     def __init__(self, model: torch.nn.Module, residency: LayerResidency | None):
         self.model, self.residency = model, residency
@@ -259,16 +261,18 @@ class _BlockPacker:
     def tensor_done(self, name: str) -> None:
         head, _, rest = name.partition(".")
         index = rest.partition(".")[0]
-        if head != "blocks" or not index.isdigit() or int(index) not in self.streamed:
+        if head != "blocks" or not index.isdigit():
             return
         i = int(index)
         block = self.model.blocks[i]
         if i in self.packed or any(t.is_meta for t in (*block.parameters(), *block.buffers())):
             return
-        if not self.packed:
-            self.arena.pin = next(block.parameters()).device.type == "cuda"
-        pack_to_host(block, self.arena, len(self.streamed) - len(self.packed))
         self.packed.add(i)
+        if i not in self.streamed:
+            pack_on_device(block)
+            return
+        self.arena.pin = next(block.parameters()).device.type == "cuda"
+        pack_to_host(block, self.arena, len(self.streamed - self.packed) + 1)
 
     def finish(self) -> None:
         if self.residency is not None:
@@ -363,7 +367,7 @@ def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Pa
                                device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
                                dit_overrides: dict[str, Any] | None = None,
                                fp8: bool | str = False, layers: range | None = None,
-                               placement: Callable[[DiTConfig], LayerResidency | None] | None = None,
+                               placement: Callable[[DiTConfig, dict], LayerResidency | None] | None = None,
                                ) -> dict[str, Any]:
     """The four components from single files (ComfyUI model folders) or official files.
 
@@ -371,9 +375,9 @@ def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Pa
     it the DiT config is inferred from the shapes (`dit_overrides` for what shapes cannot tell).
     `wav2vec` may be an HF folder or a single safetensors file. `tokenizer_dir` is the umT5
     tokenizer folder (google/umt5-xxl); None uses the SentencePiece model embedded in the umT5
-    file (`spiece_model`, as ComfyUI's umT5 files carry it). `placement(config)`: the DiT's
-    residency (`loading.placement.place_dit`), decided once the config is known, before any
-    weight is read (its MemoryError stops the load there).
+    file (`spiece_model`, as ComfyUI's umT5 files carry it). `placement(config, wav2vec2 config)`:
+    the DiT's residency (`loading.placement.place_dit`, counting the audio encoder), decided once
+    the configs are known, before any weight is read (its MemoryError stops the load there).
     """
     from ..models.text_encoder import TextEncoder
     from ..models.vae import WanVAE
@@ -388,9 +392,6 @@ def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Pa
     if missing:
         raise CheckpointError("; ".join(missing))
     check_dit_weights(dit_src, cfg, _absolute(config) if config is not None else None, lora_path)
-    residency = placement(cfg) if placement is not None else None
-    t5_src, _ = open_single_file(_absolute(t5), "t5")
-    t5_cfg = infer_t5_config(t5_src, text_len=cfg.text_len)
     w2v_path = _absolute(wav2vec)
     if w2v_path.is_dir():
         w2v_cfg, w2v_pre, w2v_src = json.loads((w2v_path / "config.json").read_text()), None, None
@@ -399,6 +400,9 @@ def load_components_from_files(*, dit: str | Path, t5: str | Path, vae: str | Pa
 
         w2v_src, _ = open_single_file(w2v_path, "wav2vec2")
         w2v_cfg, w2v_pre = wav2vec2_config_from_keys(w2v_src)
+    residency = placement(cfg, w2v_cfg) if placement is not None else None
+    t5_src, _ = open_single_file(_absolute(t5), "t5")
+    t5_cfg = infer_t5_config(t5_src, text_len=cfg.text_len)
     check_consistency(cfg, t5_cfg.dim, w2v_cfg.get("hidden_size"), int(w2v_cfg.get("num_hidden_layers", 0)) + 1,
                       str(_absolute(dit)))
     embedded = None

@@ -32,13 +32,15 @@ DEFAULT_BUFFERS = 3  # device slots of the layer stream (prefetch depth + 1)
 @dataclass(frozen=True)
 class PlacementTarget:
     """The job a model is placed for: `width` x `height` pixels, `steps` denoising steps owned by
-    this device, decoded here (`decode_here`). The loader nodes do not know the size yet: they
-    place for the reference's default 704*384 with 4 steps."""
+    this device, decoded here (`decode_here`), beside `other_bytes` of other components on the
+    device (set by the loaders). The loader nodes do not know the size yet: they place for the
+    reference's default 704*384 with 4 steps."""
 
     width: int = 704
     height: int = 384
     steps: int = 4
     decode_here: bool = True
+    other_bytes: int = 0  # device bytes of what stays loaded beside the DiT and the VAE (the wav2vec2 encoder)
 
 
 def place_dit(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, fp8: bool, mode: str = "auto",
@@ -48,7 +50,8 @@ def place_dit(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, fp8: boo
     the loading preflight. Raises MemoryError (numbers and remedies) when nothing fits, ValueError
     for an unknown mode. Logs the decision once. `layers`: a layer slice of a sharded worker rank:
     always resident (streaming is whole-model only), only the slice's weights checked."""
-    from ..pipeline.memory import GIB, block_bytes, check_fits, load_estimate, place_layers
+    from ..pipeline.memory import (GIB, block_bytes, check_fits, device_free, fits, load_estimate, memory_error,
+                                   place_layers)
 
     mode = resolve_weights_mode(mode)
     if layers is not None:
@@ -60,11 +63,15 @@ def place_dit(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, fp8: boo
     if device.type != "cuda":
         res = LayerResidency(cfg.num_layers // 2, 0, buffers) if mode == "stream" else None
     else:
-        free, total = torch.cuda.mem_get_info(device)
+        free, total = device_free(device)
+        free -= target.other_bytes  # loaded beside the DiT for the whole job
+        beside = f" beside the audio encoder ({target.other_bytes / GIB:.2f} GiB)" if target.other_bytes else ""
         res = place_layers(cfg, target.width, target.height, target.steps, free, total, mode=mode, dtype=dtype,
                            fp8=fp8, decode_here=target.decode_here, buffers=buffers, device=device,
-                           what=f"generating at {target.width}x{target.height} with {target.steps} steps")
-    check_fits(device, load_estimate(cfg, dtype, fp8, res), "loading the DiT weights")
+                           what=f"generating at {target.width}x{target.height} with {target.steps} steps{beside}")
+        load = load_estimate(cfg, dtype, fp8, res)
+        if not fits(load, free):
+            raise memory_error(load, free, total, device, "loading the DiT weights" + beside)
     if res is None:
         log.info("DiT placement (weights=%s): all %d layers resident on %s", mode, cfg.num_layers, device)
     else:

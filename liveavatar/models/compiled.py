@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from liveavatar.compile_cache import precompile_scope, recording
+from liveavatar.compile_cache import compiled_region
 
 from .attention import attention
 from .audio_injector import ADALN_EPS
@@ -189,9 +189,8 @@ class FusedLayers:
                        "rotate": rotate}
         self.compiled = compile
         self.error: str | None = None
-        with precompile_scope():  # a warm start loads the traced regions here (compile_cache)
-            for name, fn in self._eager.items():
-                setattr(self, name, self._guard(name, torch.compile(fn, fullgraph=True, dynamic=False)) if compile else fn)
+        for name, fn in self._eager.items():  # compile_cache: a warm start loads the traced regions
+            setattr(self, name, self._guard(name, compiled_region(fn)) if compile else fn)
 
     def _guard(self, name: str, compiled: Callable) -> Callable:
         """`compiled`, falling back to the eager regions (with a warning) if compiling fails."""
@@ -200,9 +199,6 @@ class FusedLayers:
             if not self.compiled:
                 return self._eager[name](*args)
             try:
-                if recording():  # the first blocks: traced into dynamo's precompile cache
-                    with precompile_scope():
-                        return compiled(*args)
                 return compiled(*args)
             except Exception as exc:  # e.g. no Triton / C++ compiler: keep running, eagerly
                 self.compiled = False
@@ -232,6 +228,11 @@ class FusedLayers:
         c = attention(cq, text_kv[0], text_kv[1], backend)
         return self.ffn(r, c, e0, blk.modulation, linear_args(ca.o), linear_args(blk.ffn[0]),
                         linear_args(blk.ffn[2]), x.dtype)
+
+    def forget(self, blocks: list[nn.Module]) -> None:
+        """Drop the fused q|k|v arguments of `blocks` (their weights moved, e.g. to host memory)."""
+        for blk in blocks:
+            self._qkv.pop(id(blk.self_attn), None)
 
     def _qkv_args(self, sa: nn.Module) -> tuple:
         """q/k/v projections of a self-attention as one fused LinearArgs when they can share a

@@ -283,6 +283,18 @@ class CausalS2VDiT(nn.Module):
             raise ValueError(f"layer streaming: the whole model only, not the layer slice {self.layers}")
         self._stream = LayerStream(self.blocks, residency, self.device)
 
+    def demote_layers(self, count: int) -> list[int]:
+        """Stream `count` more blocks from pinned host memory (the last resident ones;
+        `LayerStream.demote`), e.g. when the caches do not fit next to the weights after loading.
+        Their fused q|k|v arguments (models/compiled.py, made on first use) are dropped. Returns
+        the demoted layer indices."""
+        if self._stream is None:
+            raise ValueError("demote_layers: the DiT streams no layers (stream_layers first)")
+        moved = self._stream.demote(count)
+        if self._fused is not None:
+            self._fused.forget([self.blocks[i] for i in moved])
+        return moved
+
     @property
     def layer_stream(self):
         """The `LayerStream` (bytes, bandwidth: `.stats`), or None when every layer is resident."""

@@ -8,9 +8,9 @@ H / 8, W / 8]. Latents leaving `encode` and entering `decode` are normalised per
 mean (the reference writes both with the reciprocal; other algebraic forms differ by 1e-7..5e-6).
 
 Temporal causality: the encoder sees frames in chunks 1, 4, 4, ...; the decoder one latent frame
-at a time, carrying the last two frames of every causal conv's input in a cache list (one entry
-per `WanCausalConv3d`, 33 for the decoder of this layout). The first latent frame of a fresh
-cache yields 1 video frame, every later one 4.
+at a time, carrying the last two frames of every causal conv's input (models/vae_stream.py: the
+caches are explicit tensors, so the decoder's frame step compiles as one graph). The first latent
+frame of a fresh cache yields 1 video frame, every later one 4.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from liveavatar.config import VAEConfig
+
+from . import vae_stream
 
 
 class VAEKeyError(KeyError):
@@ -196,7 +198,9 @@ class WanVAE:
         self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=self.device)
         self.inv_std = 1.0 / torch.tensor(cfg.latents_std, dtype=torch.float32, device=self.device)
         self.num_encoder_caches = _count_causal_convs(model.encoder)
-        self.num_decoder_caches = _count_causal_convs(model.decoder)
+        # the decoder's frame steps (vae_stream): eager, or compiled regions after compile_decoder()
+        self.first_frame = vae_stream.first_frame
+        self.next_frame = vae_stream.next_frame
         self.cuda_graphs = False  # use_cuda_graphs(): streaming decoders replay their steady call
         self.graph_counts = None  # vae_graphs.GraphCounts of those decoders, once enabled
 
@@ -282,16 +286,16 @@ class WanVAE:
         return StreamingDecoder(self)
 
     def compile_decoder(self) -> None:
-        """torch.compile the decoder in place (static shapes; state-dict keys unchanged).
-
-        The streaming decoder calls it once per latent frame with three cache states (first
-        chunk, second, steady), so it settles after the second block. Same frames up to float
-        rounding (fp32 CPU check: max |diff| 3e-6).
-        """
-        from liveavatar.compile_cache import use_cache_dir
+        """torch.compile the decoder's two frame steps (`vae_stream.first_frame` / `next_frame`) as
+        full-graph regions with static shapes (`compile_cache.compiled_region`: with
+        `LIVEAVATAR_PRECOMPILE=1` a warm start loads them from dynamo's precompile cache). Each
+        compiles at its first call: the first latent frame of a video, then the second; nothing
+        recompiles after that for the same frame size. Weights and state-dict keys unchanged."""
+        from liveavatar.compile_cache import compiled_region, use_cache_dir
 
         use_cache_dir()
-        self.model.decoder.compile(dynamic=False)
+        self.first_frame = compiled_region(vae_stream.first_frame)
+        self.next_frame = compiled_region(vae_stream.next_frame)
 
     def use_cuda_graphs(self, enable: bool = True) -> None:
         """Streaming decoders made from now on replay their steady-state per-latent-frame call
@@ -308,9 +312,9 @@ class StreamingDecoder:
     """Decoder with causal caches that persist across `decode` calls.
 
     Feeding latents in any split (frame by frame, 7 + 3 + 3, all at once) gives the same frames
-    bit for bit: each latent frame goes through the decoder on its own, with the cache list
-    carried over and a fresh conv index per frame. The first latent frame after construction or
-    `reset()` gives 1 video frame, every other latent frame 4.
+    bit for bit: each latent frame goes through the decoder on its own (`WanVAE.first_frame` /
+    `next_frame`), with the cache tensors carried over. The first latent frame after construction
+    or `reset()` gives 1 video frame, every other latent frame 4.
     """
 
     def __init__(self, vae: WanVAE):
@@ -319,8 +323,8 @@ class StreamingDecoder:
 
     def reset(self) -> None:
         """Forget the history: the next latent frame is decoded as the first of a video."""
-        self._caches: list[list] = []  # one cache list per batch element, made on first use
-        self._graphs: list = []  # with vae.cuda_graphs: one FrameGraph per cache list
+        self._caches: list[tuple[torch.Tensor, ...]] = []  # per batch element: vae_stream's caches
+        self._graphs: list = []  # with vae.cuda_graphs: one FrameGraph per video of the batch
         self.frames_in = 0
 
     @property
@@ -339,33 +343,36 @@ class StreamingDecoder:
         if latents.shape[2] == 0:
             raise ValueError("StreamingDecoder.decode: no latent frames given (n = 0)")
         batch = latents.shape[0]
-        if self.fresh:
-            self._caches = [[None] * vae.num_decoder_caches for _ in range(batch)]
-            if vae.cuda_graphs:
-                from liveavatar.models.vae_graphs import FrameGraph
-
-                self._graphs = [FrameGraph(vae.model.decoder, vae.graph_counts) for _ in range(batch)]
-        elif batch != len(self._caches):
+        if not self.fresh and batch != len(self._caches):
             raise ValueError(
                 f"StreamingDecoder.decode: batch size changed from {len(self._caches)} to {batch}; call reset() first"
             )
         first = self.fresh
+        if first:
+            self._graphs = []
+            if vae.cuda_graphs:
+                from liveavatar.models.vae_graphs import FrameGraph
+
+                self._graphs = [FrameGraph(vae.next_frame, vae.graph_counts) for _ in range(batch)]
         z = vae.denormalize(latents.to(vae.device)).to(vae.dtype)
         videos = []
         # one video at a time, as the reference does (batched convs differ by ~1e-6)
         for b in range(batch):
             x = vae.model.post_quant_conv(z[b : b + 1])
             frames = []
-            call = self._graphs[b].decode if self._graphs else self._eager
             for i in range(x.shape[2]):
-                frames.append(call(x[:, :, i : i + 1], self._caches[b], first and i == 0))
+                (frame,) = vae_stream.same_layout((x[:, :, i : i + 1],))  # one layout whatever n: no recompiles
+                if first and i == 0:
+                    out, caches = vae.first_frame(vae.model.decoder, frame)
+                    self._caches.append(vae_stream.same_layout(caches))
+                else:
+                    step = self._graphs[b].next_frame if self._graphs else vae.next_frame
+                    out, caches = step(vae.model.decoder, frame, self._caches[b])
+                    self._caches[b] = vae_stream.same_layout(caches)
+                frames.append(out)
             videos.append(torch.cat(frames, dim=2))
         self.frames_in += latents.shape[2]
         return torch.cat(videos, dim=0).float().clamp_(-1.0, 1.0)
-
-    def _eager(self, x: torch.Tensor, caches: list, first_chunk: bool) -> torch.Tensor:
-        return self.vae.model.decoder(x, feat_cache=caches, feat_idx=[0], first_chunk=first_chunk)
-
 
 __all__ = [
     "VAEKeyError", "convert_vae_state_dict", "load_official_vae_file", "build_autoencoder",

@@ -1,20 +1,19 @@
-"""CUDA graphs of the streaming VAE decoder's steady-state call (`WanVAE.use_cuda_graphs()`).
+"""CUDA graphs of the streaming VAE decoder's steady-state step (`WanVAE.use_cuda_graphs()`).
 
-The streaming decoder (`vae.StreamingDecoder`) runs the diffusers decoder once per latent frame
-with a list of causal caches (one per causal conv, the last two frames of its input). After the
-first two frames of a video every call has the same shapes: one latent frame in, four video
-frames out, every cache a tensor of a fixed shape. Such a call is about 500 small kernels (convs,
-RMS norms, pads, cats, cache clones); at small sizes the CPU that launches them, not the GPU,
-sets the pace. `FrameGraph` captures that call once per cache list and replays it: the latent
+The streaming decoder (`vae.StreamingDecoder`) runs `vae_stream.next_frame(decoder, x, caches)`
+once per latent frame after the first: one latent frame `[1, z_dim, 1, h, w]` in, four video
+frames out, and a tuple of cache tensors of fixed shapes (the last two frames each causal conv
+saw). Such a call is about 500 small kernels; at small sizes the CPU that launches them, not the
+GPU, sets the pace. `FrameGraph` captures that call once per video and replays it: the latent
 frame is copied into a static input, the caches live in static buffers that the graph itself
-updates in place at its end (the new caches are computed first and copied back last, so every
-read sees the old values, as in the eager call), and the output is cloned out of the graph pool.
+overwrites at its end (the step computes fresh caches first, every read sees the old values, as
+in the eager call), and the output is cloned out of the graph pool.
 
-The replay runs the kernels the eager call runs, in the same order, on the same values: the
-frames are the same bits. First sight of a steady call runs eagerly (lazy initialisation,
-library plans), the second captures. A capture that fails leaves this cache list eager (logged
-once). On a CPU the captured body runs eagerly (same in-place cache updates), so its logic is
-tested without a GPU.
+The replay runs the kernels the eager step runs, in the same order, on the same values: the
+frames are the same bits. First sight of a steady shape runs eagerly (lazy initialisation,
+library plans), the second captures. A capture that fails leaves this video eager (logged once).
+On a CPU the captured body runs eagerly with the same static buffers, so its logic is tested
+without a GPU.
 """
 
 from __future__ import annotations
@@ -24,10 +23,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
 log = logging.getLogger("liveavatar")
 
-DecoderCall = Callable[..., torch.Tensor]  # decoder(x, feat_cache=list, feat_idx=[0], first_chunk=bool)
+Caches = tuple[torch.Tensor, ...]
+FrameStep = Callable[[nn.Module, torch.Tensor, Caches], tuple[torch.Tensor, Caches]]  # vae_stream.next_frame
 
 
 @dataclass
@@ -41,73 +42,67 @@ class GraphCounts:
 
 
 class FrameGraph:
-    """The graphed steady-state decoder call of ONE cache list (one video of a batch).
+    """The graphed steady step of ONE video of a batch.
 
-    `decode(x, caches, first_chunk)` = `decoder(x, feat_cache=caches, feat_idx=[0],
-    first_chunk=first_chunk)`: x `[1, z_dim, 1, h, w]` (decoder dtype) -> `[1, 3, 4, 8h, 8w]`
-    (1 frame for the first chunk). `caches` is updated as by the eager call (its entries may
-    become this graph's static buffers). `counts`: where captures / replays are counted.
+    `next_frame(decoder, x, caches)` returns what `step(decoder, x, caches)` returns: frames
+    `[1, 3, 4, 8h, 8w]` and the new caches (after the first replay these are this graph's static
+    buffers, overwritten by the next call: pass them back as they are). `counts`: where captures
+    and replays are counted.
     """
 
-    def __init__(self, decoder: DecoderCall, counts: GraphCounts | None = None, pool=None):
-        self.decoder = decoder
+    def __init__(self, step: FrameStep, counts: GraphCounts | None = None, pool=None):
+        self.step = step
         self.pool = pool
-        self.key: tuple | None = None  # the steady call shape last seen (eager) or captured
+        self.key: tuple | None = None  # the call shape last seen (eager) or captured
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_x: torch.Tensor | None = None
-        self.static_caches: list[torch.Tensor] = []
+        self.static_caches: Caches = ()
         self.out: torch.Tensor | None = None
         self.counts = counts if counts is not None else GraphCounts()
         self.disabled_reason: str | None = None
 
-    def decode(self, x: torch.Tensor, caches: list, first_chunk: bool) -> torch.Tensor:
-        key = None if first_chunk else _call_key(x, caches)
-        if key is None or key != self.key or self.disabled_reason is not None:
-            out = self.decoder(x, feat_cache=caches, feat_idx=[0], first_chunk=first_chunk)
-            # steady: the call leaves the caches as it found them (same kinds, same shapes)
-            self.key = key if key is not None and _call_key(x, caches) == key else None
-            self.graph = self.static_x = None  # a capture (or the CPU body) binds fresh buffers
-            return out
+    def next_frame(self, decoder: nn.Module, x: torch.Tensor, caches: Caches) -> tuple[torch.Tensor, Caches]:
+        key = _call_key(x, caches)
+        if key != self.key or self.disabled_reason is not None:
+            self.key = key  # first sight of this shape: eager; the next call captures
+            self.graph = self.static_x = None
+            return self.step(decoder, x, caches)
         if x.device.type != "cuda":  # CPU: the captured body, eagerly
             self._bind(x, caches)
-            return self._body().clone()
-        if self.graph is None and not self._capture(x, caches):
-            return self.decoder(x, feat_cache=caches, feat_idx=[0], first_chunk=False)
+            return self._body(decoder).clone(), self.static_caches
+        if self.graph is None and not self._capture(decoder, x, caches):
+            return self.step(decoder, x, caches)
         self._bind(x, caches)
         self.graph.replay()
         self.counts.replays += 1
-        return self.out.clone()
+        return self.out.clone(), self.static_caches
 
-    def _bind(self, x: torch.Tensor, caches: list) -> None:
-        """Copy x and any cache tensor that is not already a static buffer into the static buffers,
-        and point `caches` at them (after the first call only x is copied). Entries that are not
-        tensors (a conv the decoder never caches) stay as they are."""
+    def _bind(self, x: torch.Tensor, caches: Caches) -> None:
+        """Copy x, and every cache that is not already in its static buffer, into the static
+        buffers (allocated at the first call after a new shape)."""
         if self.static_x is None:
             self.static_x = torch.empty_like(x)
-            self.static_caches = [torch.empty_like(c) if isinstance(c, torch.Tensor) else c for c in caches]
+            self.static_caches = tuple(torch.empty_like(c) for c in caches)
         self.static_x.copy_(x)
-        for i, (s, c) in enumerate(zip(self.static_caches, caches)):
-            if c is not s:
+        for s, c in zip(self.static_caches, caches):
+            if c.data_ptr() != s.data_ptr():
                 s.copy_(c)
-                caches[i] = s
 
-    def _body(self) -> torch.Tensor:
+    def _body(self, decoder: nn.Module) -> torch.Tensor:
         """The captured call: decode the static frame, then write the new caches into the static
-        ones (after every read of the old ones)."""
-        work = list(self.static_caches)
-        out = self.decoder(self.static_x, feat_cache=work, feat_idx=[0], first_chunk=False)
-        for s, w in zip(self.static_caches, work):
-            if w is not s:
-                s.copy_(w)
+        ones (the step made them as fresh tensors, after every read of the old ones)."""
+        out, new = self.step(decoder, self.static_x, self.static_caches)
+        for s, n in zip(self.static_caches, new):
+            s.copy_(n)
         return out
 
-    def _capture(self, x: torch.Tensor, caches: list) -> bool:
+    def _capture(self, decoder: nn.Module, x: torch.Tensor, caches: Caches) -> bool:
         self._bind(x, caches)  # fresh static buffers, allocated before the capture
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(x.device)
         try:
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                out = self._body()
+                out = self._body(decoder)
         except Exception as exc:  # a kernel that cannot be captured: stay eager
             self.disabled_reason = self.counts.disabled = f"{type(exc).__name__}: {exc}"[:300]
             log.warning("VAE cuda graphs: capture failed (%s); decoding eagerly", self.disabled_reason)
@@ -121,19 +116,9 @@ class FrameGraph:
         return True
 
 
-def _call_key(x: torch.Tensor, caches: list) -> tuple | None:
-    """The shape of a decoder call: x's shape, dtype, device and every cache entry's shape (or
-    its kind when it is not a tensor); None while some entry is a marker string (the first two
-    latent frames)."""
-    kinds = []
-    for c in caches:
-        if isinstance(c, torch.Tensor):
-            kinds.append(tuple(c.shape))
-        elif c is None:
-            kinds.append(None)
-        else:
-            return None
-    return tuple(x.shape), x.dtype, x.device, tuple(kinds)
+def _call_key(x: torch.Tensor, caches: Caches) -> tuple:
+    """The shape of a step call: x's shape, dtype, device and every cache's shape."""
+    return tuple(x.shape), x.dtype, x.device, tuple(tuple(c.shape) for c in caches)
 
 
 __all__ = ["FrameGraph", "GraphCounts"]

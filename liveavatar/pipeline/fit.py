@@ -272,15 +272,15 @@ def fp8_weights_choice(requested: str, devices: Sequence[str]) -> bool | None:
 
 
 def measure_free(devices: Sequence[str]) -> tuple[list[int], int | None]:
-    """(free bytes of every device, free host RAM or None): `torch.cuda.mem_get_info` per GPU; a
-    CPU device counts the host's available memory."""
-    from liveavatar.pipeline.memory import available_host_bytes
+    """(free bytes of every device, free host RAM or None): `memory.device_free` per GPU; a CPU
+    device counts the host's available memory."""
+    from liveavatar.pipeline.memory import available_host_bytes, device_free
 
     host = available_host_bytes()
     free = []
     for d in devices:
         dev = torch.device(d)
-        free.append(int(torch.cuda.mem_get_info(dev)[0]) if dev.type == "cuda" else int(host or 0))
+        free.append(device_free(dev)[0] if dev.type == "cuda" else int(host or 0))
     return free, host
 
 

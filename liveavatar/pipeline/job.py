@@ -44,21 +44,22 @@ class JobOptions:
 def plan_rank_caches(model, image: ImageConditioning, steps_owned: int, policy: CachePolicy,
                      decode_here: bool = True) -> CachePlan:
     """The memory preflight of one rank, before any cache exists (`memory.plan_caches` with the
-    device's free memory and the host's free RAM). On a CPU device nothing is measured: caches are
-    offloaded only when asked for (no prefetch, no sink slot). A DiT that streams its layers
-    (`dit.layer_stream`) pages its step caches per layer: as many layers kept as fit
-    (`memory.fit_residency`), at most its residency's `kv`."""
+    device's free memory, `memory.device_free`, and the host's free RAM). On a CPU device nothing
+    is measured: caches are offloaded only when asked for (no prefetch, no sink slot). A DiT that
+    streams its layers (`dit.layer_stream`) pages its step caches per layer: `plan_paged_caches`
+    (which may move resident blocks to host streaming first)."""
     stream = getattr(model.dit, "layer_stream", None)
     if model.device.type != "cuda":
         if stream is not None:
             return CachePlan(resident_kv_layers=stream.residency.kv, fp8=policy.fp8)
         return CachePlan(offload=bool(policy.offload), fp8=policy.fp8)
-    from liveavatar.pipeline.memory import GIB, available_host_bytes, host_cache_bytes, plan_caches
+    from liveavatar.pipeline.memory import GIB, available_host_bytes, device_free, host_cache_bytes, plan_caches
 
-    free, total = torch.cuda.mem_get_info(model.device)
+    free, total = device_free(model.device)
     w, h = image.width, image.height
     if stream is not None:
-        return _plan_paged_caches(model, stream, w, h, steps_owned, free, total, decode_here)
+        return plan_paged_caches(model, w, h, steps_owned, free, total, decode_here,
+                                 measure=lambda: device_free(model.device))
     layers = getattr(model.dit, "layers", None)  # a layer slice holds the caches of its layers only
     plan = plan_caches(model.dit.cfg, w, h, steps_owned, policy=policy, free=free, total=total,
                        host_available=available_host_bytes(), dtype=model.dtype, stream=model.stream,
@@ -73,22 +74,51 @@ def plan_rank_caches(model, image: ImageConditioning, steps_owned: int, policy: 
     return plan
 
 
-def _plan_paged_caches(model, stream, w: int, h: int, steps_owned: int, free: int, total: int,
-                       decode_here: bool) -> CachePlan:
-    from liveavatar.pipeline.memory import VAE_BYTES, estimate_memory, fit_residency, memory_error
+def plan_paged_caches(model, w: int, h: int, steps_owned: int, free: int, total: int, decode_here: bool,
+                      measure: Callable[[], tuple[int, int]] | None = None) -> CachePlan:
+    """The cache plan of a DiT that streams its layers, from `free` / `total` device bytes
+    measured after loading (the weights, and the VAE when loaded, are in use already): as many
+    KV layers resident as fit (`memory.fit_residency`, at most the residency's `kv`).
 
-    cfg, res = model.dit.cfg, stream.residency
+    The re-fit: when the caches, sink, text state and working set do not fit next to the resident
+    blocks (loading took more than the placement counted), the fewest resident blocks are moved
+    to pinned host streaming first (`memory.refit_residency`, `CausalS2VDiT.demote_layers`) and
+    one line is logged with the numbers; `measure()` (CUDA: `memory.device_free`) then measures
+    again and the re-fit repeats if the release was short (None: the arithmetic is trusted).
+    Raises MemoryError (numbers and remedies) when even streaming every block does not fit.
+    """
+    from liveavatar.models.layer_stream import LayerResidency
+    from liveavatar.pipeline.memory import GIB, VAE_BYTES, estimate_memory, memory_error, refit_residency
+
+    dit = model.dit
+    cfg, stream = dit.cfg, dit.layer_stream
     kw = dict(dtype=model.dtype, stream=model.stream, decode_here=decode_here)
-    if decode_here and getattr(model, "vae", None) is not None:  # loaded: in use already, like the weights
-        free += VAE_BYTES
-    fit = fit_residency(cfg, w, h, steps_owned, free, buffers=res.buffers, weights=res.weights, **kw)
+    credit = VAE_BYTES if decode_here and getattr(model, "vae", None) is not None else 0
+    fp8 = bool(getattr(getattr(model, "opts", None), "fp8", False))
     what = f"generating at {w}x{h} with {steps_owned} step caches paged per layer"
-    if fit is None:
-        est = estimate_memory(cfg, w, h, steps_owned=steps_owned, param_counts=(0, 0),
-                              residency=type(res)(res.weights, 0, res.buffers), **kw)
-        raise memory_error(est, free, total, model.device, what)
-    kv = min(fit.kv, res.kv)
-    log.info("layer streaming: %s; KV of %d/%d layers resident", res.describe(cfg.num_layers), kv, cfg.num_layers)
+    while True:
+        res = stream.residency
+        fit, room = refit_residency(cfg, w, h, steps_owned, free + credit, res, fp8=fp8, **kw)
+        if fit is None:
+            est = estimate_memory(cfg, w, h, steps_owned=steps_owned, param_counts=(0, 0),
+                                  residency=LayerResidency(0, 0, res.buffers), **kw)
+            raise memory_error(est, room, total, model.device, what + " (every DiT block streamed)")
+        if fit.weights == res.weights:
+            break
+        need = estimate_memory(cfg, w, h, steps_owned=steps_owned, param_counts=(0, 0),
+                               residency=LayerResidency(res.weights, 0, res.buffers), **kw).total
+        moved = dit.demote_layers(res.weights - fit.weights)
+        host = sum(dit.blocks[i]._stream_flat.numel() for i in moved)
+        log.info("re-fit after loading: the caches and working set need %.2f GiB next to %d resident DiT blocks, "
+                 "%.2f GiB are free; moved %d block(s) (layers %d-%d, %.2f GiB) to pinned host memory: %s",
+                 need / GIB, res.weights, (free + credit) / GIB, len(moved), moved[0], moved[-1], host / GIB,
+                 stream.residency.describe(cfg.num_layers))
+        if measure is None:
+            break
+        free, total = measure()
+    kv = min(fit.kv, stream.residency.kv)
+    log.info("layer streaming: %s; KV of %d/%d layers resident", stream.residency.describe(cfg.num_layers), kv,
+             cfg.num_layers)
     return CachePlan(resident_kv_layers=kv)
 
 
@@ -233,7 +263,7 @@ class RankJob:
         """The `DecodedBlock` of decoded frames, with the user's audio of exactly those frames."""
         from liveavatar.media.audio import slice_for_frames
 
-        if block.index == 1:  # every compiled region (the VAE's three cache states) has run by now
+        if block.index == 1:  # every compiled region (the VAE's first and next frame steps) has run by now
             from liveavatar.compile_cache import save_compiled
 
             save_compiled()
@@ -247,4 +277,5 @@ class RankJob:
         self.runner = self.decoder = None
 
 
-__all__ = ["JobOptions", "RankJob", "BlockDecoder", "frames_to_uint8", "make_runner", "plan_rank_caches"]
+__all__ = ["JobOptions", "RankJob", "BlockDecoder", "frames_to_uint8", "make_runner", "plan_paged_caches",
+           "plan_rank_caches"]

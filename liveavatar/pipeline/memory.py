@@ -16,6 +16,7 @@ import torch
 from liveavatar.config import DEFAULT_STREAM, DiTConfig, StreamConfig
 from liveavatar.models.layer_stream import LayerResidency
 from liveavatar.options import WEIGHTS_MODES, CachePolicy
+from liveavatar.pipeline.allocator import allocation_bytes, device_free, expandable_segments  # noqa: F401 (re-exported)
 
 GIB = 1024 ** 3
 OOM_REMEDY = ("out of memory on the device: stop other processes using it, or lower the need: a smaller "
@@ -124,6 +125,36 @@ def block_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool) -> int:
     return dit_weight_bytes(cfg, dtype, fp8, block_param_counts(cfg))
 
 
+@functools.lru_cache(maxsize=16)
+def _packed_block_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool) -> int:
+    """Bytes of one DiT block packed into one buffer as loading leaves it (`layer_stream.pack_on_device`
+    / `pack_to_host`): its tensors (fp8 linears: 1-byte weight, a float32 scale per output channel
+    at most, the bias in bf16), each aligned to 16 bytes at most."""
+    from liveavatar.models.dit_blocks import DiTBlock
+    from liveavatar.models.fp8 import fp8_linears
+
+    with torch.device("meta"):
+        block = DiTBlock(cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.qk_norm, cfg.cross_attn_norm, cfg.eps)
+    elt = torch.tensor([], dtype=dtype).element_size()
+    converted = set(fp8_linears(block)) if fp8 else set()
+    total = 0
+    for name, mod in block.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            if name in converted and pname == "weight":
+                total += p.numel() + 4 * p.shape[0] + 2 * 16  # weight_fp8, weight_inv_scale (row: [1, out])
+            else:
+                total += p.numel() * (2 if name in converted else elt) + 16  # fp8 biases stay bf16
+    return total
+
+
+def block_rounding_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool, expandable: bool | None = None) -> int:
+    """What one resident DiT block holds on the device beyond `block_bytes`: its fp8 scales and
+    the packing alignment, and the allocator's rounding of its one buffer (`allocation_bytes`;
+    under 2 MiB. Tensor by tensor it would be 9 MiB per fp8 14B block with default segments,
+    hence the packing)."""
+    return allocation_bytes(_packed_block_bytes(cfg, dtype, fp8), expandable) - block_bytes(cfg, dtype, fp8)
+
+
 def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int = 4,
                     dtype: torch.dtype = torch.bfloat16, fp8: bool = False, decode_here: bool = True,
                     stream: StreamConfig = DEFAULT_STREAM, param_counts: tuple[int, int] | None = None,
@@ -147,7 +178,7 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
     from liveavatar.models.tokens import clip_tokens, frame_tokens, sink_tokens
 
     elt = torch.tensor([], dtype=dtype).element_size()
-    weights = dit_weight_bytes(cfg, dtype, fp8, param_counts, layers) if steps_owned else 0
+    weights = device_weight_bytes(cfg, dtype, fp8, residency, layers, param_counts) if steps_owned else 0
     hw = _latent_hw(width, height, stream)
     kv = _kv_bytes_per_token(cfg, dtype, layers, kv_fp8)
     sink = sink_tokens(hw, cfg.patch_size, stream)
@@ -155,9 +186,6 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
     step_caches = resident * (clip_tokens(hw, cfg.patch_size, stream) + (0 if kv_offload or not sink_slot else sink)) * kv
     if residency is not None and steps_owned:
         n = cfg.num_layers
-        if weights:
-            streamed = n - residency.weights
-            weights -= (streamed - min(residency.buffers, streamed)) * block_bytes(cfg, dtype, fp8)
         paged = steps_owned * (n - residency.kv)
         step_caches = (steps_owned * residency.kv + min(residency.buffers, paged)) * kv_layer_bytes(
             cfg, width, height, dtype, stream, kv_fp8)
@@ -180,11 +208,28 @@ def load_estimate(cfg: DiTConfig, dtype: torch.dtype, fp8: bool,
     layer while loading, so the peak is the fp8 size plus one bf16 layer, inside the reserve) and
     the VAE. residency: only the resident blocks and the stream's slots (the others go to host
     memory as they load)."""
-    weights = dit_weight_bytes(cfg, dtype, fp8, layers=layers)
+    return MemoryEstimate(device_weight_bytes(cfg, dtype, fp8, residency, layers), 0, 0, 0, VAE_BYTES, RESERVE_BYTES)
+
+
+def device_weight_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool, residency: LayerResidency | None = None,
+                        layers: range | None = None, param_counts: tuple[int, int] | None = None) -> int:
+    """Device bytes of the DiT weights as placed: every weight (of the slice `layers`) in `dtype`
+    (fp8 linears: 1 byte), less the blocks `residency` streams from host memory, plus the
+    stream's `buffers` block slots, plus the allocator's rounding of every resident block (one
+    packed buffer each, `block_rounding_bytes`) and of every slot. param_counts (0, 0): weights
+    already resident (measured, not counted): 0."""
+    weights = dit_weight_bytes(cfg, dtype, fp8, param_counts, layers)
+    if not weights:
+        return 0
+    resident = len(layers) if layers is not None else cfg.num_layers
     if residency is not None:
         streamed = cfg.num_layers - residency.weights
-        weights -= (streamed - min(residency.buffers, streamed)) * block_bytes(cfg, dtype, fp8)
-    return MemoryEstimate(weights, 0, 0, 0, VAE_BYTES, RESERVE_BYTES)
+        slots = min(residency.buffers, streamed)
+        one = block_bytes(cfg, dtype, fp8)
+        weights -= (streamed - slots) * one
+        weights += slots * (allocation_bytes(one) - one)
+        resident = residency.weights
+    return weights + resident * block_rounding_bytes(cfg, dtype, fp8)
 
 
 def place_layers(cfg: DiTConfig, width: int, height: int, steps_owned: int, free: int, total: int, *,
@@ -245,6 +290,28 @@ def fit_residency(cfg: DiTConfig, width: int, height: int, steps_owned: int, fre
     return LayerResidency(weights, largest(lambda kv: ok(weights, kv)), buffers)
 
 
+def refit_residency(cfg: DiTConfig, width: int, height: int, steps_owned: int, free: int,
+                    residency: LayerResidency, *, dtype: torch.dtype = torch.bfloat16, fp8: bool = False,
+                    decode_here: bool = True, stream: StreamConfig = DEFAULT_STREAM) -> tuple[LayerResidency | None, int]:
+    """The re-fit after loading: `free` bytes measured with the weights of `residency` in place;
+    returns (the residency with the fewest of its resident blocks moved to host streaming for
+    which the caches fit, `fit_residency`; the free bytes it counts on). A demoted block releases
+    its device bytes (`block_bytes` + `block_rounding_bytes`) less a new stream slot while fewer
+    than `buffers` exist. (None, the free bytes with every block streamed) when nothing fits."""
+    n, b = cfg.num_layers, residency.buffers
+    one = block_bytes(cfg, dtype, fp8)
+    released, slot = one + block_rounding_bytes(cfg, dtype, fp8), allocation_bytes(one)
+    have = min(b, n - residency.weights)
+    room = free
+    for k in range(residency.weights + 1):
+        room = free + k * released - (min(b, n - residency.weights + k) - have) * slot
+        fit = fit_residency(cfg, width, height, steps_owned, room, dtype=dtype, decode_here=decode_here,
+                            stream=stream, buffers=b, weights=residency.weights - k)
+        if fit is not None:
+            return fit, room
+    return None, room
+
+
 def host_cache_bytes(cfg: DiTConfig, width: int, height: int, steps_owned: int,
                      dtype: torch.dtype = torch.bfloat16, stream: StreamConfig = DEFAULT_STREAM,
                      layers: range | None = None, kv_fp8: bool = False) -> int:
@@ -281,7 +348,7 @@ def check_fits(device: torch.device, est: MemoryEstimate, what: str = "this job"
     free memory of a CUDA `device` (nothing to check elsewhere)."""
     if device.type != "cuda":
         return
-    free, total = torch.cuda.mem_get_info(device)
+    free, total = device_free(device)
     if not fits(est, free):
         raise memory_error(est, free, total, device, what)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,13 +76,23 @@ class LoadOptions:
         opts.fp8 = fp8_scaling_for(fp8, opts.device)
         return opts
 
-    def place(self, config, layers: range | None = None):
+    def place(self, config, layers: range | None = None, other_bytes: int = 0):
         """The DiT's `LayerResidency` (None: all resident) for this device's free memory, after the
         loading preflight (`loading.placement.place_dit`; MemoryError with the numbers). `layers`:
-        a layer slice (sharded rank): resident, only its weights checked."""
+        a layer slice (sharded rank): resident, only its weights checked. other_bytes: the device
+        bytes of the components loaded beside the DiT and the VAE (the wav2vec2 encoder), counted."""
+        import dataclasses
+
         from liveavatar.loading.placement import place_dit
 
-        return place_dit(config, self.device, self.dtype, bool(self.fp8), self.weights, self.target, layers=layers)
+        target = dataclasses.replace(self.target, other_bytes=int(other_bytes))
+        return place_dit(config, self.device, self.dtype, bool(self.fp8), self.weights, target, layers=layers)
+
+    def audio_encoder_bytes(self, w2v_config: dict) -> int:
+        """Device bytes of the wav2vec2 encoder of `w2v_config` in this dtype (0 off CUDA: nothing is measured there)."""
+        from liveavatar.models.wav2vec import AudioFeatureExtractor
+
+        return AudioFeatureExtractor.device_bytes(w2v_config, self.dtype) if self.device.type == "cuda" else 0
 
 
 class LiveAvatar:
@@ -117,7 +128,8 @@ class LiveAvatar:
             log.warning("no Live Avatar LoRA found beside %s: running the BASE Wan2.2-S2V weights, which are not "
                         "distilled for %s-step streaming (expect poor video); pass --lora liveavatar.safetensors",
                         ckpt.root, "4")
-        residency = opts.place(ckpt.config, layers)
+        w2v = json.loads((ckpt.wav2vec_dir / "config.json").read_text()) if opts.device.type == "cuda" else {}
+        residency = opts.place(ckpt.config, layers, opts.audio_encoder_bytes(w2v))
         parts = load_components(ckpt, device=opts.device, dtype=opts.dtype, lora_strength=lora_strength,
                                 fp8=opts.fp8, layers=layers, residency=residency)
         model = cls(parts["dit"], parts["vae"], parts["text_encoder"], parts["audio_encoder"], opts,
@@ -142,7 +154,8 @@ class LiveAvatar:
                                            tokenizer_dir=tokenizer_dir, lora=lora,
                                            lora_strength=lora_strength, config=config,
                                            device=opts.device, dtype=opts.dtype, fp8=opts.fp8, layers=layers,
-                                           placement=lambda cfg: opts.place(cfg, layers))
+                                           placement=lambda cfg, w2v: opts.place(cfg, layers,
+                                                                                 opts.audio_encoder_bytes(w2v)))
         model = cls(parts["dit"], parts["vae"], parts["text_encoder"], parts["audio_encoder"], opts,
                     stream=stream, source=str(dit))
         model._apply_speed_options()
