@@ -106,6 +106,7 @@ def test_precompile_off_writes_no_dynamo_cache(tmp_path):
     assert (cache / "fxgraph").is_dir()  # inductor's own cache went to the chosen folder
 
 
+@pytest.mark.slow
 def test_vae_decoder_regions_precompile_and_load_in_a_second_process(tmp_path):
     """The streaming VAE decoder's two frame steps (models/vae_stream.py) are full graphs: compiled
     they give the eager frames, two graphs by the end of the first block and no recompile after;
