@@ -201,8 +201,9 @@ class WanVAE:
         # the decoder's frame steps (vae_stream): eager, or compiled regions after compile_decoder()
         self.first_frame = vae_stream.first_frame
         self.next_frame = vae_stream.next_frame
-        self.cuda_graphs = False  # use_cuda_graphs(): streaming decoders replay their steady call
-        self.graph_counts = None  # vae_graphs.GraphCounts of those decoders, once enabled
+        # use_cuda_graphs(): vae_graphs.GraphCounts of the streaming decoders that replay their
+        # steady call from CUDA graphs; None: no graphs
+        self.graph_counts = None
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -304,7 +305,6 @@ class WanVAE:
         more than running them. Not with `compile_decoder`. `graph_counts`: captures / replays."""
         from liveavatar.models.vae_graphs import GraphCounts
 
-        self.cuda_graphs = bool(enable)
         self.graph_counts = GraphCounts() if enable else None
 
 
@@ -324,7 +324,7 @@ class StreamingDecoder:
     def reset(self) -> None:
         """Forget the history: the next latent frame is decoded as the first of a video."""
         self._caches: list[tuple[torch.Tensor, ...]] = []  # per batch element: vae_stream's caches
-        self._graphs: list = []  # with vae.cuda_graphs: one FrameGraph per video of the batch
+        self._graphs: list = []  # after vae.use_cuda_graphs(): one FrameGraph per video of the batch
         self.frames_in = 0
 
     @property
@@ -348,12 +348,10 @@ class StreamingDecoder:
                 f"StreamingDecoder.decode: batch size changed from {len(self._caches)} to {batch}; call reset() first"
             )
         first = self.fresh
-        if first:
-            self._graphs = []
-            if vae.cuda_graphs:
-                from liveavatar.models.vae_graphs import FrameGraph
+        if first and vae.graph_counts is not None:
+            from liveavatar.models.vae_graphs import FrameGraph
 
-                self._graphs = [FrameGraph(vae.next_frame, vae.graph_counts) for _ in range(batch)]
+            self._graphs = [FrameGraph(vae.next_frame, vae.graph_counts) for _ in range(batch)]
         z = vae.denormalize(latents.to(vae.device)).to(vae.dtype)
         videos = []
         # one video at a time, as the reference does (batched convs differ by ~1e-6)
