@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tiny_support import HW, fixture_dit, forward_fixture
-from liveavatar.models.layer_stream import LayerResidency
+from liveavatar.models.layer_stream import PACK_ALIGN, LayerResidency, pack_on_device
 
 
 
@@ -68,15 +68,19 @@ def test_streamed_layers_bitwise_equal_resident(fixtures_dir, resident_rollouts,
 
 
 def test_byte_counts_are_the_streamed_layers_bytes(fixtures_dir):
-    """Per streaming call: every streamed block copied once (its tensors' bytes, nothing more),
-    every paged cache layer's ring copied in once, the block's rows written back."""
+    """Per streaming call: every streamed block copied once (its tensors' bytes and the alignment
+    gaps between them, nothing more), every paged cache layer's ring copied in once, the block's
+    rows written back."""
     model = _build(fixtures_dir)
     n = model.cfg.num_layers
     weights, kv = 1, 2
-    streamed_bytes = sum(_tensor_bytes(model.blocks[i]) for i in range(weights, n))
+    tensor_bytes = sum(_tensor_bytes(model.blocks[i]) for i in range(weights, n))
+    gaps = sum(PACK_ALIGN for i in range(weights, n) for _ in (*model.blocks[i].parameters(), *model.blocks[i].buffers()))
     model.stream_layers(LayerResidency(weights, kv, buffers=2))
     stream = model.layer_stream
-    assert stream.host_bytes() == streamed_bytes
+    streamed_bytes = stream.host_bytes()
+    assert tensor_bytes <= streamed_bytes < tensor_bytes + gaps
+    assert streamed_bytes == (n - weights) * stream.layer_bytes
     per_call = []
 
     def mark():
@@ -111,6 +115,12 @@ def test_streamed_fp8_layers_bitwise_equal_resident(fixtures_dir):
     model.stream_layers(LayerResidency(1, 2, 2))
     slot = model.layer_stream.slots[0]
     assert isinstance(slot.ffn[0], FP8Linear) and slot.ffn[0].weight_fp8.dtype == torch.float8_e4m3fn
+    pack_on_device(model.blocks[0])  # a resident block as loading leaves it
+    for block in (slot, model.blocks[0]):  # cuBLASLt's fp8 GEMM refuses operands (scales too) off 16 bytes
+        tensors = dict(block.named_parameters()) | dict(block.named_buffers())
+        assert any(t.dim() == 0 for t in tensors.values())
+        assert all(t.data_ptr() % 16 == 0 for t in tensors.values()), \
+            {k: t.data_ptr() % 16 for k, t in tensors.items() if t.data_ptr() % 16}
     assert torch.equal(_rollout(model, fixtures_dir, 2, blocks=2), resident)
 
 

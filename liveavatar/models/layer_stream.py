@@ -37,7 +37,10 @@ from torch import nn
 from .pinned import HostArena
 
 _QKV = ("self_attn.q", "self_attn.k", "self_attn.v")
-_ALIGN = 16  # bytes: start of every packed tensor whose size is a multiple of it (kernels' alignment)
+# bytes: start of every packed tensor. cuBLASLt's fp8 GEMM refuses (CUBLAS_STATUS_NOT_SUPPORTED)
+# operands that are not 16-byte aligned, its scale pointers included; 256 is the allocator's own
+# alignment (what unpacked tensors get), so packed and unpacked blocks run the same kernels.
+PACK_ALIGN = 256
 
 
 @dataclass(frozen=True)
@@ -213,7 +216,7 @@ def _tensors(block: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
     """(module path, name, tensor) of a block's parameters and buffers, in packing order: the q, k,
     v projections' tensors of each kind side by side (so a fused q|k|v view exists, see
     compiled.fuse_linears), then the rest in module order, tensors of sizes that are not a
-    multiple of `_ALIGN` bytes (e.g. 0-d fp8 scales) last, so that no padding is needed."""
+    multiple of `PACK_ALIGN` bytes (e.g. 0-d fp8 scales) last, so that padding follows only those."""
     out = []
     for path, mod in block.named_modules():
         for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
@@ -221,19 +224,18 @@ def _tensors(block: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
                 out.append((path, name, t))
     first = sorted((e for e in out if e[0] in _QKV), key=lambda e: (e[1], _QKV.index(e[0])))
     ordered = first + [e for e in out if e[0] not in _QKV]
-    odd = [(e[2].numel() * e[2].element_size()) % _ALIGN != 0 for e in ordered]
+    odd = [(e[2].numel() * e[2].element_size()) % PACK_ALIGN != 0 for e in ordered]
     return [e for e, o in zip(ordered, odd) if not o] + [e for e, o in zip(ordered, odd) if o]
 
 
 def _layout(block: nn.Module) -> tuple[list[tuple], int]:
-    """[(path, name, is_param, offset, shape, dtype)], total bytes. Each tensor starts at a
-    multiple of `_ALIGN` bytes when its size is one (then no gap is ever needed), else of its
-    element size; so the packed bytes are the tensors' bytes (stats count exactly those)."""
+    """[(path, name, is_param, offset, shape, dtype)], total bytes. Every tensor starts at a
+    multiple of `PACK_ALIGN` bytes; the gaps (after the few tensors whose size is not a multiple of
+    it, packed last) are under `PACK_ALIGN` bytes each, zeros, and copied with the block."""
     entries, off = [], 0
     for path, name, t in _tensors(block):
         nbytes = t.numel() * t.element_size()
-        align = _ALIGN if nbytes % _ALIGN == 0 else t.element_size()
-        off = -(-off // align) * align
+        off = -(-off // PACK_ALIGN) * PACK_ALIGN
         is_param = name in block.get_submodule(path)._parameters
         entries.append((path, name, is_param, off, tuple(t.shape), t.dtype))
         off += nbytes
@@ -484,4 +486,4 @@ class LayerStream:
         cache.bind_layer(layer, None)
 
 
-__all__ = ["LayerResidency", "LayerStream", "StreamStats", "pack_on_device", "pack_to_host"]
+__all__ = ["PACK_ALIGN", "LayerResidency", "LayerStream", "StreamStats", "pack_on_device", "pack_to_host"]

@@ -129,9 +129,10 @@ def block_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool) -> int:
 def _packed_block_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool) -> int:
     """Bytes of one DiT block packed into one buffer as loading leaves it (`layer_stream.pack_on_device`
     / `pack_to_host`): its tensors (fp8 linears: 1-byte weight, a float32 scale per output channel
-    at most, the bias in bf16), each aligned to 16 bytes at most."""
+    at most, the bias in bf16), each padded to `PACK_ALIGN` bytes at most."""
     from liveavatar.models.dit_blocks import DiTBlock
     from liveavatar.models.fp8 import fp8_linears
+    from liveavatar.models.layer_stream import PACK_ALIGN as pad
 
     with torch.device("meta"):
         block = DiTBlock(cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.qk_norm, cfg.cross_attn_norm, cfg.eps)
@@ -141,9 +142,9 @@ def _packed_block_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool) -> int:
     for name, mod in block.named_modules():
         for pname, p in mod.named_parameters(recurse=False):
             if name in converted and pname == "weight":
-                total += p.numel() + 4 * p.shape[0] + 2 * 16  # weight_fp8, weight_inv_scale (row: [1, out])
+                total += p.numel() + 4 * p.shape[0] + 2 * pad  # weight_fp8, weight_inv_scale (row: [1, out])
             else:
-                total += p.numel() * (2 if name in converted else elt) + 16  # fp8 biases stay bf16
+                total += p.numel() * (2 if name in converted else elt) + pad  # fp8 biases stay bf16
     return total
 
 
