@@ -9,7 +9,7 @@ import torch
 from liveavatar.config import DiTConfig
 from liveavatar.models.layer_stream import LayerResidency
 from liveavatar.pipeline.memory import (GIB, allocation_bytes, block_bytes, block_rounding_bytes, dit_weight_bytes,
-                                        estimate_memory, fit_residency, fits,
+                                        PAGED_WORKING_ACTIVATIONS, estimate_memory, fit_residency, fits,
                                         kv_layer_bytes, load_estimate, place_layers)
 
 CFG = DiTConfig()  # the 14B layout (meta only: nothing is allocated)
@@ -39,7 +39,9 @@ def test_estimate_counts_resident_layers_and_slots():
     # 10 streamed (their bytes and their allocations' rounding), 3 slots (one allocation each)
     assert part.weights == resident.weights - 10 * (blk + rounding) + 3 * allocation_bytes(blk)
     assert part.step_caches == (4 * 10 + 3) * kvl  # 10 layers of 4 steps resident + 3 slots
-    assert part.sink_cache == resident.sink_cache and part.working == resident.working
+    # the working set measured with paging (PAGED_WORKING_ACTIVATIONS activations of the block)
+    paged_working = PAGED_WORKING_ACTIVATIONS * 3 * (H // 16) * (W // 16) * CFG.dim * 2
+    assert part.sink_cache == resident.sink_cache and part.working == resident.working + paged_working
     assert load_estimate(CFG, torch.bfloat16, True, LayerResidency(30, 0, 3)).weights == part.weights
 
 

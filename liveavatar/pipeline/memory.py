@@ -66,6 +66,11 @@ def dit_weight_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool,
 # Kept free on top of every estimate (allocator fragmentation, small buffers, CUDA context growth).
 RESERVE_BYTES = int(0.5 * GIB)
 VAE_BYTES = int(0.3 * GIB)  # the Wan VAE's weights
+# With layer streaming or paged KV the peak exceeded the modeled working set by about 20-27
+# block-sized activations ([block tokens, dim], model dtype) on one H200 (2026-12-03, fp8 + compile,
+# 4 steps: +0.30 GiB at 384*256, +0.62 GiB at 704*384, which ate RESERVE_BYTES and left the
+# decode thrashing at the cap); counted so that the placement leaves that room.
+PAGED_WORKING_ACTIVATIONS = 32
 
 
 @dataclass
@@ -196,6 +201,9 @@ def estimate_memory(cfg: DiTConfig, width: int, height: int, *, steps_owned: int
     block_tokens = stream.frames_per_block_latent * frame_tokens(hw, cfg.patch_size)
     # FFN hidden + q/k/v/o of one block in flight, plus decoder feature maps at full resolution
     working = 4 * block_tokens * max(cfg.ffn_dim, 4 * cfg.dim) * elt if steps_owned else 0
+    if residency is not None and steps_owned and min(residency.weights, residency.kv) < cfg.num_layers:
+        # streamed blocks or paged cache layers: measured, not modeled
+        working += PAGED_WORKING_ACTIVATIONS * block_tokens * cfg.dim * elt
     if kv_fp8 and steps_owned:  # one layer's window + sink keys and values dequantized for attention
         working += 2 * (clip_tokens(hw, cfg.patch_size, stream) + sink) * cfg.dim * elt
     if decode_here:
