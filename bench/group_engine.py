@@ -27,6 +27,7 @@ class RandomWeightsEngine(LiveAvatarEngine):
     """One rank of a benchmark group: random 14B (or tiny) weights, random conditioning."""
 
     def load(self, config: Mapping[str, Any], role: Role) -> None:
+        from liveavatar.options import precision_from_flags
         from liveavatar.pipeline.model import LiveAvatar, LoadOptions, resolve_dtype
 
         self.role = role
@@ -37,7 +38,11 @@ class RandomWeightsEngine(LiveAvatarEngine):
         dit = vae = None
         if role.is_dit:
             layers = role.layers(self.cfg.num_layers) if role.sliced else None  # a layer slice builds its layers only
-            dit, _ = build_random_dit(self.cfg, device, dtype, args.seed, layers=layers)
+            # fp8 per block while building, as loading converts (a late conversion of packed blocks
+            # would hold each block twice until `repack_on_device`)
+            scaling = precision_from_flags("bf16", args.fp8, args.fp8_scaling).fp8
+            dit, _ = build_random_dit(self.cfg, device, dtype, args.seed, layers=layers, fp8=scaling,
+                                      allow_cpu_fp8=args.allow_cpu_fp8)
             apply_options(dit, args, device)
         if role.decodes:
             vae = build_random_vae(device, dtype, args.seed, args.tiny)

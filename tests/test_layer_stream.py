@@ -135,3 +135,30 @@ def test_host_arena_carves_equal_buffers_without_power_of_two_waste():
     spans = sorted((b.data_ptr(), b.data_ptr() + 1000) for b in bufs)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # disjoint
     assert arena.allocated < 5 * 1000 + 5 * 256
+
+
+def test_fp8_conversion_after_device_packing_is_packed_again(fixtures_dir):
+    """A block packed on the device by loading, then converted to fp8 (a late `apply_speed_options`):
+    its norms and biases kept the old bf16 buffer alive beside the new e4m3 weights until
+    `repack_on_device` packs it again into one buffer, values unchanged."""
+    from liveavatar.models.fp8 import convert_to_fp8
+    from liveavatar.models.layer_stream import repack_on_device
+
+    model = _build(fixtures_dir).to(torch.bfloat16)
+    for block in model.blocks:
+        pack_on_device(block)
+
+    def storages(block) -> set[int]:
+        return {t.untyped_storage().data_ptr() for t in (*block.parameters(), *block.buffers())}
+
+    assert all(len(storages(b)) == 1 for b in model.blocks)
+    assert repack_on_device(model.blocks) == 0  # nothing replaced: nothing to do
+    convert_to_fp8(model, allow_cpu=True)
+    assert all(len(storages(b)) > 1 for b in model.blocks)
+    before = [{k: v.clone() for k, v in b.state_dict().items()} for b in model.blocks]
+    assert repack_on_device(model.blocks) == len(model.blocks)
+    for block, want in zip(model.blocks, before):
+        assert len(storages(block)) == 1
+        got = block.state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k].reshape(-1).view(torch.uint8), want[k].reshape(-1).view(torch.uint8)) for k in want)

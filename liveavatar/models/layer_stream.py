@@ -276,7 +276,28 @@ def pack_on_device(block: nn.Module) -> torch.Tensor:
     models/compiled.py). Streaming it later (`LayerStream.demote`) packs it to the host as any block."""
     layout, nbytes = _layout(block)
     device = next(iter((*block.parameters(), *block.buffers()))).device
-    return _pack_into(block, torch.empty(nbytes, dtype=torch.uint8, device=device), layout)
+    flat = _pack_into(block, torch.empty(nbytes, dtype=torch.uint8, device=device), layout)
+    block._device_flat_ptr = flat.untyped_storage().data_ptr()
+    return flat
+
+
+@torch.no_grad()
+def repack_on_device(blocks: nn.ModuleList) -> int:
+    """Pack again the device-packed blocks (`pack_on_device`) some of whose tensors were replaced
+    since (fp8 conversion after loading: the new e4m3 weights are separate allocations while the
+    norms and biases left in place keep the whole old bf16 buffer alive, about 2x the block).
+    Returns how many blocks were packed again."""
+    count = 0
+    for block in blocks:
+        ptr = getattr(block, "_device_flat_ptr", None)
+        if ptr is None:
+            continue
+        tensors = (*block.parameters(), *block.buffers())
+        if all(t.untyped_storage().data_ptr() == ptr for t in tensors):
+            continue
+        pack_on_device(block)
+        count += 1
+    return count
 
 
 def _pack_into(block: nn.Module, flat: torch.Tensor, layout: list[tuple]) -> torch.Tensor:
@@ -486,4 +507,5 @@ class LayerStream:
         cache.bind_layer(layer, None)
 
 
-__all__ = ["PACK_ALIGN", "LayerResidency", "LayerStream", "StreamStats", "pack_on_device", "pack_to_host"]
+__all__ = ["PACK_ALIGN", "LayerResidency", "LayerStream", "StreamStats", "pack_on_device", "pack_to_host",
+           "repack_on_device"]
