@@ -139,21 +139,31 @@ def _resolve_placement(args: argparse.Namespace) -> tuple[str, tuple[str, ...] |
     return gpus[0], gpus
 
 
-def _fit_to_devices(args: argparse.Namespace, devices, image_wh, config, dtype, size, fp8, cache):
+def _fit_to_devices(args: argparse.Namespace, devices, image_wh, ckpt, dtype, size, fp8, cache):
     """`--size auto` / `--fp8 auto` / `--kv-dtype auto`: `pipeline.fit.fit_job` on the devices' free
-    memory (before loading). Returns (OutputSize, Precision, CachePolicy), resolved; raises
-    NoFitError (a MemoryError: estimate, free memory, cheapest fitting options) when nothing fits."""
+    memory (before loading), beside the wav2vec2 encoder each DiT GPU holds, with layer streaming
+    as an option on one device unless `--weights resident`. Returns (OutputSize, Precision,
+    CachePolicy), resolved; raises NoFitError (a MemoryError: estimate, free memory, cheapest
+    fitting options) when nothing fits."""
     import dataclasses
+    import json
+
+    from liveavatar.models.wav2vec import AudioFeatureExtractor
 
     from liveavatar.options import precision_from_flags
     from liveavatar.pipeline.fit import fit_job, fp8_capable, measure_free
     from liveavatar.sizes import resolve_size
 
     free, host = measure_free(devices)
-    fit = fit_job(config, free, size=None if size is None else (size.width, size.height), image_wh=image_wh,
+    on_cuda = any(str(d).startswith("cuda") for d in devices)
+    w2v = json.loads((ckpt.wav2vec_dir / "config.json").read_text()) if on_cuda else None
+    streaming = len(devices) == 1 and args.weights != "resident"  # worker groups keep their layers resident
+    fit = fit_job(ckpt.config, free, size=None if size is None else (size.width, size.height), image_wh=image_wh,
                   size_mode=args.size_mode, steps=args.steps, weights_fp8=fp8,
                   kv_fp8=None if args.kv_dtype == "auto" else cache.fp8, kv_offload=cache.offload,
-                  host_free=host, dtype=dtype, devices=[str(d) for d in devices], fp8_possible=fp8_capable(devices))
+                  resident_layers="auto" if streaming else None,
+                  host_free=host, dtype=dtype, devices=[str(d) for d in devices], fp8_possible=fp8_capable(devices),
+                  beside_dit=AudioFeatureExtractor.device_bytes(w2v, dtype) if w2v is not None else 0)
     if size is None:
         size = resolve_size(image_wh, fit.size_key, args.size_mode)  # logs the effective size once
     precision = precision_from_flags(args.dtype, fit.options.weights_fp8, args.fp8_scaling)
@@ -247,7 +257,7 @@ def run_generate(args: argparse.Namespace) -> dict:
     ckpt = find_official_checkpoint(Path(args.ckpt_dir).expanduser(), lora=args.lora)
     size = None if args.size == "auto" else resolve_size(image.size, args.size, args.size_mode)  # resolved once
     if size is None or fp8 is None or args.kv_dtype == "auto":  # fitted to the free memory, before loading
-        size, precision, cache = _fit_to_devices(args, gpus or (device,), image.size, ckpt.config, dtype,
+        size, precision, cache = _fit_to_devices(args, gpus or (device,), image.size, ckpt, dtype,
                                                  size, fp8, cache)
     _check_writable(out)
     if args.check:

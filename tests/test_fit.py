@@ -107,3 +107,29 @@ def test_candidates_and_combinations():
     assert combos[0] == Options() and combos[-1] == Options(weights_fp8=True, kv_fp8=True)
     with pytest.raises(ValueError, match="resident_layers"):
         option_combinations(CFG, weights_fp8=False, kv_fp8=False, kv_offload=False, resident_layers=41)
+
+
+def test_24gb_card_with_streaming_and_the_audio_encoder():
+    """One device with layer streaming allowed (the CLI's `--weights auto`) and wav2vec2 beside the
+    DiT: size auto still keeps every block resident when a size fits so; an asked size that does
+    not fit resident streams blocks when the host RAM holds them (pinned blocks + every step
+    cache); the audio encoder's bytes come off the GPU's free memory and the reason says so."""
+    w2v = int(0.59 * GIB)
+    fit = fit_job(CFG, [CARD_24], **AUTO, resident_layers="auto", host_free=64 * GIB, beside_dit=w2v)
+    assert (fit.width, fit.height) == (384, 256) and fit.options.resident_layers is None
+    assert "GPU 0 (less 0.59 GiB for the audio encoder) needs 22.0 GiB of 22.9 GiB free" in fit.reason
+    asked = fit_job(CFG, [CARD_24], size=(704, 384), **AUTO, resident_layers="auto", host_free=64 * GIB,
+                    beside_dit=w2v)
+    assert asked.options.weights_fp8 and asked.options.resident_layers == 30
+    assert fits(asked.estimates[0], CARD_24 - w2v)
+    assert "--weights stream (30 of 40 layers resident)" in asked.reason
+    # streaming keeps every step cache in host RAM (46.7 GiB in bf16 at 704x384): with 32 GiB the
+    # fp8 caches (half) are needed, with 16 GiB nothing streams and the asked size does not fit
+    small_host = fit_job(CFG, [CARD_24], size=(704, 384), **AUTO, resident_layers="auto", host_free=32 * GIB,
+                         beside_dit=w2v)
+    assert small_host.options == Options(weights_fp8=True, kv_fp8=True, resident_layers=30)
+    with pytest.raises(NoFitError, match="Cheapest options that would fit: --fp8 --kv-offload on at 384\\*256"):
+        fit_job(CFG, [CARD_24], size=(704, 384), **AUTO, resident_layers="auto", host_free=16 * GIB, beside_dit=w2v)
+    # the encoder's bytes decide: 2 GiB beside the DiT leaves too little for bf16 KV at 384x256
+    tight = fit_job(CFG, [CARD_24], **AUTO, beside_dit=2 * GIB)
+    assert (tight.width, tight.height) == (384, 256) and tight.options.kv_fp8

@@ -11,7 +11,9 @@ the cheapest options that would fit. Every estimate is `memory.estimate_memory`;
 Search order:
 - sizes: `size=auto` tries the reference's size list (`StreamConfig.sizes`), largest area first,
   each resolved for the reference image (mode area: the image's aspect ratio; the same rule as
-  `sizes.resolve_size`); the first size for which some allowed combination fits wins;
+  `sizes.resolve_size`); the first size for which some allowed combination fits wins; with
+  streamed DiT blocks allowed (`resident_layers="auto"`), the sizes are first tried with every
+  block resident, and streamed blocks only when no size fits so (an asked size may stream);
 - options at one size: the combinations of the auto options, cheapest first by `OPTION_COSTS`
   (fp8 weights are faster on the GPUs that support them, where alone they can be auto; KV
   offload costs host-device copies; fp8 KV a small quality loss; streamed layers a copy per step);
@@ -31,7 +33,8 @@ import torch
 
 from liveavatar.config import DEFAULT_STREAM, DiTConfig, StreamConfig
 from liveavatar.models.layer_stream import LayerResidency
-from liveavatar.pipeline.memory import GIB, MemoryEstimate, dit_param_counts, estimate_memory, fits, host_cache_bytes
+from liveavatar.pipeline.memory import (GIB, MemoryEstimate, block_bytes, dit_param_counts, estimate_memory, fits,
+                                        host_cache_bytes)
 
 log = logging.getLogger("liveavatar")
 
@@ -162,10 +165,17 @@ def rank_estimates(cfg: DiTConfig, width: int, height: int, opt: Options, layout
 
 
 def _host_ok(cfg, width, height, opt: Options, layout, host_free, dtype, stream) -> bool:
-    if not opt.kv_offload or host_free is None:
+    """Host RAM for what the options keep there: offloaded step caches, or, when blocks are
+    streamed (every KV layer paged, as `rank_estimates` counts), every step cache and the
+    streamed blocks (pinned)."""
+    streamed = opt.resident_layers is not None and opt.resident_layers < cfg.num_layers
+    if host_free is None or not (opt.kv_offload or streamed):
         return True
     need = sum(host_cache_bytes(cfg, width, height, r.steps, dtype, stream, kv_fp8=opt.kv_fp8)
-               for r in layout if r.steps > 1)
+               for r in layout if r.steps > (0 if streamed else 1))
+    if streamed:
+        need += (cfg.num_layers - opt.resident_layers) * block_bytes(cfg, dtype, opt.weights_fp8) * sum(
+            1 for r in layout if r.steps)
     return need <= host_free
 
 
@@ -175,7 +185,7 @@ def fit_job(cfg: DiTConfig, free: Sequence[int], *, size: tuple[int, int] | None
             kv_offload: bool | None = None, resident_layers: int | str | None = None,
             host_free: int | None = None, dtype: torch.dtype = torch.bfloat16,
             stream: StreamConfig = DEFAULT_STREAM, devices: Sequence[str] | None = None,
-            fp8_possible: bool = True, weights_loaded: bool = False) -> Fit:
+            fp8_possible: bool = True, weights_loaded: bool = False, beside_dit: int = 0) -> Fit:
     """The size and memory options of a job on GPUs with `free` bytes each (one entry per GPU).
 
     size: (W, H) already resolved, or None for `size=auto` (the reference's list for `image_wh`
@@ -184,12 +194,18 @@ def fit_job(cfg: DiTConfig, free: Sequence[int], *, size: tuple[int, int] | None
     resident_layers: DiT layers kept on the GPU (None: all; a count; "auto"). host_free: RAM for
     offloaded caches (None: unknown). devices: names for messages. fp8_possible: the GPUs run fp8
     GEMMs (`fp8_capable`), so the NoFitError may suggest fp8 weights. weights_loaded: the DiT is
-    already on the GPUs (`free` is what is left besides it): its weights are not counted. Raises NoFitError.
+    already on the GPUs (`free` is what is left besides it): its weights are not counted.
+    beside_dit: device bytes every DiT rank holds beside the DiT for the whole job (the wav2vec2
+    encoder, `AudioFeatureExtractor.device_bytes`), taken off those GPUs' free memory. Raises NoFitError.
     """
     if not free:
         raise ValueError("free: no GPU given")
     names = list(devices) if devices is not None else [f"GPU {i}" for i in range(len(free))]
     layout = tpp_layout(len(free), steps)
+    if beside_dit:  # the audio encoder on each DiT rank's GPU
+        free = [f - beside_dit if i < len(layout) and layout[i].steps else f for i, f in enumerate(free)]
+        names = [f"{n} (less {beside_dit / GIB:.2f} GiB for the audio encoder)" if i < len(layout) and layout[i].steps
+                 else n for i, n in enumerate(names)]
     counts = (0, 0) if weights_loaded else dit_param_counts(cfg)
     sizes = [(None, *size)] if size is not None else size_candidates(image_wh, size_mode, stream)
     combos = option_combinations(cfg, weights_fp8=weights_fp8, kv_fp8=kv_fp8, kv_offload=kv_offload,
@@ -203,8 +219,14 @@ def fit_job(cfg: DiTConfig, free: Sequence[int], *, size: tuple[int, int] | None
                 return opt, est
         return None
 
-    for key, w, h in sizes:
-        got = try_fit(w, h, combos)
+    # size=auto: every DiT block resident when some size fits that way (streamed blocks cost a copy
+    # per step: a 24 GB card would get 1024x704 at a few FPS); streaming for an asked size, or
+    # when no size fits resident
+    passes = [combos]
+    if size is None and any(o.resident_layers is not None for o in combos):
+        passes = [[o for o in combos if o.resident_layers is None], combos]
+    for key, w, h, candidates in ((k, w, h, c) for c in passes for k, w, h in sizes):
+        got = try_fit(w, h, candidates)
         if got is not None:
             opt, est = got
             worst = max(range(len(est)), key=lambda i: est[i].total / max(free[i], 1))
