@@ -90,6 +90,30 @@ def test_fa4_backend_close_to_sdpa_on_gpu():
     assert rel < 2e-2
 
 
+def test_weights_round_trip_to_host_with_streaming():
+    """ComfyUI takes the GPU back and returns it (`move_weights`): every DiT byte leaves the GPU
+    (stream slots included), only the resident blocks come back (the streamed ones stay pinned on
+    the host), and the frames are those of a model that never moved."""
+    from liveavatar.models.layer_stream import LayerResidency
+
+    want = _rollout(torch.bfloat16, prepare=lambda m: m.stream_layers(LayerResidency(2, 4, 2)))
+    seen = {}
+
+    def round_trip(model):
+        model.stream_layers(LayerResidency(2, 4, 2))
+        torch.cuda.synchronize()
+        seen["before"] = torch.cuda.memory_allocated()
+        model.move_weights("cpu")
+        seen["away"] = torch.cuda.memory_allocated()
+        model.move_weights("cuda")
+        seen["back"] = torch.cuda.memory_allocated()
+
+    got = _rollout(torch.bfloat16, prepare=round_trip)
+    assert seen["away"] < seen["before"] / 4, seen
+    assert seen["back"] <= seen["before"], seen
+    assert torch.equal(got, want)
+
+
 def test_cuda_graphs_replay_bitwise_equal():
     """compile_blocks + use_cuda_graphs: steady-state calls are captured and replayed (ring offsets
     through the rows index), and the frames are bitwise those of the same compiled layers without graphs."""

@@ -162,3 +162,22 @@ def test_fp8_conversion_after_device_packing_is_packed_again(fixtures_dir):
         got = block.state_dict()
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k].reshape(-1).view(torch.uint8), want[k].reshape(-1).view(torch.uint8)) for k in want)
+
+
+def test_weights_round_trip_keeps_streamed_blocks_and_frames(fixtures_dir, resident_rollouts):
+    """`move_weights` (ComfyUI taking the GPU back and returning it): resident blocks travel as one
+    packed buffer each, streamed blocks stay in their host buffers, the stream's device slots are
+    released and made again; the frames are the resident model's, bit for bit."""
+    model = _build(fixtures_dir)
+    model.compile_blocks(compile=False)
+    model.stream_layers(LayerResidency(2, 2, 2))
+    stream = model.layer_stream
+    host = {i: model.blocks[i]._stream_flat.untyped_storage().data_ptr() for i in stream.streamed}
+    stream.release_slots()
+    assert not stream.slots and not stream.kv_slots
+    model.move_weights("cpu")  # the stream's own device: the slots come back
+    assert len(stream.slots) == 2
+    for i, block in enumerate(model.blocks):
+        ptrs = {t.untyped_storage().data_ptr() for t in (*block.parameters(), *block.buffers())}
+        assert ptrs == ({host[i]} if i in host else ptrs) and len(ptrs) == 1
+    assert torch.equal(_rollout(model, fixtures_dir, 2), resident_rollouts[True])

@@ -357,9 +357,27 @@ class CausalS2VDiT(nn.Module):
     def move_weights(self, device: torch.device | str) -> None:
         """Move every weight to `device` (e.g. the host, to give the GPU back, and back again) and
         drop what was bound to the old storage: cached time / RoPE factors and ring rows, the fused
-        q/k/v copies of `compile_blocks`, captured CUDA graphs (they hold the old addresses)."""
+        q/k/v copies of `compile_blocks`, captured CUDA graphs (they hold the old addresses).
+        Resident blocks travel packed (one buffer each, `layer_stream.move_packed`: no per-tensor
+        rounding, q|k|v stay adjacent); with layer streaming, the streamed blocks stay in pinned
+        host memory and the stream's device slots are freed on the way out, made again on return."""
+        from .layer_stream import move_packed
+
+        device = torch.device(device)
+        stream = self._stream
+        streamed = set(stream.streamed) if stream is not None else set()
         with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, also inside ComfyUI
-            self.to(device)
+            if stream is not None and device != stream.device:
+                stream.release_slots()
+            for i, block in enumerate(self.blocks):
+                held = any(not t.is_meta for t in block.parameters())  # a layer slice holds its layers only
+                if i not in streamed and held:
+                    move_packed(block, device)
+            for name, child in self.named_children():
+                if name != "blocks":
+                    child.to(device)
+            if stream is not None and device == stream.device:
+                stream.restore_slots()
         self.clear_caches()
         self._rows_cache.clear()
         if self._fused is not None:

@@ -282,6 +282,18 @@ def pack_on_device(block: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
+def move_packed(block: nn.Module, device: torch.device | str) -> None:
+    """Move a resident block to `device` as one buffer in the packed layout (in place): to the
+    host (pinned when CUDA is present, for a fast return) to give the GPU back, or back to the GPU
+    (one allocation, as loading left it: `pack_on_device`)."""
+    device = torch.device(device)
+    layout, nbytes = _layout(block)
+    pin = device.type == "cpu" and torch.cuda.is_available()
+    flat = _pack_into(block, torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin), layout)
+    block._device_flat_ptr = flat.untyped_storage().data_ptr() if device.type != "cpu" else None
+
+
+@torch.no_grad()
 def repack_on_device(blocks: nn.ModuleList) -> int:
     """Pack again the device-packed blocks (`pack_on_device`) some of whose tensors were replaced
     since (fp8 conversion after loading: the new e4m3 weights are separate allocations while the
@@ -407,6 +419,19 @@ class LayerStream:
         self._pack(moved)
         return moved
 
+    def release_slots(self) -> None:
+        """Free the device slots (weights and KV) while the model's weights are away from the
+        device (`CausalS2VDiT.move_weights`); `restore_slots` makes them again."""
+        if self.streams.cuda:
+            torch.cuda.synchronize(self.device)
+        self.slots, self._slot_flats, self.weights_ring = [], [], None
+        self.kv_slots, self.kv_ring, self._order, self._out_events = [], None, [], {}
+
+    def restore_slots(self) -> None:
+        """The device slots again after `release_slots` (the streamed blocks stayed in host memory)."""
+        if not self.slots:
+            self._pack([])
+
     # ------------------------------------------------------------------ bytes
     @property
     def layer_bytes(self) -> int:
@@ -507,5 +532,5 @@ class LayerStream:
         cache.bind_layer(layer, None)
 
 
-__all__ = ["PACK_ALIGN", "LayerResidency", "LayerStream", "StreamStats", "pack_on_device", "pack_to_host",
-           "repack_on_device"]
+__all__ = ["PACK_ALIGN", "LayerResidency", "LayerStream", "StreamStats", "move_packed", "pack_on_device",
+           "pack_to_host", "repack_on_device"]
