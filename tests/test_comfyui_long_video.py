@@ -5,9 +5,13 @@ server (tests/comfy_server.py), switched to the tiny checkpoint on the CPU at it
 `LONG_S` seconds of audio. While it runs the server's RSS is sampled (psutil on its pid) and the
 Sampler's growing mp4 in temp/ is opened (playable mid-run). Asserted:
 - the saved video lasts as long as the audio, within one frame, and has an AAC audio stream;
-- frames were never held in RAM: the server's peak RSS stays under the baseline (after a warm-up run
-  of the same graph) plus what the IMAGE path would have collected for this run
-  (`video_out.collect_bytes`: 12 bytes per pixel per frame), printed with the margin.
+- frames were never held in RAM. What the IMAGE path would have collected for this run
+  (`video_out.collect_bytes`: 12 bytes per pixel per frame) grows with the frames written, so the
+  server's sustained RSS (the lowest sample of a stretch) is compared: its growth from the first
+  fifth of the run to the last fifth stays under a quarter of that amount (holding the frames
+  would grow it by over half of it). Some runs allocate and free about 200 MiB per block (RSS
+  oscillating between the baseline and +250 MiB with no trend; other runs stay flat within
+  30 MiB), so the peak is only bounded by twice the IMAGE path's amount. Printed with the numbers.
 """
 
 from __future__ import annotations
@@ -114,10 +118,14 @@ def test_long_workflow_streams_video_without_frames_in_ram(comfyui_server):
 
     width, height = (int(v) for v in SIZE.split("*"))
     image_path = pack_submodule("nodes.video_out").collect_bytes(frames, width, height, frames * 640)
-    peak = max(rss.samples)
-    bound = baseline + image_path
+    samples = rss.samples
+    fifth = max(1, len(samples) // 5)
+    growth = min(samples[-fifth:]) - min(samples[:fifth])  # sustained: each stretch's lowest sample
+    peak = max(samples)
     print(f"\n{LONG_S:.0f} s audio, {frames} frames at {SIZE}: {wall:.1f} s; server RSS baseline "
-          f"{baseline / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB (+{(peak - baseline) / 2**20:.1f} MiB, "
-          f"{len(rss.samples)} samples); the IMAGE path would hold +{image_path / 2**20:.1f} MiB more: "
-          f"bound {bound / 2**20:.1f} MiB, margin {(bound - peak) / 2**20:.1f} MiB")
-    assert peak < bound
+          f"{baseline / 2**20:.1f} MiB, sustained growth {growth / 2**20:+.1f} MiB (bound "
+          f"{image_path / 4 / 2**20:.1f}), peak +{(peak - baseline) / 2**20:.1f} MiB (bound "
+          f"{2 * image_path / 2**20:.1f}; {len(samples)} samples); the IMAGE path would hold "
+          f"+{image_path / 2**20:.1f} MiB more")
+    assert growth < image_path / 4
+    assert peak < baseline + 2 * image_path
