@@ -15,7 +15,7 @@ CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 MUST_RUN_IN_CI = ("comfyui", "browser")
 # Set in the environment of the suite that tests/test_newcomer.py runs inside a fresh clone. That
 # nested run proves the clone's folder name, fixtures and imports; it leaves out the `slow` tests
-# (over ~8 s each on 2 cores, all of which the outer run has just run) and the newcomer tests
+# (over ~4 s each on 2 cores, all of which the outer run has just run) and the newcomer tests
 # themselves (no recursion).
 NEWCOMER_RUN = "LIVEAVATAR_NEWCOMER_RUN"
 

@@ -67,6 +67,7 @@ def test_bench_tiny_prints_one_json_line_with_all_keys(fp32_run):
     assert len(saved) == 2 and tuple(saved[0].shape) == (16, 3, 16, 24)
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: left out of the newcomer test's nested run
 def test_fp8_bench_on_cpu_stays_close_to_fp32(fp32_run):
     """The tiny DiT with fp8 linears (CPU _scaled_mm or emulation) vs its fp32 run, same seed."""
     _, lat = fp32_run
@@ -76,6 +77,7 @@ def test_fp8_bench_on_cpu_stays_close_to_fp32(fp32_run):
     assert cmp["blocks"] == 2 and cmp["psnr_db"] > 35 and cmp["rel_l2"] < 0.06, cmp
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: left out of the newcomer test's nested run
 def test_same_seed_is_bitwise_repeatable_and_profile_is_written(fp32_run, tmp_path):
     """A second run (one extra profiled block, so longer audio) reproduces the first 2 blocks."""
     _, lat = fp32_run
@@ -86,6 +88,7 @@ def test_same_seed_is_bitwise_repeatable_and_profile_is_written(fp32_run, tmp_pa
     assert Path(out["profile"]["trace"]).stat().st_size > 1000
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: left out of the newcomer test's nested run
 def test_bench_end_to_end_tiny_decodes_frames():
     rc, out, err = _run(["-m", "bench", *TINY, "--scope", "end_to_end", "--size", "128*64"])
     assert rc == 0, err[-2000:]
@@ -94,6 +97,7 @@ def test_bench_end_to_end_tiny_decodes_frames():
     assert out["block_ms"] >= out["dit_ms"]
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: left out of the newcomer test's nested run
 def test_bench_usage_and_fp8_errors_are_clean():
     rc, out, err = _run(["-m", "bench", "--tiny", "--device", "cpu"])
     assert rc == 2 and out is None and "error: --random-weights" in err
@@ -129,6 +133,7 @@ def ref_dir():
     return d
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: left out of the newcomer test's nested run
 def test_ref_harness_tiny_runs_and_prints_json(ref_dir):
     rc, out, err = _run(["bench/ref_harness.py", "--ref-dir", str(ref_dir), "--tiny", "--device", "cpu",
                          "--blocks", "1", "--warmup", "1"])
@@ -137,6 +142,7 @@ def test_ref_harness_tiny_runs_and_prints_json(ref_dir):
     assert out["fps"] > 0 and out["output_finite"] is True and len(out["block_ms_all"]) == 2
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: left out of the newcomer test's nested run
 def test_reference_gets_exactly_our_random_weights(ref_dir):
     from bench.random_model import bench_config, build_random_dit
 
@@ -277,6 +283,7 @@ def test_convert_to_fp8_follows_reference_exclusions():
 
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: left out of the newcomer test's nested run
 def test_bench_streamed_layers_same_latents_and_counted_bytes(fp32_run):
     """The product's path with layer streaming (1 resident block, 1 resident KV layer of 4, 2 copy
     slots each): the
@@ -299,6 +306,7 @@ def test_bench_streamed_layers_same_latents_and_counted_bytes(fp32_run):
     assert out["copy_gbps"] > 0 and out["estimate_gib"] > 0
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: left out of the newcomer test's nested run
 def test_bench_diagonal_same_latents(fp32_run):
     """--diagonal (one batched pass per tick over the blocks in flight): the sequential run's
     latents up to float32 rounding, with streamed blocks (every cache layer resident)."""

@@ -131,6 +131,7 @@ def test_kv_dtype_option():
         resolve_kv_dtype("fp16")
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: left out of the newcomer test's nested run
 def test_quality_bench_script_appends_a_json_line(tmp_path):
     """bench/fp8_kv_quality.py (the GPU measurement) on the tiny config on CPU: one JSON line with
     the per-block PSNR, the cache bytes ratio and the command/device/date fields."""

@@ -38,6 +38,7 @@ def setup(tmp_path_factory):
     pytest.param(schedule.tpp(4, 2), marks=SLOW),
     pytest.param(schedule.tpp(4, 4, separate_decode=True), marks=SLOW),
 ], ids=["world1", "world3-2dit+decode", "world2", "world5-4dit+decode"])
+@pytest.mark.slow  # over 4 s on 2 cores: left out of the newcomer test's nested run
 def test_group_frames_equal_inprocess(setup, sched):
     ckpt, job, want = setup
     cfg = GroupConfig(sched, "parallel.engine:LiveAvatarEngine", {"ckpt_dir": str(ckpt), "dtype": "fp32"},

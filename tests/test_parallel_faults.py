@@ -18,6 +18,7 @@ def two():
     manager.close()
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: left out of the newcomer test's nested run
 def test_out_of_memory_in_a_rank_is_named_with_the_remedy(two):
     """torch.OutOfMemoryError on rank 1 mid-job: WorkerError naming rank 1, the allocator's message
     and what to do; the next job runs on a fresh group with the right frames."""

@@ -212,6 +212,7 @@ def test_classic_mp4_when_not_fragmented(tmp_path):
 FOLLOW = {"follow": "1", "seekable": "0", "rw_timeout": "2000000"}
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: left out of the newcomer test's nested run
 def test_a_reader_follows_the_growing_file(tmp_path):
     """A libavformat reader opened after the first block, with the file protocol's follow options,
     decodes every frame as the blocks arrive (it ends when no byte came for rw_timeout)."""
