@@ -7,7 +7,6 @@ x = torch.randn(512, 5120, device=dev).to(torch.float8_e4m3fn)
 buf = torch.zeros(5120 * 5120 + 4096, dtype=torch.uint8, device=dev)
 for w_off, s_off in ((0, 0), (0, 4), (0, 16), (4, 0), (16, 0)):
     w = buf[w_off: w_off + 5120 * 5120].view(torch.float8_e4m3fn).view(5120, 5120)
-    sbuf = torch.ones(64, dtype=torch.uint8, device=dev)
     s = torch.tensor(1.0, device=dev)
     s_view = torch.zeros(64, dtype=torch.uint8, device=dev)[s_off: s_off + 4].view(torch.float32).view(())
     s_view.fill_(1.0)

@@ -146,7 +146,6 @@ def _fit_to_devices(args: argparse.Namespace, devices, image_wh, ckpt, dtype, si
     CachePolicy), resolved; raises NoFitError (a MemoryError: estimate, free memory, cheapest
     fitting options) when nothing fits."""
     import dataclasses
-    import json
 
     from liveavatar.models.wav2vec import AudioFeatureExtractor
 
@@ -156,14 +155,13 @@ def _fit_to_devices(args: argparse.Namespace, devices, image_wh, ckpt, dtype, si
 
     free, host = measure_free(devices)
     on_cuda = any(str(d).startswith("cuda") for d in devices)
-    w2v = json.loads((ckpt.wav2vec_dir / "config.json").read_text()) if on_cuda else None
     streaming = len(devices) == 1 and args.weights != "resident"  # worker groups keep their layers resident
     fit = fit_job(ckpt.config, free, size=None if size is None else (size.width, size.height), image_wh=image_wh,
                   size_mode=args.size_mode, steps=args.steps, weights_fp8=fp8,
                   kv_fp8=None if args.kv_dtype == "auto" else cache.fp8, kv_offload=cache.offload,
                   resident_layers="auto" if streaming else None,
                   host_free=host, dtype=dtype, devices=[str(d) for d in devices], fp8_possible=fp8_capable(devices),
-                  beside_dit=AudioFeatureExtractor.device_bytes(w2v, dtype) if w2v is not None else 0)
+                  beside_dit=AudioFeatureExtractor.device_bytes(ckpt.wav2vec_config(), dtype) if on_cuda else 0)
     if size is None:
         size = resolve_size(image_wh, fit.size_key, args.size_mode)  # logs the effective size once
     precision = precision_from_flags(args.dtype, fit.options.weights_fp8, args.fp8_scaling)

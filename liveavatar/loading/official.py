@@ -58,6 +58,10 @@ class OfficialCheckpoint:
     t5_config_path: Path | None = None
     vae_config_path: Path | None = None
 
+    def wav2vec_config(self) -> dict[str, Any]:
+        """The wav2vec2 folder's config.json (HF `Wav2Vec2Config` fields)."""
+        return json.loads((self.wav2vec_dir / "config.json").read_text())
+
 
 def _absolute(path: str | Path) -> Path:
     p = Path(path).expanduser()
@@ -346,7 +350,7 @@ def load_components(ckpt: OfficialCheckpoint, device: torch.device | str, dtype:
     """{"dit", "text_encoder", "vae", "audio_encoder"} from an official folder (`fp8`, `layers`, `residency`:
     see `build_dit_from_source`)."""
     t5_sd = load_pth_state_dict(ckpt.t5_path)  # memory-mapped: only the header is read here
-    w2v = json.loads((ckpt.wav2vec_dir / "config.json").read_text())
+    w2v = ckpt.wav2vec_config()
     check_consistency(ckpt.config, t5_config_for(ckpt, t5_sd).dim, w2v.get("hidden_size"),
                       int(w2v.get("num_hidden_layers", 0)) + 1, str(ckpt.root))
     del t5_sd

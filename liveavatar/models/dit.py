@@ -358,12 +358,16 @@ class CausalS2VDiT(nn.Module):
         """Move every weight to `device` (e.g. the host, to give the GPU back, and back again) and
         drop what was bound to the old storage: cached time / RoPE factors and ring rows, the fused
         q/k/v copies of `compile_blocks`, captured CUDA graphs (they hold the old addresses).
-        Resident blocks travel packed (one buffer each, `layer_stream.move_packed`: no per-tensor
-        rounding, q|k|v stay adjacent); with layer streaming, the streamed blocks stay in pinned
-        host memory and the stream's device slots are freed on the way out, made again on return."""
-        from .layer_stream import move_packed
+        Resident blocks travel packed (one buffer each, `layer_stream.pack_on_device`, pinned on the
+        host: no per-tensor rounding, q|k|v stay adjacent); with layer streaming, the streamed blocks
+        stay in pinned host memory and the stream's device slots are freed on the way out, made
+        again on return."""
+        from .layer_stream import pack_on_device
 
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" is the stream's "cuda:N"
+            device = torch.device("cuda", torch.cuda.current_device())
+        pin = device.type == "cpu" and torch.cuda.is_available()
         stream = self._stream
         streamed = set(stream.streamed) if stream is not None else set()
         with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, also inside ComfyUI
@@ -372,7 +376,7 @@ class CausalS2VDiT(nn.Module):
             for i, block in enumerate(self.blocks):
                 held = any(not t.is_meta for t in block.parameters())  # a layer slice holds its layers only
                 if i not in streamed and held:
-                    move_packed(block, device)
+                    pack_on_device(block, device, pin)
             for name, child in self.named_children():
                 if name != "blocks":
                     child.to(device)

@@ -267,7 +267,7 @@ def pack_to_host(block: nn.Module, arena: HostArena, count_hint: int = 1) -> tor
 
 
 @torch.no_grad()
-def pack_on_device(block: nn.Module) -> torch.Tensor:
+def pack_on_device(block: nn.Module, device: torch.device | str | None = None, pin: bool = False) -> torch.Tensor:
     """Move a resident block's tensors into one byte buffer on their own device, in place (the
     layout of `pack_to_host`); returns the buffer. One allocation per block instead of one per
     tensor: the CUDA caching allocator rounds the block once (under 2 MiB) instead of each tensor
@@ -275,22 +275,11 @@ def pack_on_device(block: nn.Module) -> torch.Tensor:
     block, 0.36 GiB over 40), and q, k, v lie back to back (a fused GEMM takes views of them,
     models/compiled.py). Streaming it later (`LayerStream.demote`) packs it to the host as any block."""
     layout, nbytes = _layout(block)
-    device = next(iter((*block.parameters(), *block.buffers()))).device
-    flat = _pack_into(block, torch.empty(nbytes, dtype=torch.uint8, device=device), layout)
+    if device is None:
+        device = next(iter((*block.parameters(), *block.buffers()))).device
+    flat = _pack_into(block, torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin), layout)
     block._device_flat_ptr = flat.untyped_storage().data_ptr()
     return flat
-
-
-@torch.no_grad()
-def move_packed(block: nn.Module, device: torch.device | str) -> None:
-    """Move a resident block to `device` as one buffer in the packed layout (in place): to the
-    host (pinned when CUDA is present, for a fast return) to give the GPU back, or back to the GPU
-    (one allocation, as loading left it: `pack_on_device`)."""
-    device = torch.device(device)
-    layout, nbytes = _layout(block)
-    pin = device.type == "cpu" and torch.cuda.is_available()
-    flat = _pack_into(block, torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin), layout)
-    block._device_flat_ptr = flat.untyped_storage().data_ptr() if device.type != "cpu" else None
 
 
 @torch.no_grad()
@@ -532,5 +521,5 @@ class LayerStream:
         cache.bind_layer(layer, None)
 
 
-__all__ = ["PACK_ALIGN", "LayerResidency", "LayerStream", "StreamStats", "move_packed", "pack_on_device",
-           "pack_to_host", "repack_on_device"]
+__all__ = ["PACK_ALIGN", "LayerResidency", "LayerStream", "StreamStats", "pack_on_device", "pack_to_host",
+           "repack_on_device"]

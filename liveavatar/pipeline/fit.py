@@ -203,9 +203,10 @@ def fit_job(cfg: DiTConfig, free: Sequence[int], *, size: tuple[int, int] | None
     names = list(devices) if devices is not None else [f"GPU {i}" for i in range(len(free))]
     layout = tpp_layout(len(free), steps)
     if beside_dit:  # the audio encoder on each DiT rank's GPU
-        free = [f - beside_dit if i < len(layout) and layout[i].steps else f for i, f in enumerate(free)]
-        names = [f"{n} (less {beside_dit / GIB:.2f} GiB for the audio encoder)" if i < len(layout) and layout[i].steps
-                 else n for i, n in enumerate(names)]
+        dit_gpu = [i < len(layout) and layout[i].steps > 0 for i in range(len(free))]
+        free = [f - beside_dit if d else f for f, d in zip(free, dit_gpu)]
+        names = [f"{n} (less {beside_dit / GIB:.2f} GiB for the audio encoder)" if d else n
+                 for n, d in zip(names, dit_gpu)]
     counts = (0, 0) if weights_loaded else dit_param_counts(cfg)
     sizes = [(None, *size)] if size is not None else size_candidates(image_wh, size_mode, stream)
     combos = option_combinations(cfg, weights_fp8=weights_fp8, kv_fp8=kv_fp8, kv_offload=kv_offload,

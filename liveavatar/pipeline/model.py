@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +127,7 @@ class LiveAvatar:
             log.warning("no Live Avatar LoRA found beside %s: running the BASE Wan2.2-S2V weights, which are not "
                         "distilled for %s-step streaming (expect poor video); pass --lora liveavatar.safetensors",
                         ckpt.root, "4")
-        w2v = json.loads((ckpt.wav2vec_dir / "config.json").read_text()) if opts.device.type == "cuda" else {}
+        w2v = ckpt.wav2vec_config() if opts.device.type == "cuda" else {}
         residency = opts.place(ckpt.config, layers, opts.audio_encoder_bytes(w2v))
         parts = load_components(ckpt, device=opts.device, dtype=opts.dtype, lora_strength=lora_strength,
                                 fp8=opts.fp8, layers=layers, residency=residency)
