@@ -90,10 +90,22 @@ def test_fa4_backend_close_to_sdpa_on_gpu():
     assert rel < 2e-2
 
 
+def _dit_device_bytes(model) -> int:
+    """Bytes of the DiT's CUDA storages (each counted once) plus its layer stream's device slots."""
+    storages = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_cuda:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    stream = model.layer_stream
+    return sum(storages.values()) + (stream.device_bytes() if stream is not None else 0)
+
+
 def test_weights_round_trip_to_host_with_streaming():
     """ComfyUI takes the GPU back and returns it (`move_weights`): every DiT byte leaves the GPU
-    (stream slots included), only the resident blocks come back (the streamed ones stay pinned on
-    the host), and the frames are those of a model that never moved."""
+    (stream slots included) and the allocator gets it back, only the resident blocks come back (the
+    streamed ones stay pinned on the host), and the frames are those of a model that never moved."""
+    import gc
+
     from liveavatar.models.layer_stream import LayerResidency
 
     want = _rollout(torch.bfloat16, prepare=lambda m: m.stream_layers(LayerResidency(2, 4, 2)))
@@ -101,16 +113,23 @@ def test_weights_round_trip_to_host_with_streaming():
 
     def round_trip(model):
         model.stream_layers(LayerResidency(2, 4, 2))
+        gc.collect()  # the earlier rollout's model and stream (reference cycles) are garbage by now
         torch.cuda.synchronize()
+        seen["held"] = _dit_device_bytes(model)
         seen["before"] = torch.cuda.memory_allocated()
         model.move_weights("cpu")
+        seen["held_away"] = _dit_device_bytes(model)
         seen["away"] = torch.cuda.memory_allocated()
         model.move_weights("cuda")
-        seen["back"] = torch.cuda.memory_allocated()
+        seen["held_back"] = _dit_device_bytes(model)
+        seen["streamed_pinned"] = all(t.device.type == "cpu" and t.is_pinned()
+                                      for i in (2, 3) for t in model.blocks[i].parameters())
 
     got = _rollout(torch.bfloat16, prepare=round_trip)
-    assert seen["away"] < seen["before"] / 4, seen
-    assert seen["back"] <= seen["before"], seen
+    assert seen["held_away"] == 0, seen
+    assert seen["before"] - seen["away"] >= seen["held"], seen  # freed, not only unreferenced
+    assert seen["held_back"] <= seen["held"], seen
+    assert seen["streamed_pinned"], seen
     assert torch.equal(got, want)
 
 
