@@ -7,6 +7,9 @@ byte counts) is the one a GPU runs. Outputs must be bitwise those of the residen
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -19,13 +22,16 @@ _build = fixture_dit
 
 
 def _rollout(model, fixtures_dir, kv_layers: int | None, blocks: int = 5, steps: int = 2,
-             on_call=None) -> torch.Tensor:
-    """blocks x steps streaming calls (window grows in clip 0, then the ring wraps)."""
+             on_call=None, cache_refs: list | None = None) -> torch.Tensor:
+    """blocks x steps streaming calls (window grows in clip 0, then the ring wraps); cache_refs
+    receives a weak reference to each step cache."""
     inp, cases = forward_fixture(fixtures_dir)
     text = model.encode_text(inp["context.0"])
     sink = model.new_sink_cache(HW)
     model.prefill_sink(inp["ref_latents"], inp["motion_latents"], text, sink)
     caches = [model.new_step_cache(HW, resident_layers=kv_layers) for _ in range(steps)]
+    if cache_refs is not None:
+        cache_refs.extend(weakref.ref(c) for c in caches)
     if model.layer_stream is not None:
         model.layer_stream.attach_caches(caches)
     outs = []
@@ -181,3 +187,27 @@ def test_weights_round_trip_keeps_streamed_blocks_and_frames(fixtures_dir, resid
         ptrs = {t.untyped_storage().data_ptr() for t in (*block.parameters(), *block.buffers())}
         assert ptrs == ({host[i]} if i in host else ptrs) and len(ptrs) == 1
     assert torch.equal(_rollout(model, fixtures_dir, 2), resident_rollouts[True])
+
+
+def test_finished_job_caches_and_dropped_models_free_without_the_cycle_collector(fixtures_dir, resident_rollouts):
+    """A job's paged step caches (pinned host rows as large as the DiT at full size) are freed when
+    the job lets them go, not kept by the model's layer stream until the next job attaches its own;
+    a dropped model frees its stream and slots at once. Checked with Python's cycle collector off:
+    what is freed here is freed by reference counting."""
+    model = _build(fixtures_dir)
+    model.compile_blocks(compile=False)
+    model.stream_layers(LayerResidency(1, 1, 2))
+    gc.collect()
+    gc.disable()
+    try:
+        refs: list = []
+        assert torch.equal(_rollout(model, fixtures_dir, 1, cache_refs=refs), resident_rollouts[True])
+        assert len(refs) == 2 and all(r() is None for r in refs), "the finished job's caches are still alive"
+        again: list = []  # the model still runs a new job (its stream attaches the new caches)
+        assert torch.equal(_rollout(model, fixtures_dir, 1, cache_refs=again), resident_rollouts[True])
+        stream, slot_block = weakref.ref(model.layer_stream), weakref.ref(model.layer_stream.slots[0])
+        streamed_block = weakref.ref(model.blocks[-1])
+        del model
+        assert stream() is None and slot_block() is None and streamed_block() is None
+    finally:
+        gc.enable()

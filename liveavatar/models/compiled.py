@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -135,7 +136,7 @@ class FusedLayers:
     """
 
     def __init__(self, model: nn.Module, compile: bool = True):
-        self.model = model
+        self._model = weakref.ref(model)  # the model holds this object: no cycle, its weights go with it
         blk = model.blocks[model.layers.start]  # the first held layer (a layer slice holds a range)
         eps, heads, head_dim = blk.eps, blk.self_attn.num_heads, blk.self_attn.head_dim
         qk_eps = getattr(blk.self_attn.norm_q, "eps", eps)
@@ -192,20 +193,27 @@ class FusedLayers:
         for name, fn in self._eager.items():  # compile_cache: a warm start loads the traced regions
             setattr(self, name, self._guard(name, compiled_region(fn)) if compile else fn)
 
+    @property
+    def model(self) -> nn.Module:
+        return self._model()
+
     def _guard(self, name: str, compiled: Callable) -> Callable:
-        """`compiled`, falling back to the eager regions (with a warning) if compiling fails."""
+        """`compiled`, falling back to the eager regions (with a warning) if compiling fails. The
+        closure holds this object weakly (it is one of its attributes: no reference cycle)."""
+        me = weakref.ref(self)
 
         def run(*args):
-            if not self.compiled:
-                return self._eager[name](*args)
+            fused = me()
+            if not fused.compiled:
+                return fused._eager[name](*args)
             try:
                 return compiled(*args)
             except Exception as exc:  # e.g. no Triton / C++ compiler: keep running, eagerly
-                self.compiled = False
-                self.error = f"{type(exc).__name__}: {exc}"[:500]
+                fused.compiled = False
+                fused.error = f"{type(exc).__name__}: {exc}"[:500]
                 log.warning("compile_blocks: compiling region %r failed (%s); running the fused regions eagerly",
-                            name, self.error)
-                return self._eager[name](*args)
+                            name, fused.error)
+                return fused._eager[name](*args)
 
         return run
 

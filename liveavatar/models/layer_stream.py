@@ -18,6 +18,10 @@ Step caches paged per layer (`StepKVCache(resident_layers=...)`) go the same way
 layer's ring rows (keys and values) are copied in whole before the layer runs, and the rows the
 block wrote are copied back to host memory on a second stream (`d2h`) after it, so the two
 directions overlap. The order over caches is the runner's step order (`attach_caches`).
+The stream holds the caches weakly (a finished job's caches, pinned host memory as large as the
+DiT, go when its runner goes, not when the next job attaches its own) and its slot rings call
+back into it weakly, so dropping the model frees its device slots without waiting for Python's
+cycle collector.
 
 On the CPU the "device" slots are host tensors and the copies synchronous: the same code path,
 bookkeeping and byte counts (tests). `StreamStats` counts host-to-device and device-to-host bytes
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Sequence
 
@@ -143,7 +148,7 @@ def _stream_ctx(streams: _Streams, stream):
 
 
 class _SlotRing:
-    """`len(slots)` device slots cycling over items (layers, or (cache, layer) pairs).
+    """`len(slots)` device slots cycling over items (layers, or (weakref to a cache, layer) pairs).
 
     fill(item, slot_index) copies an item in (on the h2d stream, after the slot's `released`
     event). acquire(item, upcoming) makes sure `item` is in a slot (copying it if not), queues the
@@ -209,6 +214,13 @@ class _SlotRing:
                 writeback(j)
                 done = s.record(s.d2h)
         self.released[j] = done
+
+
+def _weak_call(method: Callable) -> Callable:
+    """`method` (bound) called without keeping its object alive: a slot ring lives inside the
+    stream whose method fills it, and a bound method there would make a reference cycle."""
+    ref = weakref.WeakMethod(method)
+    return lambda *args: ref()(*args)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -384,7 +396,7 @@ class LayerStream:
             _bind(slot, flat, layout)
             self.slots.append(slot)
             self._slot_flats.append(flat)
-        self.weights_ring = _SlotRing(len(self.slots), self._fill_weights, self.streams)
+        self.weights_ring = _SlotRing(len(self.slots), _weak_call(self._fill_weights), self.streams)
 
     def demote(self, count: int) -> list[int]:
         """Stream `count` more blocks: the last resident ones, `[weights - count, weights)`, are
@@ -450,7 +462,7 @@ class LayerStream:
         """The step caches of a runner, in the order their calls come (the ring's prefetch order).
         Makes the KV slots for the paged ones (shape of one layer of their rows)."""
         paged = [c for c in caches if getattr(c, "paged_layers", 0)]
-        self._order = paged
+        self._order = [weakref.ref(c) for c in paged]
         self.attached_kv = min((c.resident_layers for c in caches), default=None)
         if self.kv_ring is not None:
             self.kv_ring.forget(lambda item: True)
@@ -463,7 +475,7 @@ class LayerStream:
         if not self.kv_slots or tuple(self.kv_slots[0].shape) != shape or self.kv_slots[0].dtype != dtype:
             n = min(self.residency.buffers, paged[0].paged_layers * len(paged))
             self.kv_slots = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n)]
-            self.kv_ring = _SlotRing(n, self._fill_kv, self.streams)
+            self.kv_ring = _SlotRing(n, _weak_call(self._fill_kv), self.streams)
 
     def forget_cache(self, cache) -> None:
         """A cache's rows are about to change on the host (reset): wait for the copies in flight;
@@ -472,20 +484,26 @@ class LayerStream:
             self.streams.h2d.synchronize()
             self.streams.d2h.synchronize()
         if self.kv_ring is not None:
-            self.kv_ring.forget(lambda item: item[0] is cache)
+            self.kv_ring.forget(lambda item: item[0]() is cache)
+
+    def _attached(self) -> list:
+        """The attached runner's paged step caches that are still alive, in its step order."""
+        return [c for c in (ref() for ref in self._order) if c is not None]
 
     def _fill_kv(self, item: tuple, j: int) -> None:
-        cache, layer = item
+        ref, layer = item
+        cache = ref()  # alive: items are made from live caches just before their copy is issued
         self.streams.wait(self._out_events.get((id(cache), layer)), self.streams.h2d)
         src = cache.host_layer(layer)
         self.streams.timed_copy(self.kv_slots[j], src, self.stats)
         self.stats.kv_bytes += src.numel() * src.element_size()
 
     def _upcoming_kv(self, cache, layer: int) -> list[tuple]:
-        """The (cache, layer) items after this one in the runner's cycle (next caches' layers too)."""
-        order = self._order if any(c is cache for c in self._order) else [cache]
-        cycle = [(c, i) for c in order for i in range(c.resident_layers, c.num_layers)]
-        p = next(k for k, (c, i) in enumerate(cycle) if c is cache and i == layer)
+        """The (weak cache, layer) items after this one in the runner's cycle (next caches' layers too)."""
+        attached = self._attached()
+        order = attached if any(c is cache for c in attached) else [cache]
+        cycle = [(weakref.ref(c), i) for c in order for i in range(c.resident_layers, c.num_layers)]
+        p = next(k for k, (r, i) in enumerate(cycle) if r() is cache and i == layer)
         return [cycle[(p + k) % len(cycle)] for k in range(1, min(len(self.kv_slots), len(cycle)))]
 
     # ------------------------------------------------------------------ per layer
@@ -493,10 +511,11 @@ class LayerStream:
         """Before layer `layer` runs: its block (resident, or the slot its weights were copied
         to) and, for a paged step cache, its rows bound in `cache` (`cache.layer_kv(layer)`)."""
         if cache is not None and getattr(cache, "paged_layers", 0) and layer >= cache.resident_layers:
-            if self.kv_ring is None or not any(c is cache for c in self._order):
-                self.attach_caches([*self._order, cache])
+            attached = self._attached()
+            if self.kv_ring is None or not any(c is cache for c in attached):
+                self.attach_caches([*attached, cache])
             cache.pager = self
-            j = self.kv_ring.acquire((cache, layer), self._upcoming_kv(cache, layer))
+            j = self.kv_ring.acquire((weakref.ref(cache), layer), self._upcoming_kv(cache, layer))
             cache.bind_layer(layer, self.kv_slots[j])
         if layer not in self._pos:
             return self.blocks[layer]
@@ -509,7 +528,7 @@ class LayerStream:
             self.weights_ring.release(layer)
         if cache is None or not getattr(cache, "paged_layers", 0) or layer < cache.resident_layers:
             return
-        item = (cache, layer)
+        item = (weakref.ref(cache), layer)
 
         def writeback(j: int) -> None:
             if rows is not None and rows[1] > rows[0]:
