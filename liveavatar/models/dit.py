@@ -91,6 +91,15 @@ def _check_supported(cfg: DiTConfig) -> None:
         raise ConfigError("config.json: not a Live Avatar S2V layout: " + "; ".join(wrong))
 
 
+
+def indexed_device(device: torch.device | str) -> torch.device:
+    """`device` with its index: a bare "cuda" (what `LoadOptions` holds) is the current "cuda:N",
+    the form tensors report, so that device comparisons mean the same GPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
 class CausalS2VDiT(nn.Module):
     """The streaming S2V DiT. Parameters/keys as the official checkpoint; see the module docstring."""
 
@@ -364,9 +373,7 @@ class CausalS2VDiT(nn.Module):
         again on return."""
         from .layer_stream import pack_on_device
 
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:  # "cuda" is the stream's "cuda:N"
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = indexed_device(device)
         pin = device.type == "cpu" and torch.cuda.is_available()
         stream = self._stream
         streamed = set(stream.streamed) if stream is not None else set()

@@ -184,7 +184,9 @@ class LiveAvatar:
     def place_dit(self, device: str | torch.device) -> None:
         """Move the DiT weights to `device`: the host to give the GPU memory back (e.g. when ComfyUI
         needs it for another model), `self.device` before the next job. Jobs need them on `self.device`."""
-        if self.dit is not None and self.dit.device != torch.device(device):
+        from liveavatar.models.dit import indexed_device
+
+        if self.dit is not None and self.dit.device != indexed_device(device):
             self.dit.move_weights(device)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
