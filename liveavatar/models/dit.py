@@ -91,7 +91,6 @@ def _check_supported(cfg: DiTConfig) -> None:
         raise ConfigError("config.json: not a Live Avatar S2V layout: " + "; ".join(wrong))
 
 
-
 def indexed_device(device: torch.device | str) -> torch.device:
     """`device` with its index: a bare "cuda" (what `LoadOptions` holds) is the current "cuda:N",
     the form tensors report, so that device comparisons mean the same GPU."""
@@ -99,6 +98,7 @@ def indexed_device(device: torch.device | str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
 
 class CausalS2VDiT(nn.Module):
     """The streaming S2V DiT. Parameters/keys as the official checkpoint; see the module docstring."""

@@ -463,6 +463,8 @@ class LayerStream:
         Makes the KV slots for the paged ones (shape of one layer of their rows)."""
         paged = [c for c in caches if getattr(c, "paged_layers", 0)]
         self._order = [weakref.ref(c) for c in paged]
+        live = {id(c) for c in paged}  # write-back events of caches no longer attached go
+        self._out_events = {key: ev for key, ev in self._out_events.items() if key[0] in live}
         self.attached_kv = min((c.resident_layers for c in caches), default=None)
         if self.kv_ring is not None:
             self.kv_ring.forget(lambda item: True)
