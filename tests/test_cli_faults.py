@@ -203,9 +203,12 @@ def test_ctrl_c_ends_the_job_with_one_line_and_no_process_left(job, tmp_path, pl
 
     out = tmp_path / "video.mp4"
     extra = ["--gpus", "cpu,cpu", "--gpu-mode", "tpp"] if placement == "group" else []
+    # A terminal's foreground job has SIGINT at its default; a test run started in the background by
+    # a non-interactive shell inherits it ignored (and Python then keeps ignoring it): restore it.
     proc = subprocess.Popen([sys.executable, "-m", "liveavatar", *job["args"], "--out", str(out), *extra],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     family: list[int] = []
     t0 = None
