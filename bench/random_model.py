@@ -42,7 +42,7 @@ def build_random_dit(cfg, device: torch.device, dtype: torch.dtype, seed: int, *
 
     from liveavatar.models.dit import CausalS2VDiT
     from liveavatar.models.fp8 import convert_to_fp8
-    from liveavatar.models.layer_stream import pack_on_device, pack_to_host
+    from liveavatar.models.block_packing import pack_on_device, pack_to_host
     from liveavatar.models.pinned import HostArena
 
     t0 = time.perf_counter()

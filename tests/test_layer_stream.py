@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from tiny_support import HW, fixture_dit, forward_fixture
-from liveavatar.models.layer_stream import PACK_ALIGN, LayerResidency, pack_on_device
+from liveavatar.models.block_packing import PACK_ALIGN, pack_on_device
+from liveavatar.models.layer_stream import LayerResidency
 
 
 
@@ -148,7 +149,7 @@ def test_fp8_conversion_after_device_packing_is_packed_again(fixtures_dir):
     its norms and biases kept the old bf16 buffer alive beside the new e4m3 weights until
     `repack_on_device` packs it again into one buffer, values unchanged."""
     from liveavatar.models.fp8 import convert_to_fp8
-    from liveavatar.models.layer_stream import repack_on_device
+    from liveavatar.models.block_packing import repack_on_device
 
     model = _build(fixtures_dir).to(torch.bfloat16)
     for block in model.blocks:

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from liveavatar.config import OFFICIAL_FILES
 from liveavatar.loading.tiny import make_tiny_checkpoint
 from liveavatar.media.audio import audio_from_waveform
-from liveavatar.models.layer_stream import PACK_ALIGN, LayerResidency
+from liveavatar.models.block_packing import PACK_ALIGN
+from liveavatar.models.layer_stream import LayerResidency
 from liveavatar.pipeline import LiveAvatar
 
 BLOCKS = 2  # generated blocks compared (the second one reads the first one's caches)

@@ -21,7 +21,8 @@ from typing import Any, Callable
 import torch
 
 from ..config import OFFICIAL_FILES, ConfigError, DiTConfig, T5Config, VAEConfig, dataclass_from_json
-from ..models.layer_stream import LayerResidency, pack_on_device, pack_to_host
+from ..models.block_packing import pack_on_device, pack_to_host
+from ..models.layer_stream import LayerResidency
 from ..models.pinned import HostArena
 from .comfy_layout import infer_dit_config, infer_t5_config, infer_vae_config, open_single_file
 from .lora import plan_lora
@@ -251,8 +252,8 @@ def build_dit_from_source(source: TensorSource, config: DiTConfig, device: torch
 
 class _BlockPacker:
     """Packs each DiT block the moment its last tensor is in place: a streamed one into host
-    memory (`layer_stream.pack_to_host`), a resident one into one device buffer
-    (`layer_stream.pack_on_device`: the allocator rounds it once); then hands the model its
+    memory (`block_packing.pack_to_host`), a resident one into one device buffer
+    (`block_packing.pack_on_device`: the allocator rounds it once); then hands the model its
     `LayerResidency` (`finish`)."""
 
     def __init__(self, model: torch.nn.Module, residency: LayerResidency | None):

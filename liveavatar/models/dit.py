@@ -367,11 +367,11 @@ class CausalS2VDiT(nn.Module):
         """Move every weight to `device` (e.g. the host, to give the GPU back, and back again) and
         drop what was bound to the old storage: cached time / RoPE factors and ring rows, the fused
         q/k/v copies of `compile_blocks`, captured CUDA graphs (they hold the old addresses).
-        Resident blocks travel packed (one buffer each, `layer_stream.pack_on_device`, pinned on the
+        Resident blocks travel packed (one buffer each, `block_packing.pack_on_device`, pinned on the
         host: no per-tensor rounding, q|k|v stay adjacent); with layer streaming, the streamed blocks
         stay in pinned host memory and the stream's device slots are freed on the way out, made
         again on return."""
-        from .layer_stream import pack_on_device
+        from .block_packing import pack_on_device
 
         device = indexed_device(device)
         pin = device.type == "cpu" and torch.cuda.is_available()

@@ -132,12 +132,12 @@ def block_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _packed_block_bytes(cfg: DiTConfig, dtype: torch.dtype, fp8: bool) -> int:
-    """Bytes of one DiT block packed into one buffer as loading leaves it (`layer_stream.pack_on_device`
+    """Bytes of one DiT block packed into one buffer as loading leaves it (`block_packing.pack_on_device`
     / `pack_to_host`): its tensors (fp8 linears: 1-byte weight, a float32 scale per output channel
     at most, the bias in bf16), each padded to `PACK_ALIGN` bytes at most."""
     from liveavatar.models.dit_blocks import DiTBlock
     from liveavatar.models.fp8 import fp8_linears
-    from liveavatar.models.layer_stream import PACK_ALIGN as pad
+    from liveavatar.models.block_packing import PACK_ALIGN as pad
 
     with torch.device("meta"):
         block = DiTBlock(cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.qk_norm, cfg.cross_attn_norm, cfg.eps)

@@ -51,7 +51,7 @@ def apply_speed_options(dit, *, attn: str = "sdpa", fp8: bool | str | None = Non
         from liveavatar.models.fp8 import FP8Linear, convert_to_fp8
 
         if not any(isinstance(m, FP8Linear) for m in dit.modules()):  # not already converted while loading
-            from liveavatar.models.layer_stream import repack_on_device
+            from liveavatar.models.block_packing import repack_on_device
 
             convert_to_fp8(dit, scaling=scaling)
             repack_on_device(dit.blocks)  # frees the bf16 buffers that loading packed the blocks into
