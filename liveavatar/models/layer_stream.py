@@ -6,13 +6,13 @@ pinned host memory, each packed into one byte buffer (fp8 linears stay fp8: 1 by
 the first `kv` layers keep their step-cache rows on the GPU, the others page them per layer.
 
 A streamed layer runs from one of `buffers` fixed device slots. A slot is a byte buffer with a
-`DiTBlock` bound to views of it (`block_packing.bind_views`), so the layer code, and the torch.compile'd regions
-that take weights as inputs (models/compiled.py), always see the same tensors: a copy into the
-slot is the only thing that changes, nothing recompiles per layer. Copies run on a side CUDA
-stream (`h2d`), `buffers - 1` layers ahead of compute, in the cyclic order the layers are used
-(the last layer of a call prefetches the first streamed ones of the next call); CUDA events
-order them: `ready` (the copy into a slot is done) before compute, `released` (compute, and a KV
-slot's write-back, are done) before the next copy into the slot.
+`DiTBlock` bound to views of it (`block_packing.bind_views`), so the layer code, and the
+torch.compile'd regions that take weights as inputs (models/compiled.py), always see the same
+tensors: a copy into the slot is the only thing that changes, nothing recompiles per layer.
+Copies run on a side CUDA stream (`h2d`), `buffers - 1` layers ahead of compute, in the cyclic
+order the layers are used (the last layer of a call prefetches the first streamed ones of the
+next call); CUDA events order them: `ready` (the copy into a slot is done) before compute,
+`released` (compute, and a KV slot's write-back, are done) before the next copy into the slot.
 
 Step caches paged per layer (`StepKVCache(resident_layers=...)`) go the same way: each streamed
 layer's ring rows (keys and values) are copied in whole before the layer runs, and the rows the
@@ -40,7 +40,6 @@ from torch import nn
 
 from .block_packing import bind_views, meta_clone, pack_to_host
 from .pinned import HostArena
-
 
 
 @dataclass(frozen=True)
