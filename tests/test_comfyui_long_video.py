@@ -7,16 +7,20 @@ Sampler's growing mp4 in temp/ is opened (playable mid-run). Asserted:
 - the saved video lasts as long as the audio, within one frame, and has an AAC audio stream;
 - frames were never held in RAM. What the IMAGE path would have collected for this run
   (`video_out.collect_bytes`: 12 bytes per pixel per frame) grows with the frames written, so the
-  server's sustained RSS (the lowest sample of a stretch) is compared: its growth from the first
+  server's typical RSS (the median sample of a stretch) is compared: its growth from the first
   fifth of the run to the last fifth stays under a quarter of that amount (holding the frames
-  would grow it by over half of it). Some runs allocate and free about 200 MiB per block (RSS
-  oscillating between the baseline and +250 MiB with no trend; other runs stay flat within
-  30 MiB), so the peak is only bounded by twice the IMAGE path's amount. Printed with the numbers.
+  would grow it by 4/5 of it). The server runs glibc's default allocator, whose RSS sits about
+  100 MiB above the live data and, now and then, drops by ~230 MiB for a moment when glibc trims
+  (a stretch's lowest sample moved by 67 MiB between stretches in one CI run: noise, not memory
+  held); with a fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_=131072`, which doubles the run's
+  time) the same run stays within +16..+49 MiB of the baseline throughout (2026-12-04). The peak
+  is bounded by twice the IMAGE path's amount. Printed with the numbers.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -29,7 +33,7 @@ from test_nodes_support import AUDIO_NAME, REPO, TINY_NAME, pack_submodule, writ
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow, needs_server()]
 
 FPS = 25
-LONG_S = 180.0  # audio seconds: 4500 frames, 375 blocks: the IMAGE path would hold 221 MiB at 64*64
+LONG_S = 120.0  # audio seconds: 3000 frames, 250 blocks: the IMAGE path would hold 148 MiB at 64*64
 SIZE = "64*64"  # the tiny checkpoint's smallest size
 LONG_AUDIO = "speech_minutes.wav"
 
@@ -120,10 +124,10 @@ def test_long_workflow_streams_video_without_frames_in_ram(comfyui_server):
     image_path = pack_submodule("nodes.video_out").collect_bytes(frames, width, height, frames * 640)
     samples = rss.samples
     fifth = max(1, len(samples) // 5)
-    growth = min(samples[-fifth:]) - min(samples[:fifth])  # sustained: each stretch's lowest sample
+    growth = statistics.median(samples[-fifth:]) - statistics.median(samples[:fifth])
     peak = max(samples)
     print(f"\n{LONG_S:.0f} s audio, {frames} frames at {SIZE}: {wall:.1f} s; server RSS baseline "
-          f"{baseline / 2**20:.1f} MiB, sustained growth {growth / 2**20:+.1f} MiB (bound "
+          f"{baseline / 2**20:.1f} MiB, typical growth {growth / 2**20:+.1f} MiB (bound "
           f"{image_path / 4 / 2**20:.1f}), peak +{(peak - baseline) / 2**20:.1f} MiB (bound "
           f"{2 * image_path / 2**20:.1f}; {len(samples)} samples); the IMAGE path would hold "
           f"+{image_path / 2**20:.1f} MiB more")
