@@ -14,9 +14,10 @@ CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Tests with these marks skip on a machine without ComfyUI or Chromium; in CI they must run.
 MUST_RUN_IN_CI = ("comfyui", "browser")
 # Set in the environment of the suite that tests/test_newcomer.py runs inside a fresh clone. That
-# nested run proves the clone's folder name, fixtures and imports; it leaves out the `slow` tests
-# (over ~4 s each on 2 cores, all of which the outer run has just run) and the newcomer tests
-# themselves (no recursion).
+# nested run proves the clone's folder name, fixtures and imports: every test module is collected
+# (imported) there, and it runs every test that reads the vendored reference fixtures plus the
+# first test of each module; it leaves out the `slow` tests (over ~4 s each on 2 cores) and the
+# rest, all of which the outer run has just run, and the newcomer tests themselves (no recursion).
 NEWCOMER_RUN = "LIVEAVATAR_NEWCOMER_RUN"
 
 
@@ -38,13 +39,23 @@ def comfyui_server(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """In the newcomer test's nested run: deselect the `slow` tests (reported as deselected)."""
+    """In the newcomer test's nested run: keep the quick tests that read the reference fixtures and
+    the first quick test of each module; deselect the rest (reported as deselected)."""
     if os.environ.get(NEWCOMER_RUN) != "1":
         return
-    slow = [item for item in items if item.get_closest_marker("slow")]
-    if slow:
-        config.hook.pytest_deselected(items=slow)
-        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+    keep, seen_modules = [], set()
+    for item in items:
+        if item.get_closest_marker("slow"):
+            continue
+        module = item.nodeid.split("::", 1)[0]
+        if "fixtures_dir" in getattr(item, "fixturenames", ()) or module not in seen_modules:
+            keep.append(item)
+            seen_modules.add(module)
+    kept = set(map(id, keep))
+    dropped = [item for item in items if id(item) not in kept]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,7 +1,8 @@
 """The bad-input matrix (issue 17): one table, each case through the real CLI and, where the input
 can arrive there, through the nodes in a real ComfyUI server (the session's, via /prompt).
 
-CLI column: `python -m liveavatar generate` in a subprocess on the tiny checkpoint. A valid input
+CLI column: `python -m liveavatar generate` in a process of its own on the tiny checkpoint (forked
+from one interpreter that imported the CLI, tests/cli_forks.py). A valid input
 runs with `--check` (every input checked, nothing loaded) and prints `inputs ok: effective size WxH,
 N frames ...`; rows marked `MP4` run for real and the mp4 is probed. An invalid input exits 2 with
 exactly one `error:` line, last, holding the expected words (naming the option or file and the fix),
@@ -15,7 +16,6 @@ and a real job after the batch writes its mp4.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import math
 import os
@@ -30,10 +30,11 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+from cli_forks import run_cli_forked
 from comfy_server import needs_server
 from PIL import Image
 from test_audio import _write as write_audio
-from test_cli_e2e import REPO, run_cli
+from test_cli_e2e import REPO
 from test_loading_errors import CASES as BROKEN_CHECKPOINTS
 
 from liveavatar.loading.tiny import make_tiny_checkpoint
@@ -290,8 +291,8 @@ def media(tmp_path_factory) -> dict:
 # --------------------------------------------------------------------------- CLI column
 
 
-def _cli(media: dict, case: Case, out: Path) -> subprocess.CompletedProcess:
-    """The case through `python -m liveavatar generate`, no GPU visible; `--check` unless it runs."""
+def _cli_argv(media: dict, case: Case, out: Path) -> list[str]:
+    """The case's `python -m liveavatar generate` arguments; `--check` unless it runs."""
     d, c, u = media["dir"], media["ckpts"], media["locked"]
     args = {"--image": str(d / "face.png"), "--audio": str(d / "speech.wav"), "--prompt": "a person talking",
             "--ckpt-dir": str(media["tiny"]), "--device": "cpu", "--dtype": "fp32", "--out": str(out)}
@@ -301,17 +302,24 @@ def _cli(media: dict, case: Case, out: Path) -> subprocess.CompletedProcess:
             args[a] = extra[i + 1]
     flat = [x for kv in args.items() for x in kv]
     rest = [a for i, a in enumerate(extra) if a not in args and (i == 0 or extra[i - 1] not in args)]
-    argv = ["generate", *flat, *rest] + ([] if case.run == MP4 or case.want.startswith("error") else ["--check"])
-    env = {"CUDA_VISIBLE_DEVICES": ""}
-    if "{u}" in "".join(case.args) and os.geteuid() == 0:
-        # root reads a mode-000 file through CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH: run the CLI as root
-        # without them (still the owner of the repository and of pytest's 0700 tmp folders, where a
-        # switch to `nobody` could not even import the package)
-        drop = "-dac_override,-dac_read_search"
-        return subprocess.run(["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", sys.executable,
-                               "-m", "liveavatar", *argv], cwd=REPO, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "PYTHONPATH": str(REPO), **env})
-    return run_cli(*argv, env=env)
+    return ["generate", *flat, *rest] + ([] if case.run == MP4 or case.want.startswith("error") else ["--check"])
+
+
+def _unprivileged(case: Case) -> bool:
+    """Root reads a mode-000 file through CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH: such a case runs as
+    root without them (still the owner of the repository and of pytest's 0700 tmp folders, where a
+    switch to `nobody` could not even import the package)."""
+    return "{u}" in "".join(case.args) and os.geteuid() == 0
+
+
+def _cli_without_dac(argv: list[str]) -> subprocess.CompletedProcess:
+    drop = "-dac_override,-dac_read_search"
+    return subprocess.run(["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", sys.executable,
+                           "-m", "liveavatar", *argv], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **NO_GPU})
+
+
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}
 
 
 def _selected(request, test: str) -> list[str]:
@@ -321,16 +329,22 @@ def _selected(request, test: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cli_results(request, media) -> dict:
-    """The selected cases' CLI runs, two at a time (each is a fresh interpreter importing torch)."""
+def cli_results(request, media, tmp_path_factory) -> dict:
+    """The selected cases' CLI runs, two at a time, each a process of its own: forked from one
+    interpreter that imported the CLI (tests/cli_forks.py), or, for the unreadable-file cases as
+    root, a fresh interpreter without the DAC capabilities."""
     names = _selected(request, "test_cli")
     outs = {name: media["dir"] / "out" / f"case{i}.mp4" for i, name in enumerate(CASES)}
     for name, case in CASES.items():
         if "--out" in case.args:
             outs[name] = Path(case.args[case.args.index("--out") + 1].format(d=media["dir"], u=media["locked"]))
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = {name: pool.submit(_cli, media, CASES[name], outs[name]) for name in names}
-        return {name: (f.result(), outs[name]) for name, f in futures.items()}
+    argvs = {name: _cli_argv(media, CASES[name], outs[name]) for name in names}
+    forked = [name for name in names if not _unprivileged(CASES[name])]
+    done = run_cli_forked([{"argv": argvs[name], "env": NO_GPU} for name in forked], 2,
+                          tmp_path_factory.mktemp("cli_forks"))
+    results = dict(zip(forked, done))
+    results.update({name: _cli_without_dac(argvs[name]) for name in names if name not in results})
+    return {name: (results[name], outs[name]) for name in names}
 
 
 @pytest.mark.parametrize("name", list(CASES))

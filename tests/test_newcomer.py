@@ -215,13 +215,14 @@ def test_readme_demo_command_on_a_fresh_clone(newcomer_clone: Path) -> None:
 def test_readme_test_command_on_a_fresh_clone(newcomer_clone: Path) -> None:
     """The README's second command, as written, in the clone: the suite passes there (a folder name
     with a hyphen, fixtures from the repository, nothing beside it). The nested run is not CI, has
-    no ComfyUI around it (its ComfyUI and browser tests skip) and leaves out the slow tests: this
-    outer run has all of them."""
+    no ComfyUI around it (its ComfyUI and browser tests skip); it imports every test module and
+    runs the quick tests that read the reference fixtures and the first quick test of each module
+    (conftest.py, NEWCOMER_RUN): this outer run has all the others."""
     command = quick_start_commands((newcomer_clone / "README.md").read_text(encoding="utf-8"))[1]
     proc, log = run_in_clone(newcomer_clone, command, timeout=2400)
     counts = pytest_counts(proc.stdout)
-    assert counts.get("passed", 0) > 300 and not counts.get("failed") and not counts.get("errors") \
-        and not counts.get("error"), f"{counts}\n{log}"
+    assert counts.get("passed", 0) > 100 and counts.get("deselected", 0) > 300, f"{counts}\n{log}"
+    assert not counts.get("failed") and not counts.get("errors") and not counts.get("error"), f"{counts}\n{log}"
     assert proc.returncode == 0, log
 
 
