@@ -13,12 +13,15 @@ FIXTURES = Path(os.environ.get("LIVEAVATAR_FIXTURES") or VENDORED_FIXTURES)
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Tests with these marks skip on a machine without ComfyUI or Chromium; in CI they must run.
 MUST_RUN_IN_CI = ("comfyui", "browser")
-# Set in the environment of the suite that tests/test_newcomer.py runs inside a fresh clone. That
-# nested run proves the clone's folder name, fixtures and imports: every test module is collected
-# (imported) there, and it runs every test that reads the vendored reference fixtures plus the
-# first test of each module; it leaves out the `slow` tests (over ~4 s each on 2 cores) and the
-# rest, all of which the outer run has just run, and the newcomer tests themselves (no recursion).
+# Set in the environment of the suites that tests/test_newcomer.py runs inside fresh clones (no
+# recursion: the newcomer tests skip there). Those nested runs prove the clone's folder name,
+# fixtures and imports; they leave out the `slow` tests (over ~4 s each on 2 cores), which the
+# outer run has just run. With the value NEWCOMER_SAMPLE (the README's test command, which would
+# otherwise run every quick test a second time) every test module is still collected (imported),
+# and only the tests that read the vendored reference fixtures and the first test of each module
+# run.
 NEWCOMER_RUN = "LIVEAVATAR_NEWCOMER_RUN"
+NEWCOMER_SAMPLE = "sample"
 
 
 @pytest.fixture(scope="session")
@@ -39,16 +42,19 @@ def comfyui_server(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """In the newcomer test's nested run: keep the quick tests that read the reference fixtures and
-    the first quick test of each module; deselect the rest (reported as deselected)."""
-    if os.environ.get(NEWCOMER_RUN) != "1":
+    """In a newcomer test's nested run: deselect the `slow` tests; with NEWCOMER_SAMPLE keep only
+    the quick tests that read the reference fixtures and the first quick test of each module
+    (reported as deselected)."""
+    mode = os.environ.get(NEWCOMER_RUN)
+    if not mode:
         return
     keep, seen_modules = [], set()
     for item in items:
         if item.get_closest_marker("slow"):
             continue
         module = item.nodeid.split("::", 1)[0]
-        if "fixtures_dir" in getattr(item, "fixturenames", ()) or module not in seen_modules:
+        if mode != NEWCOMER_SAMPLE or "fixtures_dir" in getattr(item, "fixturenames", ()) \
+                or module not in seen_modules:
             keep.append(item)
             seen_modules.add(module)
     kept = set(map(id, keep))
