@@ -26,8 +26,8 @@ def run_cli_forked(jobs: list[dict], parallel: int, workdir: Path) -> list[subpr
     per job, in order."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec = workdir / "jobs.json"
-    for i, job in enumerate(jobs):
-        job["stdout"], job["stderr"] = str(workdir / f"{i}.out"), str(workdir / f"{i}.err")
+    jobs = [{**job, "stdout": str(workdir / f"{i}.out"), "stderr": str(workdir / f"{i}.err")}
+            for i, job in enumerate(jobs)]
     spec.write_text(json.dumps({"parallel": parallel, "jobs": jobs}))
     proc = subprocess.run([sys.executable, __file__, str(spec)], cwd=REPO, capture_output=True, text=True,
                           timeout=1800, env={**os.environ, "PYTHONPATH": str(REPO)})

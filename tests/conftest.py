@@ -48,17 +48,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     mode = os.environ.get(NEWCOMER_RUN)
     if not mode:
         return
-    keep, seen_modules = [], set()
+    keep, dropped, seen_modules = [], [], set()
     for item in items:
-        if item.get_closest_marker("slow"):
-            continue
         module = item.nodeid.split("::", 1)[0]
-        if mode != NEWCOMER_SAMPLE or "fixtures_dir" in getattr(item, "fixturenames", ()) \
-                or module not in seen_modules:
+        sampled_out = mode == NEWCOMER_SAMPLE and module in seen_modules \
+            and "fixtures_dir" not in getattr(item, "fixturenames", ())
+        if item.get_closest_marker("slow") or sampled_out:
+            dropped.append(item)
+        else:
             keep.append(item)
             seen_modules.add(module)
-    kept = set(map(id, keep))
-    dropped = [item for item in items if id(item) not in kept]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep

@@ -84,6 +84,7 @@ def test_sink_prefill(model, primed, ref):
 
 
 def check_block(model, cache, case, out, rows, name):
+    assert out.dtype == case["x.0"].dtype
     assert_matches_fixture(out, case["out.0"], f"{name} velocity")
     for layer in range(LAYERS):
         k, v = cache.ring_rows(layer, *rows)
